@@ -1,0 +1,90 @@
+"""Shared fixtures: synthetic images (seeded) and the tiny random test model.
+
+Nothing here downloads: the tiny model's weights are made in code, and the tests
+marked ``real`` skip with a reason when real weights or ../shared data are absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared"))
+
+
+def make_image(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
+    """A distinctive synthetic photo-like RGB image: smooth colour gradients plus a
+    few random rectangles and ellipses, all determined by ``seed``."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.zeros((h, w, 3), dtype=np.float32)
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0, 2 * np.pi)
+        base[..., c] = 127 + 100 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph)
+    img = Image.fromarray(base.clip(0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        x1, y1 = x0 + int(rng.integers(15, w // 2)), y0 + int(rng.integers(15, h // 2))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.rectangle([x0, y0, x1, y1], fill=colour)
+        else:
+            draw.ellipse([x0, y0, x1, y1], fill=colour)
+    return img
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path):
+    """Factory: ``image_folder(n, name="images")`` writes n distinct JPEGs
+    (img_000.jpg ...) and returns the folder."""
+
+    def make(n: int = 8, name: str = "images", seed0: int = 0) -> Path:
+        folder = tmp_path / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            make_image(seed0 + i).save(folder / f"img_{i:03d}.jpg", quality=90)
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder():
+    """The registry's random-weight test model on CPU (built once per session)."""
+    from cbir_cli.models import load_embedder
+
+    return load_embedder("test_tiny", device="cpu")
+
+
+@pytest.fixture
+def index_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point $CBIR_INDEX at a fresh folder so no test touches the user's index."""
+    target = tmp_path / "index"
+    monkeypatch.setenv("CBIR_INDEX", str(target))
+    return target
+
+
+def mobilenet_weights_path() -> Path | None:
+    try:
+        from cbir_cli.weights import installed_weights_path
+
+        path = installed_weights_path("mobilenet_v2")
+    except Exception:
+        return None
+    return path if path.exists() else None
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED} (set CBIR_SHARED)")
+    return SHARED
