@@ -129,7 +129,9 @@ def index_cmd(
     index_dir: IndexDirOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m",
                                                  help="Model name (see `cbir models`). Default: the existing "
-                                                      "index's model, else resnet50.", show_default=False)] = None,
+                                                      "index's model, else resnet50 (mobilenet_v2, with a notice, "
+                                                      "when only its weights are installed).",
+                                                 show_default=False)] = None,
     weights: WeightsOpt = None,
     index_type: Annotated[str, typer.Option("--index-type", help="Search index: flat (exact) or hnsw.")] = "flat",
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Discard the existing index and start over.")] = False,
@@ -246,6 +248,37 @@ def weights_path_cmd(model: Annotated[str, typer.Argument(help="Model name.")]) 
         from .weights import installed_weights_path
 
         typer.echo(str(installed_weights_path(model)))
+
+
+@app.command("serve")
+def serve_cmd(
+    index_dir: IndexDirOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind. The default serves this machine only.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port (0 = any free port).")] = 8000,
+    device: DeviceOpt = Device.auto,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001,
+                                                 help="Largest accepted upload, in MB.")] = 20.0,
+) -> None:
+    """Serve the search web page and JSON API over an index (model loaded once at start-up)."""
+    with cli_errors():
+        from .server import create_app, is_loopback, make_http_server, server_url
+
+        server = make_http_server(create_app(index_dir=index_dir, device=device.value, max_upload_mb=max_upload_mb),
+                                  host, port)
+        searcher = server.app.extensions["cbir"]
+        err = _stderr()
+        if not is_loopback(host):
+            err.print(f"warning: listening on {host}: anyone who can reach this machine can search the index "
+                      "and fetch its images")
+        err.print(f"serving {searcher.count} images ({searcher.model_name}) at {server_url(server)} "
+                  "(Ctrl+C to stop)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            err.print("stopped")
+        finally:
+            server.server_close()
 
 
 def main() -> None:

@@ -1,0 +1,133 @@
+"""Model registry, derived preprocessing, weight resolution (all offline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cbir_cli.errors import CbirError, WeightsUnavailableError
+from cbir_cli.models import (
+    Embedder,
+    build_backbone,
+    get_model_config,
+    list_models,
+    load_embedder,
+    model_fingerprint,
+)
+from tests.conftest import make_image
+
+
+def test_registry_lists_paper_model_first_and_unknown_name_lists_choices():
+    names = [m.name for m in list_models()]
+    assert names[:2] == ["resnet50", "mobilenet_v2"] and "test_tiny" in names
+    assert get_model_config("resnet50").dim == 2048 and get_model_config("mobilenet_v2").dim == 1280
+    with pytest.raises(CbirError, match="unknown model 'vgg'; choose one of: mobilenet_v2, resnet50, test_tiny"):
+        get_model_config("vgg")
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
+def test_config_preprocessing_matches_torchvision_weights_transforms(name):
+    """Mean/std/sizes live in our config only; this guards them against drift from
+    the weights' own transforms."""
+    from torchvision.models import get_weight
+
+    config = get_model_config(name)
+    transform = get_weight(config.torchvision_weights).transforms()
+    assert transform.crop_size == [config.input_size]
+    assert transform.resize_size == [config.resize_size]
+    assert tuple(transform.mean) == config.mean and tuple(transform.std) == config.std
+    assert transform.interpolation.value == config.interpolation
+    assert get_weight(config.torchvision_weights).url.endswith(config.weights_file)
+
+
+def test_embedder_normalisation_equals_torchvision_reference_transform():
+    """Our split pipeline (uint8 crop in workers, normalise on device) must give the
+    same model input as torchvision's ImageClassification transform."""
+    from torchvision.models import get_weight
+
+    config = get_model_config("mobilenet_v2")
+    embedder = Embedder(config, torch.nn.Identity(), "x", "cpu")
+    img = make_image(3, (333, 250))
+    ours = (embedder.preprocess(img)[None].float() - embedder._mean) / embedder._std
+    reference = get_weight(config.torchvision_weights).transforms()(img)[None]
+    assert ours.shape == reference.shape == (1, 3, 224, 224)
+    # PIL vs tensor antialiased resize differ by rounding only.
+    assert torch.mean(torch.abs(ours - reference)).item() < 0.02
+
+
+@pytest.mark.parametrize("name, dim", [("resnet50", 2048), ("mobilenet_v2", 1280)])
+def test_headless_backbones_output_pooled_features(name, dim, tmp_path):
+    from cbir_cli.models import _BUILDERS
+
+    state = _BUILDERS[name]().state_dict()  # a full classifier state dict, random weights
+    path = tmp_path / f"{name}.pth"
+    torch.save(state, path)
+    module, weights_id = build_backbone(get_model_config(name), weights=path)
+    assert weights_id.startswith("file-sha256:")
+    with torch.inference_mode():
+        out = module(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, dim)
+
+
+def test_tiny_model_is_deterministic_and_unit_norm(tiny_embedder):
+    other = load_embedder("test_tiny", device="cpu")
+    images = [make_image(i) for i in range(3)]
+    a, b = tiny_embedder.embed_images(images), other.embed_images(images)
+    assert a.dtype == np.float32 and a.shape == (3, 256)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    assert float(a[0] @ a[1]) < 0.999  # different images, different vectors
+
+
+def test_weights_file_that_is_not_a_state_dict_is_refused_with_reason(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(WeightsUnavailableError, match=r"junk.pth: not a PyTorch state dict"):
+        load_embedder("mobilenet_v2", weights=junk, device="cpu")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(WeightsUnavailableError, match=r"wrong.pth: not a mobilenet_v2 state dict \(\d+ missing keys"):
+        load_embedder("mobilenet_v2", weights=wrong, device="cpu")
+    with pytest.raises(WeightsUnavailableError, match="weights file does not exist"):
+        load_embedder("mobilenet_v2", weights=tmp_path / "nope.pth", device="cpu")
+
+
+def test_missing_official_weights_offline_gives_actionable_paragraph(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("CBIR_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_embedder("resnet50", device="cpu")
+    message = str(info.value)
+    assert "resnet50-0676ba61.pth" in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "--weights FILE" in message and "cbir weights install mobilenet_v2" in message
+    assert "\n" not in message
+
+
+def test_failed_download_is_reported_not_raised_as_traceback(tmp_path, monkeypatch):
+    """Simulate no network: torchvision's download raises URLError."""
+    import urllib.error
+
+    import torch.hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("CBIR_OFFLINE", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(WeightsUnavailableError, match="download failed: Name or service not known"):
+        load_embedder("mobilenet_v2", device="cpu")
+
+
+def test_fingerprint_is_known_without_building_the_model(tiny_embedder):
+    assert model_fingerprint("test_tiny") == tiny_embedder.fingerprint()
+    fp = model_fingerprint("resnet50")
+    assert fp["weights"] == "ResNet50_Weights.IMAGENET1K_V1" and fp["dim"] == 2048
+    assert fp["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_unknown_device_is_a_clear_error():
+    with pytest.raises(CbirError, match="unknown device 'tpu'"):
+        load_embedder("test_tiny", device="tpu")
