@@ -1,0 +1,136 @@
+"""End to end in a real headless Chromium: the page uploads an image (file chooser
+and drag-and-drop), shows the expected top result, "more like this" works, and an
+upload error is shown on the page.
+
+Needs Debian's ``chromium`` (or $CBIR_CHROMIUM) and the ``playwright`` Python
+package (its bundled browsers are never used or downloaded). Skipped with the
+reason when either is missing; ``.ci/run`` installs both.
+
+The screenshot of the final page is always taken; with ``CBIR_UPDATE_SCREENSHOT=1``
+it is also copied to ``docs/screenshot.png`` (the README's), so an ordinary test
+run never rewrites a tracked file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_server import build_index
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path(os.environ.get("CBIR_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+N_IMAGES = 12
+TIMEOUT_MS = 20_000
+
+
+@pytest.fixture
+def live_server(tmp_path, tiny_embedder):
+    """(base URL, images folder) of a real HTTP server on a free loopback port."""
+    from cbir_cli.query import Searcher
+    from cbir_cli.server import create_app, make_http_server, server_url
+
+    folder, index_dir = tmp_path / "images", tmp_path / "index"
+    build_index(folder, index_dir, tiny_embedder, N_IMAGES)
+    server = make_http_server(create_app(Searcher.open(index_dir, embedder=tiny_embedder)), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server_url(server), folder
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def page(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set $CBIR_CHROMIUM)")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1180, "height": 760},
+        )
+        try:
+            tab = context.pages[0] if context.pages else context.new_page()
+            tab.set_default_timeout(TIMEOUT_MS)
+            yield tab
+        finally:
+            context.close()
+
+
+def top_name(page) -> str:
+    return page.locator('.result[data-rank="1"] .name').inner_text()
+
+
+def wait_for_results_of(page, query_name: str) -> None:
+    page.wait_for_function(
+        "name => document.getElementById('status').textContent.endsWith('results for ' + name)", arg=query_name
+    )
+
+
+def test_upload_shows_the_same_image_first_and_more_like_this_works(live_server, page, tmp_path):
+    url, folder = live_server
+    page.goto(url)
+    page.wait_for_function("document.getElementById('health').textContent.startsWith('12 images')")
+    assert "test_tiny" in page.locator("#health").inner_text()
+    page.fill("#k", "6")
+
+    # 1. file chooser upload
+    page.set_input_files("#file", str(folder / "img_005.jpg"))
+    wait_for_results_of(page, "img_005.jpg")
+    assert page.locator(".result").count() == 6
+    assert top_name(page) == "img_005.jpg"
+    assert page.locator('.result[data-rank="1"] .score').inner_text() == "1.000"
+    assert page.locator('.result[data-rank="1"] .rank').inner_text() == "#1"
+    # thumbnails really load (decoded by the browser, not broken-image icons)
+    page.wait_for_function("[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)")
+
+    # 2. click the second result: "more like this" puts it first
+    second = page.locator('.result[data-rank="2"]')
+    second_name = second.locator(".name").inner_text()
+    assert second_name != "img_005.jpg"
+    second.click()
+    wait_for_results_of(page, second_name)
+    assert top_name(page) == second_name
+
+    # 3. drag and drop a file onto the drop zone
+    page.evaluate(
+        """async () => {
+            const blob = await (await fetch('/api/images/' + 9)).blob();
+            const dt = new DataTransfer();
+            dt.items.add(new File([blob], 'dropped.jpg', {type: 'image/jpeg'}));
+            document.getElementById('dropzone').dispatchEvent(
+                new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }"""
+    )
+    wait_for_results_of(page, "dropped.jpg")
+    assert top_name(page) == "img_009.jpg"
+
+    # 4. a non-image upload shows the server's reason, no results
+    page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}])
+    page.wait_for_selector("#status.error")
+    assert "notes.txt: not a recognised image format" in page.locator("#status").inner_text()
+    assert page.locator(".result").count() == 0
+
+    # 5. the README screenshot: a successful search with all thumbnails loaded
+    page.mouse.move(0, 0)  # no hover effect on a card in the picture
+    page.fill("#k", "12")
+    page.set_input_files("#file", str(folder / "img_003.jpg"))
+    wait_for_results_of(page, "img_003.jpg")
+    assert top_name(page) == "img_003.jpg" and page.locator(".result").count() == N_IMAGES
+    page.wait_for_function("[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)")
+    shot = tmp_path / "screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    if os.environ.get("CBIR_UPDATE_SCREENSHOT") == "1":
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
