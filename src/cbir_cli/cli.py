@@ -206,6 +206,32 @@ def query_cmd(
             console.print(table)
 
 
+@app.command("check")
+def check_cmd(index_dir: IndexDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Verify that the index's manifest, shards, ids and search index agree (exit 1 if not)."""
+    with cli_errors():
+        from .check import check_index
+        from .paths import resolve_index_dir
+
+        report = check_index(resolve_index_dir(index_dir))
+        if as_json:
+            typer.echo(json.dumps(report.as_dict(), indent=2))
+        else:
+            err = _stderr()
+            for problem in report.problems:
+                err.print(f"problem: {problem}", markup=False)
+            for note in report.notes:
+                err.print(f"note: {note}", markup=False)
+            if report.ok:
+                err.print(f"ok {report.index}: {report.count} images in {report.shards} shards, model "
+                          f"{report.model} (dim {report.dim}), generation {report.generation}, "
+                          f"search index {report.search_index}", markup=False)
+            else:
+                err.print(f"{len(report.problems)} problem(s) in {report.index}; {report.repair}", markup=False)
+        if not report.ok:
+            raise typer.Exit(1)
+
+
 @app.command("models")
 def models_cmd(as_json: JsonOpt = False) -> None:
     """List the available models and whether their weights are installed."""

@@ -87,11 +87,22 @@ class Interrupted(CbirError):
 # Stage 1: plan.
 
 
+class NotAFileError(OSError):
+    """A FIFO, socket or device named like an image: reading it could block forever."""
+
+
 def hash_file(path: Path) -> tuple[str, int]:
-    """sha256 of the content and its size (OSError propagates)."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
+    """sha256 of the content and its size (OSError propagates). Opened non-blocking
+    and checked to be a regular file first, so a named pipe called ``x.jpg`` is
+    refused instead of hanging the run."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAFileError("not a regular file (pipe, socket or device)")
+        digest = hashlib.sha256()
+        size = 0
         while block := fh.read(1 << 20):
             digest.update(block)
             size += len(block)
@@ -122,6 +133,8 @@ def plan_sync(store: FeatureStore, root: Path, files: Sequence[Path], progress: 
         try:
             sha, size = hash_file(p)
             return str(p), sha, size, None
+        except NotAFileError as exc:
+            return str(p), None, 0, str(exc)
         except OSError as exc:
             from .images import _oserror_reason
 
@@ -244,6 +257,61 @@ class ShardWriter:
         self.store.commit()
 
 
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Which model to load if there turns out to be work for it."""
+
+    model: str
+    weights: str | os.PathLike[str] | None
+    options: ExtractOptions
+
+
+def embed_plan(plan: Plan, store: FeatureStore, writer: ShardWriter, embedder: Embedder | None,
+               request: EmbedRequest, summary: ExtractSummary, skip: SkipCallback) -> None:
+    """Write vectors for ``plan.todo``: reuse stored vectors of identical content,
+    embed the rest (loading the model only if needed), record undecodable files."""
+    import numpy as np
+
+    # Files whose exact content is already stored under another path (moved,
+    # copied) reuse that vector: no model work.
+    by_sha = {r.sha256: r for r in store.live_rows()}
+    reuse = [item for item in plan.todo if item[1] in by_sha]
+    if reuse:
+        vectors = store.vectors_for(by_sha[sha] for _, sha, _ in reuse)
+        writer.add(np.stack([vectors[by_sha[sha].id] for _, sha, _ in reuse]), reuse)
+        summary.reused = len(reuse)
+    todo = [item for item in plan.todo if item[1] not in by_sha]
+    if not todo:
+        return
+    options = request.options
+    if embedder is None:
+        embedder = load_embedder(request.model, request.weights, options.device)
+    bar = None
+    if options.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"embedding ({embedder.name})", unit="img")
+    try:
+        for indices, batch, failed in iter_batches([p for p, _, _ in todo], embedder, options):
+            for i, reason in failed:
+                path, sha, _ = todo[i]
+                store.record_skipped(path, sha, reason)
+                if path in plan.replaced:
+                    # Its content changed into something undecodable: the stored
+                    # vector describes content that no longer exists.
+                    summary.removed += store.remove_paths([path])
+                skip(path, reason)
+            if batch is not None:
+                vectors = embedder.embed_tensors(batch)
+                writer.add(vectors, [todo[i] for i in indices])
+                summary.embedded += len(indices)
+            if bar is not None:
+                bar.update(len(indices) + len(failed))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def sync_folder(
     root: str | os.PathLike[str],
     store_dir: str | os.PathLike[str],
@@ -281,56 +349,24 @@ def sync_folder(
         store = FeatureStore.open_or_create(store_path, fingerprint)
         if weights is not None:
             store.manifest["weights_path"] = str(Path(weights).expanduser().absolute())
-        plan = plan_sync(store, root_path, files, progress=options.progress)
-        summary.unchanged = plan.unchanged
-        for path, reason in plan.unreadable + plan.known_bad:
-            skip(path, reason)
         writer = ShardWriter(store, options.shard_size)
-
-        # Files whose exact content is already stored under another path (moved,
-        # copied) reuse that vector: no model work.
-        by_sha = {r.sha256: r for r in store.live_rows()}
-        reuse = [item for item in plan.todo if item[1] in by_sha]
-        if reuse:
-            vectors = store.vectors_for(by_sha[sha] for _, sha, _ in reuse)
-            import numpy as np
-
-            writer.add(np.stack([vectors[by_sha[sha].id] for _, sha, _ in reuse]), reuse)
-            summary.reused = len(reuse)
-        todo = [item for item in plan.todo if item[1] not in by_sha]
-
         try:
-            if todo:
-                if embedder is None:
-                    embedder = load_embedder(model, weights, options.device)
-                bar = None
-                if options.progress:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=len(todo), desc=f"embedding ({embedder.name})", unit="img")
-                try:
-                    for indices, batch, failed in iter_batches([p for p, _, _ in todo], embedder, options):
-                        for i, reason in failed:
-                            path, sha, _ = todo[i]
-                            store.record_skipped(path, sha, reason)
-                            skip(path, reason)
-                        if batch is not None:
-                            vectors = embedder.embed_tensors(batch)
-                            writer.add(vectors, [todo[i] for i in indices])
-                            summary.embedded += len(indices)
-                        if bar is not None:
-                            bar.update(len(indices) + len(failed))
-                finally:
-                    if bar is not None:
-                        bar.close()
+            plan = plan_sync(store, root_path, files, progress=options.progress)
+            summary.unchanged = plan.unchanged
+            for path, reason in plan.unreadable + plan.known_bad:
+                skip(path, reason)
+            embed_plan(plan, store, writer, embedder, EmbedRequest(model, weights, options), summary, skip)
+            summary.removed += store.remove_paths(plan.removed)
+            writer.flush()
         except KeyboardInterrupt:
+            # Ctrl-C: keep what is done (every row written so far is complete), then
+            # say how to resume. A second Ctrl-C during this flush still leaves the
+            # last committed state intact.
             writer.flush()
             raise Interrupted(
                 f"interrupted: {writer.committed} images committed to {store_path}; "
                 "run the same command again to resume"
             ) from None
-        summary.removed = store.remove_paths(plan.removed)
-        writer.flush()
         done = {p for p, _, _ in plan.todo} - skipped_paths
         summary.updated = len(plan.replaced & done)
         summary.added = len(done) - summary.updated

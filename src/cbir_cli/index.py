@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CbirError, CorruptStoreError
-from .store import FeatureStore, atomic_write_bytes, atomic_write_json, bytes_sha256
+from .store import REPAIR_HINT, FeatureStore, atomic_write_bytes, atomic_write_json, bytes_sha256
 
 if TYPE_CHECKING:
     import faiss
@@ -131,7 +131,7 @@ def read_index_meta(store: FeatureStore) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise CorruptStoreError(f"{meta_file}: unreadable ({exc}); rebuild with `cbir index --rebuild`") from None
+        raise CorruptStoreError(f"{meta_file}: unreadable ({exc}); {REPAIR_HINT}") from None
 
 
 def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
@@ -147,9 +147,9 @@ def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
     try:
         data = index_file.read_bytes()
     except OSError as exc:
-        raise CorruptStoreError(f"{index_file}: unreadable ({exc}); rebuild with `cbir index --rebuild`") from None
+        raise CorruptStoreError(f"{index_file}: unreadable ({exc}); {REPAIR_HINT}") from None
     if bytes_sha256(data) != meta.get("sha256"):
-        raise CorruptStoreError(f"{index_file}: checksum mismatch (damaged); rebuild with `cbir index --rebuild`")
+        raise CorruptStoreError(f"{index_file}: checksum mismatch (damaged); {REPAIR_HINT}")
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     if index.ntotal != store.count or index.d != store.dim:
         raise CorruptStoreError(

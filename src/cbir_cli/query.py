@@ -66,7 +66,25 @@ class Searcher:
         is built in memory from the committed shards, so results always reflect the
         last committed state and never a partial one.
         """
-        store = FeatureStore.open(resolve_index_dir(index_dir))
+        from .errors import CorruptStoreError
+
+        root = resolve_index_dir(index_dir)
+        attempts = 3
+        for attempt in range(attempts):
+            store = None
+            try:
+                store = FeatureStore.open(root)
+                return cls._open_store(store, device, embedder)
+            except CorruptStoreError:
+                # A writer committing (and deleting dropped shards, replacing the
+                # saved index) while we read looks like damage: retry on its new
+                # state; if nothing changed, the damage is real.
+                if attempt == attempts - 1 or (store is not None and not store.changed_on_disk()):
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_store(cls, store: FeatureStore, device: str, embedder: Embedder | None) -> Searcher:
         if store.count == 0:
             raise CbirError(f"{store.root}: the index is empty; add images with `cbir index FOLDER`")
         if embedder is not None:
