@@ -247,7 +247,10 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_result(sce
 
 
 @pytest.mark.slow
-def test_sigkill_stress(scenario, tiny_embedder, tmp_path):
+def test_sigkill_stress(scenario, tiny_embedder, tmp_path, request):
+    markexpr = request.config.option.markexpr or ""
+    if "slow" not in markexpr or "not slow" in markexpr:
+        pytest.skip("300-kill stress test (about a minute): run it with `pytest -m slow`")
     kills = run_kill_trials(scenario, tiny_embedder, tmp_path, seed=1066, kills_wanted=300)
     assert kills >= 300
 

@@ -21,6 +21,7 @@ never served.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -177,6 +178,9 @@ class FeatureStore:
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
+        # What is on disk: commit() writes nothing when the manifest still equals it,
+        # so a re-run that changes nothing keeps the generation (and the saved index).
+        self._committed: dict[str, Any] | None = copy.deepcopy(manifest)
         self._rows_cache: dict[str, list[Row]] = {}
 
     # -- opening -----------------------------------------------------------
@@ -232,6 +236,7 @@ class FeatureStore:
             "skipped": {},
         }
         store = cls(root, manifest)
+        store._committed = None
         store.commit()
         return store
 
@@ -454,9 +459,13 @@ class FeatureStore:
         for p in paths:
             self.manifest["skipped"].pop(p, None)
 
-    def commit(self) -> None:
+    def commit(self) -> bool:
         """Make everything written so far durable: the manifest is replaced
-        atomically, then files it no longer names are deleted."""
+        atomically, then files it no longer names are deleted. Returns False (and
+        writes nothing) when nothing changed since the last commit."""
+        if self.manifest == self._committed:
+            self.collect_garbage()  # leftovers of a killed run go even if nothing changed
+            return False
         manifest = {
             **self.manifest,
             "generation": self.generation + 1,
@@ -467,7 +476,9 @@ class FeatureStore:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / MANIFEST, manifest)
         self.manifest = manifest
+        self._committed = copy.deepcopy(manifest)
         self.collect_garbage()
+        return True
 
     def leftover_files(self) -> list[Path]:
         """Files the committed manifest does not name: shards of an interrupted or
