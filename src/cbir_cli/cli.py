@@ -38,6 +38,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Runtime(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+
+
 def _stderr():
     from rich.console import Console
 
@@ -95,6 +101,8 @@ WeightsOpt = Annotated[
     Optional[Path], typer.Option("--weights", help="Local state-dict file instead of the model's pretrained weights.")
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the model.")]
+RuntimeOpt = Annotated[Runtime, typer.Option("--runtime", help="Model runtime: auto = ONNX Runtime on CPU (faster "
+                                                                "there), PyTorch on CUDA. Vectors are interchangeable.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model batch.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", min=0,
                                                    help="Decoding processes (0 = decode in the main process). "
@@ -103,11 +111,12 @@ ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
-def _options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool):
+def _options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool,
+             runtime: Runtime = Runtime.auto):
     from .extract import ExtractOptions, default_workers
 
     return ExtractOptions(batch_size=batch_size, workers=default_workers() if workers is None else workers,
-                          shard_size=shard_size, device=device.value, progress=progress)
+                          shard_size=shard_size, device=device.value, progress=progress, runtime=runtime.value)
 
 
 def _print_summary(summary, target: Path, as_json: bool, what: str) -> None:
@@ -133,12 +142,17 @@ def index_cmd(
                                                       "when only its weights are installed).",
                                                  show_default=False)] = None,
     weights: WeightsOpt = None,
-    index_type: Annotated[str, typer.Option("--index-type", help="Search index: flat (exact) or hnsw.")] = "flat",
+    index_type: Annotated[Optional[str], typer.Option("--index-type",
+                                                      help="Search index: flat (exact), hnsw, ivfpq (compressed, "
+                                                           "re-ranked exactly from the shards) or auto (flat up to "
+                                                           "50k images, then ivfpq). Default: the existing index's "
+                                                           "type, else auto.", show_default=False)] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Discard the existing index and start over.")] = False,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     shard_size: ShardOpt = 1024,
+    runtime: RuntimeOpt = Runtime.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
@@ -148,7 +162,7 @@ def index_cmd(
 
         target = resolve_index_dir(index_dir)
         summary = index_folder(folder, target, model, weights, _options(batch_size, workers, shard_size, device,
-                                                                        progress=not as_json),
+                                                                        progress=not as_json, runtime=runtime),
                                index_type=index_type, rebuild=rebuild, on_skip=_warn_skip,
                                on_notice=lambda msg: _stderr().print(msg))
         _print_summary(summary, target, as_json, "indexed")
@@ -164,6 +178,7 @@ def extract_cmd(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     shard_size: ShardOpt = 1024,
+    runtime: RuntimeOpt = Runtime.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
@@ -171,7 +186,8 @@ def extract_cmd(
         from .extract import extract_folder
 
         summary = extract_folder(folder, out, model, weights, _options(batch_size, workers, shard_size, device,
-                                                                      progress=not as_json), on_skip=_warn_skip)
+                                                                      progress=not as_json, runtime=runtime),
+                                 on_skip=_warn_skip)
         _print_summary(summary, out, as_json, "extracted")
 
 
@@ -181,6 +197,7 @@ def query_cmd(
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="Results per query.")] = 5,
     index_dir: IndexDirOpt = None,
     device: DeviceOpt = Device.auto,
+    runtime: RuntimeOpt = Runtime.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the K indexed images most similar to each query image (cosine similarity)."""
@@ -188,6 +205,7 @@ def query_cmd(
         from .query import Searcher
 
         searcher = Searcher.open(index_dir, device=device.value)
+        searcher.runtime = runtime.value
         results = searcher.search_paths(images, k)
         if as_json:
             payload = [{"query": str(q), "results": [h.as_dict() for h in hits]} for q, hits in zip(images, results)]

@@ -49,6 +49,8 @@ class ExtractOptions:
     shard_size: int = 1024
     device: str = "auto"
     progress: bool = False
+    # torch | onnx | auto (ONNX Runtime on CPU, PyTorch on CUDA; see runtime_onnx).
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -195,11 +197,11 @@ class ImageFolderDataset:
 
 
 def collate_images(items: list[tuple[int, Any]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
-    import torch
+    from .models import stack_pixels
 
     ok = [(i, t) for i, t in items if not isinstance(t, str)]
     failed = [(i, t) for i, t in items if isinstance(t, str)]
-    tensor = torch.stack([t for _, t in ok]) if ok else None
+    tensor = stack_pixels([t for _, t in ok]) if ok else None
     return [i for i, _ in ok], tensor, failed
 
 
@@ -285,7 +287,7 @@ def embed_plan(plan: Plan, store: FeatureStore, writer: ShardWriter, embedder: E
         return
     options = request.options
     if embedder is None:
-        embedder = load_embedder(request.model, request.weights, options.device)
+        embedder = load_embedder(request.model, request.weights, options.device, options.runtime)
     bar = None
     if options.progress:
         from tqdm import tqdm

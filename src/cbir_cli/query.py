@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CbirError
 from .images import display_path, load_image
-from .index import build_index, load_index, search_index
+from .index import ShardVectors, build_index, load_index, needs_rerank, search_index
 from .paths import resolve_index_dir
 from .store import FeatureStore, Row
 
@@ -50,12 +50,17 @@ class Searcher:
         self.index_type = index_type
         self.device = device
         self._embedder = embedder
+        # Model runtime when the embedder is loaded here: torch | onnx | auto.
+        self.runtime = "auto"
         self.rows: list[Row] = store.live_rows()
         self._row_by_id = {r.id: r for r in self.rows}
         if len(self.rows) != index.ntotal:
             from .errors import CorruptStoreError
 
             raise CorruptStoreError(f"{store.root}: index has {index.ntotal} vectors but the store {len(self.rows)}")
+        # A compressed (IVF-PQ) index only picks a shortlist; its exact scores come
+        # from the shards, memory-mapped (see index.search_index).
+        self.exact_vectors = ShardVectors(store) if needs_rerank(index) else None
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike[str] | None = None, device: str = "auto",
@@ -108,7 +113,7 @@ class Searcher:
 
             fp = self.store.fingerprint
             weights = self.store.manifest.get("weights_path")
-            self._embedder = load_embedder(fp["model"], weights, self.device)
+            self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime)
             from .store import check_fingerprint
 
             check_fingerprint(fp, self._embedder.fingerprint(), self.store.root)
@@ -147,7 +152,7 @@ class Searcher:
 
     def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[Hit]]:
         k = self._check_k(k)
-        D, I = search_index(self.index, queries, min(k, self.count))
+        D, I = search_index(self.index, queries, min(k, self.count), self.exact_vectors)
         results = []
         for drow, irow in zip(D, I):
             hits = []
@@ -174,8 +179,13 @@ class Searcher:
         positions = {r.id: i for i, r in enumerate(self.rows)}
         for image_id in image_ids:
             self.row(image_id)
-        vectors = np.stack([self.index.reconstruct(positions[i]) for i in image_ids]) if self._reconstructible() \
-            else self.store.load_vectors()[[positions[i] for i in image_ids]]
+        wanted = np.asarray([positions[i] for i in image_ids], dtype=np.int64)
+        if self.exact_vectors is not None:
+            vectors = self.exact_vectors[wanted]
+        elif self._reconstructible():
+            vectors = np.stack([self.index.reconstruct(int(p)) for p in wanted])
+        else:
+            vectors = self.store.load_vectors()[wanted]
         return self.search_vectors(vectors, k)
 
     def _reconstructible(self) -> bool:
