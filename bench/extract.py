@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Extraction throughput: the full pipeline against the model alone, in one run.
+
+    python bench/extract.py                                  # 256 oxford17flowers images, mobilenet_v2
+    python bench/extract.py --limit 512 --runtime torch,onnx --workers 0,1,2
+    python bench/extract.py --synthesize 2000 --model resnet50 --random-weights --device cuda --batch-size 256
+
+For every (runtime, workers) combination it prints:
+
+* model img/s   - ``embed_tensors`` on pre-made uint8 batches (no decoding at all);
+* pipeline img/s - ``sync_folder`` into a fresh temporary store: list + hash files,
+  JPEG decode (draft) + resize/crop in DataLoader workers, model, shard writes;
+* ratio         - pipeline / model (1.0 = decoding fully hidden behind compute).
+
+Same model object, same batch size and the same torch/ORT thread count for both
+figures. Peak RSS (this process + worker children) is printed at the end. Needs no
+faiss: only the feature store is written, no search index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "oxford17flowers"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of images (read in place)")
+    p.add_argument("--limit", type=int, default=256, help="use the first N images (0 = all)")
+    p.add_argument("--synthesize", type=int, default=0, metavar="N",
+                   help="instead of --data, write N synthetic 500x375 JPEGs to a temp folder first")
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights (no download needed; speed is the same)")
+    p.add_argument("--runtime", default="torch,onnx", help="comma list of torch, onnx")
+    p.add_argument("--workers", default="1", help="comma list of DataLoader decode worker counts")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--repeat", type=int, default=2, help="best of R interleaved runs per row")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch / ORT intra-op threads")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="also time torchvision.io.decode_jpeg on the GPU (CUDA only; no store written)")
+    p.add_argument("--decode-check", action="store_true",
+                   help="also time single-process decode+preprocess with and without Pillow draft mode")
+    return p.parse_args(argv)
+
+
+def peak_rss_mib() -> tuple[float, float]:
+    """Peak resident set size (MiB) of this process and of its largest waited-for child."""
+    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return self_kib / 1024, child_kib / 1024
+
+
+def synthesize_jpegs(folder: Path, count: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
+    """Seeded photo-like JPEGs (smooth gradients plus noise, so they compress like photos)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    paths = []
+    for i in range(count):
+        freq = rng.uniform(0.5, 4.0, size=(3, 2))
+        phase = rng.uniform(0, 6.28, size=3)
+        img = np.stack([127 + 90 * np.sin(6.28 * (fx * xx / w + fy * yy / h) + ph)
+                        for (fx, fy), ph in zip(freq, phase)], axis=-1)
+        img += rng.normal(0, 12, img.shape)
+        path = folder / f"syn_{i:05d}.jpg"
+        Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB").save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def pick_images(args: argparse.Namespace, scratch: Path) -> Path:
+    """A folder holding exactly the images to embed (symlinks: datasets are read in place)."""
+    from cbir_cli.images import list_images
+
+    if args.synthesize:
+        return synthesize_jpegs(scratch / "images", args.synthesize)[0].parent
+    files = list_images(args.data)
+    if args.limit:
+        files = files[: args.limit]
+    folder = scratch / "images"
+    folder.mkdir()
+    for i, f in enumerate(files):
+        (folder / f"{i:06d}{f.suffix.lower()}").symlink_to(f)
+    return folder
+
+
+def load_torch_embedder(args: argparse.Namespace):
+    from cbir_cli.models import _BUILDERS, _HEADS, Embedder, get_model_config, load_embedder, resolve_device
+
+    device = resolve_device(args.device)
+    if not args.random_weights:
+        return load_embedder(args.model, device=device, runtime="torch")
+    from torch import nn
+
+    config = get_model_config(args.model)
+    module = _BUILDERS[config.name]()
+    if config.name in _HEADS:
+        setattr(module, _HEADS[config.name], nn.Identity())
+    return Embedder(config, module.eval(), "random-bench", device)
+
+
+def make_embedder(runtime: str, torch_embedder, scratch: Path, threads: int):
+    if runtime == "torch":
+        return torch_embedder
+    from cbir_cli.runtime_onnx import OnnxEmbedder
+
+    # Random-weight exports go to the scratch folder, never the user's cache.
+    cache = scratch / "onnx" if torch_embedder.weights_id == "random-bench" else None
+    return OnnxEmbedder.from_torch(torch_embedder, cache_dir=cache, threads=threads)
+
+
+def model_only_rate(embedder, n_images: int, batch_size: int) -> float:
+    import torch
+
+    size = embedder.config.input_size
+    batch = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    if embedder.on_cuda:
+        batch = batch.pin_memory()
+    embedder.embed_tensors(batch)  # warm-up (allocations, cudnn/oneDNN kernel choice)
+    batches = max(1, round(n_images / batch_size))
+    started = time.perf_counter()
+    for _ in range(batches):
+        embedder.embed_tensors(batch)
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def pipeline_rate(embedder, folder: Path, store_dir: Path, workers: int, batch_size: int, device: str) -> float:
+    from cbir_cli.extract import ExtractOptions, sync_folder
+
+    shutil.rmtree(store_dir, ignore_errors=True)
+    options = ExtractOptions(batch_size=batch_size, workers=workers, device=device)
+    started = time.perf_counter()
+    summary = sync_folder(folder, store_dir, embedder=embedder, options=options)
+    seconds = time.perf_counter() - started
+    if summary.embedded != summary.files:
+        print(f"  note: {summary.files - summary.embedded} files not embedded ({summary.skipped} skipped)")
+    return summary.embedded / seconds
+
+
+def decode_rates(embedder, folder: Path, limit: int = 200) -> tuple[float, float]:
+    """Single-process decode + preprocess img/s without and with Pillow draft mode."""
+    from cbir_cli.images import list_images, load_image
+
+    files = list_images(folder)[:limit]
+    rates = []
+    for draft in (None, embedder.config.resize_size):
+        started = time.perf_counter()
+        for f in files:
+            embedder.preprocess(load_image(f, draft_size=draft))
+        rates.append(len(files) / (time.perf_counter() - started))
+    return rates[0], rates[1]
+
+
+def gpu_decode_rate(embedder, folder: Path, batch_size: int) -> float:
+    """End to end on the GPU: read bytes on the CPU, decode_jpeg on the device, resize
+    + crop there, embed. Vectors only (no store), to see if GPU decode is worth it."""
+    import torch
+    import torchvision.transforms.v2.functional as F
+    from torchvision.io import decode_jpeg
+
+    from cbir_cli.images import list_images
+
+    config = embedder.config
+    files = [f for f in list_images(folder) if f.suffix.lower() in (".jpg", ".jpeg")]
+
+    def run(paths) -> int:
+        done = 0
+        for start in range(0, len(paths), batch_size):
+            datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths[start:start + batch_size]]
+            images = decode_jpeg(datas, device=embedder.device)
+            batch = torch.stack([F.center_crop(F.resize(img, [config.resize_size], antialias=True),
+                                               [config.input_size]) for img in images])
+            embedder.embed_tensors(batch)
+            done += len(images)
+        return done
+
+    run(files[:batch_size])  # warm-up
+    started = time.perf_counter()
+    done = run(files)
+    return done / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    runtimes = [r.strip() for r in args.runtime.split(",") if r.strip()]
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    scratch = Path(tempfile.mkdtemp(prefix="cbir-bench-extract-"))
+    rows = []
+    try:
+        folder = pick_images(args, scratch)
+        n_images = len(list(folder.iterdir()))
+        torch_embedder = load_torch_embedder(args)
+        print(f"model {args.model} ({'random' if args.random_weights else 'pretrained'} weights), "
+              f"device {torch_embedder.device}, {n_images} images, batch {args.batch_size}, "
+              f"{args.threads} threads, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
+        for runtime in runtimes:
+            embedder = make_embedder(runtime, torch_embedder, scratch, args.threads)
+            for workers in worker_counts:
+                # Interleaved, best of --repeat: on a shared machine the load changes
+                # between runs; the two figures of a row are always measured together.
+                model_rates, rates = [], []
+                for _ in range(args.repeat):
+                    model_rates.append(model_only_rate(embedder, n_images, args.batch_size))
+                    rates.append(pipeline_rate(embedder, folder, scratch / "store", workers, args.batch_size,
+                                               args.device))
+                model_rate, rate = max(model_rates), max(rates)
+                rows.append((runtime, str(workers), model_rate, rate))
+                print(f"  {runtime:5s} workers={workers}: model {model_rate:8.1f} img/s, "
+                      f"pipeline {rate:8.1f} img/s, ratio {rate / model_rate:.2f}", flush=True)
+        extra = []
+        if args.decode_check:
+            plain, draft = decode_rates(torch_embedder, folder)
+            extra.append(f"decode+preprocess, 1 process: {plain:.1f} img/s plain, {draft:.1f} img/s with draft "
+                         f"(x{draft / plain:.2f})")
+        if args.gpu_decode and torch_embedder.on_cuda:
+            gpu_rate = gpu_decode_rate(torch_embedder, folder, args.batch_size)
+            extra.append(f"GPU decode_jpeg end-to-end (torch, no store): {gpu_rate:.1f} img/s")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print()
+    print(f"{'runtime':8s} {'workers':>7s} {'model img/s':>12s} {'pipeline img/s':>15s} {'ratio':>6s}")
+    for runtime, workers, model_rate, rate in rows:
+        print(f"{runtime:8s} {workers:>7s} {model_rate:12.1f} {rate:15.1f} {rate / model_rate:6.2f}")
+    if len({r[0] for r in rows}) > 1:
+        best = {rt: max(r[2] for r in rows if r[0] == rt) for rt in runtimes}
+        base = best.get("torch")
+        if base:
+            print("model-only speed-up vs torch: " + ", ".join(f"{rt} x{v / base:.2f}" for rt, v in best.items()))
+    for line in extra:
+        print(line)
+    self_mib, child_mib = peak_rss_mib()
+    print(f"peak RSS: main process {self_mib:.0f} MiB, largest child {child_mib:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Query latency, search-only latency per index type, recall@10 and memory, in one run.
+
+    python bench/query.py                     # real index (ukbench_mini) + 10k and 100k synthetic
+    python bench/query.py --sizes 10000       # quick
+    python bench/query.py --million           # adds 1M vectors (flat scan + ivfpq; ~9 GB RAM)
+
+Parts:
+
+1. ``cbir --help`` and a cold ``cbir query`` (subprocess wall time, median of 3).
+2. Warm single-query latency p50/p95 on a real index (mobilenet_v2 over
+   ../shared/datasets/ukbench_mini): decode + embed + search through one long-lived
+   :class:`~cbir_cli.query.Searcher`, as the web server does.
+3. Search only, on seeded synthetic 2048-d unit vectors with structure (a random
+   16-d subspace plus noise, so that nearest neighbours mean something; isotropic
+   random vectors are all equidistant and no ANN index can rank them): for each
+   index type its build time, serialized index bytes, RSS growth, single-query
+   p50/p95 and recall@10 against exact search (ivfpq re-ranks a shortlist exactly
+   from the vectors memory-mapped from disk, as the Searcher does from the shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+DIM = 2048
+K = 10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real-data", type=Path, default=SHARED / "ukbench_mini", help="folder indexed for part 2")
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--runtime", default="auto", help="model runtime for parts 1-2 (auto, torch, onnx)")
+    p.add_argument("--sizes", default="10000,100000", help="comma list of synthetic collection sizes")
+    p.add_argument("--million", action="store_true", help="add 1,000,000 vectors (flat scan and ivfpq only)")
+    p.add_argument("--types", default="flat,hnsw,ivfpq", help="index types for part 3")
+    p.add_argument("--queries", type=int, default=200, help="synthetic queries per size")
+    p.add_argument("--skip-real", action="store_true", help="skip parts 1 and 2")
+    return p.parse_args(argv)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
+    import numpy as np
+
+    ms = np.asarray(seconds) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+
+# ---------------------------------------------------------------------------
+# Parts 1 and 2: the CLI and the warm query path on a real index.
+
+
+def wall_times(cmd: list[str], env: dict[str, str], runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - started)
+        if result.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {result.stderr.strip()[-500:]}")
+    return statistics.median(times)
+
+
+def real_index_part(args: argparse.Namespace, scratch: Path) -> list[str]:
+    from cbir_cli.extract import ExtractOptions
+    from cbir_cli.images import list_images
+    from cbir_cli.index import index_folder
+    from cbir_cli.query import Searcher
+
+    if not args.real_data.is_dir():
+        return [f"real-index part skipped: {args.real_data} not found"]
+    index_dir = scratch / "real-index"
+    options = ExtractOptions(batch_size=32, device="cpu", runtime=args.runtime)
+    started = time.perf_counter()
+    summary = index_folder(args.real_data, index_dir, args.model, options=options, index_type="flat")
+    index_seconds = time.perf_counter() - started
+    files = list_images(args.real_data)
+
+    env = {**os.environ, "CBIR_INDEX": str(index_dir)}
+    cbir = [sys.executable, "-m", "cbir_cli.cli"]
+    help_s = wall_times(cbir + ["--help"], env)
+    cold_s = wall_times(cbir + ["query", str(files[0]), "-k", str(K), "--device", "cpu", "--runtime", args.runtime,
+                                "--json"], env)
+
+    searcher = Searcher.open(index_dir, device="cpu")
+    searcher.runtime = args.runtime
+    searcher.search_paths([files[0]], K)  # warm-up: loads the model
+    latencies = []
+    for f in files[1:]:
+        started = time.perf_counter()
+        searcher.search_paths([f], K)
+        latencies.append(time.perf_counter() - started)
+    p50, p95 = percentiles_ms(latencies)
+    from cbir_cli.runtime_onnx import describe_runtime
+
+    runtime = describe_runtime(searcher.embedder)
+    return [
+        f"real index: {summary.store_count} images of {args.real_data.name}, {args.model} ({runtime}), "
+        f"indexed in {index_seconds:.1f}s",
+        f"cbir --help: {help_s * 1000:.0f} ms; cold cbir query (1 image, new process): {cold_s * 1000:.0f} ms "
+        "(median of 3)",
+        f"warm query (decode+embed+search, {len(latencies)} queries): p50 {p50:.1f} ms, p95 {p95:.1f} ms",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Part 3: search only, synthetic vectors.
+
+
+def synthetic_vectors(n: int, seed: int, basis, chunk: int = 65536):
+    """n unit vectors near a shared 16-d subspace (``basis``: (16, DIM))."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, DIM), dtype=np.float32)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        block = rng.standard_normal((m, basis.shape[0]), dtype=np.float32) @ basis
+        block += 0.35 * rng.standard_normal((m, DIM), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start:start + m] = block
+    return out
+
+
+def recall_at_k(found, truth) -> float:
+    return sum(len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth)) / truth.size
+
+
+def single_query_latencies(search, queries) -> list[float]:
+    search(queries[:1])  # warm-up
+    latencies = []
+    for q in queries:
+        started = time.perf_counter()
+        search(q[None, :])
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def synthetic_part(args: argparse.Namespace, scratch: Path) -> list[tuple]:
+    import faiss
+    import numpy as np
+
+    from cbir_cli.index import build_index, exact_search, factory_string, search_index
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if args.million:
+        sizes.append(1_000_000)
+    types = [t for t in args.types.split(",") if t]
+    basis = np.random.default_rng(12345).standard_normal((16, DIM), dtype=np.float32) / 4
+    queries = synthetic_vectors(args.queries, seed=999, basis=basis)
+    rows = []
+    for n in sizes:
+        path = scratch / f"vectors-{n}.npy"
+        np.save(path, synthetic_vectors(n, seed=n, basis=basis))
+        # Memory-mapped, like the store's shards: pages are read as needed.
+        vectors = np.load(path, mmap_mode="r")
+        _, truth = exact_search(np.asarray(vectors), queries, K)
+        print(f"n={n}: vectors ready", flush=True)
+        for index_type in types:
+            if n >= 1_000_000 and index_type == "hnsw":
+                continue  # hours to build on 2 cores; not a sane choice at this size here
+            rss_before = rss_mib()
+            started = time.perf_counter()
+            if n >= 1_000_000 and index_type == "flat":
+                # An IndexFlat would copy 8 GB; a flat scan of the memory map is the same search.
+                def search(q, vectors=vectors):
+                    return faiss.knn(q, vectors, K, metric=faiss.METRIC_INNER_PRODUCT)
+                build_s, index_bytes, label = 0.0, vectors.nbytes, "flat (scan of mmap)"
+            else:
+                index = build_index(vectors, index_type)
+                build_s = time.perf_counter() - started
+                index_bytes = len(faiss.serialize_index(index))
+                exact = vectors if index_type == "ivfpq" else None
+
+                def search(q, index=index, exact=exact):
+                    return search_index(index, q, K, exact)
+                label = f"{index_type} ({factory_string(index_type, n, DIM)}{', re-ranked' if exact is not None else ''})"
+            rss_growth = rss_mib() - rss_before
+            latencies = single_query_latencies(search, queries)
+            p50, p95 = percentiles_ms(latencies)
+            started = time.perf_counter()
+            _, found = search(queries)
+            batch_ms = (time.perf_counter() - started) * 1000 / len(queries)
+            recall = recall_at_k(found, truth)
+            rows.append((n, label, build_s, index_bytes / 2**20, rss_growth, p50, p95, batch_ms, recall))
+            print(f"  {label}: build {build_s:.1f}s, p50 {p50:.2f} ms, recall@10 {recall:.3f}", flush=True)
+            search = index = None  # free this index before building the next
+        del vectors
+        path.unlink()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    scratch = Path(tempfile.mkdtemp(prefix="cbir-bench-query-"))
+    lines: list[str] = []
+    try:
+        if not args.skip_real:
+            lines = real_index_part(args, scratch)
+            for line in lines:
+                print(line, flush=True)
+        rows = synthetic_part(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    import faiss
+
+    print()
+    print(f"{os.cpu_count()} cores, faiss {faiss.__version__}, {args.queries} queries, k={K}, dim {DIM}")
+    for line in lines:
+        print(line)
+    header = (f"{'n':>9s} {'index':44s} {'build s':>8s} {'index MiB':>10s} {'RSS +MiB':>9s} "
+              f"{'p50 ms':>7s} {'p95 ms':>7s} {'batch ms/q':>10s} {'recall@10':>9s}")
+    print(header)
+    for n, label, build_s, mib, rss, p50, p95, batch_ms, recall in rows:
+        print(f"{n:9d} {label:44s} {build_s:8.1f} {mib:10.1f} {rss:9.0f} {p50:7.2f} {p95:7.2f} {batch_ms:10.2f} "
+              f"{recall:9.3f}")
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
