@@ -139,7 +139,8 @@ def test_help_shows_defaults_for_every_command():
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0
     index_help = " ".join(runner.invoke(app, ["index", "--help"]).output.split())
-    assert "default: 32" in index_help and "default: flat" in index_help and "CBIR_INDEX" in index_help
+    assert "default: 32" in index_help and "CBIR_INDEX" in index_help
+    assert "auto (flat up to 50k images, then ivfpq)" in index_help
 
 
 def test_cli_help_does_not_import_torch_or_faiss():
