@@ -49,7 +49,7 @@ def test_embedder_normalisation_equals_torchvision_reference_transform():
     config = get_model_config("mobilenet_v2")
     embedder = Embedder(config, torch.nn.Identity(), "x", "cpu")
     img = make_image(3, (333, 250))
-    ours = (embedder.preprocess(img)[None].float() - embedder._mean) / embedder._std
+    ours = (torch.from_numpy(embedder.preprocess(img))[None].float() - embedder._mean) / embedder._std
     reference = get_weight(config.torchvision_weights).transforms()(img)[None]
     assert ours.shape == reference.shape == (1, 3, 224, 224)
     # PIL vs tensor antialiased resize differ by rounding only.
@@ -131,3 +131,42 @@ def test_fingerprint_is_known_without_building_the_model(tiny_embedder):
 def test_unknown_device_is_a_clear_error():
     with pytest.raises(CbirError, match="unknown device 'tpu'"):
         load_embedder("test_tiny", device="tpu")
+
+
+@pytest.mark.parametrize("size", [(333, 250), (250, 333), (300, 300), (640, 97), (257, 256)])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "test_tiny"])
+def test_preprocess_is_pixel_identical_to_torchvision_functional(name, size):
+    """Our Pillow/numpy preprocessing (no torch import on the query path) must give
+    exactly torchvision's resize -> center_crop -> pil_to_tensor."""
+    import torchvision.transforms.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    from cbir_cli.models import preprocess_image
+
+    config = get_model_config(name)
+    img = make_image(7, size)
+    reference = F.pil_to_tensor(F.center_crop(
+        F.resize(img, config.resize_size, interpolation=InterpolationMode(config.interpolation), antialias=True),
+        config.input_size))
+    ours = preprocess_image(img, config)
+    assert ours.dtype == np.uint8 and ours.shape == tuple(reference.shape)
+    np.testing.assert_array_equal(ours, reference.numpy())
+
+
+def test_hub_dir_without_torch_matches_torch_hub(monkeypatch, tmp_path):
+    import sys
+
+    import torch.hub
+
+    from cbir_cli.models import torch_hub_checkpoint_dir
+
+    for env in ({"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {}):
+        monkeypatch.delenv("TORCH_HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        expected = torch_hub_checkpoint_dir()  # torch imported: torch's own answer
+        with monkeypatch.context() as m:
+            m.delitem(sys.modules, "torch")
+            assert torch_hub_checkpoint_dir() == expected
+        assert expected == __import__("pathlib").Path(torch.hub.get_dir()) / "checkpoints"

@@ -81,3 +81,26 @@ def test_onnx_matches_torch_on_real_mobilenet_and_photos(shared_dir):
     images = [load_image(f, draft_size=256) for f in files]
     a, b = torch_model.embed_images(images), onnx_model.embed_images(images)
     assert np.min(np.sum(a * b, axis=1)) >= 0.999
+
+
+def test_cold_query_on_onnx_runtime_never_imports_torch(image_folder, tiny_embedder, tmp_path, monkeypatch):
+    """torch's import is most of a cold `cbir query` (~7 s of 8 here): with a cached
+    ONNX export, the query path (decode, preprocess, embed, search) must not need it."""
+    import subprocess
+    import sys
+
+    from cbir_cli.index import index_folder
+
+    folder = image_folder(4)
+    index_folder(folder, tmp_path / "idx", embedder=tiny_embedder)
+    monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
+    load_embedder("test_tiny", device="cpu", runtime="onnx")  # exports once (this does use torch)
+    code = (
+        "import sys, json; from typer.testing import CliRunner; from cbir_cli.cli import app; "
+        f"r = CliRunner().invoke(app, ['query', {str(folder / 'img_002.jpg')!r}, '--index', "
+        f"{str(tmp_path / 'idx')!r}, '--runtime', 'onnx', '--device', 'cpu', '--json']); "
+        "assert r.exit_code == 0, r.output; top = json.loads(r.stdout)[0]['results'][0]; "
+        "print(top['path'].endswith('img_002.jpg'), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]

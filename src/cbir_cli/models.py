@@ -195,32 +195,54 @@ register_model(
 # Preprocessing, derived from the config.
 
 
-def preprocess_image(img: PILImage.Image, config: ModelConfig) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor (3, input_size, input_size): resize the short
-    side to ``resize_size``, centre-crop ``input_size``. Normalisation happens on
-    the batch, on the model's device (see :meth:`Embedder.embed_tensors`), which keeps
-    worker-to-main transfers 4x smaller."""
-    import torchvision.transforms.functional as F
-    from torchvision.transforms import InterpolationMode
-
-    img = F.resize(img, config.resize_size, interpolation=InterpolationMode(config.interpolation), antialias=True)
-    img = F.center_crop(img, config.input_size)
-    return F.pil_to_tensor(img)
+# PIL resampling filters by torchvision InterpolationMode name.
+_PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
-def stack_pixels(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack uint8 (3, H, W) image tensors into one contiguous (n, 3, H, W) batch.
+def preprocess_image(img: PILImage.Image, config: ModelConfig) -> np.ndarray:
+    """RGB PIL image -> uint8 array (3, input_size, input_size): resize the short
+    side to ``resize_size``, centre-crop ``input_size``.
 
-    Through numpy: ``pil_to_tensor`` returns permuted HWC views, and torch's strided
-    uint8 copy (torch.stack) is ~100x slower than numpy's on CPU (~270 ms vs ~1-3 ms
-    for 32 images of 224 px), which made batching cost as much as decoding."""
+    Pixel-for-pixel what torchvision's ``resize``/``center_crop``/``pil_to_tensor``
+    do to a PIL image (same output-size rounding, same Pillow filter, same crop
+    offsets; a test checks equality), written with Pillow and numpy alone so that
+    the query path on ONNX Runtime never imports torch (~7 s of a cold
+    ``cbir query``). Normalisation happens on the batch, on the model's device (see
+    :meth:`Embedder.embed_tensors`), which keeps worker-to-main transfers 4x smaller.
+    """
+    import numpy as np
+
+    w, h = img.size
+    size = config.resize_size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _PIL_FILTERS[config.interpolation])
+    crop = config.input_size
+    if crop > min(new_w, new_h):
+        raise ValueError(f"crop {crop} larger than resized image {new_w}x{new_h}")
+    top = int(round((new_h - crop) / 2.0))
+    left = int(round((new_w - crop) / 2.0))
+    img = img.crop((left, top, left + crop, top + crop))
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def stack_pixels(images: Sequence[Any]) -> torch.Tensor:
+    """Stack uint8 (3, H, W) images (numpy arrays or tensors) into one contiguous
+    (n, 3, H, W) tensor.
+
+    Through numpy: torch's strided uint8 copy (torch.stack of permuted views) is
+    ~100x slower than numpy's on CPU (~270 ms vs ~1-3 ms for 32 images of 224 px),
+    which made batching cost as much as decoding."""
     import numpy as np
     import torch
 
-    return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
+    return torch.from_numpy(np.stack([np.asarray(t) for t in images]))
 
 
-def image_preprocessor(config: ModelConfig) -> Callable[[PILImage.Image], torch.Tensor]:
+def image_preprocessor(config: ModelConfig) -> Callable[[PILImage.Image], np.ndarray]:
     """A picklable preprocessing function (usable in DataLoader worker processes)."""
     return partial(preprocess_image, config=config)
 
@@ -230,10 +252,17 @@ def image_preprocessor(config: ModelConfig) -> Callable[[PILImage.Image], torch.
 
 
 def torch_hub_checkpoint_dir() -> Path:
-    """Where torchvision caches weights: $TORCH_HOME/hub/checkpoints."""
-    import torch
+    """Where torchvision caches weights: ``torch.hub.get_dir()/checkpoints``.
 
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    Computed as torch.hub does ($TORCH_HOME, else $XDG_CACHE_HOME/torch, else
+    ~/.cache/torch) without importing torch, unless torch is already imported (then
+    its own answer, which honours ``torch.hub.set_dir``)."""
+    import sys
+
+    if "torch" in sys.modules:
+        return Path(sys.modules["torch"].hub.get_dir()) / "checkpoints"
+    torch_home = os.getenv("TORCH_HOME") or os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -354,14 +383,24 @@ def build_backbone(config: ModelConfig, weights: str | os.PathLike[str] | None =
 # Embedder.
 
 
+def _no_nvidia_device() -> bool:
+    """True when CUDA certainly cannot be available: Linux without NVIDIA device
+    nodes. Lets ``--device auto`` settle on the CPU without importing torch."""
+    import sys
+
+    return sys.platform.startswith("linux") and "torch" not in sys.modules and not os.path.exists("/dev/nvidiactl")
+
+
 def resolve_device(device: str = "auto") -> str:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise CbirError(f"unknown device {device!r}; choose one of: auto, cpu, cuda")
+    if device == "cpu" or (device == "auto" and _no_nvidia_device()):
+        return "cpu"
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise CbirError(f"unknown device {device!r}; choose one of: auto, cpu, cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise CbirError("--device cuda requested but no CUDA GPU is available; use --device cpu or auto")
     return device
 
@@ -400,6 +439,8 @@ class Embedder:
         """uint8 (n, 3, H, W) -> float32 (n, dim), rows L2-normalised."""
         import torch
 
+        if not isinstance(batch, torch.Tensor):
+            batch = torch.from_numpy(batch)
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).float()
             x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
@@ -416,7 +457,7 @@ class Embedder:
 
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.embed_tensors(stack_pixels([self.preprocess(img) for img in images]))
+        return self.embed_tensors(np.stack([self.preprocess(img) for img in images]))
 
 
 def load_embedder(

@@ -73,10 +73,11 @@ def onnx_cache_dir() -> Path:
 
 
 def export_key(config: ModelConfig, weights_id: str) -> str:
-    """Cache key: everything that determines the exported graph and its weights."""
-    import torch
+    """Cache key: everything that determines the exported graph and its weights.
+    (torch's version from package metadata: no torch import on the query path.)"""
+    from importlib.metadata import version
 
-    ident = {"config": config.as_dict(), "weights": weights_id, "torch": torch.__version__,
+    ident = {"config": config.as_dict(), "weights": weights_id, "torch": version("torch"),
              "export": EXPORT_VERSION, "opset": OPSET}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -151,22 +152,32 @@ def _session(path: Path, threads: int) -> onnxruntime.InferenceSession:
         raise CbirError(f"{path}: cannot load the ONNX model ({exc}); delete the file to re-export it") from None
 
 
+def _default_threads() -> int:
+    import sys
+
+    if "torch" in sys.modules:
+        return int(sys.modules["torch"].get_num_threads())
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class OnnxEmbedder(Embedder):
     """An :class:`Embedder` backed by an ONNX Runtime CPU session. Same inputs, same
     outputs, same fingerprint as the PyTorch embedder it was exported from."""
 
     def __init__(self, config: ModelConfig, weights_id: str, model_path: Path, threads: int | None = None) -> None:
-        import torch
-
         self.config = config
         self.weights_id = weights_id
-        self.device = torch.device("cpu")
+        self.device = "cpu"
         self.on_cuda = False
         self.module = None  # no PyTorch module: the graph lives in the session
         self.preprocess = image_preprocessor(config)
         self.model_path = model_path
-        # Same thread count as PyTorch would use, so the runtimes compare fairly.
-        self.threads = threads or torch.get_num_threads()
+        # Same thread count as PyTorch uses by default (one per usable core), so the
+        # runtimes compare fairly; torch is not imported just to ask it.
+        self.threads = threads or _default_threads()
         self.session = _session(model_path, self.threads)
 
     @classmethod
