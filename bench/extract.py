@@ -3,13 +3,18 @@
 
     python bench/extract.py                                  # 256 oxford17flowers images, mobilenet_v2
     python bench/extract.py --limit 512 --runtime torch,onnx --workers 0,1,2
-    python bench/extract.py --synthesize 2000 --model resnet50 --random-weights --device cuda --batch-size 256
+    python bench/extract.py --synthesize 2000 --model resnet50 --random-weights --device cuda --batch-size 256 \
+        --decode cpu,gpu --workers 4,14
 
-For every (runtime, workers) combination it prints:
+For every (runtime, decode, workers) combination it prints:
 
 * model img/s   - ``embed_tensors`` on pre-made uint8 batches (no decoding at all);
 * pipeline img/s - ``sync_folder`` into a fresh temporary store: list + hash files,
-  JPEG decode (draft) + resize/crop in DataLoader workers, model, shard writes;
+  JPEG decode + resize/crop, model, shard writes. ``--decode cpu``: Pillow (draft
+  mode) in the DataLoader workers; ``--decode gpu``: workers only read the files,
+  the main process decodes them with torchvision's ``decode_jpeg`` on the model's
+  device and resizes/crops there (on a CPU model: torchvision's libjpeg, in the
+  main process);
 * ratio         - pipeline / model (1.0 = decoding fully hidden behind compute).
 
 Same model object, same batch size and the same torch/ORT thread count for both
@@ -43,12 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="random weights (no download needed; speed is the same)")
     p.add_argument("--runtime", default="torch,onnx", help="comma list of torch, onnx")
     p.add_argument("--workers", default="1", help="comma list of DataLoader decode worker counts")
+    p.add_argument("--decode", default="cpu", help="comma list of cpu, gpu (where JPEGs are decoded; ExtractOptions)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--repeat", type=int, default=2, help="best of R interleaved runs per row")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch / ORT intra-op threads")
     p.add_argument("--gpu-decode", action="store_true",
-                   help="also time torchvision.io.decode_jpeg on the GPU (CUDA only; no store written)")
+                   help="also time the bare GPU decode_jpeg prototype (CUDA only; no store written), a "
+                        "reference for --decode gpu")
     p.add_argument("--decode-check", action="store_true",
                    help="also time single-process decode+preprocess with and without Pillow draft mode")
     return p.parse_args(argv)
@@ -61,26 +68,36 @@ def peak_rss_mib() -> tuple[float, float]:
     return self_kib / 1024, child_kib / 1024
 
 
-def synthesize_jpegs(folder: Path, count: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
-    """Seeded photo-like JPEGs (smooth gradients plus noise, so they compress like photos)."""
+def _synthesize_one(task: tuple[Path, int, tuple[int, int]]) -> Path:
+    """One seeded photo-like JPEG (smooth gradients plus noise, so it compresses like a
+    photo); seeded by its index, so the set does not depend on the process count."""
     import numpy as np
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    w, h = size
+    path, i, (w, h) = task
+    rng = np.random.default_rng(i)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    paths = []
-    for i in range(count):
-        freq = rng.uniform(0.5, 4.0, size=(3, 2))
-        phase = rng.uniform(0, 6.28, size=3)
-        img = np.stack([127 + 90 * np.sin(6.28 * (fx * xx / w + fy * yy / h) + ph)
-                        for (fx, fy), ph in zip(freq, phase)], axis=-1)
-        img += rng.normal(0, 12, img.shape)
-        path = folder / f"syn_{i:05d}.jpg"
-        Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB").save(path, quality=90)
-        paths.append(path)
-    return paths
+    freq = rng.uniform(0.5, 4.0, size=(3, 2)).astype(np.float32)
+    phase = rng.uniform(0, 6.28, size=3).astype(np.float32)
+    img = np.stack([127 + 90 * np.sin(6.28 * (fx * xx / w + fy * yy / h) + ph)
+                    for (fx, fy), ph in zip(freq, phase)], axis=-1)
+    img += rng.normal(0, 12, img.shape).astype(np.float32)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB").save(path, quality=90)
+    return path
+
+
+def synthesize_jpegs(folder: Path, count: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
+    """``count`` synthetic JPEGs, written by one process per core (~25 s per 1,000 on
+    one core of the 2-core CI machine; 6,000 on 16 cores take ~10 s)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = [(folder / f"syn_{i:05d}.jpg", i, size) for i in range(count)]
+    processes = max(1, min(os.cpu_count() or 1, count // 50))
+    if processes == 1:
+        return [_synthesize_one(t) for t in tasks]
+    with ProcessPoolExecutor(processes) as pool:
+        return list(pool.map(_synthesize_one, tasks, chunksize=max(1, count // (processes * 4))))
 
 
 def pick_images(args: argparse.Namespace, scratch: Path) -> Path:
@@ -140,11 +157,12 @@ def model_only_rate(embedder, n_images: int, batch_size: int) -> float:
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def pipeline_rate(embedder, folder: Path, store_dir: Path, workers: int, batch_size: int, device: str) -> float:
+def pipeline_rate(embedder, folder: Path, store_dir: Path, workers: int, batch_size: int, device: str,
+                  decode: str = "cpu") -> float:
     from cbir_cli.extract import ExtractOptions, sync_folder
 
     shutil.rmtree(store_dir, ignore_errors=True)
-    options = ExtractOptions(batch_size=batch_size, workers=workers, device=device)
+    options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, decode=decode)
     started = time.perf_counter()
     summary = sync_folder(folder, store_dir, embedder=embedder, options=options)
     seconds = time.perf_counter() - started
@@ -203,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     runtimes = [r.strip() for r in args.runtime.split(",") if r.strip()]
     worker_counts = [int(w) for w in args.workers.split(",")]
+    decodes = [d.strip() for d in args.decode.split(",") if d.strip()]
     scratch = Path(tempfile.mkdtemp(prefix="cbir-bench-extract-"))
     rows = []
     try:
@@ -212,20 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {args.model} ({'random' if args.random_weights else 'pretrained'} weights), "
               f"device {torch_embedder.device}, {n_images} images, batch {args.batch_size}, "
               f"{args.threads} threads, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
-        for runtime in runtimes:
-            embedder = make_embedder(runtime, torch_embedder, scratch, args.threads)
-            for workers in worker_counts:
-                # Interleaved, best of --repeat: on a shared machine the load changes
-                # between runs; the two figures of a row are always measured together.
-                model_rates, rates = [], []
-                for _ in range(args.repeat):
-                    model_rates.append(model_only_rate(embedder, n_images, args.batch_size))
-                    rates.append(pipeline_rate(embedder, folder, scratch / "store", workers, args.batch_size,
-                                               args.device))
-                model_rate, rate = max(model_rates), max(rates)
-                rows.append((runtime, str(workers), model_rate, rate))
-                print(f"  {runtime:5s} workers={workers}: model {model_rate:8.1f} img/s, "
-                      f"pipeline {rate:8.1f} img/s, ratio {rate / model_rate:.2f}", flush=True)
+        combos = [(r, d, w) for r in runtimes for d in decodes for w in worker_counts]
+        embedders = {r: make_embedder(r, torch_embedder, scratch, args.threads) for r in runtimes}
+        for runtime, decode, workers in combos:
+            embedder = embedders[runtime]
+            # Interleaved, best of --repeat: on a shared machine the load changes
+            # between runs; the two figures of a row are always measured together.
+            model_rates, rates = [], []
+            for _ in range(args.repeat):
+                model_rates.append(model_only_rate(embedder, n_images, args.batch_size))
+                rates.append(pipeline_rate(embedder, folder, scratch / "store", workers, args.batch_size,
+                                           args.device, decode))
+            model_rate, rate = max(model_rates), max(rates)
+            rows.append((runtime, decode, str(workers), model_rate, rate))
+            print(f"  {runtime:5s} decode={decode} workers={workers}: model {model_rate:8.1f} img/s, "
+                  f"pipeline {rate:8.1f} img/s, ratio {rate / model_rate:.2f}", flush=True)
         extra = []
         if args.decode_check:
             plain, draft = decode_rates(torch_embedder, folder)
@@ -233,23 +253,24 @@ def main(argv: list[str] | None = None) -> int:
                          f"(x{draft / plain:.2f})")
         if args.gpu_decode and torch_embedder.on_cuda:
             gpu_rate = gpu_decode_rate(torch_embedder, folder, args.batch_size)
-            extra.append(f"GPU decode_jpeg end-to-end (torch, no store): {gpu_rate:.1f} img/s")
+            extra.append(f"GPU decode_jpeg prototype end-to-end (torch, no store): {gpu_rate:.1f} img/s")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print()
-    print(f"{'runtime':8s} {'workers':>7s} {'model img/s':>12s} {'pipeline img/s':>15s} {'ratio':>6s}")
-    for runtime, workers, model_rate, rate in rows:
-        print(f"{runtime:8s} {workers:>7s} {model_rate:12.1f} {rate:15.1f} {rate / model_rate:6.2f}")
-    if len({r[0] for r in rows}) > 1:
-        best = {rt: max(r[2] for r in rows if r[0] == rt) for rt in runtimes}
-        base = best.get("torch")
-        if base:
-            print("model-only speed-up vs torch: " + ", ".join(f"{rt} x{v / base:.2f}" for rt, v in best.items()))
     for line in extra:
         print(line)
     self_mib, child_mib = peak_rss_mib()
     print(f"peak RSS: main process {self_mib:.0f} MiB, largest child {child_mib:.0f} MiB")
+    # The table comes last: it is what a run is read (and pasted) for.
+    print()
+    print(f"{'runtime':8s} {'decode':6s} {'workers':>7s} {'model img/s':>12s} {'pipeline img/s':>15s} {'ratio':>6s}")
+    for runtime, decode, workers, model_rate, rate in rows:
+        print(f"{runtime:8s} {decode:6s} {workers:>7s} {model_rate:12.1f} {rate:15.1f} {rate / model_rate:6.2f}")
+    if len({r[0] for r in rows}) > 1:
+        best = {rt: max(r[3] for r in rows if r[0] == rt) for rt in runtimes}
+        base = best.get("torch")
+        if base:
+            print("model-only speed-up vs torch: " + ", ".join(f"{rt} x{v / base:.2f}" for rt, v in best.items()))
     return 0
 
 

@@ -44,6 +44,12 @@ class Runtime(str, Enum):
     onnx = "onnx"
 
 
+class Decode(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 def _stderr():
     from rich.console import Console
 
@@ -108,15 +114,21 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", min=0,
                                                    help="Decoding processes (0 = decode in the main process). "
                                                         "Default: cores - 1, at most 4.", show_default=False)]
 ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per .npy shard (the commit unit).")]
+DecodeOpt = Annotated[Decode, typer.Option("--decode", help="Where JPEGs are decoded: cpu = Pillow in the --workers "
+                                                            "processes; gpu = nvJPEG on the model's CUDA device, "
+                                                            "workers only read files (other formats are still "
+                                                            "decoded on the CPU); auto = gpu when the model runs on "
+                                                            "CUDA, else cpu. Vectors are interchangeable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
 def _options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool,
-             runtime: Runtime = Runtime.auto):
+             runtime: Runtime = Runtime.auto, decode: Decode = Decode.auto):
     from .extract import ExtractOptions, default_workers
 
     return ExtractOptions(batch_size=batch_size, workers=default_workers() if workers is None else workers,
-                          shard_size=shard_size, device=device.value, progress=progress, runtime=runtime.value)
+                          shard_size=shard_size, device=device.value, progress=progress, runtime=runtime.value,
+                          decode=decode.value)
 
 
 def _print_summary(summary, target: Path, as_json: bool, what: str) -> None:
@@ -153,6 +165,7 @@ def index_cmd(
     workers: WorkersOpt = None,
     shard_size: ShardOpt = 1024,
     runtime: RuntimeOpt = Runtime.auto,
+    decode: DecodeOpt = Decode.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
@@ -162,7 +175,8 @@ def index_cmd(
 
         target = resolve_index_dir(index_dir)
         summary = index_folder(folder, target, model, weights, _options(batch_size, workers, shard_size, device,
-                                                                        progress=not as_json, runtime=runtime),
+                                                                        progress=not as_json, runtime=runtime,
+                                                                        decode=decode),
                                index_type=index_type, rebuild=rebuild, on_skip=_warn_skip,
                                on_notice=lambda msg: _stderr().print(msg))
         _print_summary(summary, target, as_json, "indexed")
@@ -179,6 +193,7 @@ def extract_cmd(
     workers: WorkersOpt = None,
     shard_size: ShardOpt = 1024,
     runtime: RuntimeOpt = Runtime.auto,
+    decode: DecodeOpt = Decode.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
@@ -186,7 +201,8 @@ def extract_cmd(
         from .extract import extract_folder
 
         summary = extract_folder(folder, out, model, weights, _options(batch_size, workers, shard_size, device,
-                                                                      progress=not as_json, runtime=runtime),
+                                                                      progress=not as_json, runtime=runtime,
+                                                                      decode=decode),
                                  on_skip=_warn_skip)
         _print_summary(summary, out, as_json, "extracted")
 
@@ -366,6 +382,7 @@ def evaluate_cmd(
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
+    decode: DecodeOpt = Decode.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Score retrieval on a labelled dataset: every image queries all the others."""
@@ -376,7 +393,7 @@ def evaluate_cmd(
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
-            extract=_options(batch_size, workers, 1024, device, progress=not as_json),
+            extract=_options(batch_size, workers, 1024, device, progress=not as_json, decode=decode),
         )
         collection = load_collection(dataset.value, root, split, limit)
         err = _stderr()

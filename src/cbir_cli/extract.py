@@ -4,6 +4,9 @@
   changed, unchanged, removed; a known-bad unchanged file is not decoded again.
 * reader: worker processes read, decode (JPEG draft mode) and preprocess images
   into uint8 tensors (:class:`ImageFolderDataset`), overlapping with inference.
+  With ``--decode gpu`` they only read JPEG bytes (:class:`EncodedJpegDataset`) and
+  the main process decodes and resizes them on the model's device
+  (:class:`DeviceJpegDecoder`); other formats are still decoded in the workers.
 * model -> writer: batches are embedded, buffered and written as shards; every
   shard is committed to the manifest, so an interrupted run loses at most one
   shard of work and the next run resumes where it stopped.
@@ -20,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import CbirError, ImageError
-from .images import display_path, list_images, load_image
+from .images import MAX_IMAGE_PIXELS, decode_image, display_path, list_images, load_image, read_image_bytes
 from .locking import writer_lock
 from .models import DEFAULT_MODEL, Embedder, load_embedder, model_fingerprint
 from .store import FeatureStore
@@ -51,6 +54,10 @@ class ExtractOptions:
     progress: bool = False
     # torch | onnx | auto (ONNX Runtime on CPU, PyTorch on CUDA; see runtime_onnx).
     runtime: str = "auto"
+    # Where JPEGs are decoded: cpu (Pillow, in the workers), gpu (torchvision's
+    # decode_jpeg on the model's device, nvJPEG on CUDA) or auto (gpu when the model
+    # runs on CUDA). See resolve_decode.
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -59,6 +66,26 @@ class ExtractOptions:
             raise CbirError(f"--workers must be >= 0 (got {self.workers})")
         if self.shard_size < 1:
             raise CbirError(f"--shard-size must be >= 1 (got {self.shard_size})")
+        if self.decode not in DECODE_CHOICES:
+            raise CbirError(f"unknown --decode {self.decode!r}; choose one of: {', '.join(DECODE_CHOICES)}")
+
+
+DECODE_CHOICES = ("auto", "cpu", "gpu")
+
+
+def resolve_decode(decode: str, embedder: Any) -> str:
+    """``cpu`` or ``gpu`` for this embedder. ``gpu`` means "decode JPEGs with
+    torchvision on the embedder's device": nvJPEG on CUDA; on a CPU model it is
+    torchvision's libjpeg in the main process (what the tests exercise). Embedders
+    without a device (hand-crafted descriptors, which run on PIL images in the
+    workers) always decode on the CPU."""
+    if decode not in DECODE_CHOICES:
+        raise CbirError(f"unknown --decode {decode!r}; choose one of: {', '.join(DECODE_CHOICES)}")
+    if getattr(embedder, "device", None) is None:
+        return "cpu"
+    if decode == "auto":
+        return "gpu" if getattr(embedder, "on_cuda", False) else "cpu"
+    return decode
 
 
 @dataclass
@@ -175,10 +202,23 @@ def plan_sync(store: FeatureStore, root: Path, files: Sequence[Path], progress: 
 # Stage 2: reader.
 
 
-class ImageFolderDataset:
-    """Map-style dataset: index -> (index, uint8 tensor) or (index, failure reason)."""
+Pixels = Any  # uint8 (3, H, W) numpy array or tensor, as the embedder's preprocess returns it
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable[[Any], torch.Tensor], draft_size: int | None) -> None:
+
+def _pixels_or_reason(load: Callable[[], Pixels]) -> Pixels | str:
+    """Run one image's decode + preprocess; a failure becomes its one-line reason."""
+    try:
+        return load()
+    except ImageError as exc:
+        return exc.reason
+    except Exception as exc:  # a decoder bug must not kill a 100k-image run
+        return f"cannot decode: {type(exc).__name__}: {exc}"
+
+
+class ImageFolderDataset:
+    """Map-style dataset: index -> (index, uint8 pixels) or (index, failure reason)."""
+
+    def __init__(self, paths: Sequence[str], preprocess: Callable[[Any], Pixels], draft_size: int | None) -> None:
         self.paths = list(paths)
         self.preprocess = preprocess
         self.draft_size = draft_size
@@ -187,22 +227,234 @@ class ImageFolderDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, _pixels_or_reason(lambda: self.preprocess(load_image(self.paths[i], draft_size=self.draft_size)))
+
+    def decode_on_cpu(self, i: int, data: bytes) -> Pixels:
+        """What the CPU path does with file ``i`` whose bytes are ``data``."""
+        return self.preprocess(decode_image(data, display_path(self.paths[i]), self.draft_size))
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+EXIF_ORIENTATION = 0x0112
+
+
+class EncodedJpeg(NamedTuple):
+    data: bytes
+    orientation: int  # EXIF orientation, 1 = upright
+
+
+def device_jpeg(data: bytes) -> EncodedJpeg | None:
+    """The JPEG for the device decoder, or None when the file should take the CPU path.
+
+    It needs JPEG magic bytes, a header Pillow parses (only the header: cheap),
+    colour RGB/YCbCr or grey, no more pixels than ``MAX_IMAGE_PIXELS`` and the
+    end-of-image marker last. Everything else (PNG, CMYK JPEGs, oversized or broken
+    headers, truncated files, data after the image) takes the CPU path, which
+    decodes it or refuses it with the usual reason: the decompression-bomb rule is
+    the same on both paths, and so is the verdict on a truncated file, which nvJPEG
+    would decode without complaint (grey where data is missing).
+
+    The EXIF orientation is read here because nvJPEG ignores it (torchvision's
+    ``apply_exif_orientation`` works on the CPU decoder only, as of 0.26)."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    if not data.startswith(JPEG_MAGIC) or not data.endswith(JPEG_END):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if img.format != "JPEG" or img.mode not in ("RGB", "L") or width * height > MAX_IMAGE_PIXELS:
+                    return None
+                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # the CPU path reports why
+        return None
+    return EncodedJpeg(data, orientation if orientation in range(1, 9) else 1)
+
+
+def apply_exif_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(3, H, W) as stored -> upright, as ``PIL.ImageOps.exif_transpose`` does."""
+    import torch
+
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-1, -2)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-1, -2)
+    if orientation == 6:
+        return torch.rot90(image, -1, (-2, -1))
+    if orientation == 7:
+        return image.transpose(-1, -2).flip(-1, -2)
+    if orientation == 8:
+        return torch.rot90(image, 1, (-2, -1))
+    return image
+
+
+class EncodedJpegDataset(ImageFolderDataset):
+    """For decoding on the device: index -> (index, :class:`EncodedJpeg`) for JPEGs,
+    else what :class:`ImageFolderDataset` gives (pixels decoded here, or a reason)."""
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
         try:
-            img = load_image(self.paths[i], draft_size=self.draft_size)
-            return i, self.preprocess(img)
+            data = read_image_bytes(self.paths[i])
         except ImageError as exc:
             return i, exc.reason
-        except Exception as exc:  # a decoder bug must not kill a 100k-image run
-            return i, f"cannot decode: {type(exc).__name__}: {exc}"
+        jpeg = device_jpeg(data)
+        if jpeg is not None:
+            return i, jpeg
+        return i, _pixels_or_reason(lambda: self.decode_on_cpu(i, data))
 
 
-def collate_images(items: list[tuple[int, Any]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
+class ReadChunk(NamedTuple):
+    """One worker task's output: decoded pixels, encoded JPEGs and failures, by index."""
+
+    pixel_indices: list[int]
+    pixels: torch.Tensor | None  # uint8 (n, 3, S, S)
+    jpeg_indices: list[int]
+    jpeg_bytes: torch.Tensor | None  # the JPEG files, concatenated (one transfer, not n)
+    jpeg_sizes: list[int]
+    jpeg_orientations: list[int]
+    failures: list[tuple[int, str]]
+
+
+def collate_images(items: list[tuple[int, Any]]) -> ReadChunk:
+    import torch
+
     from .models import stack_pixels
 
-    ok = [(i, t) for i, t in items if not isinstance(t, str)]
+    pixels = [(i, t) for i, t in items if not isinstance(t, (str, EncodedJpeg))]
+    jpegs = [(i, t) for i, t in items if isinstance(t, EncodedJpeg)]
     failed = [(i, t) for i, t in items if isinstance(t, str)]
-    tensor = stack_pixels([t for _, t in ok]) if ok else None
-    return [i for i, _ in ok], tensor, failed
+    encoded = torch.frombuffer(bytearray(b"".join(t.data for _, t in jpegs)), dtype=torch.uint8) if jpegs else None
+    return ReadChunk([i for i, _ in pixels], stack_pixels([t for _, t in pixels]) if pixels else None,
+                     [i for i, _ in jpegs], encoded, [len(t.data) for _, t in jpegs],
+                     [t.orientation for _, t in jpegs], failed)
+
+
+def _stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, except on the CPU: decode_jpeg returns permuted HWC views there,
+    and torch's strided uint8 copy is ~100x slower than numpy's (see stack_pixels)."""
+    import torch
+
+    from .models import stack_pixels
+
+    return stack_pixels(rows) if rows[0].device.type == "cpu" else torch.stack(list(rows))
+
+
+class DeviceJpegDecoder:
+    """Decode JPEG bytes on the embedder's device and resize + centre-crop them there,
+    as the model's preprocessing does on the CPU (short side to ``resize_size``,
+    same output-size rounding and filter with antialiasing, centre crop).
+
+    A batch is decoded in one ``decode_jpeg`` call (nvJPEG batches on CUDA). If that
+    raises, its files are decoded one by one on the device, and a file that still
+    fails goes through the CPU path (:meth:`ImageFolderDataset.decode_on_cpu`): it is
+    decoded by Pillow after all, or skipped with exactly the CPU path's reason."""
+
+    def __init__(self, dataset: ImageFolderDataset, config: Any, device: Any) -> None:
+        import torch
+
+        self.dataset = dataset
+        self.config = config
+        self.device = torch.device(device)
+
+    def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        import warnings
+
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which
+            # is not a dependency; the message would be printed once per run.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+            # Orientation is applied by us (apply_exif_orientation), the same on every device.
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+
+    def decode(self, indices: Sequence[int], data: Sequence[torch.Tensor],
+               orientations: Sequence[int]) -> tuple[dict[int, torch.Tensor], list[tuple[int, str]]]:
+        """{index: uint8 (3, S, S) on the device} and [(index, reason)] for ``data``."""
+        import torch
+
+        try:
+            images: list[torch.Tensor | None] = list(self._decode(list(data)))
+        except Exception:  # one bad file fails the whole batch: find it
+            images = []
+            for one in data:
+                try:
+                    images.append(self._decode([one])[0])
+                except Exception:
+                    images.append(None)
+        images = [None if image is None else apply_exif_orientation(image, orientation)
+                  for image, orientation in zip(images, orientations)]
+        decoded = dict(zip(indices, self.resize_crop(images)))
+        failures = []
+        for i, one, image in zip(indices, data, images):
+            if image is not None:
+                continue
+            pixels = _pixels_or_reason(lambda: self.dataset.decode_on_cpu(i, one.numpy().tobytes()))
+            if isinstance(pixels, str):
+                failures.append((i, pixels))
+            else:
+                decoded[i] = torch.as_tensor(pixels).to(self.device)
+        return {i: t for i, t in decoded.items() if t is not None}, failures
+
+    def resize_crop(self, images: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Preprocess on the device; images of one shape go through in one call."""
+        import torch
+        import torchvision.transforms.v2.functional as F
+        from torchvision.transforms import InterpolationMode
+
+        interpolation = InterpolationMode(self.config.interpolation)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for k, image in enumerate(images):
+            if image is not None:
+                by_shape.setdefault(tuple(image.shape), []).append(k)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for positions in by_shape.values():
+            batch = _stack_rows([images[k] for k in positions])
+            batch = F.resize(batch, [self.config.resize_size], interpolation=interpolation, antialias=True)
+            batch = F.center_crop(batch, [self.config.input_size])
+            for k, image in zip(positions, batch):
+                out[k] = image
+        return out
+
+    def assemble(self, chunks: Sequence[ReadChunk]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+        """One model batch from worker chunks: rows in input order, on the device."""
+        import torch
+
+        rows: dict[int, torch.Tensor] = {}
+        failures = [f for chunk in chunks for f in chunk.failures]
+        indices, data, orientations = [], [], []
+        for chunk in chunks:
+            if chunk.pixels is not None:
+                rows.update(zip(chunk.pixel_indices, chunk.pixels.to(self.device, non_blocking=True)))
+            if chunk.jpeg_bytes is not None:
+                indices += chunk.jpeg_indices
+                data += list(torch.split(chunk.jpeg_bytes, chunk.jpeg_sizes))
+                orientations += chunk.jpeg_orientations
+        if data:
+            decoded, decode_failures = self.decode(indices, data, orientations)
+            rows.update(decoded)
+            failures += decode_failures
+        order = sorted(rows)
+        batch = _stack_rows([rows[i] for i in order]) if order else None
+        return order, batch, sorted(failures)
+
+
+def _assemble_on_cpu(chunks: Sequence[ReadChunk]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    import torch
+
+    tensors = [c.pixels for c in chunks if c.pixels is not None]
+    batch = (torch.cat(tensors) if len(tensors) > 1 else tensors[0]) if tensors else None
+    return [i for c in chunks for i in c.pixel_indices], batch, [f for c in chunks for f in c.failures]
 
 
 def _ignore_sigint(_worker_id: int) -> None:
@@ -220,11 +472,17 @@ DECODE_CHUNK = 16
 
 def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptions):
     """Yield (indices, uint8 batch or None, failures) in input order, each batch
-    holding ``options.batch_size`` decoded images (fewer at the end)."""
-    import torch
+    holding ``options.batch_size`` decoded images (fewer at the end). With GPU
+    decoding the batch is already on the embedder's device."""
     from torch.utils.data import DataLoader
 
-    dataset = ImageFolderDataset(paths, embedder.preprocess, draft_size=embedder.config.resize_size)
+    draft_size = embedder.config.resize_size
+    decoder = None
+    if resolve_decode(options.decode, embedder) == "gpu":
+        dataset: ImageFolderDataset = EncodedJpegDataset(paths, embedder.preprocess, draft_size)
+        decoder = DeviceJpegDecoder(dataset, embedder.config, embedder.device)
+    else:
+        dataset = ImageFolderDataset(paths, embedder.preprocess, draft_size)
     chunk = min(options.batch_size, DECODE_CHUNK)
     workers = options.workers if len(paths) > chunk else 0
     loader = DataLoader(
@@ -237,19 +495,17 @@ def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptio
         # Enough decoded tasks in flight to fill two model batches.
         prefetch_factor=max(2, -(-2 * options.batch_size // (chunk * max(workers, 1)))) if workers else None,
     )
-    indices: list[int] = []
-    tensors: list[torch.Tensor] = []
-    failures: list[tuple[int, str]] = []
-    for chunk_indices, chunk_tensor, chunk_failures in loader:
-        failures.extend(chunk_failures)
-        if chunk_tensor is not None:
-            indices.extend(chunk_indices)
-            tensors.append(chunk_tensor)
-        if len(indices) >= options.batch_size:
-            yield indices, torch.cat(tensors) if len(tensors) > 1 else tensors[0], failures
-            indices, tensors, failures = [], [], []
-    if indices or failures:
-        yield indices, (torch.cat(tensors) if len(tensors) > 1 else tensors[0]) if tensors else None, failures
+    assemble = decoder.assemble if decoder is not None else _assemble_on_cpu
+    pending: list[ReadChunk] = []
+    images = 0
+    for read in loader:
+        pending.append(read)
+        images += len(read.pixel_indices) + len(read.jpeg_indices)
+        if images >= options.batch_size:
+            yield assemble(pending)
+            pending, images = [], 0
+    if pending:
+        yield assemble(pending)
 
 
 # ---------------------------------------------------------------------------
