@@ -290,14 +290,15 @@ class PausingEmbedder:
         os.read(self.ready_r, 1)
 
 
-def test_ctrl_c_commits_what_is_done_and_says_how_to_resume(scenario, tiny_embedder, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_commits_what_is_done_and_says_how_to_resume(signum, scenario, tiny_embedder, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(scenario.folder_a, folder)
     store_dir = tmp_path / "store"
     embedder = PausingEmbedder(tiny_embedder, pause_at=5, wait_for_parent=False)
     pid = fork_indexer(folder, store_dir, embedder)
     embedder.wait_until_paused(pid)
-    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signum)
     status = wait_child(pid)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_INTERRUPTED
     message = os.read(embedder.message_r, 4096).decode()

@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -461,6 +462,8 @@ def _ignore_sigint(_worker_id: int) -> None:
     # Ctrl-C goes to the whole process group; only the main process should react
     # (it commits what it has and exits cleanly).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # ... and the main process's SIGTERM handler (below) is not for workers.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # Images per worker task. Small tasks keep every decode worker busy and the model
@@ -626,7 +629,7 @@ def sync_folder(
         if on_skip:
             on_skip(display_path(path), reason)
 
-    with writer_lock(store_path) if lock else nullcontext():
+    with writer_lock(store_path) if lock else nullcontext(), terminate_as_interrupt():
         store = FeatureStore.open_or_create(store_path, fingerprint)
         if weights is not None:
             store.manifest["weights_path"] = str(Path(weights).expanduser().absolute())
@@ -654,6 +657,25 @@ def sync_folder(
         summary.store_count = store.count
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (``kill PID``, a service manager stopping us) like Ctrl-C while
+    indexing: commit what is done and say how to resume, instead of dying mid-way.
+    Only the main thread can own signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # Extraction and indexing share one code path; ``cbir index`` adds the search index.
