@@ -159,7 +159,9 @@ def index_cmd(
                                                            "re-ranked exactly from the shards) or auto (flat up to "
                                                            "50k images, then ivfpq). Default: the existing index's "
                                                            "type, else auto.", show_default=False)] = None,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="Discard the existing index and start over.")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Embed everything again into a new index (after damage, or "
+                                                       "to switch --model); the previous index keeps serving until "
+                                                       "the new one is complete.")] = False,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .errors import CbirError, ImageError
+from .errors import CbirError, ImageError, IndexNotFoundError
 from .images import MAX_IMAGE_PIXELS, decode_image, display_path, list_images, load_image, read_image_bytes
 from .locking import writer_lock
 from .models import DEFAULT_MODEL, Embedder, load_embedder, model_fingerprint
@@ -518,9 +518,12 @@ def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptio
 class ShardWriter:
     """Buffers vectors and commits a shard every ``shard_size`` rows."""
 
-    def __init__(self, store: FeatureStore, shard_size: int) -> None:
+    def __init__(self, store: FeatureStore, shard_size: int, commit_each: bool = True) -> None:
         self.store = store
         self.shard_size = shard_size
+        # False for a rebuild: shards are written as they fill, the manifest only
+        # once at the end (see FeatureStore.successor).
+        self.commit_each = commit_each
         self.vectors: list[np.ndarray] = []
         self.items: list[tuple[str, str, int]] = []
         self.committed = 0
@@ -538,7 +541,8 @@ class ShardWriter:
             self.store.add_shard(np.concatenate(self.vectors, axis=0), self.items)
             self.committed += len(self.items)
             self.vectors, self.items = [], []
-        self.store.commit()
+        if self.commit_each:
+            self.store.commit()
 
 
 @dataclass(frozen=True)
@@ -605,13 +609,16 @@ def sync_folder(
     embedder: Embedder | None = None,
     on_skip: SkipCallback | None = None,
     lock: bool = True,
+    rebuild: bool = False,
 ) -> ExtractSummary:
     """Make the store at ``store_dir`` hold one vector per readable image below
     ``root``: embed new and changed files, drop deleted ones, keep the rest.
 
     ``embedder``: an already loaded model (tests pass the tiny one); else ``model``
     and ``weights`` are loaded only if there is something to embed. ``lock=False``
-    when the caller already holds the store's writer lock.
+    when the caller already holds the store's writer lock. ``rebuild``: embed
+    everything again into a new store that replaces the old one in a single commit
+    at the end; an interrupted rebuild leaves the previous store untouched.
     """
     options = options or ExtractOptions()
     started = time.perf_counter()
@@ -630,10 +637,11 @@ def sync_folder(
             on_skip(display_path(path), reason)
 
     with writer_lock(store_path) if lock else nullcontext(), terminate_as_interrupt():
-        store = FeatureStore.open_or_create(store_path, fingerprint)
+        store = _successor_store(store_path, fingerprint) if rebuild else \
+            FeatureStore.open_or_create(store_path, fingerprint)
         if weights is not None:
             store.manifest["weights_path"] = str(Path(weights).expanduser().absolute())
-        writer = ShardWriter(store, options.shard_size)
+        writer = ShardWriter(store, options.shard_size, commit_each=not rebuild)
         try:
             plan = plan_sync(store, root_path, files, progress=options.progress)
             summary.unchanged = plan.unchanged
@@ -642,7 +650,13 @@ def sync_folder(
             embed_plan(plan, store, writer, embedder, EmbedRequest(model, weights, options), summary, skip)
             summary.removed += store.remove_paths(plan.removed)
             writer.flush()
+            store.commit()
         except KeyboardInterrupt:
+            if rebuild:
+                raise Interrupted(
+                    f"interrupted: the rebuild of {store_path} did not finish and the previous index is "
+                    "unchanged; run the same command again to rebuild"
+                ) from None
             # Ctrl-C: keep what is done (every row written so far is complete), then
             # say how to resume. A second Ctrl-C during this flush still leaves the
             # last committed state intact.
@@ -657,6 +671,27 @@ def sync_folder(
         summary.store_count = store.count
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _successor_store(store_path: Path, fingerprint: dict[str, Any]) -> FeatureStore:
+    """The empty store a rebuild fills: the successor of the current one when that
+    opens, else (missing or damaged beyond opening) a new one in its place."""
+    from .errors import CorruptStoreError
+
+    try:
+        return FeatureStore.open(store_path).successor(fingerprint)
+    except IndexNotFoundError:
+        return FeatureStore.create(store_path, fingerprint)
+    except CorruptStoreError:
+        import shutil
+
+        for name in ("manifest.json", "shards", "index"):
+            target = store_path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        return FeatureStore.create(store_path, fingerprint)
 
 
 @contextmanager

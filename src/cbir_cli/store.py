@@ -240,6 +240,21 @@ class FeatureStore:
         store.commit()
         return store
 
+    def successor(self, fingerprint: dict[str, Any]) -> FeatureStore:
+        """An empty store to replace this one (``--rebuild``), not yet committed.
+
+        Its shards get new names (numbering continues) and its manifest is written
+        only by its first :meth:`commit`, which then also deletes this store's
+        files: until that moment readers keep the complete previous index. Callers
+        must not commit it before it is complete."""
+        fresh = dict(self.manifest)
+        fresh.update({"fingerprint": fingerprint, "shards": [], "count": 0, "skipped": {},
+                      "created": time.time()})
+        fresh.pop("weights_path", None)
+        store = type(self)(self.root, fresh)
+        store._committed = self._committed
+        return store
+
     @classmethod
     def open_or_create(cls, root: str | os.PathLike[str], fingerprint: dict[str, Any]) -> FeatureStore:
         if cls.exists(root):
