@@ -112,7 +112,7 @@ RuntimeOpt = Annotated[Runtime, typer.Option("--runtime", help="Model runtime: a
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model batch.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", min=0,
                                                    help="Decoding processes (0 = decode in the main process). "
-                                                        "Default: cores - 1, at most 4.", show_default=False)]
+                                                        "Default: cores - 1, at most 8.", show_default=False)]
 ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per .npy shard (the commit unit).")]
 DecodeOpt = Annotated[Decode, typer.Option("--decode", help="Where JPEGs are decoded: cpu = Pillow in the --workers "
                                                             "processes; gpu = nvJPEG on the model's CUDA device, "
