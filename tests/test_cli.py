@@ -152,3 +152,16 @@ def test_cli_help_does_not_import_torch_or_faiss():
             "print(','.join(m for m in ('torch', 'faiss', 'torchvision', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_commands_without_model_keep_the_model_an_existing_store_was_made_with(image_folder, index_env, tmp_path):
+    folder = image_folder(3)
+    out = tmp_path / "feats"
+    first = run_json(["extract", str(folder), "--out", str(out), "--model", "test_tiny", "--workers", "0", "--json"])
+    assert first["added"] == 3
+    (folder / "img_000.jpg").unlink()
+    again = run_json(["extract", str(folder), "--out", str(out), "--workers", "0", "--json"])  # no --model
+    assert (again["removed"], again["unchanged"], again["store_count"]) == (1, 2, 2)
+    assert json.loads((out / "manifest.json").read_text())["fingerprint"]["model"] == "test_tiny"
+    run_json(["index", str(folder), "--model", "test_tiny", "--workers", "0", "--json"])
+    assert run_json(["index", str(folder), "--workers", "0", "--json"])["unchanged"] == 2

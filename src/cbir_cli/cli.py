@@ -102,7 +102,6 @@ IndexDirOpt = Annotated[
     typer.Option("--index", help="Index folder. Default: $CBIR_INDEX, else the per-user data dir (cbir/index).",
                  show_default=False),
 ]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `cbir models`).")]
 WeightsOpt = Annotated[
     Optional[Path], typer.Option("--weights", help="Local state-dict file instead of the model's pretrained weights.")
 ]
@@ -188,7 +187,11 @@ def index_cmd(
 def extract_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for .npy shards + manifest.json.")],
-    model: ModelOpt = "resnet50",
+    model: Annotated[Optional[str], typer.Option("--model", "-m",
+                                                 help="Model name (see `cbir models`). Default: the model OUT was "
+                                                      "made with, else resnet50 (mobilenet_v2, with a notice, when "
+                                                      "only its weights are installed).",
+                                                 show_default=False)] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = 32,
@@ -200,8 +203,9 @@ def extract_cmd(
 ) -> None:
     """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
     with cli_errors():
-        from .extract import extract_folder
+        from .extract import extract_folder, resolve_model
 
+        model, weights = resolve_model(out, model, weights, on_notice=lambda msg: _stderr().print(msg))
         summary = extract_folder(folder, out, model, weights, _options(batch_size, workers, shard_size, device,
                                                                       progress=not as_json, runtime=runtime,
                                                                       decode=decode),

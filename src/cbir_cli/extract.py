@@ -602,6 +602,36 @@ def embed_plan(plan: Plan, store: FeatureStore, writer: ShardWriter, embedder: E
             bar.close()
 
 
+def resolve_model(
+    store_dir: Path,
+    model: str | None,
+    weights: str | os.PathLike[str] | None,
+    on_notice: Callable[[str], None] | None = None,
+    damaged_ok: bool = False,
+) -> tuple[str, str | os.PathLike[str] | None]:
+    """The model (and weights file) to embed with when the user named none: the one
+    an existing store was built with, else the default (ResNet-50, or MobileNetV2
+    with a notice when only its weights are installed). ``damaged_ok``: a store too
+    damaged to open (about to be rebuilt) does not pin a model."""
+    from .errors import CorruptStoreError
+    from .models import choose_default_model
+
+    if model is not None:
+        return model, weights
+    if FeatureStore.exists(store_dir):
+        try:
+            existing = FeatureStore.open(store_dir)
+        except CorruptStoreError:
+            if not damaged_ok:
+                raise
+        else:
+            return existing.fingerprint["model"], weights or existing.manifest.get("weights_path")
+    chosen, notice = choose_default_model()
+    if notice and on_notice:
+        on_notice(notice)
+    return chosen, weights
+
+
 def sync_folder(
     root: str | os.PathLike[str],
     store_dir: str | os.PathLike[str],

@@ -370,31 +370,16 @@ def index_folder(
     """``cbir index``: sync the folder into the store, then (re)build its search index,
     all under the store's writer lock. ``rebuild`` starts the store from scratch.
     ``index_type``: see :data:`INDEX_TYPES`; default: the saved index's type, else auto."""
-    from .extract import sync_folder
+    from .extract import resolve_model, sync_folder
     from .locking import writer_lock
-    from .models import DEFAULT_MODEL, choose_default_model
     from .paths import resolve_index_dir
 
     if index_type is not None:
         resolve_index_type(index_type, 0)  # validate before any work
     store_dir = resolve_index_dir(index_dir)
     with writer_lock(store_dir):
-        if model is None and embedder is None and FeatureStore.exists(store_dir):
-            # Keep the model (and weights file) an existing index was built with;
-            # a rebuild of a store too damaged to open starts from the default.
-            try:
-                existing = FeatureStore.open(store_dir)
-            except CorruptStoreError:
-                if not rebuild:
-                    raise
-            else:
-                model = existing.fingerprint["model"]
-                weights = weights or existing.manifest.get("weights_path")
-        if model is None and embedder is None:
-            model, notice = choose_default_model()
-            if notice and on_notice:
-                on_notice(notice)
-        model = model or DEFAULT_MODEL
+        if embedder is None:
+            model, weights = resolve_model(store_dir, model, weights, on_notice, damaged_ok=rebuild)
         summary = sync_folder(root, store_dir, model, weights, options, embedder, on_skip, lock=False,
                               rebuild=rebuild)
         store = FeatureStore.open(store_dir)
