@@ -53,7 +53,9 @@ class Searcher:
         # Model runtime when the embedder is loaded here: torch | onnx | auto.
         self.runtime = "auto"
         self.rows: list[Row] = store.live_rows()
-        self._row_by_id = {r.id: r for r in self.rows}
+        # id -> position in the index (row order); built once, a search by id on a
+        # large index must not rebuild it.
+        self._position_by_id = {r.id: i for i, r in enumerate(self.rows)}
         if len(self.rows) != index.ntotal:
             from .errors import CorruptStoreError
 
@@ -136,7 +138,7 @@ class Searcher:
 
     def row(self, image_id: int) -> Row:
         try:
-            return self._row_by_id[image_id]
+            return self.rows[self._position_by_id[image_id]]
         except KeyError:
             raise CbirError(f"no image with id {image_id} in the index") from None
 
@@ -176,10 +178,9 @@ class Searcher:
         """Use indexed images as queries (their stored vectors; no model needed)."""
         import numpy as np
 
-        positions = {r.id: i for i, r in enumerate(self.rows)}
         for image_id in image_ids:
-            self.row(image_id)
-        wanted = np.asarray([positions[i] for i in image_ids], dtype=np.int64)
+            self.row(image_id)  # unknown id -> CbirError naming it
+        wanted = np.asarray([self._position_by_id[i] for i in image_ids], dtype=np.int64)
         if self.exact_vectors is not None:
             vectors = self.exact_vectors[wanted]
         elif self._reconstructible():
