@@ -255,9 +255,8 @@ def cache_features(paths: Sequence[str], store_dir: Path, source: FeatureSource,
         store = FeatureStore.open_or_create(store_dir, source.fingerprint)
         writer = ShardWriter(store, options.shard_size)
         try:
-            # plan_sync treats stored paths below its root that are not listed as
-            # deleted; no image lives inside the store folder, so none is.
-            plan = plan_sync(store, store_dir, [Path(p) for p in paths], progress=options.progress)
+            # root=None: a path missing from this subset is not deleted from the cache.
+            plan = plan_sync(store, None, [Path(p) for p in paths], progress=options.progress)
             unreadable += plan.unreadable + plan.known_bad
             embed_plan(plan, store, writer, source.embedder, EmbedRequest(source.model, source.weights, options),
                        summary, lambda path, reason: unreadable.append((path, reason)))

@@ -155,7 +155,10 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def plan_sync(store: FeatureStore, root: Path, files: Sequence[Path], progress: bool = False) -> Plan:
+def plan_sync(store: FeatureStore, root: Path | None, files: Sequence[Path], progress: bool = False) -> Plan:
+    """Compare ``files`` with the store by content hash. Stored paths below ``root``
+    that are not in ``files`` are planned for removal; ``root=None`` removes nothing
+    (a cache over an explicit list of files, as ``cbir evaluate`` keeps)."""
     stored = store.rows_by_path()
     skipped = store.manifest["skipped"]
     todo, replaced, known_bad, unreadable = [], set(), [], []
@@ -194,10 +197,12 @@ def plan_sync(store: FeatureStore, root: Path, files: Sequence[Path], progress: 
             todo.append((path, sha, size))
             if row is not None:
                 replaced.add(path)
-    present = {str(p) for p in files}
-    root_s = str(root)
-    removed = [p for p in stored if _under(p, root_s) and p not in present]
-    store.forget_skipped([p for p in list(skipped) if _under(p, root_s) and p not in present])
+    removed: list[str] = []
+    if root is not None:
+        present = {str(p) for p in files}
+        root_s = str(root)
+        removed = [p for p in stored if _under(p, root_s) and p not in present]
+        store.forget_skipped([p for p in list(skipped) if _under(p, root_s) and p not in present])
     return Plan(todo, replaced, removed, unchanged, known_bad, unreadable)
 
 
