@@ -416,7 +416,6 @@ class DeviceJpegDecoder:
 
     def resize_crop(self, images: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Preprocess on the device; images of one shape go through in one call."""
-        import torch
         import torchvision.transforms.v2.functional as F
         from torchvision.transforms import InterpolationMode
 

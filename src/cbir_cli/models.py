@@ -290,7 +290,6 @@ def _offline_message(config: ModelConfig, reason: str) -> str:
 
 
 def _load_official_state_dict(config: ModelConfig) -> dict[str, Any]:
-    import torch
     from torchvision.models import get_weight
 
     assert config.torchvision_weights and config.weights_file
