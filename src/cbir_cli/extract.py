@@ -522,7 +522,8 @@ def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptio
 
 
 class ShardWriter:
-    """Buffers vectors and commits a shard every ``shard_size`` rows."""
+    """Buffers vectors and writes (and, unless deferred, commits) a shard every
+    ``shard_size`` rows."""
 
     def __init__(self, store: FeatureStore, shard_size: int, commit_each: bool = True) -> None:
         self.store = store
@@ -548,6 +549,12 @@ class ShardWriter:
             self.committed += len(self.items)
             self.vectors, self.items = [], []
         if self.commit_each:
+            self.store.commit()
+
+    def finish(self) -> None:
+        """Write what is buffered and commit, also when commits were deferred."""
+        self.flush()
+        if not self.commit_each:
             self.store.commit()
 
 
@@ -685,8 +692,7 @@ def sync_folder(
                 skip(path, reason)
             embed_plan(plan, store, writer, embedder, EmbedRequest(model, weights, options), summary, skip)
             summary.removed += store.remove_paths(plan.removed)
-            writer.flush()
-            store.commit()
+            writer.finish()
         except KeyboardInterrupt:
             if rebuild:
                 raise Interrupted(
