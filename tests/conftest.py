@@ -20,8 +20,6 @@ SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared"))
 def make_image(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
     """A distinctive synthetic photo-like RGB image: smooth colour gradients plus a
     few random rectangles and ellipses, all determined by ``seed``."""
-    from PIL import ImageDraw
-
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -30,16 +28,25 @@ def make_image(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
         fx, fy, ph = rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0, 2 * np.pi)
         base[..., c] = 127 + 100 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph)
     img = Image.fromarray(base.clip(0, 255).astype(np.uint8), "RGB")
+    draw_random_shapes(img, rng, count=6, min_side=15, max_side=(w // 2, h // 2))
+    return img
+
+
+def draw_random_shapes(img: Image.Image, rng: np.random.Generator, count: int, min_side: int,
+                       max_side: tuple[int, int]) -> None:
+    """Draw ``count`` random filled rectangles/ellipses on ``img`` (in place)."""
+    from PIL import ImageDraw
+
+    w, h = img.size
     draw = ImageDraw.Draw(img)
-    for _ in range(6):
+    for _ in range(count):
         x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-        x1, y1 = x0 + int(rng.integers(15, w // 2)), y0 + int(rng.integers(15, h // 2))
+        x1, y1 = x0 + int(rng.integers(min_side, max_side[0])), y0 + int(rng.integers(min_side, max_side[1]))
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         if rng.random() < 0.5:
             draw.rectangle([x0, y0, x1, y1], fill=colour)
         else:
             draw.ellipse([x0, y0, x1, y1], fill=colour)
-    return img
 
 
 @pytest.fixture

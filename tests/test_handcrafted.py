@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 pytest.importorskip("cv2")
 
@@ -21,6 +21,7 @@ from cbir_cli.handcrafted import (  # noqa: E402
     hog_descriptor,
     hsv_histogram,
 )
+from tests.conftest import draw_random_shapes  # noqa: E402
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -35,17 +36,8 @@ def _texture(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
 
 def _shapes(seed: int, size: int = 128) -> Image.Image:
     """Random filled rectangles and ellipses on a grey background."""
-    rng = np.random.default_rng(seed)
     img = Image.new("RGB", (size, size), (128, 128, 128))
-    draw = ImageDraw.Draw(img)
-    for _ in range(8):
-        x0, y0 = rng.integers(0, size - 20, 2)
-        x1, y1 = x0 + rng.integers(10, 60), y0 + rng.integers(10, 60)
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        if rng.random() < 0.5:
-            draw.rectangle([x0, y0, x1, y1], fill=colour)
-        else:
-            draw.ellipse([x0, y0, x1, y1], fill=colour)
+    draw_random_shapes(img, np.random.default_rng(seed), count=8, min_side=10, max_side=(60, 60))
     return img
 
 
