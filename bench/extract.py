@@ -8,7 +8,7 @@
 
 For every (runtime, decode, workers) combination it prints:
 
-* model img/s   - ``embed_tensors`` on pre-made uint8 batches (no decoding at all);
+* model img/s   - ``embed`` on pre-made uint8 batches (no decoding at all);
 * pipeline img/s - ``sync_folder`` into a fresh temporary store: list + hash files,
   JPEG decode + resize/crop, model, shard writes. ``--decode cpu``: Pillow (draft
   mode) in the DataLoader workers; ``--decode gpu``: workers only read the files,
@@ -102,7 +102,7 @@ def synthesize_jpegs(folder: Path, count: int, size: tuple[int, int] = (500, 375
 
 def pick_images(args: argparse.Namespace, scratch: Path) -> Path:
     """A folder holding exactly the images to embed (symlinks: datasets are read in place)."""
-    from cbir_cli.images import list_images
+    from cbir_cli.imageio.files import list_images
 
     if args.synthesize:
         return synthesize_jpegs(scratch / "images", args.synthesize)[0].parent
@@ -117,7 +117,9 @@ def pick_images(args: argparse.Namespace, scratch: Path) -> Path:
 
 
 def load_torch_embedder(args: argparse.Namespace):
-    from cbir_cli.models import _BUILDERS, _HEADS, Embedder, get_model_config, load_embedder, resolve_device
+    from cbir_cli.models.loading import load_embedder, resolve_device
+    from cbir_cli.models.registry import HEADS, build_classifier, get_model_config
+    from cbir_cli.models.torch_embedder import TorchEmbedder
 
     device = resolve_device(args.device)
     if not args.random_weights:
@@ -125,16 +127,16 @@ def load_torch_embedder(args: argparse.Namespace):
     from torch import nn
 
     config = get_model_config(args.model)
-    module = _BUILDERS[config.name]()
-    if config.name in _HEADS:
-        setattr(module, _HEADS[config.name], nn.Identity())
-    return Embedder(config, module.eval(), "random-bench", device)
+    module = build_classifier(config.name)
+    if config.name in HEADS:
+        setattr(module, HEADS[config.name], nn.Identity())
+    return TorchEmbedder(config, module.eval(), "random-bench", device)
 
 
 def make_embedder(runtime: str, torch_embedder, scratch: Path, threads: int):
     if runtime == "torch":
         return torch_embedder
-    from cbir_cli.runtime_onnx import OnnxEmbedder
+    from cbir_cli.models.onnx_embedder import OnnxEmbedder
 
     # Random-weight exports go to the scratch folder, never the user's cache.
     cache = scratch / "onnx" if torch_embedder.weights_id == "random-bench" else None
@@ -149,17 +151,18 @@ def model_only_rate(embedder, n_images: int, batch_size: int) -> float:
                           generator=torch.Generator().manual_seed(0))
     if embedder.on_cuda:
         batch = batch.pin_memory()
-    embedder.embed_tensors(batch)  # warm-up (allocations, cudnn/oneDNN kernel choice)
+    embedder.embed(batch)  # warm-up (allocations, cudnn/oneDNN kernel choice)
     batches = max(1, round(n_images / batch_size))
     started = time.perf_counter()
     for _ in range(batches):
-        embedder.embed_tensors(batch)
+        embedder.embed(batch)
     return batches * batch_size / (time.perf_counter() - started)
 
 
 def pipeline_rate(embedder, folder: Path, store_dir: Path, workers: int, batch_size: int, device: str,
                   decode: str = "cpu") -> float:
-    from cbir_cli.extract import ExtractOptions, sync_folder
+    from cbir_cli.pipeline.options import ExtractOptions
+    from cbir_cli.pipeline.sync import sync_folder
 
     shutil.rmtree(store_dir, ignore_errors=True)
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, decode=decode)
@@ -173,7 +176,8 @@ def pipeline_rate(embedder, folder: Path, store_dir: Path, workers: int, batch_s
 
 def decode_rates(embedder, folder: Path, limit: int = 200) -> tuple[float, float]:
     """Single-process decode + preprocess img/s without and with Pillow draft mode."""
-    from cbir_cli.images import list_images, load_image
+    from cbir_cli.imageio.decode import load_image
+    from cbir_cli.imageio.files import list_images
 
     files = list_images(folder)[:limit]
     rates = []
@@ -192,7 +196,7 @@ def gpu_decode_rate(embedder, folder: Path, batch_size: int) -> float:
     import torchvision.transforms.v2.functional as F
     from torchvision.io import decode_jpeg
 
-    from cbir_cli.images import list_images
+    from cbir_cli.imageio.files import list_images
 
     config = embedder.config
     files = [f for f in list_images(folder) if f.suffix.lower() in (".jpg", ".jpeg")]
@@ -200,11 +204,12 @@ def gpu_decode_rate(embedder, folder: Path, batch_size: int) -> float:
     def run(paths) -> int:
         done = 0
         for start in range(0, len(paths), batch_size):
-            datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths[start:start + batch_size]]
+            datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
+                     for p in paths[start:start + batch_size]]
             images = decode_jpeg(datas, device=embedder.device)
             batch = torch.stack([F.center_crop(F.resize(img, [config.resize_size], antialias=True),
                                                [config.input_size]) for img in images])
-            embedder.embed_tensors(batch)
+            embedder.embed(batch)
             done += len(images)
         return done
 

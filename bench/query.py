@@ -10,7 +10,7 @@ Parts:
 1. ``cbir --help`` and a cold ``cbir query`` (subprocess wall time, median of 3).
 2. Warm single-query latency p50/p95 on a real index (mobilenet_v2 over
    ../shared/datasets/ukbench_mini): decode + embed + search through one long-lived
-   :class:`~cbir_cli.query.Searcher`, as the web server does.
+   :class:`~cbir_cli.search.searcher.Searcher`, as the web server does.
 3. Search only, on seeded synthetic 2048-d unit vectors with structure (a random
    16-d subspace plus noise, so that nearest neighbours mean something; isotropic
    random vectors are all equidistant and no ANN index can rank them): for each
@@ -83,10 +83,10 @@ def wall_times(cmd: list[str], env: dict[str, str], runs: int = 3) -> float:
 
 
 def real_index_part(args: argparse.Namespace, scratch: Path) -> list[str]:
-    from cbir_cli.extract import ExtractOptions
-    from cbir_cli.images import list_images
-    from cbir_cli.index import index_folder
-    from cbir_cli.query import Searcher
+    from cbir_cli.imageio.files import list_images
+    from cbir_cli.pipeline.options import ExtractOptions
+    from cbir_cli.pipeline.sync import index_folder
+    from cbir_cli.search.searcher import Searcher
 
     if not args.real_data.is_dir():
         return [f"real-index part skipped: {args.real_data} not found"]
@@ -99,12 +99,11 @@ def real_index_part(args: argparse.Namespace, scratch: Path) -> list[str]:
 
     env = {**os.environ, "CBIR_INDEX": str(index_dir)}
     cbir = [sys.executable, "-m", "cbir_cli.cli"]
-    help_s = wall_times(cbir + ["--help"], env)
-    cold_s = wall_times(cbir + ["query", str(files[0]), "-k", str(K), "--device", "cpu", "--runtime", args.runtime,
-                                "--json"], env)
+    help_s = wall_times([*cbir, "--help"], env)
+    cold_s = wall_times([*cbir, "query", str(files[0]), "-k", str(K), "--device", "cpu", "--runtime", args.runtime,
+                         "--json"], env)
 
-    searcher = Searcher.open(index_dir, device="cpu")
-    searcher.runtime = args.runtime
+    searcher = Searcher.open(index_dir, device="cpu", runtime=args.runtime)
     searcher.search_paths([files[0]], K)  # warm-up: loads the model
     latencies = []
     for f in files[1:]:
@@ -112,9 +111,9 @@ def real_index_part(args: argparse.Namespace, scratch: Path) -> list[str]:
         searcher.search_paths([f], K)
         latencies.append(time.perf_counter() - started)
     p50, p95 = percentiles_ms(latencies)
-    from cbir_cli.runtime_onnx import describe_runtime
+    from cbir_cli.models.loading import runtime_of
 
-    runtime = describe_runtime(searcher.embedder)
+    runtime = runtime_of(searcher.embedder)
     return [
         f"real index: {summary.store_count} images of {args.real_data.name}, {args.model} ({runtime}), "
         f"indexed in {index_seconds:.1f}s",
@@ -161,7 +160,8 @@ def synthetic_part(args: argparse.Namespace, scratch: Path) -> list[tuple]:
     import faiss
     import numpy as np
 
-    from cbir_cli.index import build_index, exact_search, factory_string, search_index
+    from cbir_cli.search.exact import exact_search
+    from cbir_cli.search.faiss_backend import build_index, factory_string, search_index
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.million:
@@ -195,7 +195,8 @@ def synthetic_part(args: argparse.Namespace, scratch: Path) -> list[tuple]:
 
                 def search(q, index=index, exact=exact):
                     return search_index(index, q, K, exact)
-                label = f"{index_type} ({factory_string(index_type, n, DIM)}{', re-ranked' if exact is not None else ''})"
+                reranked = ", re-ranked" if exact is not None else ""
+                label = f"{index_type} ({factory_string(index_type, n, DIM)}{reranked})"
             rss_growth = rss_mib() - rss_before
             latencies = single_query_latencies(search, queries)
             p50, p95 = percentiles_ms(latencies)

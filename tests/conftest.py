@@ -67,7 +67,7 @@ def image_folder(tmp_path: Path):
 @pytest.fixture(scope="session")
 def tiny_embedder():
     """The registry's random-weight test model on CPU (built once per session)."""
-    from cbir_cli.models import load_embedder
+    from cbir_cli.models.loading import load_embedder
 
     return load_embedder("test_tiny", device="cpu")
 
@@ -82,10 +82,10 @@ def index_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def mobilenet_weights_path() -> Path | None:
     try:
-        from cbir_cli.weights import installed_weights_path
+        from cbir_cli.models.weights import installed_weights_path
 
         path = installed_weights_path("mobilenet_v2")
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means: no real weights here
         return None
     return path if path.exists() else None
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image
 from PIL import Image
 from typer.testing import CliRunner
 
-from cbir_cli.check import check_index
 from cbir_cli.cli import app
-from cbir_cli.extract import ExtractOptions, sync_folder
-from cbir_cli.store import FeatureStore
-
-from conftest import make_image
+from cbir_cli.pipeline.options import ExtractOptions
+from cbir_cli.pipeline.sync import sync_folder
+from cbir_cli.search.check import check_index
+from cbir_cli.store.feature_store import FeatureStore
 
 OPTIONS = ExtractOptions(workers=0, batch_size=4, shard_size=4)
 NON_UTF8_NAME = os.fsdecode(b"caf\xe9-non-utf8.jpg")

@@ -19,7 +19,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from test_server import build_index
 
@@ -35,8 +34,8 @@ TIMEOUT_MS = 20_000
 @pytest.fixture
 def live_server(tmp_path, tiny_embedder):
     """(base URL, images folder) of a real HTTP server on a free loopback port."""
-    from cbir_cli.query import Searcher
-    from cbir_cli.server import create_app, make_http_server, server_url
+    from cbir_cli.search.searcher import Searcher
+    from cbir_cli.serve.app import create_app, make_http_server, server_url
 
     folder, index_dir = tmp_path / "images", tmp_path / "index"
     build_index(folder, index_dir, tiny_embedder, N_IMAGES)

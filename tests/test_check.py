@@ -7,16 +7,17 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cbir_cli.check import check_index
 from cbir_cli.cli import app
 from cbir_cli.errors import CbirError, CorruptStoreError
-from cbir_cli.extract import ExtractOptions
-from cbir_cli.index import index_folder
-from cbir_cli.query import Searcher
-from cbir_cli.store import FeatureStore
+from cbir_cli.pipeline.options import ExtractOptions
+from cbir_cli.pipeline.sync import index_folder
+from cbir_cli.search.check import check_index
+from cbir_cli.search.searcher import Searcher
+from cbir_cli.store.feature_store import FeatureStore
 
 OPTIONS = ExtractOptions(workers=0, batch_size=2, shard_size=2)
 N_IMAGES = 6
@@ -56,7 +57,8 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "deleted rows": (lambda d: Path(f"{first_shard(d)}.rows.json").unlink(), "shard-000001.rows.json: missing"),
     "edited rows": (lambda d: Path(f"{first_shard(d)}.rows.json").write_text(
         Path(f"{first_shard(d)}.rows.json").read_text().replace("img_000", "img_00X")), "checksum mismatch"),
-    "garbage manifest": (lambda d: (d / "manifest.json").write_text('{"format": 1, "shards'), "manifest.json: unreadable"),
+    "garbage manifest": (lambda d: (d / "manifest.json").write_text('{"format": 1, "shards'),
+                         "manifest.json: unreadable"),
     "manifest count": (lambda d: edit_manifest(d, lambda m: m.update(count=m["count"] + 1)),
                        f"manifest count {N_IMAGES + 1} but its shards hold {N_IMAGES} live rows"),
     "manifest tombstone": (lambda d: edit_manifest(d, lambda m: m["shards"][0].update(removed=[7])),
@@ -80,7 +82,7 @@ def test_damage_is_reported_one_line_each_and_opening_fails_loudly(built, damage
     do_damage(built)
 
     report = check_index(built)
-    assert not report.ok and report.repair == REPAIR
+    assert not report.ok and report.repair == "rebuild"  # the library names the remedy; the CLI words it
     assert any(expected in p for p in report.problems), report.problems
 
     result = CliRunner().invoke(app, ["check", "--index", str(built)])
@@ -89,7 +91,7 @@ def test_damage_is_reported_one_line_each_and_opening_fails_loudly(built, damage
     assert [ln for ln in lines if ln.startswith("problem: ")] == [f"problem: {p}" for p in report.problems]
     assert lines[-1].endswith(REPAIR)
     as_json = json.loads(CliRunner().invoke(app, ["check", "--index", str(built), "--json"]).stdout)
-    assert as_json["ok"] is False and as_json["problems"] == report.problems
+    assert as_json["ok"] is False and as_json["problems"] == report.problems and as_json["repair"] == REPAIR
 
     with pytest.raises(CorruptStoreError):
         Searcher.open(built, embedder=tiny_embedder)
@@ -128,6 +130,11 @@ def test_no_index_is_a_problem_and_an_empty_index_is_not_served(tmp_path, tiny_e
     result = CliRunner().invoke(app, ["check", "--index", str(tmp_path / "nothing")])
     assert result.exit_code == 1
 
-    FeatureStore.create(tmp_path / "empty", tiny_embedder.fingerprint())
+    # An index whose every image was removed is committed, and empty.
+    empty = FeatureStore.create(tmp_path / "empty", tiny_embedder.fingerprint())
+    empty.add_shard(np.ones((1, 256), dtype=np.float32) / 16.0, [("/gone.jpg", "0" * 64, 1)])
+    empty.commit()
+    empty.remove_paths(["/gone.jpg"])
+    empty.commit()
     with pytest.raises(CbirError, match="the index is empty"):
         Searcher.open(tmp_path / "empty", embedder=tiny_embedder)

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image
 from typer.testing import CliRunner
 
-from cbir_cli.check import check_index
 from cbir_cli.cli import app
-from cbir_cli.errors import CbirError
-from cbir_cli.extract import ExtractOptions, Interrupted, sync_folder
-from cbir_cli.query import Searcher
-from cbir_cli.store import FeatureStore
-
-from conftest import make_image
+from cbir_cli.errors import CbirError, Interrupted
+from cbir_cli.pipeline.options import ExtractOptions
+from cbir_cli.pipeline.sync import sync_folder
+from cbir_cli.search.check import check_index
+from cbir_cli.search.searcher import Searcher
+from cbir_cli.store.feature_store import FeatureStore
 
 # Tiny commits, so a random kill lands anywhere: between shards, inside a shard
 # write, inside the manifest rename, during planning.
@@ -271,7 +271,7 @@ class PausingEmbedder:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def embed_tensors(self, batch):
+    def embed(self, batch):
         self.calls += 1
         if self.calls == self.pause_at:
             os.write(self.ready_w, b"1")
@@ -279,7 +279,7 @@ class PausingEmbedder:
                 os.read(self.go_r, 1)
             else:
                 time.sleep(60)
-        return self.inner.embed_tensors(batch)
+        return self.inner.embed(batch)
 
     def wait_until_paused(self, pid: int, timeout: float = 30.0) -> None:
         readable, _, _ = select.select([self.ready_r], [], [], timeout)

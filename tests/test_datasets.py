@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbir_cli.datasets import limit_mask, load_collection, load_folder, load_sop
 from cbir_cli.errors import CbirError
+from cbir_cli.evaluate.datasets import limit_mask, load_collection, load_folder, load_sop
 
 HEADER = "image_id class_id super_class_id path\n"
 
@@ -116,7 +116,7 @@ def test_limit_keeps_whole_classes_and_nests() -> None:
     # Seeded class order, not simply the first classes.
     assert set(labels[masks[25]]) != set(range(5))
     assert np.array_equal(limit_mask(labels, 25), masks[25])
-    with pytest.raises(CbirError, match="--limit 3 is smaller than the first class"):
+    with pytest.raises(CbirError, match="a limit of 3 images is smaller than the first class"):
         limit_mask(labels, 3)
 
 

@@ -13,20 +13,17 @@ from conftest import make_image
 from typer.testing import CliRunner
 
 from cbir_cli.cli import app
-from cbir_cli.datasets import load_folder
-from cbir_cli.evaluate import (
-    EvaluationOptions,
+from cbir_cli.evaluate.datasets import load_folder
+from cbir_cli.evaluate.features import (
     FeatureSource,
     cache_features,
-    default_features_root,
     deep_source,
+    default_features_root,
     descriptor_source,
-    drop_self_hits,
-    evaluate,
-    rank_all_vs_all,
-    score_rankings,
 )
-from cbir_cli.extract import ExtractOptions
+from cbir_cli.evaluate.run import EvaluationOptions, drop_self_hits, evaluate, rank_all_vs_all, score_rankings
+from cbir_cli.pipeline.executor import EmbedRequest
+from cbir_cli.pipeline.options import ExtractOptions
 
 PRODUCTS = 6
 VARIANTS = 3
@@ -155,8 +152,9 @@ def test_feature_cache_reuses_vectors_and_drops_unreadable(tmp_path: Path, image
     broken = folder / "img_999.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     paths = sorted(str(p) for p in folder.iterdir())
-    source = FeatureSource("deep", "tiny", tiny_embedder.fingerprint(), "test_tiny", embedder=tiny_embedder)
-    assert source.fingerprint == deep_source("test_tiny", None).fingerprint  # what the CLI path records
+    source = FeatureSource("deep", "tiny", tiny_embedder.fingerprint(),
+                           EmbedRequest("test_tiny", embedder=tiny_embedder))
+    assert source.fingerprint == deep_source("test_tiny", None, ExtractOptions()).fingerprint  # what the CLI records
     options = ExtractOptions(workers=0, batch_size=2)
     store = tmp_path / "store"
     first = cache_features(paths, store, source, options)
@@ -215,10 +213,12 @@ def test_sop_end_to_end_near_duplicates_and_controls(sop_root: Path, tmp_path: P
     # Shuffled-label control: product p, photo v gets class (p + v) mod 6, so a
     # photo's near-duplicates (the top hits) are never in its class: R@1 = 0.
     lines = (sop_root / "Ebay_test.txt").read_text().splitlines()
-    shuffled = [lines[0]] + [
-        f"{i} {100 + (i - 1) // VARIANTS + (i - 1) % VARIANTS - ((i - 1) // VARIANTS + (i - 1) % VARIANTS >= PRODUCTS) * PRODUCTS} 1 {line.split()[3]}"
-        for i, line in enumerate(lines[1:], start=1)
-    ]
+    def shuffled_class(i: int) -> int:
+        product, variant = divmod(i - 1, VARIANTS)
+        return 100 + (product + variant) % PRODUCTS
+
+    shuffled = [lines[0]] + [f"{i} {shuffled_class(i)} 1 {line.split()[3]}"
+                             for i, line in enumerate(lines[1:], start=1)]
     (sop_root / "Ebay_test.txt").write_text("\n".join(shuffled) + "\n")
     control = run_cli("--dataset", "sop", "--root", str(sop_root), "--features-dir", str(features))
     cm = control["results"][0]["metrics"]
@@ -244,8 +244,8 @@ def test_cli_errors_are_one_line(sop_root: Path, tmp_path: Path, image_folder) -
     folder = image_folder(2, name="ds/a")
     cases = [
         (["--dataset", "folder", "--root", str(folder.parent), "--relevance", "superclass"],
-         "--relevance superclass needs super-class labels"),
-        (["--dataset", "sop", "--root", str(sop_root), "--features", "colour"], "unknown --features 'colour'"),
+         "superclass relevance needs super-class labels"),
+        (["--dataset", "sop", "--root", str(sop_root), "--features", "colour"], "unknown feature kind(s) 'colour'"),
         (["--dataset", "sop", "--root", str(tmp_path / "nope")], "dataset folder does not exist"),
         (["--dataset", "sop", "--root", str(sop_root), "--recall-at", "1,x"], "--recall-at wants comma-separated"),
     ]
@@ -263,7 +263,7 @@ def test_cli_errors_are_one_line(sop_root: Path, tmp_path: Path, image_folder) -
 def test_report_marks_relevant_results(sop_root: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from cbir_cli import report
+    from cbir_cli.evaluate import report
 
     report_dir = tmp_path / "report"
     result = CliRunner().invoke(app, ["evaluate", "--dataset", "sop", "--root", str(sop_root), "--model",

@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image, mobilenet_weights_path
 from PIL import Image
 
-from conftest import make_image, mobilenet_weights_path
 from cbir_cli.errors import CbirError
-from cbir_cli.extract import ExtractOptions, device_jpeg, iter_batches, resolve_decode, sync_folder
-from cbir_cli.store import FeatureStore
+from cbir_cli.imageio.gpu_decode import device_jpeg
+from cbir_cli.pipeline.local import iter_batches, resolve_decode
+from cbir_cli.pipeline.options import ExtractOptions
+from cbir_cli.pipeline.sync import sync_folder
+from cbir_cli.store.feature_store import FeatureStore
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="no CUDA GPU"))]
@@ -31,7 +34,7 @@ def embedder(request, tiny_embedder):
     """The tiny model on each available device (decoding follows the model)."""
     if request.param == "cpu":
         return tiny_embedder
-    from cbir_cli.models import load_embedder
+    from cbir_cli.models.loading import load_embedder
 
     return load_embedder("test_tiny", device=request.param)
 
@@ -49,7 +52,7 @@ SIZES = [(160, 120), (120, 160), (200, 90), (90, 130)]
 def pixel_batches(paths: list[str], embedder, decode: str, **kwargs) -> list[tuple]:
     """iter_batches' output with the pixels brought to the CPU."""
     options = ExtractOptions(decode=decode, **{"batch_size": 16, "workers": 0, **kwargs})
-    return [(i, pixels.cpu(), failed) for i, pixels, failed in iter_batches(paths, embedder, options)]
+    return [(i, torch.as_tensor(pixels).cpu(), failed) for i, pixels, failed in iter_batches(paths, embedder, options)]
 
 
 def stored(store_dir: Path) -> tuple[list[str], np.ndarray]:
@@ -64,7 +67,7 @@ def sync_both(folder: Path, tmp_path: Path, embedder, **kwargs):
         skipped: list[tuple[str, str]] = []
         options = ExtractOptions(decode=decode, **{"batch_size": 16, "workers": 0, **kwargs})
         summary = sync_folder(folder, tmp_path / f"store_{decode}", embedder=embedder, options=options,
-                              on_skip=lambda p, r: skipped.append((Path(p).name, r)))
+                              on_skip=lambda p, r, skipped=skipped: skipped.append((Path(p).name, r)))
         out[decode] = (summary, skipped, *stored(tmp_path / f"store_{decode}"))
     return out
 
@@ -94,7 +97,7 @@ def test_device_preprocessing_matches_pillow(tmp_path, embedder):
 
 def test_same_vectors_either_path(tmp_path, embedder):
     # 333x251 and 640x480 are shrunk by Pillow's draft mode on the CPU path only.
-    write_jpegs(tmp_path / "images", SIZES + [(333, 251), (640, 480)])
+    write_jpegs(tmp_path / "images", [*SIZES, (333, 251), (640, 480)])
     both = sync_both(tmp_path / "images", tmp_path, embedder, batch_size=4)
     names_cpu, vectors_cpu = both["cpu"][2:]
     names_gpu, vectors_gpu = both["gpu"][2:]
@@ -184,7 +187,7 @@ def test_decode_choice(embedder):
         on_cuda = False
 
     assert resolve_decode("gpu", Descriptor()) == "cpu"
-    with pytest.raises(CbirError, match="--decode"):
+    with pytest.raises(CbirError, match="unknown decode"):
         ExtractOptions(decode="nvjpeg")
 
 
@@ -210,7 +213,7 @@ def test_real_weights_same_vectors_on_ukbench(tmp_path, shared_dir):
         pytest.skip(f"{folder} not found")
     if mobilenet_weights_path() is None:
         pytest.skip("mobilenet_v2 weights not installed (cbir weights install mobilenet_v2)")
-    from cbir_cli.models import load_embedder
+    from cbir_cli.models.loading import load_embedder
 
     # ONNX Runtime on the CPU (3x faster than PyTorch here): same vectors, same inputs.
     embedder = load_embedder("mobilenet_v2", device="cpu", runtime="auto")

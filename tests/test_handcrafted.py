@@ -1,4 +1,5 @@
-"""Tests for cbir_cli.handcrafted on small seeded synthetic images."""
+"""Tests for the hand-crafted descriptors (cbir_cli.models.handcrafted, bovw, descriptors) on small
+seeded synthetic images."""
 
 from __future__ import annotations
 
@@ -12,16 +13,11 @@ from PIL import Image
 
 pytest.importorskip("cv2")
 
-from cbir_cli import handcrafted as H  # noqa: E402
-from cbir_cli.handcrafted import (  # noqa: E402
-    DESCRIPTORS,
-    BovwEncoder,
-    describe_images,
-    descriptor_dim,
-    hog_descriptor,
-    hsv_histogram,
-)
-from tests.conftest import draw_random_shapes  # noqa: E402
+from cbir_cli.models import handcrafted as H
+from cbir_cli.models.bovw import BovwEncoder
+from cbir_cli.models.descriptors import DESCRIPTORS, describe_images, descriptor_dim
+from cbir_cli.models.handcrafted import hog_descriptor, hsv_histogram
+from tests.conftest import draw_random_shapes
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -66,7 +62,7 @@ def _unit(v: np.ndarray) -> bool:
 
 def test_import_does_not_load_cv2_or_faiss():
     code = (
-        "import sys, cbir_cli.handcrafted, cbir_cli.metrics; "
+        "import sys, cbir_cli.models.descriptors, cbir_cli.evaluate.metrics; "
         "bad = [m for m in ('cv2', 'faiss', 'torch') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -196,7 +192,7 @@ def test_bovw_max_descriptors_caps_the_sample(textures):
 
 
 def test_bovw_no_keypoints_at_all_raises():
-    with pytest.raises(ValueError, match="no .* keypoints"):
+    with pytest.raises(ValueError, match=r"no .* keypoints"):
         BovwEncoder().fit([Image.new("RGB", (64, 64))], vocab_size=8)
 
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from cbir_cli.errors import CbirError, ImageError
-from cbir_cli.images import decode_image, list_images, load_image
+from cbir_cli.imageio.decode import decode_image, load_image
+from cbir_cli.imageio.files import list_images
 from tests.conftest import make_image
 
 
@@ -67,7 +68,7 @@ def test_truncated_jpeg_is_an_error_not_a_grey_image(tmp_path):
     data = encode(make_image(4), "JPEG")
     path = tmp_path / "cut.jpg"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError, match="cut.jpg: cannot decode"):
+    with pytest.raises(ImageError, match=r"cut\.jpg: cannot decode"):
         load_image(path)
 
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image
 from typer.testing import CliRunner
 
-from cbir_cli.check import check_index
 from cbir_cli.cli import app
-from cbir_cli.extract import ExtractOptions, sync_folder
-from cbir_cli.query import Searcher
-from cbir_cli.store import FeatureStore
-
-from conftest import make_image
+from cbir_cli.pipeline.options import ExtractOptions
+from cbir_cli.pipeline.sync import sync_folder
+from cbir_cli.search.check import check_index
+from cbir_cli.search.searcher import Searcher
+from cbir_cli.store.feature_store import FeatureStore
 
 OPTIONS = ExtractOptions(workers=0, batch_size=4, shard_size=4)
 
@@ -32,9 +32,9 @@ class CountingEmbedder:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def embed_tensors(self, batch):
+    def embed(self, batch):
         self.images += len(batch)
-        return self.inner.embed_tensors(batch)
+        return self.inner.embed(batch)
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_rerun_on_unchanged_folder_does_no_model_work_and_commits_nothing(image_
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for an unchanged folder")
 
-    monkeypatch.setattr("cbir_cli.extract.load_embedder", no_model)
+    monkeypatch.setattr("cbir_cli.models.loading.load_embedder", no_model)
     assert sync_folder(folder, store_dir, model="test_tiny", options=OPTIONS).embedded == 0
 
 

@@ -6,23 +6,22 @@ import numpy as np
 import pytest
 
 from cbir_cli.errors import CbirError
-from cbir_cli.index import (
+from cbir_cli.pipeline.sync import index_folder
+from cbir_cli.search.exact import exact_search, rerank
+from cbir_cli.search.faiss_backend import (
     AUTO_FLAT_MAX,
     IVFPQ_MIN_VECTORS,
-    ShardVectors,
     build_index,
     build_store_index,
-    exact_search,
     factory_string,
-    index_folder,
     load_index,
     needs_rerank,
     read_index_meta,
-    rerank,
     resolve_index_type,
     search_index,
 )
-from cbir_cli.store import FeatureStore
+from cbir_cli.store.feature_store import FeatureStore
+from cbir_cli.store.vectors import ShardVectors
 
 K = 10
 
@@ -143,7 +142,7 @@ def test_shard_vectors_follow_live_rows_across_shards_and_removals(tmp_path):
 
 
 def test_saved_ivfpq_index_round_trips_and_searcher_reranks(tmp_path):
-    from cbir_cli.query import Searcher
+    from cbir_cli.search.searcher import Searcher
 
     x = structured_vectors(1200, 32, seed=8)
     store = make_store(tmp_path, [x[:700], x[700:]])
@@ -155,7 +154,7 @@ def test_saved_ivfpq_index_round_trips_and_searcher_reranks(tmp_path):
     np.testing.assert_array_equal(search_index(loaded, x[:5], K)[1], search_index(built, x[:5], K)[1])
 
     searcher = Searcher.open(store.root)
-    assert searcher.exact_vectors is not None
+    assert searcher.backend.exact is not None  # re-ranked from the shards
     ids = [r.id for r in searcher.rows[:40]]
     results = searcher.search_ids(ids, k=K)
     _, truth = exact_search(x, x[:40], K)
@@ -166,7 +165,7 @@ def test_saved_ivfpq_index_round_trips_and_searcher_reranks(tmp_path):
 
 
 def test_index_folder_keeps_the_saved_type_unless_asked(tmp_path, image_folder, tiny_embedder):
-    from cbir_cli.extract import ExtractOptions
+    from cbir_cli.pipeline.options import ExtractOptions
 
     folder = image_folder(6)
     options = ExtractOptions(workers=0)

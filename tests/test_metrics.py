@@ -1,4 +1,4 @@
-"""Tests for cbir_cli.metrics: hand-computed toys, edge cases, and a reference AP."""
+"""Tests for cbir_cli.evaluate.metrics: hand-computed toys, edge cases, and a reference AP."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from cbir_cli import metrics as M
-from cbir_cli.metrics import (
+from cbir_cli.evaluate import metrics as M
+from cbir_cli.evaluate.metrics import (
     PAD_LABEL,
     average_precision,
     ir_recall_at_k,
@@ -282,7 +282,8 @@ def test_retrieval_metrics_keys_and_toy_values():
     assert out["map@r"] == pytest.approx(5 / 36)
     assert out["ns_score"] == pytest.approx(2.0)
     default = retrieval_metrics(QL, RL, NR, ks=(1,), p_ks=(1,))
-    assert set(default) == {"queries", "queries_without_positive", "k", "notes", "recall@1", "precision@1", "map", "map@r"}
+    assert set(default) == {"queries", "queries_without_positive", "k", "notes", "recall@1", "precision@1", "map",
+                            "map@r"}
 
 
 @pytest.mark.parametrize(

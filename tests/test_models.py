@@ -7,14 +7,9 @@ import pytest
 import torch
 
 from cbir_cli.errors import CbirError, WeightsUnavailableError
-from cbir_cli.models import (
-    Embedder,
-    build_backbone,
-    get_model_config,
-    list_models,
-    load_embedder,
-    model_fingerprint,
-)
+from cbir_cli.models.loading import load_embedder, model_fingerprint
+from cbir_cli.models.registry import get_model_config, list_models
+from cbir_cli.models.torch_embedder import TorchEmbedder, build_backbone
 from tests.conftest import make_image
 
 
@@ -47,7 +42,7 @@ def test_embedder_normalisation_equals_torchvision_reference_transform():
     from torchvision.models import get_weight
 
     config = get_model_config("mobilenet_v2")
-    embedder = Embedder(config, torch.nn.Identity(), "x", "cpu")
+    embedder = TorchEmbedder(config, torch.nn.Identity(), "x", "cpu")
     img = make_image(3, (333, 250))
     ours = (torch.from_numpy(embedder.preprocess(img))[None].float() - embedder._mean) / embedder._std
     reference = get_weight(config.torchvision_weights).transforms()(img)[None]
@@ -58,7 +53,7 @@ def test_embedder_normalisation_equals_torchvision_reference_transform():
 
 @pytest.mark.parametrize("name, dim", [("resnet50", 2048), ("mobilenet_v2", 1280)])
 def test_headless_backbones_output_pooled_features(name, dim, tmp_path):
-    from cbir_cli.models import _BUILDERS
+    from cbir_cli.models.registry import _BUILDERS
 
     state = _BUILDERS[name]().state_dict()  # a full classifier state dict, random weights
     path = tmp_path / f"{name}.pth"
@@ -100,8 +95,12 @@ def test_missing_official_weights_offline_gives_actionable_paragraph(tmp_path, m
         load_embedder("resnet50", device="cpu")
     message = str(info.value)
     assert "resnet50-0676ba61.pth" in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
-    assert "--weights FILE" in message and "cbir weights install mobilenet_v2" in message
+    assert "local state-dict file" in message and "cbir weights install mobilenet_v2" in message
     assert "\n" not in message
+    # The CLI words the same way out with its flag.
+    from cbir_cli.cli import error_line
+
+    assert "--weights FILE" in error_line(info.value) and "\n" not in error_line(info.value)
 
 
 def test_failed_download_is_reported_not_raised_as_traceback(tmp_path, monkeypatch):
@@ -141,7 +140,7 @@ def test_preprocess_is_pixel_identical_to_torchvision_functional(name, size):
     import torchvision.transforms.functional as F
     from torchvision.transforms import InterpolationMode
 
-    from cbir_cli.models import preprocess_image
+    from cbir_cli.models.preprocess import preprocess_image
 
     config = get_model_config(name)
     img = make_image(7, size)
@@ -158,7 +157,7 @@ def test_hub_dir_without_torch_matches_torch_hub(monkeypatch, tmp_path):
 
     import torch.hub
 
-    from cbir_cli.models import torch_hub_checkpoint_dir
+    from cbir_cli.models.weights import torch_hub_checkpoint_dir
 
     for env in ({"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {}):
         monkeypatch.delenv("TORCH_HOME", raising=False)

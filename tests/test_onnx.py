@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from cbir_cli.errors import CbirError
-from cbir_cli.models import get_model_config, load_embedder
+from cbir_cli.models.loading import load_embedder
+from cbir_cli.models.registry import get_model_config
 from tests.conftest import make_image, mobilenet_weights_path
 
 pytest.importorskip("onnxruntime")
-from cbir_cli.runtime_onnx import OnnxEmbedder, resolve_runtime  # noqa: E402
+from cbir_cli.models.loading import resolve_runtime
+from cbir_cli.models.onnx_embedder import OnnxEmbedder
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +53,11 @@ def test_runtime_choice():
 
 def test_load_embedder_onnx_and_store_interchangeable_with_torch(tmp_path, monkeypatch, image_folder, tiny_embedder):
     """A store written through ONNX Runtime is searched with the PyTorch model."""
-    from cbir_cli.extract import ExtractOptions, sync_folder
-    from cbir_cli.index import build_store_index
-    from cbir_cli.query import Searcher
-    from cbir_cli.store import FeatureStore
+    from cbir_cli.pipeline.options import ExtractOptions
+    from cbir_cli.pipeline.sync import sync_folder
+    from cbir_cli.search.faiss_backend import build_store_index
+    from cbir_cli.search.searcher import Searcher
+    from cbir_cli.store.feature_store import FeatureStore
 
     monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
     onnx = load_embedder("test_tiny", device="cpu", runtime="onnx")
@@ -72,7 +75,8 @@ def test_load_embedder_onnx_and_store_interchangeable_with_torch(tmp_path, monke
 def test_onnx_matches_torch_on_real_mobilenet_and_photos(shared_dir):
     if mobilenet_weights_path() is None:
         pytest.skip("MobileNetV2 weights not installed (run `cbir weights install mobilenet_v2`)")
-    from cbir_cli.images import list_images, load_image
+    from cbir_cli.imageio.decode import load_image
+    from cbir_cli.imageio.files import list_images
 
     files = list_images(shared_dir / "datasets" / "ukbench_mini")[::7][:8]
     torch_model = load_embedder("mobilenet_v2", device="cpu", runtime="torch")
@@ -89,7 +93,7 @@ def test_cold_query_on_onnx_runtime_never_imports_torch(image_folder, tiny_embed
     import subprocess
     import sys
 
-    from cbir_cli.index import index_folder
+    from cbir_cli.pipeline.sync import index_folder
 
     folder = image_folder(4)
     index_folder(folder, tmp_path / "idx", embedder=tiny_embedder)

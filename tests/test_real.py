@@ -16,15 +16,15 @@ pytestmark = pytest.mark.real
 def mobilenet():
     if mobilenet_weights_path() is None:
         pytest.skip("MobileNetV2 weights not installed (run `cbir weights install mobilenet_v2`)")
-    from cbir_cli.models import load_embedder
+    from cbir_cli.models.loading import load_embedder
 
     return load_embedder("mobilenet_v2", device="cpu")
 
 
 def test_mobilenet_finds_ukbench_group_mates(mobilenet, shared_dir, tmp_path):
-    from cbir_cli.extract import ExtractOptions
-    from cbir_cli.index import index_folder
-    from cbir_cli.query import Searcher
+    from cbir_cli.pipeline.options import ExtractOptions
+    from cbir_cli.pipeline.sync import index_folder
+    from cbir_cli.search.searcher import Searcher
 
     root = shared_dir / "datasets" / "ukbench_mini"
     summary = index_folder(root, tmp_path / "idx", embedder=mobilenet, options=ExtractOptions(workers=1))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbir_cli.check import check_index
-from cbir_cli.extract import ExtractOptions, Interrupted
-from cbir_cli.index import index_folder
-from cbir_cli.query import Searcher
-from cbir_cli.store import FeatureStore
+from cbir_cli.errors import Interrupted
+from cbir_cli.pipeline.options import ExtractOptions
+from cbir_cli.pipeline.sync import index_folder
+from cbir_cli.search.check import check_index
+from cbir_cli.search.searcher import Searcher
+from cbir_cli.store.feature_store import FeatureStore
 
 OPTIONS = ExtractOptions(workers=0, batch_size=2, shard_size=2)
 
@@ -23,11 +24,11 @@ class InterruptAfter:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def embed_tensors(self, batch):
+    def embed(self, batch):
         self.calls += 1
         if self.calls == self.n:
             raise KeyboardInterrupt
-        return self.inner.embed_tensors(batch)
+        return self.inner.embed(batch)
 
 
 def snapshot(store_dir):
@@ -44,7 +45,7 @@ def test_interrupted_rebuild_leaves_previous_index_serving_then_rebuild_complete
     before = snapshot(store_dir)
     generation = FeatureStore.open(store_dir).generation
 
-    with pytest.raises(Interrupted, match="rebuild .* did not finish and the previous index is unchanged"):
+    with pytest.raises(Interrupted, match=r"rebuild .* did not finish and the previous index is unchanged"):
         index_folder(folder, store_dir, embedder=InterruptAfter(tiny_embedder, 3), options=OPTIONS, rebuild=True)
     # Two new shards were written, but nothing committed: the old index is whole.
     store = FeatureStore.open(store_dir)

@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_image
 from PIL import Image
 from typer.testing import CliRunner
 
 from cbir_cli.cli import app as cli_app
 from cbir_cli.errors import CbirError
-from cbir_cli.server import MAX_K, ThumbnailCache, create_app
-
-from conftest import make_image
+from cbir_cli.serve.app import MAX_K, ThumbnailCache, create_app
 
 pytest.importorskip("flask")
 
@@ -31,8 +30,8 @@ GONE = "zz_gone.jpg"
 def build_index(folder: Path, index_dir: Path, embedder, n: int, big: bool = False) -> None:
     """Index ``n`` synthetic JPEGs (img_000.jpg ...) in ``folder`` with the tiny model;
     ``big`` makes img_000 600x400 so its thumbnail has to be scaled down."""
-    from cbir_cli.extract import ExtractOptions
-    from cbir_cli.index import index_folder
+    from cbir_cli.pipeline.options import ExtractOptions
+    from cbir_cli.pipeline.sync import index_folder
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -43,7 +42,7 @@ def build_index(folder: Path, index_dir: Path, embedder, n: int, big: bool = Fal
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, tiny_embedder):
     """(images folder, index dir, id of the deleted file)."""
-    from cbir_cli.query import Searcher
+    from cbir_cli.search.searcher import Searcher
 
     root = tmp_path_factory.mktemp("served")
     folder, index_dir = root / "images", root / "index"
@@ -57,7 +56,7 @@ def indexed(tmp_path_factory, tiny_embedder):
 
 @pytest.fixture(scope="module")
 def searcher(indexed, tiny_embedder):
-    from cbir_cli.query import Searcher
+    from cbir_cli.search.searcher import Searcher
 
     return Searcher.open(indexed[1], embedder=tiny_embedder)
 
@@ -149,7 +148,7 @@ def test_thumbnail_is_a_small_jpeg_and_is_cached(searcher, monkeypatch):
     app = create_app(searcher)
     client = app.test_client()
     calls = []
-    import cbir_cli.server as server
+    import cbir_cli.serve.app as server
 
     real = server.make_thumbnail
     monkeypatch.setattr(server, "make_thumbnail", lambda *a, **kw: calls.append(a) or real(*a, **kw))
@@ -165,7 +164,7 @@ def test_thumbnail_is_a_small_jpeg_and_is_cached(searcher, monkeypatch):
 
 
 def test_thumbnail_cache_evicts_the_least_recently_used(indexed, monkeypatch):
-    import cbir_cli.server as server
+    import cbir_cli.serve.app as server
 
     made = []
     monkeypatch.setattr(server, "make_thumbnail", lambda path, size=256: made.append(str(path)) or str(path).encode())
@@ -274,7 +273,7 @@ def test_create_app_on_a_missing_index_is_a_domain_error(tmp_path):
 
 
 def test_importing_the_server_does_not_import_flask():
-    code = "import sys, cbir_cli.server, cbir_cli.cli; print('flask' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, cbir_cli.serve.app, cbir_cli.cli; print('flask' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from cbir_cli.errors import CbirError
-from cbir_cli.weights import expected_hash_prefix, install_weights, weights_status
+from cbir_cli.models.weights import expected_hash_prefix, install_weights, weights_status
 
 
 def test_hash_prefix_comes_from_torchvision_file_name():
@@ -19,7 +19,7 @@ def test_install_from_file_rejects_a_file_with_the_wrong_hash(tmp_path, monkeypa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     fake = tmp_path / "mobilenet_v2-b0353104.pth"
     fake.write_bytes(b"not the real weights")
-    with pytest.raises(CbirError, match="does not match mobilenet_v2-b0353104.pth"):
+    with pytest.raises(CbirError, match=r"does not match mobilenet_v2-b0353104\.pth"):
         install_weights("mobilenet_v2", fake)
     assert weights_status("mobilenet_v2") == "missing"
 
@@ -27,7 +27,7 @@ def test_install_from_file_rejects_a_file_with_the_wrong_hash(tmp_path, monkeypa
 def test_install_from_file_copies_into_torch_cache_when_hash_matches(tmp_path, monkeypatch):
     """Any bytes whose sha256 starts with the file name's prefix pass: find such a
     blob for a model we fake-register by patching the expected prefix."""
-    import cbir_cli.weights as weights_mod
+    import cbir_cli.models.weights as weights_mod
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     blob = b"weights-blob"

@@ -13,14 +13,16 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CbirError": "cbir_cli.errors",
-    "list_models": "cbir_cli.models",
-    "get_model_config": "cbir_cli.models",
-    "load_embedder": "cbir_cli.models",
-    "extract_folder": "cbir_cli.extract",
-    "FeatureStore": "cbir_cli.store",
-    "build_index": "cbir_cli.index",
-    "Searcher": "cbir_cli.query",
-    "Hit": "cbir_cli.query",
+    "list_models": "cbir_cli.models.registry",
+    "get_model_config": "cbir_cli.models.registry",
+    "load_embedder": "cbir_cli.models.loading",
+    "extract_folder": "cbir_cli.pipeline.sync",
+    "index_folder": "cbir_cli.pipeline.sync",
+    "FeatureStore": "cbir_cli.store.feature_store",
+    "build_index": "cbir_cli.search.faiss_backend",
+    "Searcher": "cbir_cli.search.searcher",
+    "Hit": "cbir_cli.search.searcher",
+    "check_index": "cbir_cli.search.check",
 }
 
 __all__ = ["__version__", *_LAZY]

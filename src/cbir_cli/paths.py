@@ -1,4 +1,5 @@
-"""Where things live by default."""
+"""Where things live by default, and how a path is written down: resolved when
+stored, printable when shown."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 INDEX_ENV = "CBIR_INDEX"
+CACHE_ENV = "CBIR_CACHE"
 
 
 def default_index_dir() -> Path:
@@ -19,5 +21,33 @@ def default_index_dir() -> Path:
     return Path(user_data_dir("cbir", appauthor=False)) / "index"
 
 
-def resolve_index_dir(index_dir: Path | str | None) -> Path:
-    return Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
+def cache_root() -> Path:
+    """The one cache folder (ONNX exports, evaluate's features): ``$CBIR_CACHE`` if
+    set, else the per-user cache directory (``~/.cache/cbir`` on Linux)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("cbir", appauthor=False))
+
+
+def normalise_path(path: str | os.PathLike[str], real_dirs: dict[str, str] | None = None) -> str:
+    """The form in which an image path is stored: absolute, with ``..`` and
+    symlinked folders resolved, the file name itself kept (a symlinked file stays
+    itself). ``./a/../photos/x.jpg`` and ``/abs/photos/x.jpg`` become one key.
+
+    ``real_dirs``: a cache of resolved folders for many paths at once (one
+    ``realpath`` per folder instead of per file)."""
+    head, name = os.path.split(os.path.abspath(os.fspath(path)))
+    if real_dirs is None:
+        return os.path.join(os.path.realpath(head), name)
+    real = real_dirs.get(head)
+    if real is None:
+        real = real_dirs[head] = os.path.realpath(head)
+    return os.path.join(real, name)
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A printable form of a path, even for names that are not valid UTF-8."""
+    return os.fsencode(path).decode("utf-8", errors="replace")

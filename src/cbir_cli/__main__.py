@@ -1,0 +1,5 @@
+"""``python -m cbir_cli`` = ``cbir``."""
+
+from .cli import main
+
+main()

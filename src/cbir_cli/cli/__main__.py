@@ -1,0 +1,5 @@
+"""``python -m cbir_cli.cli`` = ``cbir``."""
+
+from . import main
+
+main()

@@ -1,0 +1,159 @@
+"""What every ``cbir`` command shares: the Typer app, the option types (their
+choices come from the library's tuples), error handling and printing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from ..errors import CbirError
+from ..evaluate.datasets import DATASET_KINDS, RELEVANCE_KINDS
+from ..models.loading import DEVICES, RUNTIMES
+from ..pipeline.options import DECODE_CHOICES
+from ..search.faiss_backend import INDEX_TYPES
+
+app = typer.Typer(
+    name="cbir",
+    help="Content-based image retrieval: index a folder of images, then search it by example.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+weights_app = typer.Typer(help="Install and inspect pretrained weights (works offline).", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A Typer choice type made from one of the library's tuples (one list, one place)."""
+    return Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
+
+
+Device = _choices("Device", DEVICES)
+Runtime = _choices("Runtime", RUNTIMES)
+Decode = _choices("Decode", DECODE_CHOICES)
+IndexType = _choices("IndexType", INDEX_TYPES)
+DatasetLayout = _choices("DatasetLayout", DATASET_KINDS)
+Relevance = _choices("Relevance", RELEVANCE_KINDS)
+AUTO_DEVICE, AUTO_RUNTIME, AUTO_DECODE = Device("auto"), Runtime("auto"), Decode("auto")
+PRODUCT_RELEVANCE = Relevance("product")
+
+# How the CLI words the library's remedies (cbir_cli.errors.REMEDIES), with commands.
+REMEDIES = {
+    "rebuild": "repair with `cbir index FOLDER --rebuild`",
+    "build": "build one with `cbir index FOLDER`, or name an existing one with --index DIR",
+    "other-model": "use another --index/--out folder, the same --model/--weights as before, or --rebuild",
+    "weights-file": "or pass a local state dict with --weights FILE",
+}
+
+
+def error_line(exc: CbirError) -> str:
+    """The one line a domain error prints, with the CLI's remedy."""
+    remedy = REMEDIES.get(exc.remedy or "")
+    return f"{exc.message}; {remedy}" if remedy else exc.message
+
+
+def stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn domain errors into ``error: <message>`` and an exit code."""
+    try:
+        yield
+    except CbirError as exc:
+        from rich.markup import escape
+
+        stderr().print(f"[bold red]error:[/] {escape(error_line(exc))}", markup=True, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr().print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def notice(message: str) -> None:
+    stderr().print(message, markup=False)
+
+
+def warn_skip(path: str, reason: str) -> None:
+    from rich.markup import escape
+
+    stderr().print(f"[yellow]warning:[/] skipped {escape(path)}: {escape(reason)}", markup=True)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"cbir {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Content-based image retrieval: index a folder of images, then search it by example."""
+
+
+# Options shared by the commands that embed images.
+IndexDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--index", help="Index folder. Default: $CBIR_INDEX, else the per-user data dir (cbir/index).",
+                 show_default=False),
+]
+WeightsOpt = Annotated[
+    Optional[Path], typer.Option("--weights", help="Local state-dict file instead of the model's pretrained weights.")
+]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the model.")]
+RuntimeOpt = Annotated[Runtime, typer.Option("--runtime", help="Model runtime: auto = ONNX Runtime on CPU (faster "
+                                             "there), PyTorch on CUDA. Vectors are interchangeable.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model batch.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", min=0,
+                                                   help="Decoding processes (0 = decode in the main process). "
+                                                        "Default: cores - 1, at most 8.", show_default=False)]
+ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per .npy shard (the commit unit).")]
+DecodeOpt = Annotated[Decode, typer.Option("--decode", help="Where JPEGs are decoded: cpu = Pillow in the --workers "
+                                                            "processes; gpu = nvJPEG on the model's CUDA device, "
+                                                            "workers only read files (other formats are still "
+                                                            "decoded on the CPU); auto = gpu when the model runs on "
+                                                            "CUDA, else cpu. Vectors are interchangeable.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def extract_options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool,
+             runtime: Runtime = AUTO_RUNTIME, decode: Decode = AUTO_DECODE):
+    from ..pipeline.options import ExtractOptions, default_workers
+
+    return ExtractOptions(batch_size=batch_size, workers=default_workers() if workers is None else workers,
+                          shard_size=shard_size, device=device.value, progress=progress, runtime=runtime.value,
+                          decode=decode.value)
+
+
+def print_summary(summary, target: Path, as_json: bool, what: str) -> None:
+    if as_json:
+        typer.echo(json.dumps({**summary.as_dict(), "index": str(target)}, indent=2))
+        return
+    out = stderr()
+    out.print(
+        f"{what} {target}: {summary.store_count} images "
+        f"(added {summary.added}, updated {summary.updated}, removed {summary.removed}, "
+        f"unchanged {summary.unchanged}, skipped {summary.skipped}; "
+        f"{summary.embedded} embedded, {summary.reused} reused) in {summary.seconds:.1f}s"
+    )

@@ -1,0 +1,104 @@
+"""``cbir evaluate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (
+    AUTO_DECODE,
+    AUTO_DEVICE,
+    PRODUCT_RELEVANCE,
+    BatchOpt,
+    DatasetLayout,
+    DecodeOpt,
+    DeviceOpt,
+    JsonOpt,
+    Relevance,
+    WeightsOpt,
+    WorkersOpt,
+    app,
+    cli_errors,
+    extract_options,
+    stderr,
+    stdout,
+)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    dataset: Annotated[DatasetLayout, typer.Option("--dataset", help="Layout: sop (Ebay_test.txt/Ebay_train.txt) "
+                                                                     "or folder (one sub-folder per class).")],
+    root: Annotated[Path, typer.Option("--root", help="Dataset folder.")],
+    split: Annotated[Optional[str], typer.Option("--split", help="sop: test (default), train or all; folder: all.",
+                                                 show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most N images, whole classes in a fixed "
+                                                 "seeded order (quick runs).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model for --features deep. Default: "
+                                                 "resnet50, else installed mobilenet_v2.", show_default=False)] = None,
+    weights: WeightsOpt = None,
+    features: Annotated[str, typer.Option("--features", help="deep, hsv, hog, sift_bovw, a comma list, or all "
+                                          "(side by side).")] = "deep",
+    relevance: Annotated[Relevance, typer.Option("--relevance", help="sop: product (same class_id) or superclass "
+                                                 "(same super_class_id) counts as relevant.")] = PRODUCT_RELEVANCE,
+    k: Annotated[int, typer.Option("-k", min=1, help="K of P@K, IR-Recall@K and Top-K accuracy.")] = 5,
+    recall_at: Annotated[str, typer.Option("--recall-at", help="Recall@K values (SOP convention: a relevant "
+                                           "image in the top K).")] = "1,10,100,1000",
+    depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Results ranked per query. Default: the "
+                                                 "whole gallery up to 5000 images, else max(K).",
+                                                 show_default=False)] = None,
+    features_dir: Annotated[Optional[Path], typer.Option("--features-dir", help="Feature cache folder (one store "
+                                                         "per feature kind). Default: the user cache dir, per "
+                                                         "dataset.", show_default=False)] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write an HTML/PNG report into this folder.",
+                                                   show_default=False)] = None,
+    report_queries: Annotated[int, typer.Option("--report-queries", min=1, help="Sample queries in the report.")] = 8,
+    device: DeviceOpt = AUTO_DEVICE,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    decode: DecodeOpt = AUTO_DECODE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score retrieval on a labelled dataset: every image queries all the others."""
+    with cli_errors():
+        from ..evaluate.datasets import load_collection
+        from ..evaluate.run import EvaluationOptions, evaluate, parse_features, parse_ks
+
+        options = EvaluationOptions(
+            features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
+            recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
+            extract=extract_options(batch_size, workers, 1024, device, progress=not as_json, decode=decode),
+        )
+        collection = load_collection(dataset.value, root, split, limit)
+        err = stderr()
+        err.print(f"evaluating {collection.describe()}")
+        result = evaluate(collection, options, on_notice=err.print)
+        report_path = None
+        if report is not None:
+            from ..evaluate.report import write_report
+
+            report_path = write_report(result, report, queries=report_queries, top_k=k)
+        if as_json:
+            payload = result.as_dict()
+            payload["report"] = str(report_path) if report_path else None
+            typer.echo(json.dumps(payload, indent=2))
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{result.dataset}\nrelevance: {result.relevance_label}", title_justify="left")
+        table.add_column("metric")
+        for r in result.results:
+            table.add_column(r.label, justify="right")
+        for label, cells in result.table_rows():
+            table.add_row(label, *cells)
+        out = stdout()
+        out.print(table)
+        for note in sorted({n for r in result.results for n in r.metrics["notes"]}):
+            out.print(f"note: {note}")
+        out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB "
+                  f"(largest worker {result.peak_rss_children_mb:.0f} MB)")
+        if report_path:
+            out.print(f"report: {report_path}")

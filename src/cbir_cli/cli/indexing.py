@@ -1,0 +1,129 @@
+"""``cbir index``, ``cbir extract`` and ``cbir check``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (
+    AUTO_DECODE,
+    AUTO_DEVICE,
+    AUTO_RUNTIME,
+    REMEDIES,
+    BatchOpt,
+    DecodeOpt,
+    DeviceOpt,
+    IndexDirOpt,
+    IndexType,
+    JsonOpt,
+    RuntimeOpt,
+    ShardOpt,
+    WeightsOpt,
+    WorkersOpt,
+    app,
+    cli_errors,
+    extract_options,
+    notice,
+    print_summary,
+    stderr,
+    warn_skip,
+)
+
+
+@app.command("index")
+def index_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    index_dir: IndexDirOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m",
+                                                 help="Model name (see `cbir models`). Default: the existing "
+                                                      "index's model, else resnet50 (mobilenet_v2, with a notice, "
+                                                      "when only its weights are installed).",
+                                                 show_default=False)] = None,
+    weights: WeightsOpt = None,
+    index_type: Annotated[Optional[IndexType], typer.Option("--index-type",
+                                                      help="Search index: flat (exact), hnsw, ivfpq (compressed, "
+                                                           "re-ranked exactly from the shards) or auto (flat up to "
+                                                           "50k images, then ivfpq). Default: the existing index's "
+                                                           "type, else auto.", show_default=False)] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Embed everything again into a new index (after damage, or "
+                                                       "to switch --model); the previous index keeps serving until "
+                                                       "the new one is complete.")] = False,
+    device: DeviceOpt = AUTO_DEVICE,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    shard_size: ShardOpt = 1024,
+    runtime: RuntimeOpt = AUTO_RUNTIME,
+    decode: DecodeOpt = AUTO_DECODE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
+    with cli_errors():
+        from ..pipeline.sync import index_folder
+        from ..resolve import resolve_index_dir
+
+        target = resolve_index_dir(index_dir)
+        summary = index_folder(folder, target, model, weights, extract_options(batch_size, workers, shard_size, device,
+                                                                        progress=not as_json, runtime=runtime,
+                                                                        decode=decode),
+                               index_type=index_type.value if index_type else None, rebuild=rebuild,
+                               on_skip=warn_skip, on_notice=notice)
+        print_summary(summary, target, as_json, "indexed")
+
+
+@app.command("extract")
+def extract_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for .npy shards + manifest.json.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m",
+                                                 help="Model name (see `cbir models`). Default: the model OUT was "
+                                                      "made with, else resnet50 (mobilenet_v2, with a notice, when "
+                                                      "only its weights are installed).",
+                                                 show_default=False)] = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = AUTO_DEVICE,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    shard_size: ShardOpt = 1024,
+    runtime: RuntimeOpt = AUTO_RUNTIME,
+    decode: DecodeOpt = AUTO_DECODE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
+    with cli_errors():
+        from ..pipeline.sync import extract_folder
+
+        summary = extract_folder(folder, out, model, weights, extract_options(batch_size, workers, shard_size, device,
+                                                                      progress=not as_json, runtime=runtime,
+                                                                      decode=decode),
+                                 on_skip=warn_skip, on_notice=notice)
+        print_summary(summary, out, as_json, "extracted")
+
+
+@app.command("check")
+def check_cmd(index_dir: IndexDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Verify that the index's manifest, shards, ids and search index agree (exit 1 if not)."""
+    with cli_errors():
+        from ..resolve import resolve_index_dir
+        from ..search.check import check_index
+
+        report = check_index(resolve_index_dir(index_dir))
+        repair = REMEDIES.get(report.repair or "")
+        if as_json:
+            typer.echo(json.dumps({**report.as_dict(), "repair": repair}, indent=2))
+        else:
+            err = stderr()
+            for problem in report.problems:
+                err.print(f"problem: {problem}", markup=False)
+            for note in report.notes:
+                err.print(f"note: {note}", markup=False)
+            if report.ok:
+                err.print(f"ok {report.index}: {report.count} images in {report.shards} shards, model "
+                          f"{report.model} (dim {report.dim}), generation {report.generation}, "
+                          f"search index {report.search_index}", markup=False)
+            else:
+                err.print(f"{len(report.problems)} problem(s) in {report.index}; {repair}", markup=False)
+        if not report.ok:
+            raise typer.Exit(1)

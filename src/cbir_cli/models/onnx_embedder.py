@@ -1,0 +1,213 @@
+"""ONNX Runtime as a CPU runtime for the registry's models.
+
+On a 2-core CPU, ONNX Runtime runs MobileNetV2 about 2-3x faster than eager
+PyTorch (see ``bench/extract.py`` and the README's performance section), so it is
+the default runtime on CPU; CUDA keeps PyTorch (bf16 autocast).
+
+The exported graph contains the whole embedding: uint8 pixels in, mean/std
+normalisation, the headless backbone, flatten and L2 normalisation out, so one
+``session.run`` does what :meth:`TorchEmbedder.embed` does. The export is cached
+per model + weights identity + torch version and checked against PyTorch once,
+when it is made. An :class:`OnnxEmbedder` reports the same fingerprint as the
+PyTorch :class:`~cbir_cli.models.torch_embedder.TorchEmbedder` of the same model: the vectors are
+interchangeable (cosine >= 0.999), so a store built with one runtime can be
+searched with the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CbirError
+from ..fsutil import atomic_write_bytes
+from ..paths import cache_root
+from .preprocess import image_preprocessor
+from .protocol import EmbedderBase, model_fingerprint_of
+from .registry import ModelConfig
+from .torch_embedder import TorchEmbedder, build_backbone
+from .weights import torch_hub_checkpoint_dir, weights_id_for
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime
+    import torch
+
+# Bump when the exported graph changes (wrapper, opset), so old cache files are not reused.
+EXPORT_VERSION = 1
+OPSET = 17
+# An export whose vectors disagree with PyTorch's by more than this is refused.
+MIN_EXPORT_COSINE = 0.999
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def onnx_cache_dir() -> Path:
+    return cache_root() / "onnx"
+
+
+def export_key(config: ModelConfig, weights_id: str) -> str:
+    """Cache key: everything that determines the exported graph and its weights.
+    (torch's version from package metadata: no torch import on the query path.)"""
+    from importlib.metadata import version
+
+    ident = {"config": config.as_dict(), "weights": weights_id, "torch": version("torch"),
+             "export": EXPORT_VERSION, "opset": OPSET}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_export_path(config: ModelConfig, weights_id: str, cache_dir: Path | None = None) -> Path:
+    return (cache_dir or onnx_cache_dir()) / f"{config.name}-{export_key(config, weights_id)}.onnx"
+
+
+def _embedding_graph(embedder: TorchEmbedder) -> torch.nn.Module:
+    """uint8 (n, 3, H, W) -> L2-normalised float32 (n, dim), as one module."""
+    import copy
+
+    import torch
+
+    class EmbeddingGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # Exported in the default memory format: ONNX has no channels_last.
+            self.backbone = copy.deepcopy(embedder.module).to("cpu", memory_format=torch.contiguous_format)
+            self.register_buffer("mean", embedder._mean.detach().cpu())
+            self.register_buffer("std", embedder._std.detach().cpu())
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            x = (pixels.float() - self.mean) / self.std
+            feats = self.backbone(x).flatten(1)
+            return torch.nn.functional.normalize(feats, dim=1)
+
+    return EmbeddingGraph().eval()
+
+
+def export_onnx(embedder: TorchEmbedder, path: Path) -> None:
+    """Export ``embedder`` (a PyTorch one on CPU) to ``path`` with a dynamic batch
+    axis, written atomically (a concurrent run never reads half a file)."""
+    import warnings
+
+    import torch
+
+    size = embedder.config.input_size
+    example = torch.zeros((2, 3, size, size), dtype=torch.uint8)
+    tmp = path.with_name(f".{path.name}.export-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter warns that it is legacy; it handles these
+            # plain CNNs and, unlike the dynamo exporter, needs no onnxscript.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _embedding_graph(embedder), (example,), str(tmp), input_names=["pixels"],
+                output_names=["embedding"], dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+                opset_version=OPSET, dynamo=False,
+            )
+        atomic_write_bytes(path, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _session(path: Path, threads: int) -> onnxruntime.InferenceSession:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle ORT threads otherwise spin-wait between runs, stealing the cores the
+    # decode workers need (measured: pipeline/model ratio 0.75 -> see README).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise CbirError(f"{path}: cannot load the ONNX model ({exc}); delete the file to re-export it") from None
+
+
+def _default_threads() -> int:
+    import sys
+
+    if "torch" in sys.modules:
+        return int(sys.modules["torch"].get_num_threads())
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class OnnxEmbedder(EmbedderBase):
+    """An :class:`~cbir_cli.models.protocol.Embedder` backed by an ONNX Runtime CPU
+    session. Same inputs, same outputs, same fingerprint as the PyTorch embedder it
+    was exported from."""
+
+    device = "cpu"
+
+    def __init__(self, config: ModelConfig, weights_id: str, model_path: Path, threads: int | None = None) -> None:
+        self.config = config
+        self.weights_id = weights_id
+        self.preprocess = image_preprocessor(config)
+        self.model_path = model_path
+        # Same thread count as PyTorch uses by default (one per usable core), so the
+        # runtimes compare fairly; torch is not imported just to ask it.
+        self.threads = threads or _default_threads()
+        self.session = _session(model_path, self.threads)
+
+    @classmethod
+    def from_torch(cls, embedder: TorchEmbedder, cache_dir: Path | None = None,
+                   threads: int | None = None) -> OnnxEmbedder:
+        """Export (or reuse the cached export of) a PyTorch embedder."""
+        path = cached_export_path(embedder.config, embedder.weights_id, cache_dir)
+        if not path.is_file():
+            export_onnx(embedder, path)
+            onnx_embedder = cls(embedder.config, embedder.weights_id, path, threads)
+            onnx_embedder._check_against(embedder)
+            return onnx_embedder
+        return cls(embedder.config, embedder.weights_id, path, threads)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return model_fingerprint_of(self.config, self.weights_id)
+
+    def _check_against(self, reference: TorchEmbedder) -> None:
+        """Refuse (and delete) an export whose vectors differ from PyTorch's."""
+        import torch
+
+        size = self.config.input_size
+        pixels = torch.randint(0, 256, (2, 3, size, size), generator=torch.Generator().manual_seed(0),
+                               dtype=torch.uint8)
+        cosine = (self.embed(pixels) * reference.embed(pixels)).sum(axis=1).min()
+        if not cosine >= MIN_EXPORT_COSINE:
+            self.model_path.unlink(missing_ok=True)
+            raise CbirError(f"ONNX export of {self.name} disagrees with PyTorch (cosine {cosine:.4f}); "
+                            "use --runtime torch")
+
+    def embed(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        """uint8 (n, 3, H, W) -> float32 (n, dim), rows L2-normalised."""
+        import numpy as np
+
+        pixels = batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch)
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        (out,) = self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})
+        return out.astype(np.float32, copy=False)
+
+
+def load_onnx_embedder(config: ModelConfig, weights: str | os.PathLike[str] | None = None,
+                       cache_dir: Path | None = None) -> OnnxEmbedder:
+    """The ONNX embedder of a registered model. A cached export is used without
+    building the PyTorch model, but only while the weights it was made from are
+    still installed (so a missing-weights error is never masked by the cache)."""
+    weights_id = weights_id_for(config, weights)
+    path = cached_export_path(config, weights_id, cache_dir)
+    official_present = weights is not None or not config.weights_file or \
+        (torch_hub_checkpoint_dir() / config.weights_file).is_file()
+    if path.is_file() and official_present:
+        return OnnxEmbedder(config, weights_id, path)
+    module, weights_id = build_backbone(config, weights)
+    return OnnxEmbedder.from_torch(TorchEmbedder(config, module, weights_id, "cpu"), cache_dir)

@@ -1,0 +1,71 @@
+"""The Executor seam: how a plan's files become vectors.
+
+An executor lists and hashes the files (the plan's input) and embeds the files the
+plan says to embed, handing vectors to a :class:`VectorSink` (the store's write
+transaction) and failures to a callback. The sync step (:mod:`.sync`) decides what
+to do; the executor only does it. Implementations: :class:`~.local.LocalExecutor`
+(decoding worker processes + the model in this process); tests add fakes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from .plan import HashResult, Item
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..models.protocol import Embedder
+
+# (index into the items, one-line reason) for a file that could not be embedded.
+FailureCallback = Callable[[int, str], None]
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Which model to embed with; loaded only where, and if, there is work for it
+    (an already loaded ``embedder`` is used as is)."""
+
+    model: str
+    weights: str | os.PathLike[str] | None = None
+    device: str = "auto"
+    runtime: str = "auto"
+    embedder: Embedder | None = None
+
+    def load(self) -> Embedder:
+        if self.embedder is not None:
+            return self.embedder
+        from ..models.loading import load_embedder
+
+        return load_embedder(self.model, self.weights, self.device, self.runtime)
+
+
+class VectorSink(Protocol):
+    """Where vectors go (the store's write transaction)."""
+
+    def add(self, vectors: np.ndarray, items: Sequence[Item]) -> None: ...
+
+
+@runtime_checkable
+class Executor(Protocol):
+    name: str
+
+    def list_images(self, root: Path) -> list[Path]:
+        """Image files below ``root`` (normalised paths, sorted); a missing or empty
+        folder is a :class:`~cbir_cli.errors.CbirError`."""
+        ...
+
+    def hash_files(self, paths: Sequence[Path | str]) -> Iterable[HashResult]:
+        """One :class:`HashResult` per path, in any order."""
+        ...
+
+    def embed(self, items: Sequence[Item], request: EmbedRequest, sink: VectorSink,
+              on_failure: FailureCallback) -> int:
+        """Embed ``items`` into ``sink``; report each file that fails. Returns how
+        many were embedded."""
+        ...

@@ -1,0 +1,67 @@
+"""How an extraction runs (not *what* it embeds), and what it reports."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import CbirError
+from ..models.loading import DEVICES, RUNTIMES
+from ..store.transaction import DEFAULT_SHARD_SIZE
+
+# Where JPEGs are decoded: cpu (Pillow, in the workers), gpu (torchvision's
+# decode_jpeg on the model's device, nvJPEG on CUDA) or auto (gpu when the model runs
+# on CUDA). See cbir_cli.pipeline.local.resolve_decode.
+DECODE_CHOICES = ("auto", "cpu", "gpu")
+
+
+def default_workers() -> int:
+    """Decoding processes: cores - 1 (one core feeds the model), at most 8. On a
+    16-core H200 machine (bench/gpu_check.sh, 20,000 JPEGs, nvJPEG decode) 4 workers
+    gave 2,637 img/s, 8 gave 2,957 and 15 gave 2,909: more than 8 buys nothing."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class ExtractOptions:
+    """How to run the embedding (not *what* to embed)."""
+
+    batch_size: int = 32
+    workers: int = field(default_factory=default_workers)
+    shard_size: int = DEFAULT_SHARD_SIZE
+    device: str = "auto"
+    progress: bool = False
+    # torch | onnx | auto (ONNX Runtime on CPU, PyTorch on CUDA; see models.loading).
+    runtime: str = "auto"
+    decode: str = "auto"  # see DECODE_CHOICES
+
+    def __post_init__(self) -> None:
+        for name, value in (("batch size", self.batch_size), ("shard size", self.shard_size)):
+            if value < 1:
+                raise CbirError(f"{name} must be >= 1 (got {value})")
+        if self.workers < 0:
+            raise CbirError(f"decoding workers must be >= 0 (got {self.workers})")
+        for name, value, choices in (("decode", self.decode, DECODE_CHOICES), ("runtime", self.runtime, RUNTIMES)):
+            if value not in choices:
+                raise CbirError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise CbirError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+
+
+@dataclass
+class ExtractSummary:
+    files: int = 0
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    reused: int = 0  # new paths whose content was already stored (moved/copied files)
+    skipped: int = 0
+    embedded: int = 0  # images that went through the model
+    seconds: float = 0.0
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    store_count: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

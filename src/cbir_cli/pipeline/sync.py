@@ -1,0 +1,170 @@
+"""Folder -> store (``cbir extract``), and folder -> store + search index
+(``cbir index``): plan by content hash, reuse what is stored, embed the rest
+through an executor, commit through the store's write transaction.
+
+Everything below happens inside one write transaction (the writer lock, Ctrl-C and
+SIGTERM handling, shard-by-shard commits); see :mod:`cbir_cli.store.transaction`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..models.loading import model_fingerprint
+from ..paths import display_path
+from ..resolve import resolve_index_dir, resolve_model
+from ..store.feature_store import FeatureStore
+from ..store.transaction import WriteTransaction, write_transaction
+from .executor import EmbedRequest, Executor
+from .local import LocalExecutor
+from .options import ExtractOptions, ExtractSummary
+from .plan import Plan, plan_sync
+
+if TYPE_CHECKING:
+    from ..models.protocol import Embedder
+
+SkipCallback = Callable[[str, str], None]
+NoticeCallback = Callable[[str], None]
+
+
+def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: EmbedRequest,
+               summary: ExtractSummary, skip: SkipCallback) -> None:
+    """Write vectors for ``plan.todo`` (and ``plan.renamed``): reuse stored vectors of
+    identical content, embed the rest (the model is loaded only if needed), record
+    undecodable files."""
+    import numpy as np
+
+    store = txn.store
+    # Files whose exact content is already stored under another path (moved, copied,
+    # or stored under an older spelling of the same path) reuse that vector.
+    by_sha = {r.sha256: r for r in store.live_rows()}
+    renamed = [item for _, item in plan.renamed]
+    reuse = [item for item in plan.todo if item[1] in by_sha]
+    if reuse or renamed:
+        vectors = store.vectors_for(by_sha[sha] for _, sha, _ in reuse + renamed)
+        txn.add(np.stack([vectors[by_sha[sha].id] for _, sha, _ in reuse + renamed]), reuse + renamed)
+        store.remove_paths(old for old, _ in plan.renamed)
+        summary.reused = len(reuse)
+    todo = [item for item in plan.todo if item[1] not in by_sha]
+    if not todo:
+        return
+
+    def failed(i: int, reason: str) -> None:
+        path, sha, _ = todo[i]
+        store.record_skipped(path, sha, reason)
+        if path in plan.replaced:
+            # Its content changed into something undecodable: the stored vector
+            # describes content that no longer exists.
+            summary.removed += store.remove_paths([path])
+        skip(path, reason)
+
+    summary.embedded += executor.embed(todo, request, txn, failed)
+
+
+def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | str], request: EmbedRequest,
+               executor: Executor, summary: ExtractSummary, skip: SkipCallback) -> None:
+    """Make ``txn``'s store hold one vector per readable file of ``files``; with a
+    ``root``, stored files below it that are not in ``files`` are removed."""
+    skipped: set[str] = set()
+
+    def skip_one(path: str, reason: str) -> None:
+        skipped.add(path)
+        skip(path, reason)
+
+    plan = plan_sync(txn.store, root, executor.hash_files(files))
+    summary.unchanged = plan.unchanged
+    for path, reason in plan.unreadable + plan.known_bad:
+        skip_one(path, reason)
+    embed_plan(plan, txn, executor, request, summary, skip_one)
+    summary.removed += txn.remove_paths(plan.removed)
+    done = {p for p, _, _ in plan.todo} - skipped
+    summary.updated = len(plan.replaced & done)
+    summary.added = len(done) - summary.updated
+
+
+def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | None,
+                 weights: str | os.PathLike[str] | None, options: ExtractOptions | None,
+                 embedder: Embedder | None, on_skip: SkipCallback | None, on_notice: NoticeCallback | None,
+                 rebuild: bool, executor: Executor | None,
+                 after_commit: Callable[[FeatureStore], None] | None = None) -> ExtractSummary:
+    options = options or ExtractOptions()
+    executor = executor or LocalExecutor(options)
+    started = time.perf_counter()
+    files = executor.list_images(Path(root).expanduser())  # a bad folder fails before anything else
+    root_path = Path(root).expanduser().resolve()
+    summary = ExtractSummary(files=len(files))
+
+    def skip(path: str, reason: str) -> None:
+        summary.skipped += 1
+        summary.skipped_files.append((display_path(path), reason))
+        if on_skip:
+            on_skip(display_path(path), reason)
+
+    with write_transaction(store_dir, rebuild=rebuild, shard_size=options.shard_size) as txn:
+        if embedder is not None:
+            fingerprint = embedder.fingerprint()
+            request = EmbedRequest(embedder.config.name, weights, options.device, options.runtime, embedder)
+        else:
+            choice = resolve_model(model, weights, txn.existing)
+            if choice.notice and on_notice:
+                on_notice(choice.notice)
+            fingerprint = model_fingerprint(choice.name, choice.weights)
+            request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime)
+        store = txn.begin(fingerprint)
+        if request.weights is not None:
+            store.manifest["weights_path"] = str(Path(request.weights).expanduser().absolute())
+        sync_files(txn, root_path, files, request, executor, summary, skip)
+        txn.commit()
+        summary.store_count = store.count
+        if after_commit is not None and store.committed:
+            after_commit(store)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def sync_folder(root: str | os.PathLike[str], store_dir: str | os.PathLike[str], model: str | None = None,
+                weights: str | os.PathLike[str] | None = None, options: ExtractOptions | None = None,
+                embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
+                on_notice: NoticeCallback | None = None, rebuild: bool = False,
+                executor: Executor | None = None) -> ExtractSummary:
+    """``cbir extract``: make the store at ``store_dir`` hold one vector per readable
+    image below ``root``: embed new and changed files, drop deleted ones, keep the rest.
+
+    ``model``: default the store's own model, else the default model (see
+    :func:`cbir_cli.resolve.resolve_model`); it is loaded only if there is something
+    to embed. ``embedder``: an already loaded one instead (tests pass the tiny model).
+    ``rebuild``: embed everything again into a new store that replaces the old one in
+    a single commit at the end; an interrupted rebuild leaves the previous store
+    untouched. ``executor``: how images become vectors (default: this machine).
+    """
+    return _sync_folder(root, Path(store_dir).expanduser(), model, weights, options, embedder, on_skip, on_notice,
+                        rebuild, executor)
+
+
+extract_folder = sync_folder
+
+
+def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str] | None = None,
+                 model: str | None = None, weights: str | os.PathLike[str] | None = None,
+                 options: ExtractOptions | None = None, index_type: str | None = None, rebuild: bool = False,
+                 embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
+                 on_notice: NoticeCallback | None = None, executor: Executor | None = None) -> ExtractSummary:
+    """``cbir index``: :func:`sync_folder`, then bring the search index up to date with
+    the committed store, all in one write transaction. ``index_type``: see
+    :data:`cbir_cli.search.faiss_backend.INDEX_TYPES`; default: the saved index's
+    type, else auto."""
+    from ..search.faiss_backend import FaissBackend, resolve_index_type
+
+    if index_type is not None:
+        resolve_index_type(index_type, 0)  # validate before any work
+
+    def refresh(store: FeatureStore) -> None:
+        FaissBackend().refresh(store, index_type)
+
+    return _sync_folder(root, resolve_index_dir(index_dir), model, weights, options, embedder, on_skip, on_notice,
+                        rebuild, executor, after_commit=refresh)
+

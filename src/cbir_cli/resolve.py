@@ -1,0 +1,67 @@
+"""Which index folder and which model: decided here, once, for every command.
+
+(Where the model runs -- device and runtime -- is decided by
+:func:`cbir_cli.models.loading.load_embedder`, which every command goes through.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .models.registry import get_model_config
+from .models.weights import torch_hub_checkpoint_dir
+from .paths import default_index_dir
+
+if TYPE_CHECKING:
+    from .store.feature_store import FeatureStore
+
+DEFAULT_MODEL = "resnet50"
+FALLBACK_MODEL = "mobilenet_v2"
+
+
+def resolve_index_dir(index_dir: str | os.PathLike[str] | None) -> Path:
+    """The index folder asked for, else ``$CBIR_INDEX``, else the per-user data dir."""
+    return Path(index_dir).expanduser() if index_dir is not None else default_index_dir()
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model to embed with, its weights file (None: the official weights) and,
+    when the choice is not the obvious one, a notice saying why."""
+
+    name: str
+    weights: str | os.PathLike[str] | None = None
+    notice: str | None = None
+
+
+def choose_default_model() -> ModelChoice:
+    """The paper's ResNet-50 wherever its weights can be had; on an offline machine
+    where only MobileNetV2's weights are installed, MobileNetV2 with a notice
+    (never silently)."""
+    resnet = get_model_config(DEFAULT_MODEL)
+    fallback = get_model_config(FALLBACK_MODEL)
+    checkpoints = torch_hub_checkpoint_dir()
+    if (checkpoints / str(resnet.weights_file)).exists():
+        return ModelChoice(DEFAULT_MODEL)
+    if (checkpoints / str(fallback.weights_file)).exists():
+        return ModelChoice(FALLBACK_MODEL, notice=(
+            f"note: {DEFAULT_MODEL} weights are not installed ({checkpoints / str(resnet.weights_file)}); "
+            f"using {FALLBACK_MODEL}, whose weights are (name {DEFAULT_MODEL} as the model to require it)"
+        ))
+    return ModelChoice(DEFAULT_MODEL)
+
+
+def resolve_model(model: str | None, weights: str | os.PathLike[str] | None,
+                  existing: FeatureStore | None = None) -> ModelChoice:
+    """The model (and weights file) to embed with: the one named; else the one an
+    ``existing`` store was built with (and its weights file); else the default."""
+    if model is not None:
+        return ModelChoice(model, weights)
+    if existing is not None:
+        return ModelChoice(str(existing.fingerprint["model"]), weights or existing.manifest.get("weights_path"))
+    choice = choose_default_model()
+    return ModelChoice(choice.name, weights, choice.notice)
+

@@ -1,0 +1,83 @@
+"""The Search backend seam: a vector index over a store's live rows.
+
+The store's shards are the source of truth; a backend is derived data that can
+always be rebuilt from them. Every backend answers in store row ids (stable
+integers, never reused), so callers never depend on an engine's internal order.
+:class:`~cbir_cli.search.searcher.Searcher`, ``cbir query``, ``cbir serve`` and
+``cbir evaluate`` talk to this protocol only. Implementations:
+:class:`~cbir_cli.search.faiss_backend.FaissBackend` (embedded, the default);
+tests add a numpy fake.
+
+Array contract (as faiss): float32 (n, d) queries in; ``(scores, ids)`` out, each
+(nq, k), scores are inner products (= cosine for unit vectors), best first,
+``ids == -1`` with score ``-inf`` where fewer than k results exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..store.feature_store import FeatureStore
+
+
+@dataclass
+class BackendCheck:
+    """What ``cbir check`` learns of a backend's saved state."""
+
+    state: str = "missing"  # current | stale | missing
+    problems: list[str] = field(default_factory=list)  # damage: the index must be rebuilt
+    notes: list[str] = field(default_factory=list)  # worth knowing, harmless
+
+
+@runtime_checkable
+class SearchBackend(Protocol):
+    #: The engine ("faiss", ...).
+    name: str
+    #: What is built: flat, hnsw, ivfpq, "flat (in memory)"...
+    index_type: str
+
+    @property
+    def count(self) -> int:
+        """Vectors searchable now."""
+        ...
+
+    def build(self, store: FeatureStore, index_type: str, persist: bool = True) -> None:
+        """(Re)build from the store's committed shards; ``persist`` saves it for the
+        store's current generation (writers only, holding the store's lock)."""
+        ...
+
+    def refresh(self, store: FeatureStore, index_type: str | None = None) -> None:
+        """Writers, after each commit: bring what is saved up to date with the
+        store's committed state (``index_type`` None: keep the saved type, else the
+        default)."""
+        ...
+
+    def load(self, store: FeatureStore) -> bool:
+        """Load what was saved for the store's current generation; False when there is
+        nothing current (stale or missing): then :meth:`build` it."""
+        ...
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Make ``vectors`` (rows aligned with the new row ``ids``) searchable."""
+        ...
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Stop returning ``ids`` (unknown ids are ignored)."""
+        ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ``(scores, ids)`` per query, exact scores (see the module docstring)."""
+        ...
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The exact stored vectors of ``ids`` (float32, one row per id)."""
+        ...
+
+    def check(self, store: FeatureStore, live_vectors: np.ndarray) -> BackendCheck:
+        """Compare what is saved for ``store`` with its verified ``live_vectors``
+        (rows in live-row order), without changing anything."""
+        ...

@@ -1,0 +1,186 @@
+"""Searching an index: image(s) in, ranked hits out.
+
+A :class:`Searcher` opens a store once (rows + its search backend) and loads the
+model that made the store's vectors the first time it has to embed a query, so a
+long-lived process (the web server) keeps both warm.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CbirError, CorruptStoreError
+from ..imageio.decode import load_image
+from ..models.protocol import embed_images
+from ..paths import display_path
+from ..resolve import resolve_index_dir
+from ..store.feature_store import FeatureStore, Row
+from ..store.manifest import check_fingerprint
+from .faiss_backend import FaissBackend
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from ..models.protocol import Embedder
+    from .protocol import SearchBackend
+
+MAX_K = 1000
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    id: int
+    path: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def open_backend(store: FeatureStore, backend: SearchBackend | None = None) -> SearchBackend:
+    """The store's search backend (default: Faiss), loaded if saved for the current
+    generation, else an exact one built in memory from the committed shards (a
+    reader never writes)."""
+    backend = backend if backend is not None else FaissBackend()
+    if not backend.load(store):
+        backend.build(store, "flat", persist=False)
+    return backend
+
+
+class Searcher:
+    """Query side of a store: ``Searcher.open()`` then ``search_paths``/``search_images``."""
+
+    def __init__(self, store: FeatureStore, backend: SearchBackend, device: str = "auto",
+                 embedder: Embedder | None = None, runtime: str = "auto") -> None:
+        self.store = store
+        self.backend = backend
+        self.device = device
+        self.runtime = runtime  # model runtime when the embedder is loaded here: torch | onnx | auto
+        self._embedder = embedder
+        self.rows: list[Row] = store.live_rows()
+        # id -> position in self.rows; built once, a search by id on a large index
+        # must not rebuild it.
+        self._position_by_id = {r.id: i for i, r in enumerate(self.rows)}
+        if len(self.rows) != backend.count:
+            raise CorruptStoreError(f"{store.root}: index has {backend.count} vectors but the store {len(self.rows)}")
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike[str] | None = None, device: str = "auto",
+             embedder: Embedder | None = None, runtime: str = "auto",
+             backend: SearchBackend | None = None) -> Searcher:
+        """Open the index at ``index_dir`` (default: ``$CBIR_INDEX`` or the user data dir).
+
+        If the saved index is stale (an indexing run committed since), an exact index
+        is built in memory from the committed shards, so results always reflect the
+        last committed state and never a partial one. ``embedder``: the model, already
+        loaded (default: the store's own, loaded on first use); ``backend``: the search
+        backend to load or build (default: Faiss).
+        """
+        root = resolve_index_dir(index_dir)
+        attempts = 3
+        for attempt in range(attempts):
+            store = None
+            try:
+                store = FeatureStore.open(root)
+                return cls._open_store(store, device, embedder, runtime, backend)
+            except CorruptStoreError:
+                # A writer committing (and deleting dropped shards, replacing the
+                # saved index) while we read looks like damage: retry on its new
+                # state; if nothing changed, the damage is real.
+                if attempt == attempts - 1 or (store is not None and not store.changed_on_disk()):
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_store(cls, store: FeatureStore, device: str, embedder: Embedder | None, runtime: str,
+                    backend: SearchBackend | None) -> Searcher:
+        if store.count == 0:
+            raise CbirError(f"{store.root}: the index is empty; add images to it first")
+        if embedder is not None:
+            check_fingerprint(store.fingerprint, embedder.fingerprint(), store.root)
+        return cls(store, open_backend(store, backend), device, embedder, runtime)
+
+    # -- model -------------------------------------------------------------
+
+    @property
+    def embedder(self) -> Embedder:
+        """The model that made this store's vectors, loaded on first use."""
+        if self._embedder is None:
+            from ..models.loading import load_embedder
+
+            fp = self.store.fingerprint
+            weights = self.store.manifest.get("weights_path")
+            self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime)
+            check_fingerprint(fp, self._embedder.fingerprint(), self.store.root)
+        return self._embedder
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    @property
+    def index_type(self) -> str:
+        return self.backend.index_type
+
+    @property
+    def model_name(self) -> str:
+        return str(self.store.fingerprint["model"])
+
+    def info(self) -> dict[str, Any]:
+        fp = self.store.fingerprint
+        return {"index": str(self.store.root), "count": self.count, "model": fp["model"],
+                "weights": fp["weights"], "dim": fp["dim"], "index_type": self.index_type}
+
+    # -- lookup ------------------------------------------------------------
+
+    def row(self, image_id: int) -> Row:
+        try:
+            return self.rows[self._position_by_id[image_id]]
+        except KeyError:
+            raise CbirError(f"no image with id {image_id} in the index") from None
+
+    def path_of(self, image_id: int) -> Path:
+        return Path(self.row(image_id).path)
+
+    # -- search ------------------------------------------------------------
+
+    def _check_k(self, k: int) -> int:
+        if not 1 <= k <= MAX_K:
+            raise CbirError(f"k must be between 1 and {MAX_K} (got {k})")
+        return k
+
+    def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[Hit]]:
+        k = self._check_k(k)
+        scores, ids = self.backend.search(queries, min(k, self.count))
+        results = []
+        for score_row, id_row in zip(scores, ids):
+            hits = []
+            for score, image_id in zip(score_row, id_row):
+                if image_id < 0:
+                    continue
+                row = self.row(int(image_id))
+                hits.append(Hit(len(hits) + 1, float(score), row.id, display_path(row.path)))
+            results.append(hits)
+        return results
+
+    def search_images(self, images: Sequence[PILImage.Image], k: int = 5) -> list[list[Hit]]:
+        return self.search_vectors(embed_images(self.embedder, images), k)
+
+    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 5) -> list[list[Hit]]:
+        """Embed image files and search. An unreadable file raises ImageError naming it."""
+        images = [load_image(p, draft_size=self.embedder.config.resize_size) for p in paths]
+        return self.search_images(images, k)
+
+    def search_ids(self, image_ids: Sequence[int], k: int = 5) -> list[list[Hit]]:
+        """Use indexed images as queries (their stored vectors; no model needed)."""
+        import numpy as np
+
+        for image_id in image_ids:
+            self.row(image_id)  # unknown id -> CbirError naming it
+        return self.search_vectors(self.backend.vectors(np.asarray(image_ids, dtype=np.int64)), k)

@@ -1,0 +1,1 @@
+"""``cbir serve``: the upload-and-search web page (static/) and its JSON API."""

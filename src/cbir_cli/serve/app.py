@@ -1,0 +1,268 @@
+"""``cbir serve``: the upload-and-search web page and its JSON API (Flask).
+
+The app is made by :func:`create_app`, which opens the index and loads the model
+once, so every request reuses them. Files are only ever reached through an
+integer id looked up in the index (``Searcher.row``): no request can name a path,
+so there is nothing to traverse and nothing to list. Every error, including
+Flask's own 404/405/413, is answered as JSON ``{"error": message}``.
+
+Flask is imported inside functions so that importing this module (and ``cbir
+--help``) stays cheap.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mimetypes
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CbirError, ImageError
+from ..imageio.decode import decode_image, load_image
+from ..models.protocol import embed_images
+from ..paths import display_path
+
+if TYPE_CHECKING:
+    from flask import Flask, Response
+    from werkzeug.serving import BaseWSGIServer
+
+    from ..search.searcher import Hit, Searcher
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DEFAULT_K = 10
+# The page shows a grid of thumbnails; more than this is a scraping job, not a search.
+MAX_K = 100
+DEFAULT_MAX_UPLOAD_MB = 20.0
+THUMBNAIL_SIZE = 256
+THUMBNAIL_CACHE_ENTRIES = 512  # ~10 KB each: a few MB at most
+
+
+class ApiError(CbirError):
+    """An error answered to the client with an HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ThumbnailCache:
+    """A small thread-safe LRU of JPEG thumbnails keyed by image id and content hash
+    (so a re-indexed, changed file never gets its old thumbnail)."""
+
+    def __init__(self, capacity: int = THUMBNAIL_CACHE_ENTRIES, size: int = THUMBNAIL_SIZE) -> None:
+        self.capacity = capacity
+        self.size = size
+        self._entries: OrderedDict[tuple[int, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[int, str], path: str | os.PathLike[str]) -> bytes:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        # Made outside the lock: decoding a large photo must not block other thumbnails.
+        data = make_thumbnail(path, self.size)
+        with self._lock:
+            self._entries[key] = data
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return data
+
+
+def make_thumbnail(path: str | os.PathLike[str], size: int = THUMBNAIL_SIZE) -> bytes:
+    """A JPEG no larger than ``size`` x ``size`` (aspect kept). Raises ImageError."""
+    import io
+
+    img = load_image(path, draft_size=size)
+    img.thumbnail((size, size))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def parse_k(raw: str | None) -> int:
+    """The ``k`` parameter: default :data:`DEFAULT_K`, an integer in 1..:data:`MAX_K`."""
+    if raw is None or raw.strip() == "":
+        return DEFAULT_K
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ApiError(f"k must be an integer (got {raw[:40]!r})", 400) from None
+    if not 1 <= k <= MAX_K:
+        raise ApiError(f"k must be between 1 and {MAX_K} (got {k})", 400)
+    return k
+
+
+def parse_id(raw: str | None) -> int:
+    if raw is None or raw.strip() == "":
+        raise ApiError("missing query parameter 'id' (or POST an image)", 400)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(f"id must be an integer (got {raw[:40]!r})", 400) from None
+
+
+def hit_json(hit: Hit) -> dict[str, Any]:
+    return {"rank": hit.rank, "score": round(hit.score, 6), "id": hit.id, "name": os.path.basename(hit.path),
+            "path": hit.path, "image_url": f"/api/images/{hit.id}", "thumbnail_url": f"/api/thumbnails/{hit.id}"}
+
+
+def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[str] | None = None,
+               device: str = "auto", max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, runtime: str = "auto") -> Flask:
+    """The web app over one index. Opens the index (unless ``searcher`` is given) and
+    loads its model now, so a missing index or missing weights fail at start-up with
+    a :class:`CbirError`, not on the first request."""
+    from flask import Flask, jsonify, request, send_file, send_from_directory
+    from werkzeug.exceptions import HTTPException
+
+    if searcher is None:
+        from ..search.searcher import Searcher
+
+        searcher = Searcher.open(index_dir, device=device, runtime=runtime)
+    embedder = searcher.embedder  # load the model now (see docstring)
+    # One throw-away inference: the first forward pass pays seconds of one-off set-up
+    # (lazy imports, allocator, kernel selection) that should not land on a user.
+    from PIL import Image
+
+    embed_images(embedder, [Image.new("RGB", (embedder.config.input_size,) * 2)])
+    if max_upload_mb <= 0:
+        raise CbirError(f"upload limit must be > 0 MB (got {max_upload_mb})")
+
+    app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    app.json.sort_keys = False
+    app.extensions["cbir"] = searcher
+    thumbnails = ThumbnailCache()
+    # One query at a time through the model: a CPU model already uses every core,
+    # and concurrent batches would only multiply peak memory.
+    search_lock = threading.Lock()
+
+    def error(message: str, status: int) -> tuple[Response, int]:
+        return jsonify(error=message), status
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error(str(exc), exc.status)
+
+    @app.errorhandler(CbirError)
+    def _domain_error(exc: CbirError):
+        return error(str(exc), 400)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        if exc.code == 413:
+            return error(f"upload too large (limit {max_upload_mb:g} MB)", 413)
+        if exc.code == 404:
+            return error(f"not found: {request.path}", 404)
+        if exc.code == 405:
+            return error(f"method {request.method} not allowed for {request.path}", 405)
+        return error(exc.description or exc.name, exc.code or 500)
+
+    @app.after_request
+    def _headers(response: Response) -> Response:
+        # Indexed files are served with a type from their extension; never let the
+        # browser guess a more dangerous one.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def lookup(image_id: int):
+        try:
+            return searcher.row(image_id)
+        except CbirError:
+            raise ApiError(f"no image with id {image_id} in the index", 404) from None
+
+    def results(query: dict[str, Any], k: int, hits: list[Hit]) -> Response:
+        return jsonify(query=query, k=k, count=searcher.count, results=[hit_json(h) for h in hits])
+
+    @app.get("/")
+    def page():
+        return send_from_directory(STATIC_DIR, "index.html", max_age=0)
+
+    @app.get("/api/health")
+    def health():
+        return jsonify(status="ok", **searcher.info(), max_k=MAX_K, max_upload_mb=max_upload_mb)
+
+    @app.get("/api/search")
+    def search_by_id():
+        image_id = parse_id(request.args.get("id"))
+        k = parse_k(request.args.get("k"))
+        row = lookup(image_id)
+        with search_lock:
+            hits = searcher.search_ids([image_id], k)[0]
+        return results({"id": image_id, "name": os.path.basename(display_path(row.path))}, k, hits)
+
+    @app.post("/api/search")
+    def search_by_upload():
+        k = parse_k(request.form.get("k"))  # reading the form enforces MAX_CONTENT_LENGTH (413)
+        upload = request.files.get("image")
+        if upload is None:
+            raise ApiError("missing multipart file field 'image'", 400)
+        name = os.path.basename(upload.filename or "") or "upload"
+        try:
+            image = decode_image(upload.read(), name, draft_size=embedder.config.resize_size)
+        except ImageError as exc:
+            raise ApiError(f"{name}: {exc.reason}", 400) from None
+        with search_lock:
+            hits = searcher.search_images([image], k)[0]
+        return results({"name": name}, k, hits)
+
+    @app.get("/api/images/<int:image_id>")
+    def original(image_id: int):
+        path = lookup(image_id).path
+        if not os.path.isfile(path):
+            raise ApiError(f"image {image_id} is in the index but its file is gone", 404)
+        mimetype = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        return send_file(path, mimetype=mimetype, conditional=True, max_age=3600)
+
+    @app.get("/api/thumbnails/<int:image_id>")
+    def thumbnail(image_id: int):
+        import io
+
+        row = lookup(image_id)
+        try:
+            data = thumbnails.get((image_id, row.sha256), row.path)
+        except ImageError as exc:
+            raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
+        return send_file(io.BytesIO(data), mimetype="image/jpeg", max_age=3600)
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_http_server(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> BaseWSGIServer:
+    """A threaded WSGI server bound to ``host:port`` (port 0 = any free port); call
+    ``serve_forever()`` on it. A port in use or an unknown host is a :class:`CbirError`."""
+    import socket
+
+    from werkzeug.serving import make_server
+
+    # We bind the socket ourselves: werkzeug reports a bind failure by printing and
+    # calling sys.exit, which would bypass the CLI's one-line error.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise CbirError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    with listener:  # make_server duplicates the descriptor
+        return make_server(host, port, app, threaded=True, fd=listener.fileno())
+
+
+def server_url(server: BaseWSGIServer) -> str:
+    host = server.host
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{server.port}/"

@@ -1,0 +1,408 @@
+"""The feature store: ``.npy`` shards of float32 vectors, the rows they belong to,
+and a JSON manifest that is the single commit point (layout: :mod:`.manifest`).
+
+Shards are immutable once written. Removing or replacing an image tombstones its
+row in the manifest; a shard whose rows are all gone is dropped. Every file is
+written to a temporary name, fsynced and renamed, and only then does the manifest
+name it, so a crash at any moment leaves the last committed state intact; files no
+manifest names are leftovers and are removed on the next write.
+
+The manifest records each shard's size and the sha256 of both of its files, so a
+damaged or swapped file is detected when it is read (and by ``cbir check``) and is
+never served.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CorruptStoreError
+from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, bytes_sha256, json_bytes, npy_bytes
+from .manifest import FORMAT_VERSION, INDEX_DIR, MANIFEST, SHARDS_DIR, check_fingerprint, parse_manifest, read_manifest
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass(frozen=True)
+class Row:
+    """One stored image: a stable integer id (never reused), its path and content hash."""
+
+    id: int
+    path: str
+    sha256: str
+    size: int
+
+
+class FeatureStore:
+    """Read and append to a store directory. Not thread-safe; writers hold a lock
+    (see :mod:`.transaction`)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+        # What is on disk: commit() writes nothing when the manifest still equals it,
+        # so a re-run that changes nothing keeps the generation (and the saved index).
+        self._committed: dict[str, Any] | None = copy.deepcopy(manifest)
+        self._rows_cache: dict[str, list[Row]] = {}
+
+    # -- opening -----------------------------------------------------------
+
+    @staticmethod
+    def exists(root: str | os.PathLike[str]) -> bool:
+        return (Path(root) / MANIFEST).is_file()
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], check_files: bool = True) -> FeatureStore:
+        """Open the committed state. Fails (``CorruptStoreError``) on a malformed
+        manifest and, with ``check_files``, on shard files that are missing or of the
+        wrong size; contents are verified against their checksums when read."""
+        root = Path(root).expanduser()
+        store = cls(root, read_manifest(root))
+        if check_files:
+            problems = store.file_problems()
+            if problems:
+                raise CorruptStoreError(problems[0])
+        return store
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], fingerprint: dict[str, Any], generation: int = 0) -> FeatureStore:
+        """A new empty store, written by its first :meth:`commit` that has vectors to
+        commit (a run that stores nothing leaves no manifest behind, so it pins no
+        model). ``generation``: where a previous store (if any) stopped, so a search
+        index saved for it can never look current for the new one."""
+        now = time.time()
+        manifest = {
+            "format": FORMAT_VERSION,
+            "generation": generation,
+            "fingerprint": fingerprint,
+            "versions": _library_versions(),
+            "created": now,
+            "updated": now,
+            "next_id": 0,
+            "next_shard": 1,
+            "shards": [],
+            "count": 0,
+            "skipped": {},
+        }
+        store = cls(Path(root).expanduser(), manifest)
+        store._committed = None
+        return store
+
+    @property
+    def committed(self) -> bool:
+        """Whether a manifest of this store is on disk."""
+        return self._committed is not None
+
+    def successor(self, fingerprint: dict[str, Any]) -> FeatureStore:
+        """An empty store to replace this one (a rebuild), not yet committed.
+
+        Its shards get new names (numbering continues) and its manifest is written
+        only by its first :meth:`commit`, which then also deletes this store's
+        files: until that moment readers keep the complete previous index. Callers
+        must not commit it before it is complete."""
+        fresh = dict(self.manifest)
+        fresh.update({"fingerprint": fingerprint, "shards": [], "count": 0, "skipped": {},
+                      "created": time.time()})
+        fresh.pop("weights_path", None)
+        store = type(self)(self.root, fresh)
+        store._committed = self._committed
+        return store
+
+    def for_fingerprint(self, fingerprint: dict[str, Any]) -> FeatureStore:
+        """This store, checked to hold vectors comparable with ``fingerprint``
+        (:class:`StoreMismatchError` otherwise). A store that holds nothing (an
+        empty manifest left by an older version's failed first run) pins no model:
+        a new store takes its place."""
+        if self.count == 0 and not self.manifest["shards"] and self.fingerprint != fingerprint:
+            return type(self).create(self.root, fingerprint, self.generation)
+        check_fingerprint(self.fingerprint, fingerprint, self.root)
+        return self
+
+    @classmethod
+    def open_or_create(cls, root: str | os.PathLike[str], fingerprint: dict[str, Any]) -> FeatureStore:
+        if cls.exists(root):
+            return cls.open(root).for_fingerprint(fingerprint)
+        return cls.create(root, fingerprint)
+
+    def changed_on_disk(self) -> bool:
+        """Whether a writer committed since this store was opened: a reader that
+        met a missing or mismatching file then retries on the new state instead of
+        calling the index damaged."""
+        try:
+            path = self.root / MANIFEST
+            return parse_manifest(path.read_bytes(), path)["generation"] != self.generation
+        except (OSError, CorruptStoreError):
+            return True
+
+    # -- reading -----------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.manifest["fingerprint"]
+
+    @property
+    def generation(self) -> int:
+        return int(self.manifest["generation"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.fingerprint["dim"])
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / SHARDS_DIR
+
+    def shard_paths(self, shard: dict[str, Any]) -> tuple[Path, Path]:
+        """The vectors file and the rows file of a manifest shard entry."""
+        name = shard["name"]
+        return self.shards_dir / f"{name}.npy", self.shards_dir / f"{name}.rows.json"
+
+    def shard_file_problems(self, shard: dict[str, Any]) -> list[str]:
+        """Cheap checks (one stat per file, no reading): both files of a shard exist
+        and have the sizes the manifest recorded."""
+        problems = []
+        for path, size_key in zip(self.shard_paths(shard), ("bytes", "rows_bytes")):
+            try:
+                size = path.stat().st_size
+            except OSError as exc:
+                problems.append(f"{path}: missing or unreadable ({exc.strerror or exc})")
+                continue
+            if size_key in shard and size != shard[size_key]:
+                problems.append(f"{path}: {size} bytes, manifest says {shard[size_key]} (truncated or replaced)")
+        return problems
+
+    def file_problems(self) -> list[str]:
+        """:meth:`shard_file_problems` of every shard the manifest names."""
+        return [p for shard in self.manifest["shards"] for p in self.shard_file_problems(shard)]
+
+    def shard_rows(self, shard: dict[str, Any]) -> list[Row]:
+        name = shard["name"]
+        rows = self._rows_cache.get(name)
+        if rows is None:
+            _, path = self.shard_paths(shard)
+            try:
+                data = path.read_bytes()
+                if "rows_sha256" in shard and bytes_sha256(data) != shard["rows_sha256"]:
+                    raise ValueError("checksum mismatch, damaged or replaced")
+                rows = [Row(**r) for r in json.loads(data.decode("ascii"))]
+            except (OSError, ValueError, TypeError) as exc:
+                raise CorruptStoreError(f"{path}: unreadable ({exc})") from None
+            if len(rows) != shard["rows"]:
+                raise CorruptStoreError(f"{path}: {len(rows)} rows, manifest says {shard['rows']}")
+            self._rows_cache[name] = rows
+        return rows
+
+    def live_rows(self) -> list[Row]:
+        """All live rows, in shard order: the row order of :meth:`load_vectors`."""
+        out: list[Row] = []
+        for shard in self.manifest["shards"]:
+            removed = set(shard["removed"])
+            out.extend(r for i, r in enumerate(self.shard_rows(shard)) if i not in removed)
+        return out
+
+    def rows_by_path(self) -> dict[str, Row]:
+        return {r.path: r for r in self.live_rows()}
+
+    def read_shard(self, shard: dict[str, Any], mmap: bool) -> np.ndarray:
+        """A shard's vectors. A full read is checked against the manifest's sha256
+        (a flipped bit must not be served); ``mmap`` (for a few rows) checks shape only."""
+        import io
+
+        import numpy as np
+
+        path, _ = self.shard_paths(shard)
+        try:
+            if mmap:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            else:
+                data = path.read_bytes()
+                if bytes_sha256(data) != shard["sha256"]:
+                    raise ValueError("checksum mismatch, damaged or replaced")
+                arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CorruptStoreError(f"{path}: unreadable shard ({exc})") from None
+        if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape != (shard["rows"], self.dim):
+            raise CorruptStoreError(
+                f"{path}: shard has shape {arr.shape} {arr.dtype}, manifest says ({shard['rows']}, {self.dim}) float32"
+            )
+        return arr
+
+    def load_vectors(self, mmap: bool = False) -> np.ndarray:
+        """Live vectors (n, dim) float32, rows aligned with :meth:`live_rows`."""
+        import numpy as np
+
+        parts = []
+        for shard in self.manifest["shards"]:
+            arr = self.read_shard(shard, mmap)
+            if shard["removed"]:
+                keep = np.ones(shard["rows"], dtype=bool)
+                keep[shard["removed"]] = False
+                arr = arr[keep]
+            parts.append(np.asarray(arr))
+        if not parts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(parts, axis=0) if len(parts) > 1 else np.array(parts[0])
+
+    def vectors_for(self, rows: Iterable[Row]) -> dict[int, np.ndarray]:
+        """Vectors of specific live rows by id (used to reuse a moved file's vector)."""
+        import numpy as np
+
+        wanted = {r.id for r in rows}
+        out: dict[int, np.ndarray] = {}
+        for shard in self.manifest["shards"]:
+            ids = [r.id for r in self.shard_rows(shard)]
+            hits = [i for i, rid in enumerate(ids) if rid in wanted]
+            if hits:
+                arr = self.read_shard(shard, mmap=True)
+                for i in hits:
+                    out[ids[i]] = np.array(arr[i])
+        return out
+
+    # -- writing -----------------------------------------------------------
+
+    def add_shard(self, vectors: np.ndarray, items: Sequence[tuple[str, str, int]]) -> list[Row]:
+        """Write a new shard for ``items`` = (path, sha256, size), rows aligned with
+        ``vectors``. Live rows with the same paths are tombstoned (replaced). The change
+        is durable only after :meth:`commit`.
+
+        The in-memory manifest changes in one assignment at the end, so a Ctrl-C
+        (KeyboardInterrupt) anywhere in here leaves it as it was and a retry cannot
+        register the shard twice."""
+        import numpy as np
+
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape != (len(items), self.dim):
+            raise ValueError(f"vectors shape {vectors.shape} does not match {len(items)} rows of dim {self.dim}")
+        if len({path for path, _, _ in items}) != len(items):
+            raise ValueError("a shard cannot hold the same path twice")
+        name = f"shard-{self.manifest['next_shard']:06d}"
+        first_id = int(self.manifest["next_id"])
+        rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
+        data = npy_bytes(vectors)
+        rows_data = json_bytes([asdict(r) for r in rows])
+        self.shards_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.shards_dir / f"{name}.npy", data)
+        atomic_write_bytes(self.shards_dir / f"{name}.rows.json", rows_data)
+        self._rows_cache[name] = rows
+        shards, _ = self._without_paths({r.path for r in rows})
+        shard = {"name": name, "rows": len(rows), "sha256": bytes_sha256(data), "bytes": len(data),
+                 "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": []}
+        skipped = {p: v for p, v in self.manifest["skipped"].items() if p not in {r.path for r in rows}}
+        self.manifest = {**self.manifest, "shards": [*shards, shard], "next_shard": self.manifest["next_shard"] + 1,
+                         "next_id": first_id + len(rows), "skipped": skipped}
+        return rows
+
+    def _without_paths(self, targets: set[str]) -> tuple[list[dict[str, Any]], int]:
+        """The manifest's shard list with the live rows of ``targets`` tombstoned
+        (new dicts; the manifest is not touched) and how many rows that removed."""
+        removed = 0
+        shards = []
+        for shard in self.manifest["shards"]:
+            gone = set(shard["removed"])
+            hits = {i for i, r in enumerate(self.shard_rows(shard)) if i not in gone and r.path in targets}
+            if not hits:
+                shards.append(shard)
+                continue
+            removed += len(hits)
+            gone |= hits
+            if len(gone) < shard["rows"]:
+                shards.append({**shard, "removed": sorted(gone)})
+        return shards, removed
+
+    def remove_paths(self, paths: Iterable[str]) -> int:
+        """Tombstone the live rows of ``paths``; returns how many were removed."""
+        targets = set(paths)
+        if not targets:
+            return 0
+        shards, removed = self._without_paths(targets)
+        self.manifest = {**self.manifest, "shards": shards}
+        return removed
+
+    def record_skipped(self, path: str, sha256: str, reason: str) -> None:
+        """Remember a file that could not be embedded, so an unchanged copy is not
+        decoded again on the next run (it is reported as skipped again)."""
+        self.manifest["skipped"][path] = {"sha256": sha256, "reason": reason}
+
+    def forget_skipped(self, paths: Iterable[str]) -> None:
+        for p in paths:
+            self.manifest["skipped"].pop(p, None)
+
+    def commit(self) -> bool:
+        """Make everything written so far durable: the manifest is replaced
+        atomically, then files it no longer names are deleted. Returns False (and
+        writes nothing) when nothing changed since the last commit, or when a new
+        store still holds no vectors (it would pin a model for nothing)."""
+        if self._committed is None and not self.manifest["shards"]:
+            return False
+        if self.manifest == self._committed:
+            self.collect_garbage()  # leftovers of a killed run go even if nothing changed
+            return False
+        manifest = {
+            **self.manifest,
+            "generation": self.generation + 1,
+            "updated": time.time(),
+            "count": sum(s["rows"] - len(s["removed"]) for s in self.manifest["shards"]),
+            "versions": _library_versions(),
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / MANIFEST, manifest)
+        self.manifest = manifest
+        self._committed = copy.deepcopy(manifest)
+        self.collect_garbage()
+        return True
+
+    def leftover_files(self) -> list[Path]:
+        """Files the committed manifest does not name: shards of an interrupted or
+        dropped write, and temporaries of an interrupted atomic write. Harmless
+        (never read) and removed by the next commit."""
+        live = {s["name"] for s in self.manifest["shards"]}
+        out = []
+        if self.shards_dir.is_dir():
+            for path in self.shards_dir.iterdir():
+                stem = path.name.removesuffix(".npy").removesuffix(".rows.json")
+                if path.name.startswith(".") or stem not in live:
+                    out.append(path)
+        for folder in (self.root, self.root / INDEX_DIR):
+            if folder.is_dir():
+                out.extend(p for p in folder.iterdir() if p.name.startswith(".") and TMP_MARK in p.name)
+        return sorted(out)
+
+    def collect_garbage(self) -> list[Path]:
+        """Delete :meth:`leftover_files` (only writers, holding the lock, call this)."""
+        deleted = []
+        for path in self.leftover_files():
+            try:
+                path.unlink()
+                deleted.append(path)
+            except OSError:
+                pass
+        live = {s["name"] for s in self.manifest["shards"]}
+        for name in list(self._rows_cache):
+            if name not in live:
+                del self._rows_cache[name]
+        return deleted
+
+
+def _library_versions() -> dict[str, str]:
+    """Versions of what made the vectors, recorded in the manifest at each commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("cbir-cli", "torch", "torchvision", "faiss-cpu", "numpy", "pillow"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out

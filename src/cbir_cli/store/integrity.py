@@ -1,0 +1,69 @@
+"""Reading a whole store back and checking that it agrees with its manifest:
+shards and rows files present with the recorded sizes and checksums, float32
+(rows, dim), finite unit-length vectors, ids unique and below ``next_id``, live
+paths unique, the count right. Used by ``cbir check``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import CorruptStoreError
+from .feature_store import FeatureStore
+from .manifest import MANIFEST
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# Stored vectors are L2-normalised by the embedder; anything else is damage.
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+def shard_problems(store: FeatureStore, problems: list[str]) -> np.ndarray | None:
+    """Check every shard and rows file; the live vectors when all could be read."""
+    import numpy as np
+
+    manifest = store.manifest
+    before = len(problems)
+    seen_ids: set[int] = set()
+    live_paths: dict[str, str] = {}
+    parts = []
+    for shard in manifest["shards"]:
+        name = shard["name"]
+        vectors_path, rows_path = store.shard_paths(shard)
+        if not name.startswith("shard-") or not name[6:].isdigit() or int(name[6:]) >= manifest["next_shard"]:
+            problems.append(f"{vectors_path}: shard name not below next_shard {manifest['next_shard']}")
+        missing = store.shard_file_problems(shard)
+        if missing:
+            problems.extend(missing)
+            continue
+        try:
+            rows = store.shard_rows(shard)
+            vectors = store.read_shard(shard, mmap=False)
+        except CorruptStoreError as exc:
+            problems.append(exc.message)
+            continue
+        removed = set(shard["removed"])
+        for i, row in enumerate(rows):
+            if row.id in seen_ids or not 0 <= row.id < manifest["next_id"]:
+                problems.append(f"{rows_path}: id {row.id} repeated or not below next_id {manifest['next_id']}")
+            seen_ids.add(row.id)
+            if i in removed:
+                continue
+            if row.path in live_paths:
+                problems.append(f"{rows_path}: {row.path} is also live in {live_paths[row.path]}")
+            live_paths[row.path] = name
+        if not np.isfinite(vectors).all():
+            problems.append(f"{vectors_path}: holds NaN or infinite values")
+        else:
+            norms = np.linalg.norm(vectors, axis=1)
+            off = int((np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).sum())
+            if off:
+                problems.append(f"{vectors_path}: {off} vector(s) are not unit length")
+        keep = np.ones(shard["rows"], dtype=bool)
+        keep[sorted(removed)] = False
+        parts.append(vectors[keep])
+    if len(live_paths) != manifest["count"] and len(problems) == before:
+        problems.append(f"{store.root / MANIFEST}: count {manifest['count']} but {len(live_paths)} live rows")
+    if len(problems) > before:
+        return None
+    return np.concatenate(parts) if parts else np.zeros((0, store.dim), dtype=np.float32)

@@ -1,0 +1,183 @@
+"""The store's write transaction: the one way anything writes vectors.
+
+``with write_transaction(root) as txn:`` takes the writer lock, treats SIGTERM like
+Ctrl-C, opens the store (:meth:`WriteTransaction.begin` with the fingerprint of the
+vectors to come), buffers vectors into shards of ``shard_size`` rows and commits
+each shard as it fills, so an interrupted run loses at most one shard of work. On a
+normal exit everything is committed; on Ctrl-C or SIGTERM what is done is committed
+and :class:`~cbir_cli.errors.Interrupted` says how to resume. A rebuild writes a
+successor store whose manifest is committed once, at the end: until then readers
+keep the previous index, and an interrupted rebuild changes nothing.
+
+``cbir index``, ``cbir extract`` and ``cbir evaluate``'s feature cache all write
+through here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CorruptStoreError, Interrupted
+from .feature_store import FeatureStore
+from .locking import writer_lock
+from .manifest import INDEX_DIR, MANIFEST, SHARDS_DIR
+
+if TYPE_CHECKING:
+    import numpy as np
+
+DEFAULT_SHARD_SIZE = 1024
+Item = tuple[str, str, int]  # (path, sha256, size) of one image
+
+
+class WriteTransaction:
+    """A writer's session on one store; see the module docstring. Implements the
+    pipeline's vector sink (:meth:`add`)."""
+
+    def __init__(self, root: Path, rebuild: bool, shard_size: int) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard size must be >= 1 (got {shard_size})")
+        self.root = root
+        self.rebuild = rebuild
+        self.shard_size = shard_size
+        self._store: FeatureStore | None = None
+        self._existing: FeatureStore | None = None
+        self._opened = False
+        self._vectors: list[np.ndarray] = []
+        self._items: list[Item] = []
+        self.written = 0  # rows written to shards by this transaction
+
+    # -- opening -------------------------------------------------------------
+
+    @property
+    def existing(self) -> FeatureStore | None:
+        """The committed store at ``root`` before this transaction, or None when
+        there is none (or, for a rebuild, when it is too damaged to open)."""
+        if not self._opened:
+            self._opened = True
+            if FeatureStore.exists(self.root):
+                try:
+                    self._existing = FeatureStore.open(self.root)
+                except CorruptStoreError:
+                    if not self.rebuild:
+                        raise
+        return self._existing
+
+    def begin(self, fingerprint: dict[str, Any]) -> FeatureStore:
+        """The store this transaction writes, for vectors of ``fingerprint``: the
+        existing one (refused when it holds another model's vectors), a successor
+        for a rebuild, or a new one."""
+        existing = self.existing
+        if self.rebuild:
+            if existing is not None:
+                self._store = existing.successor(fingerprint)
+            else:
+                if FeatureStore.exists(self.root):
+                    _remove_damaged(self.root)
+                self._store = FeatureStore.create(self.root, fingerprint)
+        elif existing is not None:
+            self._store = existing.for_fingerprint(fingerprint)
+        else:
+            self._store = FeatureStore.create(self.root, fingerprint)
+        return self._store
+
+    @property
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            raise RuntimeError("begin() the transaction first")
+        return self._store
+
+    # -- writing -------------------------------------------------------------
+
+    def add(self, vectors: np.ndarray, items: Sequence[Item]) -> None:
+        """Buffer vectors (rows aligned with ``items``); a full shard is written and
+        (unless rebuilding) committed."""
+        self._vectors.append(vectors)
+        self._items.extend(items)
+        if len(self._items) >= self.shard_size:
+            self.flush()
+
+    def record_skipped(self, path: str, sha256: str, reason: str) -> None:
+        self.store.record_skipped(path, sha256, reason)
+
+    def remove_paths(self, paths: Sequence[str]) -> int:
+        return self.store.remove_paths(paths)
+
+    def flush(self) -> None:
+        """Write what is buffered as a shard and, unless rebuilding, commit."""
+        import numpy as np
+
+        if self._items:
+            self.store.add_shard(np.concatenate(self._vectors, axis=0), self._items)
+            self.written += len(self._items)
+            self._vectors, self._items = [], []
+        if not self.rebuild:
+            self.store.commit()
+
+    def commit(self) -> bool:
+        """Write what is buffered and commit (also a rebuild's single commit)."""
+        self.flush()
+        return self.store.commit() if self.rebuild else False
+
+    def interrupted(self, noun: str) -> Interrupted:
+        """Commit what is done (not for a rebuild: it keeps the previous index) and
+        the error that says so."""
+        if self.rebuild or self._store is None:
+            if self.rebuild:
+                return Interrupted(f"interrupted: the rebuild of {self.root} did not finish and the previous "
+                                   "index is unchanged; run the same command again to rebuild")
+            return Interrupted(f"interrupted: nothing was written to {self.root}")
+        # Every row written so far is complete. A second Ctrl-C during this flush
+        # still leaves the last committed state intact.
+        self.flush()
+        return Interrupted(f"interrupted: {self.written} {noun} committed to {self.root}; "
+                           "run the same command again to resume")
+
+
+@contextmanager
+def write_transaction(root: str | Path, rebuild: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
+                      noun: str = "images") -> Iterator[WriteTransaction]:
+    """See the module docstring. ``noun`` names the rows in the interrupt message."""
+    root = Path(root).expanduser()
+    with writer_lock(root), terminate_as_interrupt():
+        txn = WriteTransaction(root, rebuild, shard_size)
+        try:
+            yield txn
+            if txn._store is not None:
+                txn.commit()
+        except KeyboardInterrupt:
+            raise txn.interrupted(noun) from None
+
+
+def _remove_damaged(root: Path) -> None:
+    """Delete a store too damaged to open, before a rebuild replaces it."""
+    for name in (MANIFEST, SHARDS_DIR, INDEX_DIR):
+        target = root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (``kill PID``, a service manager stopping us) like Ctrl-C while
+    writing: commit what is done and say how to resume, instead of dying mid-way.
+    Only the main thread can own signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
