@@ -16,6 +16,7 @@ from .. import __version__
 from ..errors import CbirError
 from ..evaluate.datasets import RELEVANCE_KINDS
 from ..models.loading import DEVICES, RUNTIMES
+from ..models.registry import INPUTS, POOLINGS
 from ..pipeline.options import DECODE_CHOICES
 from ..search.faiss_backend import INDEX_TYPES
 
@@ -41,6 +42,8 @@ Runtime = _choices("Runtime", RUNTIMES)
 Decode = _choices("Decode", DECODE_CHOICES)
 IndexType = _choices("IndexType", INDEX_TYPES)
 Relevance = _choices("Relevance", RELEVANCE_KINDS)
+Pooling = _choices("Pooling", POOLINGS)
+InputMode = _choices("InputMode", INPUTS)
 AUTO_DEVICE, AUTO_RUNTIME, AUTO_DECODE = Device("auto"), Runtime("auto"), Decode("auto")
 PRODUCT_RELEVANCE = Relevance("product")
 
@@ -134,6 +137,32 @@ DecodeOpt = Annotated[Decode, typer.Option("--decode", help="Where JPEGs are dec
                                                             "decoded on the CPU); auto = gpu when the model runs on "
                                                             "CUDA, else cpu. Vectors are interchangeable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+# The descriptor: how the model's last feature map becomes one vector. Unset options
+# keep the default (GeM p=3, full image, scales 1,1.4); an index that grows keeps
+# the descriptor it was built with unless one is given.
+PoolingOpt = Annotated[Optional[Pooling], typer.Option("--pooling", help="Pooling of the last feature map: gem "
+                                                       "(generalised mean, default), gap (average) or mac (max).",
+                                                       show_default=False)]
+GemPOpt = Annotated[Optional[float], typer.Option("--gem-p", min=1.0, max=16.0, help="GeM exponent (default 3).",
+                                                  show_default=False)]
+InputOpt = Annotated[Optional[InputMode], typer.Option("--input", help="full (whole image, aspect ratio kept, "
+                                                       "default) or crop (centre square, as ImageNet training).",
+                                                       show_default=False)]
+ScalesOpt = Annotated[Optional[str], typer.Option("--scales", help="Input scales, averaged (default 1,1.4: short "
+                                                  "side 224 and 320 for the ImageNet models).", show_default=False)]
+
+
+def descriptor_choice(pooling, gem_p: float | None, input_mode, scales: str | None):
+    """The descriptor the options ask for (unset ones from the default), or None when
+    none is given (the library then keeps an index's own, else the default)."""
+    if pooling is None and gem_p is None and input_mode is None and scales is None:
+        return None
+    from ..models.registry import DEFAULT_DESCRIPTOR, parse_scales
+
+    return DEFAULT_DESCRIPTOR.with_options(pooling=pooling.value if pooling else None, gem_p=gem_p,
+                                           input=input_mode.value if input_mode else None,
+                                           scales=parse_scales(scales) if scales is not None else None)
 
 
 def extract_options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool,

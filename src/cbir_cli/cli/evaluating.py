@@ -16,13 +16,18 @@ from .common import (
     BatchOpt,
     DecodeOpt,
     DeviceOpt,
+    GemPOpt,
+    InputOpt,
     JsonOpt,
+    PoolingOpt,
     Relevance,
+    ScalesOpt,
     WeightsOpt,
     WorkersOpt,
     _choices,
     app,
     cli_errors,
+    descriptor_choice,
     extract_options,
     stderr,
     stdout,
@@ -46,6 +51,10 @@ def evaluate_cmd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model for --features deep. Default: "
                                                  "resnet50, else installed mobilenet_v2.", show_default=False)] = None,
     weights: WeightsOpt = None,
+    pooling: PoolingOpt = None,
+    gem_p: GemPOpt = None,
+    input_mode: InputOpt = None,
+    scales: ScalesOpt = None,
     features: Annotated[str, typer.Option("--features", help="deep, hsv, hog, sift_bovw, a comma list, or all "
                                           "(side by side).")] = "deep",
     relevance: Annotated[Relevance, typer.Option("--relevance", help="sop: product (same class_id) or superclass "
@@ -82,6 +91,7 @@ def evaluate_cmd(
 
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
+            descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
             extract=extract_options(batch_size, workers, 1024, device, progress=not as_json, decode=decode),
         )

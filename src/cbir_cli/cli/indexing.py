@@ -16,15 +16,20 @@ from .common import (
     BatchOpt,
     DecodeOpt,
     DeviceOpt,
+    GemPOpt,
     IndexDirOpt,
     IndexType,
+    InputOpt,
     JsonOpt,
+    PoolingOpt,
     RuntimeOpt,
+    ScalesOpt,
     ShardOpt,
     WeightsOpt,
     WorkersOpt,
     app,
     cli_errors,
+    descriptor_choice,
     extract_options,
     notice,
     print_summary,
@@ -49,8 +54,13 @@ def index_cmd(
                                                            "50k images, then ivfpq). Default: the existing index's "
                                                            "type, else auto.", show_default=False)] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Embed everything again into a new index (after damage, or "
-                                                       "to switch --model); the previous index keeps serving until "
-                                                       "the new one is complete.")] = False,
+                                                       "to switch --model or the descriptor: without descriptor "
+                                                       "options it gets the default one); the previous index keeps "
+                                                       "serving until the new one is complete.")] = False,
+    pooling: PoolingOpt = None,
+    gem_p: GemPOpt = None,
+    input_mode: InputOpt = None,
+    scales: ScalesOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
@@ -69,7 +79,8 @@ def index_cmd(
                                                                         progress=not as_json, runtime=runtime,
                                                                         decode=decode),
                                index_type=index_type.value if index_type else None, rebuild=rebuild,
-                               on_skip=warn_skip, on_notice=notice)
+                               on_skip=warn_skip, on_notice=notice,
+                               descriptor=descriptor_choice(pooling, gem_p, input_mode, scales))
         print_summary(summary, target, as_json, "indexed")
 
 
@@ -83,6 +94,10 @@ def extract_cmd(
                                                       "only its weights are installed).",
                                                  show_default=False)] = None,
     weights: WeightsOpt = None,
+    pooling: PoolingOpt = None,
+    gem_p: GemPOpt = None,
+    input_mode: InputOpt = None,
+    scales: ScalesOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
@@ -98,7 +113,8 @@ def extract_cmd(
         summary = extract_folder(folder, out, model, weights, extract_options(batch_size, workers, shard_size, device,
                                                                       progress=not as_json, runtime=runtime,
                                                                       decode=decode),
-                                 on_skip=warn_skip, on_notice=notice)
+                                 on_skip=warn_skip, on_notice=notice,
+                                 descriptor=descriptor_choice(pooling, gem_p, input_mode, scales))
         print_summary(summary, out, as_json, "extracted")
 
 

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image as PILImage
 
+    from ..models.registry import DescriptorSettings
+
 NotifyCallback = Callable[[str], None]
 
 
@@ -69,9 +71,11 @@ class FeatureSource:
     request: EmbedRequest
 
 
-def deep_source(model: str, weights: Path | None, options: ExtractOptions) -> FeatureSource:
-    return FeatureSource("deep", f"deep ({model})", model_fingerprint(model, weights),
-                         EmbedRequest(model, weights, options.device, options.runtime))
+def deep_source(model: str, weights: Path | None, options: ExtractOptions,
+                descriptor: DescriptorSettings | None = None, label: str | None = None) -> FeatureSource:
+    """A registry model with ``descriptor`` (default: the model's)."""
+    return FeatureSource("deep", label or f"deep ({model})", model_fingerprint(model, weights, descriptor),
+                         EmbedRequest(model, weights, options.device, options.runtime, descriptor=descriptor))
 
 
 def descriptor_source(name: str) -> FeatureSource:

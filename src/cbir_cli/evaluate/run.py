@@ -40,6 +40,7 @@ from .features import (
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..models.registry import DescriptorSettings
     from ..search.protocol import SearchBackend
 
 FEATURE_KINDS = ("deep", "hsv", "hog", "sift_bovw")
@@ -56,6 +57,7 @@ class EvaluationOptions:
     features: tuple[str, ...] = ("deep",)
     model: str | None = None  # None: the default model (ResNet-50, else installed MobileNetV2)
     weights: Path | None = None
+    descriptor: DescriptorSettings | None = None  # None: the model's default
     relevance: str = "product"
     recall_ks: tuple[int, ...] = (1, 10, 100, 1000)  # SOP-convention Recall@K
     k: int = 5  # the paper's P@K, IR-Recall@K and Top-K accuracy
@@ -272,7 +274,7 @@ def feature_source(feature: str, collection: LabelledCollection, cache_root: Pat
         choice = resolve_model(options.model, options.weights)
         if choice.notice and on_notice:
             on_notice(choice.notice)
-        return deep_source(choice.name, choice.weights, options.extract)
+        return deep_source(choice.name, choice.weights, options.extract, options.descriptor)
     if feature == "sift_bovw":
         encoder = bovw_vocabulary(collection, cache_root, options.bovw_vocab_size, options.bovw_fit_images, on_notice)
         return bovw_source(encoder)

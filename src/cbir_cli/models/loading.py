@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import CbirError
 from .protocol import Embedder, model_fingerprint_of
-from .registry import ModelConfig, get_model_config
+from .registry import DescriptorSettings, ModelConfig, get_model_config
 from .weights import weights_id_for
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -65,18 +65,18 @@ def resolve_runtime(runtime: str, device: str, config: ModelConfig) -> str:
 
 
 def load_embedder(name: str, weights: str | os.PathLike[str] | None = None, device: str = "auto",
-                  runtime: str = "torch") -> Embedder:
+                  runtime: str = "torch", descriptor: DescriptorSettings | None = None) -> Embedder:
     """A registered model with its weights on a device, or a hand-crafted descriptor
     (``weights``: sift_bovw's vocabulary file).
 
     ``runtime``: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``auto`` (the faster one
     for the device). Every runtime gives the same fingerprint and interchangeable
-    vectors."""
+    vectors. ``descriptor``: pooling, input and scales (default: the model's)."""
     from .descriptors import DESCRIPTORS, descriptor_embedder
 
     if name in DESCRIPTORS:
         return descriptor_embedder(name, weights)
-    config = get_model_config(name)
+    config = get_model_config(name).with_descriptor(descriptor)
     device = resolve_device(device)
     if resolve_runtime(runtime, device, config) == "onnx":
         from .onnx_embedder import load_onnx_embedder
@@ -88,10 +88,17 @@ def load_embedder(name: str, weights: str | os.PathLike[str] | None = None, devi
     return TorchEmbedder(config, module, weights_id, device)
 
 
-def model_fingerprint(name: str, weights: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def model_fingerprint(name: str, weights: str | os.PathLike[str] | None = None,
+                      descriptor: DescriptorSettings | None = None) -> dict[str, Any]:
     """What an embedder of this registry model would record, without building it."""
-    config = get_model_config(name)
+    config = get_model_config(name).with_descriptor(descriptor)
     return model_fingerprint_of(config, weights_id_for(config, weights))
+
+
+def descriptor_of(fingerprint: dict[str, Any]) -> DescriptorSettings:
+    """The descriptor settings a store's fingerprint records (none recorded: the
+    legacy GAP / centre crop of stores made before they were configurable)."""
+    return DescriptorSettings.from_fingerprint(fingerprint.get("descriptor"))
 
 
 def runtime_of(embedder: Embedder) -> str:
@@ -112,6 +119,10 @@ def fingerprint_problems(fp: dict[str, Any], weights_path: str | None, where: An
     except CbirError:
         return [f"{where}: unknown model {fp.get('model')!r}; its vectors cannot be queried"]
     problems = []
+    try:
+        descriptor_of(fp)
+    except CbirError as exc:
+        problems.append(f"{where}: {exc.message}")
     if fp.get("dim") != config.dim:
         problems.append(f"{where}: model {config.name} makes {config.dim}-d vectors, manifest says {fp.get('dim')}")
     if fp.get("preprocessing") != config.preprocessing():

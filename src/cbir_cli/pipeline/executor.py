@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..models.protocol import Embedder
+    from ..models.registry import DescriptorSettings
 
 # (index into the items, one-line reason) for a file that could not be embedded.
 FailureCallback = Callable[[int, str], None]
@@ -36,13 +37,14 @@ class EmbedRequest:
     device: str = "auto"
     runtime: str = "auto"
     embedder: Embedder | None = None
+    descriptor: DescriptorSettings | None = None  # None: the model's default
 
     def load(self) -> Embedder:
         if self.embedder is not None:
             return self.embedder
         from ..models.loading import load_embedder
 
-        return load_embedder(self.model, self.weights, self.device, self.runtime)
+        return load_embedder(self.model, self.weights, self.device, self.runtime, self.descriptor)
 
 
 class VectorSink(Protocol):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..models.loading import model_fingerprint
 from ..paths import display_path
-from ..resolve import resolve_index_dir, resolve_model
+from ..resolve import resolve_descriptor, resolve_index_dir, resolve_model
 from ..store.feature_store import FeatureStore
 from ..store.transaction import WriteTransaction, write_transaction
 from .executor import EmbedRequest, Executor
@@ -26,6 +26,7 @@ from .plan import Plan, plan_sync
 
 if TYPE_CHECKING:
     from ..models.protocol import Embedder
+    from ..models.registry import DescriptorSettings
 
 SkipCallback = Callable[[str, str], None]
 NoticeCallback = Callable[[str], None]
@@ -90,7 +91,8 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
                  weights: str | os.PathLike[str] | None, options: ExtractOptions | None,
                  embedder: Embedder | None, on_skip: SkipCallback | None, on_notice: NoticeCallback | None,
                  rebuild: bool, executor: Executor | None,
-                 after_commit: Callable[[FeatureStore], None] | None = None) -> ExtractSummary:
+                 after_commit: Callable[[FeatureStore], None] | None = None,
+                 descriptor: DescriptorSettings | None = None) -> ExtractSummary:
     options = options or ExtractOptions()
     executor = executor or LocalExecutor(options)
     started = time.perf_counter()
@@ -110,10 +112,13 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
             request = EmbedRequest(embedder.config.name, weights, options.device, options.runtime, embedder)
         else:
             choice = resolve_model(model, weights, txn.existing)
-            if choice.notice and on_notice:
-                on_notice(choice.notice)
-            fingerprint = model_fingerprint(choice.name, choice.weights)
-            request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime)
+            settings, descriptor_notice = resolve_descriptor(descriptor, choice.name, txn.existing, rebuild)
+            for notice in (choice.notice, descriptor_notice):
+                if notice and on_notice:
+                    on_notice(notice)
+            fingerprint = model_fingerprint(choice.name, choice.weights, settings)
+            request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime,
+                                   descriptor=settings)
         store = txn.begin(fingerprint)
         if request.weights is not None:
             store.manifest["weights_path"] = str(Path(request.weights).expanduser().absolute())
@@ -130,7 +135,7 @@ def sync_folder(root: str | os.PathLike[str], store_dir: str | os.PathLike[str],
                 weights: str | os.PathLike[str] | None = None, options: ExtractOptions | None = None,
                 embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
                 on_notice: NoticeCallback | None = None, rebuild: bool = False,
-                executor: Executor | None = None) -> ExtractSummary:
+                executor: Executor | None = None, descriptor: DescriptorSettings | None = None) -> ExtractSummary:
     """``cbir extract``: make the store at ``store_dir`` hold one vector per readable
     image below ``root``: embed new and changed files, drop deleted ones, keep the rest.
 
@@ -140,9 +145,11 @@ def sync_folder(root: str | os.PathLike[str], store_dir: str | os.PathLike[str],
     ``rebuild``: embed everything again into a new store that replaces the old one in
     a single commit at the end; an interrupted rebuild leaves the previous store
     untouched. ``executor``: how images become vectors (default: this machine).
+    ``descriptor``: pooling, input and scales (default: a growing store's own, else
+    the model's default; see :func:`cbir_cli.resolve.resolve_descriptor`).
     """
     return _sync_folder(root, Path(store_dir).expanduser(), model, weights, options, embedder, on_skip, on_notice,
-                        rebuild, executor)
+                        rebuild, executor, descriptor=descriptor)
 
 
 extract_folder = sync_folder
@@ -152,7 +159,8 @@ def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str]
                  model: str | None = None, weights: str | os.PathLike[str] | None = None,
                  options: ExtractOptions | None = None, index_type: str | None = None, rebuild: bool = False,
                  embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
-                 on_notice: NoticeCallback | None = None, executor: Executor | None = None) -> ExtractSummary:
+                 on_notice: NoticeCallback | None = None, executor: Executor | None = None,
+                 descriptor: DescriptorSettings | None = None) -> ExtractSummary:
     """``cbir index``: :func:`sync_folder`, then bring the search index up to date with
     the committed store, all in one write transaction. ``index_type``: see
     :data:`cbir_cli.search.faiss_backend.INDEX_TYPES`; default: the saved index's
@@ -166,5 +174,5 @@ def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str]
         FaissBackend().refresh(store, index_type)
 
     return _sync_folder(root, resolve_index_dir(index_dir), model, weights, options, embedder, on_skip, on_notice,
-                        rebuild, executor, after_commit=refresh)
+                        rebuild, executor, after_commit=refresh, descriptor=descriptor)
 

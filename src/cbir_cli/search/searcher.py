@@ -112,11 +112,11 @@ class Searcher:
     def embedder(self) -> Embedder:
         """The model that made this store's vectors, loaded on first use."""
         if self._embedder is None:
-            from ..models.loading import load_embedder
+            from ..models.loading import descriptor_of, load_embedder
 
             fp = self.store.fingerprint
             weights = self.store.manifest.get("weights_path")
-            self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime)
+            self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime, descriptor_of(fp))
             check_fingerprint(fp, self._embedder.fingerprint(), self.store.root)
         return self._embedder
 
@@ -174,7 +174,7 @@ class Searcher:
 
     def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 5) -> list[list[Hit]]:
         """Embed image files and search. An unreadable file raises ImageError naming it."""
-        images = [load_image(p, draft_size=self.embedder.config.resize_size) for p in paths]
+        images = [load_image(p, draft_size=self.embedder.config.draft_size) for p in paths]
         return self.search_images(images, k)
 
     def search_ids(self, image_ids: Sequence[int], k: int = 5) -> list[list[Hit]]:

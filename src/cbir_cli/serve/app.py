@@ -206,7 +206,7 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
             raise ApiError("missing multipart file field 'image'", 400)
         name = os.path.basename(upload.filename or "") or "upload"
         try:
-            image = decode_image(upload.read(), name, draft_size=embedder.config.resize_size)
+            image = decode_image(upload.read(), name, draft_size=embedder.config.draft_size)
         except ImageError as exc:
             raise ApiError(f"{name}: {exc.reason}", 400) from None
         with search_lock:

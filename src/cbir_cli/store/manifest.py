@@ -24,8 +24,9 @@ MANIFEST = "manifest.json"
 LOCK_NAME = ".lock"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
-# The fingerprint keys that must agree for two sets of vectors to be comparable.
-FINGERPRINT_KEYS = ("model", "weights", "dim", "preprocessing")
+# The fingerprint keys that must agree for two sets of vectors to be comparable
+# ("descriptor": pooling/input/scales, absent in stores made before it existed).
+FINGERPRINT_KEYS = ("model", "weights", "dim", "preprocessing", "descriptor")
 
 
 def _describe_fingerprint(fp: dict[str, Any]) -> str:
