@@ -153,6 +153,37 @@ ScalesOpt = Annotated[Optional[str], typer.Option("--scales", help="Input scales
                                                   "side 224 and 320 for the ImageNet models).", show_default=False)]
 
 
+# Re-ranking: query time (alpha-QE, the raw top-1 kept first) and index time (DBA).
+RerankOpt = Annotated[bool, typer.Option("--rerank/--no-rerank", help="Re-rank: alpha query expansion with the "
+                                         "index's DBA vectors, the plain top-1 kept first.")]
+QeOpt = Annotated[int, typer.Option("--qe", min=0, max=100, help="Query expansion: neighbours added to the query "
+                                    "(0 = none).")]
+QeAlphaOpt = Annotated[float, typer.Option("--qe-alpha", min=0.0, max=16.0, help="Query expansion: neighbour weight "
+                                           "= similarity ** alpha.")]
+DbaOpt = Annotated[Optional[int], typer.Option("--dba", min=0, max=100, help="Database-side augmentation: "
+                                               "neighbours averaged into each indexed vector (0 = none). Default: "
+                                               "the index's own setting, else 3.", show_default=False)]
+DbaAlphaOpt = Annotated[Optional[float], typer.Option("--dba-alpha", min=0.0, max=16.0, help="DBA neighbour weight "
+                                                      "= similarity ** alpha (default 3).", show_default=False)]
+
+
+def rerank_choice(rerank: bool, qe: int, qe_alpha: float):
+    """The query-time re-ranking the options ask for."""
+    from ..search.rerank import NO_RERANKING, RerankSettings
+
+    return RerankSettings(qe_depth=qe, qe_alpha=qe_alpha) if rerank else NO_RERANKING
+
+
+def dba_choice(dba: int | None, dba_alpha: float | None):
+    """The DBA the options ask for, or None (an index keeps its own, else the default)."""
+    if dba is None and dba_alpha is None:
+        return None
+    from ..search.dba import DbaSettings
+
+    default = DbaSettings()
+    return DbaSettings(default.depth if dba is None else dba, default.alpha if dba_alpha is None else dba_alpha)
+
+
 def descriptor_choice(pooling, gem_p: float | None, input_mode, scales: str | None):
     """The descriptor the options ask for (unset ones from the default), or None when
     none is given (the library then keeps an index's own, else the default)."""

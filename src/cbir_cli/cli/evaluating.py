@@ -14,21 +14,28 @@ from .common import (
     AUTO_DEVICE,
     PRODUCT_RELEVANCE,
     BatchOpt,
+    DbaAlphaOpt,
+    DbaOpt,
     DecodeOpt,
     DeviceOpt,
     GemPOpt,
     InputOpt,
     JsonOpt,
     PoolingOpt,
+    QeAlphaOpt,
+    QeOpt,
     Relevance,
+    RerankOpt,
     ScalesOpt,
     WeightsOpt,
     WorkersOpt,
     _choices,
     app,
     cli_errors,
+    dba_choice,
     descriptor_choice,
     extract_options,
+    rerank_choice,
     stderr,
     stdout,
 )
@@ -55,6 +62,13 @@ def evaluate_cmd(
     gem_p: GemPOpt = None,
     input_mode: InputOpt = None,
     scales: ScalesOpt = None,
+    rerank: RerankOpt = True,
+    qe: QeOpt = 3,
+    qe_alpha: QeAlphaOpt = 3.0,
+    dba: DbaOpt = None,
+    dba_alpha: DbaAlphaOpt = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Evaluate every descriptor / re-ranking variant of "
+                                          "the deep model side by side (one row each).")] = False,
     features: Annotated[str, typer.Option("--features", help="deep, hsv, hog, sift_bovw, a comma list, or all "
                                           "(side by side).")] = "deep",
     relevance: Annotated[Relevance, typer.Option("--relevance", help="sop: product (same class_id) or superclass "
@@ -92,9 +106,13 @@ def evaluate_cmd(
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
             descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
+            rerank=rerank_choice(rerank, qe, qe_alpha), compare=compare,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
             extract=extract_options(batch_size, workers, 1024, device, progress=not as_json, decode=decode),
         )
+        dba_settings = dba_choice(dba, dba_alpha)
+        if dba_settings is not None:
+            options.dba = dba_settings
         if dataset.value == COPIES:
             _evaluate_copies(root, options, copies, seed, distortions, report, as_json)
             return
@@ -115,13 +133,22 @@ def evaluate_cmd(
         from rich.table import Table
 
         table = Table(title=f"{result.dataset}\nrelevance: {result.relevance_label}", title_justify="left")
-        table.add_column("metric")
-        for r in result.results:
-            table.add_column(r.label, justify="right")
-        for label, cells in result.table_rows():
-            table.add_row(label, *cells)
+        if compare:
+            header, rows = result.compare_rows()
+            for i, name in enumerate(header):
+                table.add_column(name, justify="left" if i == 0 else "right")
+            for row in rows:
+                table.add_row(*row)
+        else:
+            table.add_column("metric")
+            for r in result.results:
+                table.add_column(r.label, justify="right")
+            for label, cells in result.table_rows():
+                table.add_row(label, *cells)
         out = stdout()
         out.print(table)
+        for r in result.results:
+            out.print(f"{r.label}: {r.ranking}")
         for note in sorted({n for r in result.results for n in r.metrics["notes"]}):
             out.print(f"note: {note}")
         out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB "
@@ -146,15 +173,26 @@ def _evaluate_copies(root: Path, options, count: int, seed: int, distortions: st
         return
     from rich.table import Table
 
-    table = Table(title=f"{result.dataset}\nper distortion: top-1 / mAP (the original ranked first / mean "
-                  "1/rank)", title_justify="left")
-    table.add_column("distortion")
-    for r in result.results:
-        table.add_column(r.label, justify="right")
-    for label, cells in result.table_rows():
-        table.add_row(label, *cells)
+    if options.compare:
+        table = Table(title=f"{result.dataset}\ntop-1: the original ranked first; mAP: mean 1/rank",
+                      title_justify="left")
+        header, rows = result.compare_rows()
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+    else:
+        table = Table(title=f"{result.dataset}\nper distortion: top-1 / mAP (the original ranked first / mean "
+                      "1/rank)", title_justify="left")
+        table.add_column("distortion")
+        for r in result.results:
+            table.add_column(r.label, justify="right")
+        for label, cells in result.table_rows():
+            table.add_row(label, *cells)
     out = stdout()
     out.print(table)
+    for r in result.results:
+        out.print(f"{r.label}: {r.ranking}")
     for note in result.notes:
         out.print(f"note: {note}")
     out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")

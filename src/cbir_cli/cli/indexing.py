@@ -14,6 +14,8 @@ from .common import (
     AUTO_RUNTIME,
     REMEDIES,
     BatchOpt,
+    DbaAlphaOpt,
+    DbaOpt,
     DecodeOpt,
     DeviceOpt,
     GemPOpt,
@@ -29,6 +31,7 @@ from .common import (
     WorkersOpt,
     app,
     cli_errors,
+    dba_choice,
     descriptor_choice,
     extract_options,
     notice,
@@ -61,6 +64,8 @@ def index_cmd(
     gem_p: GemPOpt = None,
     input_mode: InputOpt = None,
     scales: ScalesOpt = None,
+    dba: DbaOpt = None,
+    dba_alpha: DbaAlphaOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
@@ -80,7 +85,8 @@ def index_cmd(
                                                                         decode=decode),
                                index_type=index_type.value if index_type else None, rebuild=rebuild,
                                on_skip=warn_skip, on_notice=notice,
-                               descriptor=descriptor_choice(pooling, gem_p, input_mode, scales))
+                               descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
+                               dba=dba_choice(dba, dba_alpha))
         print_summary(summary, target, as_json, "indexed")
 
 

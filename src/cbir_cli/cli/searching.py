@@ -14,9 +14,13 @@ from .common import (
     DeviceOpt,
     IndexDirOpt,
     JsonOpt,
+    QeAlphaOpt,
+    QeOpt,
+    RerankOpt,
     RuntimeOpt,
     app,
     cli_errors,
+    rerank_choice,
     stderr,
     stdout,
 )
@@ -29,13 +33,18 @@ def query_cmd(
     index_dir: IndexDirOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     runtime: RuntimeOpt = AUTO_RUNTIME,
+    rerank: RerankOpt = True,
+    qe: QeOpt = 3,
+    qe_alpha: QeAlphaOpt = 3.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the K indexed images most similar to each query image (cosine similarity)."""
+    """Find the K indexed images most similar to each query image (re-ranked; scores are cosine similarities)."""
     with cli_errors():
+        from ..search.rerank import reranking_backend
         from ..search.searcher import Searcher
 
-        searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value)
+        searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
+                                 backend=reranking_backend(rerank_choice(rerank, qe, qe_alpha)))
         results = searcher.search_paths(images, k)
         if as_json:
             payload = [{"query": str(q), "results": [h.as_dict() for h in hits]} for q, hits in zip(images, results)]
@@ -64,13 +73,16 @@ def serve_cmd(
     runtime: RuntimeOpt = AUTO_RUNTIME,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001,
                                                  help="Largest accepted upload, in MB.")] = 20.0,
+    rerank: RerankOpt = True,
+    qe: QeOpt = 3,
+    qe_alpha: QeAlphaOpt = 3.0,
 ) -> None:
     """Serve the search web page and JSON API over an index (model loaded once at start-up)."""
     with cli_errors():
         from ..serve.app import create_app, is_loopback, make_http_server, server_url
 
         app_ = create_app(index_dir=index_dir, device=device.value, max_upload_mb=max_upload_mb,
-                          runtime=runtime.value)
+                          runtime=runtime.value, rerank=rerank_choice(rerank, qe, qe_alpha))
         server = make_http_server(app_, host, port)
         searcher = server.app.extensions["cbir"]
         err = stderr()

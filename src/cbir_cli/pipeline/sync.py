@@ -27,6 +27,7 @@ from .plan import Plan, plan_sync
 if TYPE_CHECKING:
     from ..models.protocol import Embedder
     from ..models.registry import DescriptorSettings
+    from ..search.dba import DbaSettings
 
 SkipCallback = Callable[[str, str], None]
 NoticeCallback = Callable[[str], None]
@@ -160,18 +161,20 @@ def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str]
                  options: ExtractOptions | None = None, index_type: str | None = None, rebuild: bool = False,
                  embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
                  on_notice: NoticeCallback | None = None, executor: Executor | None = None,
-                 descriptor: DescriptorSettings | None = None) -> ExtractSummary:
-    """``cbir index``: :func:`sync_folder`, then bring the search index up to date with
-    the committed store, all in one write transaction. ``index_type``: see
-    :data:`cbir_cli.search.faiss_backend.INDEX_TYPES`; default: the saved index's
-    type, else auto."""
+                 descriptor: DescriptorSettings | None = None, dba: DbaSettings | None = None) -> ExtractSummary:
+    """``cbir index``: :func:`sync_folder`, then bring the search index and its DBA
+    vectors up to date with the committed store, all in one write transaction.
+    ``index_type``: see :data:`cbir_cli.search.faiss_backend.INDEX_TYPES`; default:
+    the saved index's type, else auto. ``dba``: database-side augmentation for
+    re-ranking (:mod:`cbir_cli.search.dba`); default: the saved one's, else on."""
     from ..search.faiss_backend import FaissBackend, resolve_index_type
+    from ..search.rerank import RerankingBackend
 
     if index_type is not None:
         resolve_index_type(index_type, 0)  # validate before any work
 
     def refresh(store: FeatureStore) -> None:
-        FaissBackend().refresh(store, index_type)
+        RerankingBackend(FaissBackend(), dba=dba).refresh(store, index_type)
 
     return _sync_folder(root, resolve_index_dir(index_dir), model, weights, options, embedder, on_skip, on_notice,
                         rebuild, executor, after_commit=refresh, descriptor=descriptor)

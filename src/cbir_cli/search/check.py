@@ -28,6 +28,7 @@ from ..store.feature_store import FeatureStore
 from ..store.integrity import shard_problems
 from ..store.manifest import MANIFEST, inspect_manifest
 from .faiss_backend import FaissBackend
+from .rerank import RerankingBackend
 
 
 @dataclass
@@ -80,7 +81,7 @@ def check_index(index_dir: str | os.PathLike[str]) -> CheckReport:
         return report
     live_vectors = shard_problems(store, report.problems)
     if live_vectors is not None:
-        backend = FaissBackend().check(store, live_vectors)
+        backend = RerankingBackend(FaissBackend()).check(store, live_vectors)
         report.search_index = backend.state
         report.problems.extend(backend.problems)
         report.notes.extend(backend.notes)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from flask import Flask, Response
     from werkzeug.serving import BaseWSGIServer
 
+    from ..search.rerank import RerankSettings
     from ..search.searcher import Hit, Searcher
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -115,17 +116,20 @@ def hit_json(hit: Hit) -> dict[str, Any]:
 
 
 def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[str] | None = None,
-               device: str = "auto", max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, runtime: str = "auto") -> Flask:
+               device: str = "auto", max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, runtime: str = "auto",
+               rerank: RerankSettings | None = None) -> Flask:
     """The web app over one index. Opens the index (unless ``searcher`` is given) and
     loads its model now, so a missing index or missing weights fail at start-up with
-    a :class:`CbirError`, not on the first request."""
+    a :class:`CbirError`, not on the first request. ``rerank``: how an opened index
+    is searched (default: re-ranked, :mod:`cbir_cli.search.rerank`)."""
     from flask import Flask, jsonify, request, send_file, send_from_directory
     from werkzeug.exceptions import HTTPException
 
     if searcher is None:
+        from ..search.rerank import reranking_backend
         from ..search.searcher import Searcher
 
-        searcher = Searcher.open(index_dir, device=device, runtime=runtime)
+        searcher = Searcher.open(index_dir, device=device, runtime=runtime, backend=reranking_backend(rerank))
     embedder = searcher.embedder  # load the model now (see docstring)
     # One throw-away inference: the first forward pass pays seconds of one-off set-up
     # (lazy imports, allocator, kernel selection) that should not land on a user.
