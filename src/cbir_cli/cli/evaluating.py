@@ -130,25 +130,9 @@ def evaluate_cmd(
             payload["report"] = str(report_path) if report_path else None
             typer.echo(json.dumps(payload, indent=2))
             return
-        from rich.table import Table
 
-        table = Table(title=f"{result.dataset}\nrelevance: {result.relevance_label}", title_justify="left")
-        if compare:
-            header, rows = result.compare_rows()
-            for i, name in enumerate(header):
-                table.add_column(name, justify="left" if i == 0 else "right")
-            for row in rows:
-                table.add_row(*row)
-        else:
-            table.add_column("metric")
-            for r in result.results:
-                table.add_column(r.label, justify="right")
-            for label, cells in result.table_rows():
-                table.add_row(label, *cells)
         out = stdout()
-        out.print(table)
-        for r in result.results:
-            out.print(f"{r.label}: {r.ranking}")
+        out.print(results_table(result, f"{result.dataset}\nrelevance: {result.relevance_label}", "metric", compare))
         for note in sorted({n for r in result.results for n in r.metrics["notes"]}):
             out.print(f"note: {note}")
         out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB "
@@ -171,28 +155,33 @@ def _evaluate_copies(root: Path, options, count: int, seed: int, distortions: st
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return
-    from rich.table import Table
+    title = (f"{result.dataset}\ntop-1: the original ranked first; mAP: mean 1/rank" if options.compare else
+             f"{result.dataset}\nper distortion: top-1 / mAP (the original ranked first / mean 1/rank)")
+    out = stdout()
+    out.print(results_table(result, title, "distortion", options.compare))
+    for note in result.notes:
+        out.print(f"note: {note}")
+    out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")
 
-    if options.compare:
-        table = Table(title=f"{result.dataset}\ntop-1: the original ranked first; mAP: mean 1/rank",
-                      title_justify="left")
+
+def results_table(result, title: str, first_column: str, compare: bool):
+    """The results as a table (one column per result, or with ``compare`` one row per
+    result), followed by each result's descriptor and re-ranking in words."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left")
+    if compare:
         header, rows = result.compare_rows()
         for i, name in enumerate(header):
             table.add_column(name, justify="left" if i == 0 else "right")
         for row in rows:
             table.add_row(*row)
     else:
-        table = Table(title=f"{result.dataset}\nper distortion: top-1 / mAP (the original ranked first / mean "
-                      "1/rank)", title_justify="left")
-        table.add_column("distortion")
+        table.add_column(first_column)
         for r in result.results:
             table.add_column(r.label, justify="right")
         for label, cells in result.table_rows():
             table.add_row(label, *cells)
-    out = stdout()
-    out.print(table)
-    for r in result.results:
-        out.print(f"{r.label}: {r.ranking}")
-    for note in result.notes:
-        out.print(f"note: {note}")
-    out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")
+    return Group(table, *(Text(f"{r.label}: {r.ranking}") for r in result.results))

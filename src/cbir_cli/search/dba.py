@@ -39,6 +39,10 @@ DBA_META = "dba.json"
 CHUNK = 4096
 # Above this share of changed rows an update recomputes everything.
 INCREMENTAL_MAX_SHARE = 0.5
+# Queries per backend search when finding neighbours: a compressed index re-ranks
+# the union of a batch's shortlists exactly, so big batches multiply the work
+# (4096 queries through IVF-PQ at 5k vectors: 12 s; batches of 32: see bench/rerank.py).
+SEARCH_BATCH = 32
 # Reverse neighbours kept per row (see Augmentation.with_reverse).
 REVERSE_WIDTH = 8
 
@@ -92,8 +96,11 @@ def neighbour_lists(backend: SearchBackend, ids: np.ndarray, vectors: np.ndarray
     """Each row's ``depth`` nearest other ids and their similarities (-1 / -inf
     padded): a search for ``depth + 1`` without the row's own id (when a duplicate
     pushed it out, the last result goes instead)."""
+    import numpy as np
 
-    scores, found = backend.search(vectors, depth + 1)
+    parts = [backend.search(vectors[start:start + SEARCH_BATCH], depth + 1)
+             for start in range(0, len(ids), SEARCH_BATCH)]
+    scores, found = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     own = found == ids[:, None]
     own[~own.any(axis=1), depth] = True
     keep = ~own
