@@ -73,7 +73,11 @@ VARIANTS = [
 
 @pytest.mark.parametrize("inner", [FaissBackend, FakeBackend])
 @pytest.mark.parametrize("settings, dba, reference", VARIANTS)
-def test_reranked_top_k_equals_the_naive_implementation(data, inner, settings, dba, reference):
+def test_reranked_top_k_equals_the_naive_implementation(data, inner, settings, dba, reference, monkeypatch):
+    """With a shortlist that covers the gallery the re-ranking is exact."""
+    import cbir_cli.search.rerank as rerank_module
+
+    monkeypatch.setattr(rerank_module, "SHORTLIST_MIN", 10_000)
     gallery, queries = data
     backend = RerankingBackend(inner(), settings, dba)
     backend.add(IDS, gallery)
@@ -83,6 +87,18 @@ def test_reranked_top_k_equals_the_naive_implementation(data, inner, settings, d
     scores, same = backend.search(queries, 10)
     np.testing.assert_array_equal(same, ids)
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, gallery[(ids - 7) // 3]), atol=1e-5)
+
+
+def test_the_default_shortlist_stays_close_to_the_exhaustive_re_ranking(data):
+    """The query path re-scores a shortlist (the raw top results and the images their
+    DBA neighbour lists point back to); it must agree with the exhaustive ranking."""
+    gallery, queries = data
+    backend = RerankingBackend(FaissBackend(), RerankSettings(), DbaSettings())
+    backend.add(IDS, gallery)
+    _, ids = backend.rank(queries, 10)
+    expected = IDS[naive_rank(queries, gallery)[:, :10]]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, expected)])
+    assert overlap >= 0.97 and (ids[:, :5] == expected[:, :5]).mean() >= 0.97, overlap
 
 
 def test_all_vs_all_with_the_query_excluded_equals_the_naive_implementation(data):
