@@ -179,3 +179,13 @@ def test_cli_descriptor_options_are_recorded_and_checked(image_folder, tmp_path)
                                       "test_tiny", "--scales", "1,x"])
     assert result.exit_code == 1 and "scales must be comma-separated numbers" in result.output
     assert "Traceback" not in result.output
+
+
+def test_device_decoding_is_for_the_centre_crop_only(embedders):
+    """The device JPEG decoder resizes and centre-crops at one scale: full-image and
+    multi-scale inputs are decoded on the CPU even when decoding on the device is asked for."""
+    from cbir_cli.pipeline.local import resolve_decode
+
+    assert resolve_decode("gpu", embedders[LEGACY_DESCRIPTOR]) == "gpu"
+    assert resolve_decode("gpu", embedders[DEFAULT_DESCRIPTOR]) == "cpu"
+    assert resolve_decode("gpu", embedders[DescriptorSettings("gem", 3.0, "crop", (1.0, 1.4))]) == "cpu"

@@ -15,7 +15,6 @@ rows that lost a neighbour, and the rows a new image enters).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, CorruptStoreError
-from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, file_sha256, fsync_dir
+from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, file_sha256, fsync_dir, read_json_meta
 from ..store.manifest import INDEX_DIR
 
 if TYPE_CHECKING:
@@ -265,13 +264,7 @@ def dba_paths(store: FeatureStore) -> tuple[Path, Path, Path]:
 
 
 def read_dba_meta(store: FeatureStore) -> dict[str, Any] | None:
-    _, _, meta_file = dba_paths(store)
-    try:
-        return json.loads(meta_file.read_text(encoding="ascii"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise CorruptStoreError(f"{meta_file}: unreadable ({exc})") from None
+    return read_json_meta(dba_paths(store)[2])
 
 
 def saved_settings(store: FeatureStore) -> DbaSettings | None:

@@ -11,12 +11,11 @@ records the store generation it was built from and is rebuilt whenever stale.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, CorruptStoreError
-from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256
+from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256, read_json_meta
 from ..store.feature_store import FeatureStore
 from ..store.manifest import INDEX_DIR
 from ..store.vectors import ShardVectors
@@ -191,13 +190,7 @@ def save_index(store: FeatureStore, index: faiss.Index, index_type: str) -> None
 
 
 def read_index_meta(store: FeatureStore) -> dict[str, Any] | None:
-    _, meta_file = index_paths(store)
-    try:
-        return json.loads(meta_file.read_text(encoding="ascii"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise CorruptStoreError(f"{meta_file}: unreadable ({exc})") from None
+    return read_json_meta(index_paths(store)[1])
 
 
 def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
