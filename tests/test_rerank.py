@@ -218,3 +218,30 @@ def test_saved_augmentation_is_current_incremental_and_checked(image_folder, tmp
 
     report = check_index(tmp_path / "idx")
     assert not report.ok and any("dba.npy: checksum mismatch" in p for p in report.problems)
+
+
+def test_query_and_serve_re_rank_by_default_and_can_be_told_not_to(image_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cbir_cli.cli import app
+    from cbir_cli.pipeline.sync import index_folder
+    from cbir_cli.search.rerank import NO_RERANKING
+    from cbir_cli.serve.app import create_app
+
+    folder = image_folder(8)
+    index_folder(folder, tmp_path / "idx", model="test_tiny")
+    served = create_app(index_dir=tmp_path / "idx", device="cpu").extensions["cbir"]
+    assert isinstance(served.backend, RerankingBackend) and served.backend.augmentation is not None
+    plain = create_app(index_dir=tmp_path / "idx", device="cpu", rerank=NO_RERANKING).extensions["cbir"]
+    assert not isinstance(plain.backend, RerankingBackend)
+    health = create_app(index_dir=tmp_path / "idx", device="cpu").test_client().get("/api/health").get_json()
+    assert "re-ranked: DBA n=3" in health["index_type"]
+    runner = CliRunner()
+    for flags in ([], ["--no-rerank"], ["--qe", "0", "--qe-alpha", "1"]):
+        result = runner.invoke(app, ["query", str(folder / "img_004.jpg"), "--index", str(tmp_path / "idx"),
+                                     "-k", "3", "--device", "cpu", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        hits = json.loads(result.stdout)[0]["results"]
+        assert hits[0]["path"].endswith("img_004.jpg") and len(hits) == 3, flags
