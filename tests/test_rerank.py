@@ -245,3 +245,21 @@ def test_query_and_serve_re_rank_by_default_and_can_be_told_not_to(image_folder,
         assert result.exit_code == 0, result.output
         hits = json.loads(result.stdout)[0]["results"]
         assert hits[0]["path"].endswith("img_004.jpg") and len(hits) == 3, flags
+
+
+def test_a_damaged_augmentation_is_refused_by_readers_and_remade_by_the_next_index_run(image_folder, tmp_path):
+    from cbir_cli.errors import CorruptStoreError
+    from cbir_cli.pipeline.sync import index_folder
+    from cbir_cli.search.rerank import reranking_backend
+    from cbir_cli.search.searcher import Searcher
+    from cbir_cli.store.feature_store import FeatureStore
+
+    folder = image_folder(6)
+    index_folder(folder, tmp_path / "idx", model="test_tiny")
+    vectors_file, _, _ = dba_paths(FeatureStore.open(tmp_path / "idx"))
+    vectors_file.write_bytes(vectors_file.read_bytes()[:-64])  # truncated
+    with pytest.raises(CorruptStoreError, match=r"dba\.npy: damaged"):
+        Searcher.open(tmp_path / "idx", device="cpu", backend=reranking_backend())
+    index_folder(folder, tmp_path / "idx", model="test_tiny")  # nothing new to embed: repairs it
+    searcher = Searcher.open(tmp_path / "idx", device="cpu", backend=reranking_backend())
+    assert searcher.backend.augmentation is not None and searcher.backend.augmentation.count == 6

@@ -338,11 +338,13 @@ def load_augmentation(store: FeatureStore, settings: DbaSettings | None = None,
     if settings is not None and saved != settings:
         return None
     vectors_file, neighbours_file, _ = dba_paths(store)
-    try:
-        vectors = np.load(vectors_file, mmap_mode="r")
-        table = np.load(neighbours_file)
-    except (OSError, ValueError) as exc:
-        raise CorruptStoreError(f"{vectors_file.parent}: damaged augmentation ({exc})") from None
+    arrays = []
+    for path, mode in ((vectors_file, "r"), (neighbours_file, None)):
+        try:
+            arrays.append(np.load(path, mmap_mode=mode))
+        except (OSError, ValueError) as exc:
+            raise CorruptStoreError(f"{path}: damaged ({exc})") from None
+    vectors, table = arrays
     count, depth = int(meta.get("count", -1)), saved.depth
     if vectors.shape != (count, store.dim) or table.shape != (count, 1 + 2 * depth):
         raise CorruptStoreError(f"{vectors_file}: holds {vectors.shape}, its meta says {count} x {store.dim}")

@@ -192,7 +192,8 @@ class RerankingBackend:
     def index_type(self) -> str:
         used = self.augmentation.settings if self.augmentation is not None else None
         label = self.settings.label(used)
-        return self.inner.index_type if label == "none" else f"{self.inner.index_type}; re-ranked: {label}"
+        note = f" ({self.dba_note})" if self.dba_note else ""
+        return self.inner.index_type if label == "none" else f"{self.inner.index_type}; re-ranked: {label}{note}"
 
     @property
     def count(self) -> int:
@@ -231,8 +232,11 @@ class RerankingBackend:
         incrementally from the previous one where possible)."""
         self.inner.refresh(store, index_type)
         settings = self._settings_for(store)
-        if load_augmentation(store, settings) is not None:
-            return
+        try:
+            if load_augmentation(store, settings) is not None:
+                return
+        except CbirError:
+            pass  # damaged: made again below
         if not self.inner.load(store):
             self.inner.build(store, index_type or "auto")
         try:
