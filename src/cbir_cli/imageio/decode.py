@@ -69,7 +69,8 @@ def decode_image(data: bytes, name: str = "<upload>", draft_size: int | None = N
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            # In place: without an orientation tag exif_transpose would copy the image (~0.25 ms).
+            ImageOps.exif_transpose(img, in_place=True)
             return to_rgb(img)
     except ImageError:
         raise
