@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
+# ../shared next to the checkout, or $CBIR_SHARED (as the tests find it).
+SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
 DIM = 2048
 K = 10
 

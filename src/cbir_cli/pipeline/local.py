@@ -1,8 +1,8 @@
 """The local executor: reader -> model -> sink, on this machine.
 
 * reader: worker processes read, decode (JPEG draft mode) and preprocess images
-  into uint8 arrays (:class:`~cbir_cli.imageio.readers.ImageFolderDataset`),
-  overlapping with inference. With GPU decoding they only read JPEG bytes and the
+  into uint8 arrays (:class:`~cbir_cli.imageio.readers.ImageFolderDataset`,
+  :func:`~cbir_cli.imageio.readers.read_chunks`), overlapping with inference. With GPU decoding they only read JPEG bytes and the
   main process decodes and resizes them on the model's device
   (:mod:`cbir_cli.imageio.gpu_decode`); other formats are still decoded in the workers.
 * model: batches of ``batch_size`` images go through the embedder here.
@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CbirError
 from ..imageio.files import list_images
 from ..imageio.gpu_decode import DeviceJpegDecoder, EncodedJpegDataset
-from ..imageio.readers import ImageFolderDataset, ReadChunk, assemble_on_cpu, collate_for_transfer, collate_images
+from ..imageio.readers import ImageFolderDataset, ReadChunk, assemble_on_cpu, read_chunks
 from .executor import EmbedRequest, FailureCallback, VectorSink
 from .options import DECODE_CHOICES, ExtractOptions
 from .plan import HashResult, Item, hash_one
@@ -48,14 +47,6 @@ def resolve_decode(decode: str, embedder: Any) -> str:
     return decode
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C goes to the whole process group; only the main process should react
-    # (it commits what it has and exits cleanly).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # ... and the main process's SIGTERM handler (the write transaction's) is not for workers.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 # Images per worker task. Small tasks keep every decode worker busy and the model
 # fed from the first seconds on; model batches (--batch-size) are assembled from
 # them in the main process. With one task per model batch, a 2,000-image run at
@@ -79,7 +70,9 @@ def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptio
     assemble = decoder.assemble if decoder is not None else assemble_on_cpu
     pending: list[ReadChunk] = []
     images = 0
-    for read in _read_chunks(dataset, chunk, workers, options.batch_size, bool(getattr(embedder, "on_cuda", False))):
+    # Enough tasks in flight to fill two model batches, and each worker busy.
+    window = max(2 * workers, -(-2 * options.batch_size // chunk))
+    for read in read_chunks(dataset, chunk, workers, window):
         pending.append(read)
         images += len(read.pixel_indices) + len(read.jpeg_indices)
         if images >= options.batch_size:
@@ -87,28 +80,6 @@ def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptio
             pending, images = [], 0
     if pending:
         yield assemble(pending)
-
-
-def _read_chunks(dataset: ImageFolderDataset, chunk: int, workers: int, batch_size: int,
-                 pin_memory: bool) -> Iterable[ReadChunk]:
-    """The dataset in tasks of ``chunk`` images, in order: in this process when
-    ``workers`` is 0 (no torch needed), else in torch DataLoader worker processes."""
-    if workers == 0:
-        for start in range(0, len(dataset), chunk):
-            yield collate_images([dataset[i] for i in range(start, min(len(dataset), start + chunk))])
-        return
-    from torch.utils.data import DataLoader
-
-    yield from DataLoader(
-        dataset,
-        batch_size=chunk,
-        num_workers=workers,
-        collate_fn=collate_for_transfer,
-        pin_memory=pin_memory,
-        worker_init_fn=_ignore_sigint,
-        # Enough decoded tasks in flight to fill two model batches.
-        prefetch_factor=max(2, -(-2 * batch_size // (chunk * workers))),
-    )
 
 
 class LocalExecutor:

@@ -1,0 +1,78 @@
+"""The extraction pipeline's plumbing (issue 14): decoding worker processes, the
+stat fast path in front of content hashing, and vectors unchanged by it all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image
+
+from cbir_cli.imageio.readers import ImageFolderDataset, read_chunks
+
+
+def child_pids(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_decoding_workers_die_with_a_killed_main_process(tmp_path, image_folder):
+    """kill -9 of `cbir extract` must not leave its decoding workers waiting forever."""
+    folder = image_folder(60)
+    code = ("import sys; from cbir_cli.pipeline.sync import sync_folder; "
+            "from cbir_cli.pipeline.options import ExtractOptions; "
+            "from cbir_cli.imageio import readers; import time; slow = readers.read_range; "
+            "readers.read_range = lambda *a: (time.sleep(0.5), slow(*a))[1]; "
+            f"sync_folder({str(folder)!r}, {str(tmp_path / 'out')!r}, model='test_tiny', "
+            "options=ExtractOptions(workers=2, batch_size=4, device='cpu'))")
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "CBIR_CACHE": str(tmp_path / "c")})
+    workers: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.1)
+        workers = child_pids(child.pid)
+    assert len(workers) == 2, "the workers never started"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_read_chunks_in_order_with_failures(tmp_path, workers):
+    paths = []
+    for i in range(37):
+        path = tmp_path / f"{i:03d}.jpg"
+        if i % 10 == 3:
+            path.write_bytes(b"not a jpeg")
+        else:
+            make_image(i, (90, 80)).save(path, quality=90)
+        paths.append(str(path))
+    from cbir_cli.models.preprocess import image_preprocessor
+    from cbir_cli.models.registry import get_model_config
+
+    dataset = ImageFolderDataset(paths, image_preprocessor(get_model_config("test_tiny")), 72)
+    chunks = list(read_chunks(dataset, chunk=5, workers=workers, window=3))
+    assert [i for c in chunks for i in c.pixel_indices] == [i for i in range(37) if i % 10 != 3]
+    assert [i for c, _ in zip(chunks, range(99)) for i, _ in c.failures] == [3, 13, 23, 33]
+    pixels = np.concatenate([c.pixels for c in chunks])
+    assert pixels.shape == (33, 3, 64, 64) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[0], dataset[0][1])
