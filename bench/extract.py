@@ -369,7 +369,8 @@ class Row:
 
     @staticmethod
     def header(on_cpu: bool) -> str:
-        text = f"{'runtime':8s} {'decode':6s} {'workers':>7s} {'model img/s':>12s} {'pipeline img/s':>15s} {'ratio':>6s}"
+        text = (f"{'runtime':8s} {'decode':6s} {'workers':>7s} {'model img/s':>12s} {'pipeline img/s':>15s} "
+                f"{'ratio':>6s}")
         if on_cpu:
             text += (f" {'decode core-ms':>14s} {'model core-ms':>13s} {'pipe core-ms':>12s} {'ideal img/s':>11s} "
                      f"{'pipe/ideal':>10s} {'at share':>8s}")

@@ -176,10 +176,9 @@ def read_chunks(dataset: ImageFolderDataset, chunk: int, workers: int, window: i
         for start, stop in bounds:
             yield read_range(dataset, start, stop)
         return
+    import os
     from collections import deque
     from concurrent.futures import Future, ProcessPoolExecutor
-
-    import os
 
     pool = ProcessPoolExecutor(min(workers, len(bounds)), mp_context=_pool_context(), initializer=_init_worker,
                                initargs=(dataset, os.getpid()))

@@ -2,8 +2,9 @@
 
 * reader: worker processes read, decode (JPEG draft mode) and preprocess images
   into uint8 arrays (:class:`~cbir_cli.imageio.readers.ImageFolderDataset`,
-  :func:`~cbir_cli.imageio.readers.read_chunks`), overlapping with inference. With GPU decoding they only read JPEG bytes and the
-  main process decodes and resizes them on the model's device
+  :func:`~cbir_cli.imageio.readers.read_chunks`), overlapping with inference.
+  With GPU decoding they only read JPEG bytes and the main process decodes and
+  resizes them on the model's device
   (:mod:`cbir_cli.imageio.gpu_decode`); other formats are still decoded in the workers.
 * model: batches of ``batch_size`` images go through the embedder here.
 * sink: vectors go to the store's write transaction, which writes and commits shards.
