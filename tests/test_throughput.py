@@ -76,3 +76,93 @@ def test_read_chunks_in_order_with_failures(tmp_path, workers):
     pixels = np.concatenate([c.pixels for c in chunks])
     assert pixels.shape == (33, 3, 64, 64) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels[0], dataset[0][1])
+
+
+# -- the stat fast path in front of content hashing ---------------------------------
+
+
+class CountingExecutor:
+    """The local executor, counting the files it is asked to hash."""
+
+    def __init__(self):
+        from cbir_cli.pipeline.local import LocalExecutor
+        from cbir_cli.pipeline.options import ExtractOptions
+
+        self.inner = LocalExecutor(ExtractOptions(workers=0))
+        self.name = "counting"
+        self.hashed: list[str] = []
+
+    def list_images(self, root):
+        return self.inner.list_images(root)
+
+    def hash_files(self, paths):
+        self.hashed += [str(p) for p in paths]
+        return self.inner.hash_files(paths)
+
+    def embed(self, *args):
+        return self.inner.embed(*args)
+
+
+def settled(folder: Path, age: float = 100.0) -> None:
+    """Back-date every file, as if written long before the run."""
+    past = time.time() - age
+    for path in folder.iterdir():
+        os.utime(path, (past, past))
+
+
+def test_rerun_hashes_only_changed_files(tmp_path, image_folder, tiny_embedder):
+    from cbir_cli.pipeline.statcache import STAT_CACHE
+    from cbir_cli.pipeline.sync import sync_folder
+    from cbir_cli.store.feature_store import FeatureStore
+
+    folder = image_folder(6)
+    settled(folder)
+    store_dir = tmp_path / "store"
+
+    def run():
+        executor = CountingExecutor()
+        summary = sync_folder(folder, store_dir, embedder=tiny_embedder, executor=executor)
+        return summary, sorted(Path(p).name for p in executor.hashed)
+
+    summary, hashed = run()
+    assert summary.embedded == 6 and len(hashed) == 6 and (store_dir / STAT_CACHE).is_file()
+    summary, hashed = run()
+    assert hashed == [] and summary.unchanged == 6 and summary.embedded == 0
+
+    # Same size, same mtime restored, new content: ctime still gives it away, and
+    # the content hash decides.
+    target = folder / "img_002.jpg"
+    before = target.stat()
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size
+    # touched only: hashed again, found unchanged
+    os.utime(folder / "img_004.jpg")
+    summary, hashed = run()
+    assert hashed == ["img_002.jpg", "img_004.jpg"]
+    assert summary.updated == 1 and summary.embedded == 1 and summary.unchanged == 5
+
+    # An unreadable cache (or an older store without one) means: hash everything once.
+    (store_dir / STAT_CACHE).write_text("{not json")
+    summary, hashed = run()
+    assert len(hashed) == 6 and summary.unchanged == 6
+    # A rebuild trusts nothing about the old state.
+    executor = CountingExecutor()
+    sync_folder(folder, store_dir, embedder=tiny_embedder, executor=executor, rebuild=True)
+    assert len(executor.hashed) == 6
+    assert FeatureStore.open(store_dir).count == 6
+
+
+def test_files_written_just_now_are_not_trusted(tmp_path, image_folder, tiny_embedder):
+    """A file modified in the same timestamp tick as our read could change again
+    unseen: it is hashed again next time (git's racily-clean rule)."""
+    from cbir_cli.pipeline.sync import sync_folder
+
+    folder = image_folder(3)  # mtimes: now
+    executor = CountingExecutor()
+    sync_folder(folder, tmp_path / "store", embedder=tiny_embedder, executor=executor)
+    again = CountingExecutor()
+    sync_folder(folder, tmp_path / "store", embedder=tiny_embedder, executor=again)
+    assert len(again.hashed) == 3

@@ -23,6 +23,7 @@ from .executor import EmbedRequest, Executor
 from .local import LocalExecutor
 from .options import ExtractOptions, ExtractSummary
 from .plan import Plan, plan_sync
+from .statcache import StatCache
 
 if TYPE_CHECKING:
     from ..models.protocol import Embedder
@@ -75,7 +76,12 @@ def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | 
         skipped.add(path)
         skip(path, reason)
 
-    plan = plan_sync(txn.store, root, executor.hash_files(files))
+    # Unchanged (size, mtime, ctime, inode) -> the hash recorded last time; only
+    # new or touched files are read and hashed (see .statcache).
+    stat_cache = StatCache.load(txn.root, trusted=not txn.rebuild)
+    plan = plan_sync(txn.store, root, stat_cache.hash_files(files, executor.hash_files))
+    if txn.store.committed:
+        stat_cache.save(keep_unlisted=root is None)
     summary.unchanged = plan.unchanged
     for path, reason in plan.unreadable + plan.known_bad:
         skip_one(path, reason)
@@ -84,6 +90,8 @@ def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | 
     done = {p for p, _, _ in plan.todo} - skipped
     summary.updated = len(plan.replaced & done)
     summary.added = len(done) - summary.updated
+    if summary.embedded or summary.reused:  # a first run: the store is about to be committed
+        stat_cache.save(keep_unlisted=root is None)
 
 
 def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | None,
