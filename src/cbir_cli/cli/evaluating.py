@@ -11,12 +11,14 @@ import typer
 from .common import (
     AUTO_DECODE,
     AUTO_DEVICE,
+    AUTO_PRECISION,
     PRODUCT_RELEVANCE,
     BatchOpt,
     DatasetLayout,
     DecodeOpt,
     DeviceOpt,
     JsonOpt,
+    PrecisionOpt,
     Relevance,
     WeightsOpt,
     WorkersOpt,
@@ -60,6 +62,7 @@ def evaluate_cmd(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     decode: DecodeOpt = AUTO_DECODE,
+    precision: PrecisionOpt = AUTO_PRECISION,
     as_json: JsonOpt = False,
 ) -> None:
     """Score retrieval on a labelled dataset: every image queries all the others."""
@@ -70,7 +73,8 @@ def evaluate_cmd(
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
-            extract=extract_options(batch_size, workers, 1024, device, progress=not as_json, decode=decode),
+            extract=extract_options(batch_size, workers, 1024, device, progress=not as_json, decode=decode,
+                                    precision=precision),
         )
         collection = load_collection(dataset.value, root, split, limit)
         err = stderr()

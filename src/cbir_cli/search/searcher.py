@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CbirError, CorruptStoreError
 from ..imageio.decode import load_image
 from ..models.protocol import embed_images
+from ..models.quantize import Calibration
 from ..paths import display_path
 from ..resolve import resolve_index_dir
 from ..store.feature_store import FeatureStore, Row
@@ -116,7 +117,8 @@ class Searcher:
 
             fp = self.store.fingerprint
             weights = self.store.manifest.get("weights_path")
-            self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime)
+            self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime,
+                                           Calibration.from_fingerprint(fp))
             check_fingerprint(fp, self._embedder.fingerprint(), self.store.root)
         return self._embedder
 
