@@ -166,3 +166,52 @@ def test_files_written_just_now_are_not_trusted(tmp_path, image_folder, tiny_emb
     again = CountingExecutor()
     sync_folder(folder, tmp_path / "store", embedder=tiny_embedder, executor=again)
     assert len(again.hashed) == 3
+
+
+# -- large stores: compact rows, streamed vectors ---------------------------------------
+
+
+def small_store(tmp_path: Path):
+    from cbir_cli.models.loading import model_fingerprint
+    from cbir_cli.store.feature_store import FeatureStore
+
+    store = FeatureStore.create(tmp_path / "store", model_fingerprint("test_tiny"))
+    rng = np.random.default_rng(0)
+    for shard in range(3):
+        vectors = rng.standard_normal((5, 256)).astype(np.float32)
+        store.add_shard(vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
+                        [(f"/photos/é_{shard}_{i}.jpg", f"{shard * 5 + i:064x}", 100 + i) for i in range(5)])
+    store.remove_paths(["/photos/é_0_1.jpg", "/photos/é_2_4.jpg"])
+    store.commit()
+    return FeatureStore.open(tmp_path / "store")
+
+
+def test_row_table_is_the_live_rows(tmp_path):
+    from cbir_cli.store.vectors import RowTable
+
+    store = small_store(tmp_path)
+    table = RowTable.from_store(store)
+    rows = store.live_rows()
+    assert list(table) == rows and len(table) == 13 and table[-1] == rows[-1] and table[2:4] == rows[2:4]
+    assert table.position(rows[5].id) == 5
+    with pytest.raises(KeyError):
+        table.position(1)  # tombstoned
+    assert not store._rows_cache or len(store._rows_cache) == 3  # only live_rows() above cached objects
+
+
+def test_verified_shard_reads_match_and_refuse_damage(tmp_path):
+    from cbir_cli.errors import CorruptStoreError
+    from cbir_cli.store.vectors import ShardVectors
+
+    store = small_store(tmp_path)
+    expected = store.load_vectors()
+    for verified in (False, True):
+        vectors = ShardVectors(store, verified=verified)
+        np.testing.assert_array_equal(vectors[np.arange(13)], expected)
+        np.testing.assert_array_equal(vectors[np.array([12, 0, 7])], expected[[12, 0, 7]])
+    path, _ = store.shard_paths(store.manifest["shards"][1])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match="checksum"):
+        ShardVectors(store, verified=True)
