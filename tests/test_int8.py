@@ -88,3 +88,26 @@ def test_int8_needs_the_cpu(tmp_path, image_folder):
         load_embedder("test_tiny", device="cpu", runtime="torch", calibration=calibration)
     with pytest.raises(CbirError, match="unknown precision"):
         ExtractOptions(precision="int4")
+
+
+def test_auto_precision_is_int8_on_the_cpu_for_registry_models():
+    from cbir_cli.models.loading import default_precision
+
+    assert default_precision("mobilenet_v2", "cpu") == "int8"
+    assert default_precision("mobilenet_v2", "cpu", runtime="torch") == "fp32"
+    assert default_precision("test_tiny", "cpu") == "fp32"  # test models stay bit-comparable
+    assert default_precision("hsv", "cpu") == "fp32"
+
+
+def test_auto_keeps_an_existing_fp32_store_fp32(tmp_path, image_folder, cache, monkeypatch):
+    from cbir_cli.pipeline import sync
+
+    folder = image_folder(4)
+    index_folder(folder, tmp_path / "idx", "test_tiny", options=ExtractOptions(workers=0, device="cpu",
+                                                                               precision="fp32"))
+    monkeypatch.setattr(sync, "default_precision", lambda *a, **k: "int8")  # as for a registry model on the CPU
+    make_image(50).save(folder / "more.jpg", quality=90)
+    summary = index_folder(folder, tmp_path / "idx", "test_tiny", options=ExtractOptions(workers=0, device="cpu"))
+    assert summary.added == 1 and "precision" not in FeatureStore.open(tmp_path / "idx").fingerprint
+    fresh = index_folder(folder, tmp_path / "new", "test_tiny", options=ExtractOptions(workers=0, device="cpu"))
+    assert fresh.added == 5 and FeatureStore.open(tmp_path / "new").fingerprint["precision"] == "int8"

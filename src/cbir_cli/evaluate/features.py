@@ -21,7 +21,7 @@ from ..fsutil import atomic_write_bytes
 from ..imageio.decode import load_image
 from ..models.bovw import BovwEncoder
 from ..models.descriptors import HANDCRAFTED_DRAFT, descriptor_embedder
-from ..models.loading import model_fingerprint
+from ..models.loading import default_precision, model_fingerprint
 from ..models.quantize import sample_calibration
 from ..paths import cache_root, normalise_path
 from ..pipeline.executor import EmbedRequest
@@ -73,7 +73,9 @@ class FeatureSource:
 def deep_source(model: str, weights: Path | None, options: ExtractOptions, paths: Sequence[str] = ()) -> FeatureSource:
     """A registry model; with int8 precision, calibrated on a seeded sample of ``paths``."""
     calibration = None
-    if options.precision == "int8":
+    precision = default_precision(model, options.device, options.runtime) if options.precision == "auto" \
+        else options.precision
+    if precision == "int8":
         calibration = sample_calibration(paths, LocalExecutor(options).hash_files)
     label = f"deep ({model}{', int8' if calibration else ''})"
     return FeatureSource("deep", label, model_fingerprint(model, weights, calibration),

@@ -37,7 +37,7 @@ class ExtractOptions:
     runtime: str = "auto"
     decode: str = "auto"  # see DECODE_CHOICES
     # fp32 | int8 (ONNX Runtime on the CPU, cbir_cli.models.quantize) | auto: what
-    # the store already holds, else fp32.
+    # the store already holds, else models.loading.default_precision (int8 on the CPU).
     precision: str = "auto"
 
     def __post_init__(self) -> None:

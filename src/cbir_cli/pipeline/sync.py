@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..models.loading import model_fingerprint
+from ..models.loading import default_precision, model_fingerprint
 from ..models.quantize import Calibration, sample_calibration
 from ..paths import display_path
 from ..resolve import resolve_index_dir, resolve_model
@@ -95,19 +95,21 @@ def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | 
         stat_cache.save(keep_unlisted=root is None)
 
 
-def choose_calibration(precision: str, model: str, existing: FeatureStore | None, rebuild: bool,
+def choose_calibration(options: ExtractOptions, model: str, existing: FeatureStore | None, rebuild: bool,
                        files: Sequence[Path | str], executor: Executor) -> Calibration | None:
     """The int8 calibration to embed with, or None for fp32. ``auto`` follows the
-    store (fp32 for a new one); an int8 store keeps its calibration, so its vectors
-    stay comparable; a new int8 store, or a rebuild, calibrates on a seeded sample
-    of the folder (:func:`~cbir_cli.models.quantize.sample_calibration`)."""
+    store, and for a new one :func:`~cbir_cli.models.loading.default_precision`
+    decides; an int8 store keeps its calibration, so its vectors stay comparable; a
+    new int8 store, or a rebuild, calibrates on a seeded sample of the folder
+    (:func:`~cbir_cli.models.quantize.sample_calibration`)."""
     from ..models.descriptors import DESCRIPTORS
 
-    if precision == "fp32" or model in DESCRIPTORS:
+    if options.precision == "fp32" or model in DESCRIPTORS:
         return None
     same_model = existing is not None and existing.fingerprint.get("model") == model
     stored = Calibration.from_fingerprint(existing.fingerprint) if same_model and existing is not None else None
-    if precision == "auto" and stored is None:
+    if options.precision == "auto" and stored is None and (
+            same_model or default_precision(model, options.device, options.runtime) == "fp32"):
         return None
     if stored is not None and not rebuild:
         return stored
@@ -140,7 +142,7 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
             choice = resolve_model(model, weights, txn.existing)
             if choice.notice and on_notice:
                 on_notice(choice.notice)
-            calibration = choose_calibration(options.precision, choice.name, txn.existing, rebuild, files, executor)
+            calibration = choose_calibration(options, choice.name, txn.existing, rebuild, files, executor)
             fingerprint = model_fingerprint(choice.name, choice.weights, calibration)
             request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime,
                                    calibration=calibration)

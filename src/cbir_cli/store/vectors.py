@@ -33,6 +33,31 @@ def verify_shard_file(store: FeatureStore, shard: dict[str, Any], block: int = 1
         raise CorruptStoreError(f"{path}: unreadable shard (checksum mismatch, damaged or replaced)")
 
 
+class _MappedShard:
+    """A read-only memory map of one shard's vectors for scattered row reads, that
+    keeps nothing mapped in between: page cache folios are mapped whole on a fault
+    (measured: reading 100 random rows of a 50k-row store added 200 MB of RSS, even
+    with MADV_RANDOM), so after each read the mapping's pages are dropped again
+    (MADV_DONTNEED; the page cache keeps them, the next read is as fast)."""
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...]) -> None:
+        import mmap
+
+        import numpy as np
+
+        with open(path, "rb") as fh:
+            self.mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        count = int(np.prod(shape))
+        self.array = np.frombuffer(self.mapped, dtype=np.float32, count=count, offset=offset).reshape(shape)
+        self._dontneed = getattr(mmap, "MADV_DONTNEED", None) if hasattr(self.mapped, "madvise") else None
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        out = self.array[rows]
+        if self._dontneed is not None:
+            self.mapped.madvise(self._dontneed)
+        return out
+
+
 class ShardVectors:
     """The store's live vectors, by position (the order of ``store.live_rows()``),
     read on demand from the shards: only the rows asked for are read.
@@ -42,22 +67,28 @@ class ShardVectors:
     ``verified`` (building an index, which must never be made from damaged data):
     every shard's checksum is checked first, in blocks, and rows are then read
     with plain file reads, so memory stays bounded by what one call asks for.
-    Otherwise (re-ranking a few rows per query) the shards are memory-mapped."""
+    Otherwise (re-ranking a few rows per query) the shards are memory-mapped
+    (:class:`_MappedShard`)."""
 
     def __init__(self, store: FeatureStore, verified: bool = False) -> None:
         import numpy as np
 
         self.dim = store.dim
         self.verified = verified
-        self._arrays: list[np.ndarray] = []  # memory maps (also the shape check)
+        self._offsets: list[int] = []  # where each shard's rows start in its file
+        self._mapped: list[_MappedShard] = []  # not verified: for scattered reads
         self._live: list[np.ndarray] = []  # per shard: its live row numbers
         self._paths: list[str] = []
         starts = [0]
         for shard in store.manifest["shards"]:
             if verified:
                 verify_shard_file(store, shard)
-            self._arrays.append(store.read_shard(shard, mmap=True))
-            self._paths.append(str(store.shard_paths(shard)[0]))
+            checked = store.read_shard(shard, mmap=True)  # shape and dtype checked against the manifest
+            path = str(store.shard_paths(shard)[0])
+            self._offsets.append(int(checked.offset))
+            if not verified:
+                self._mapped.append(_MappedShard(path, int(checked.offset), checked.shape))
+            self._paths.append(path)
             live = np.setdiff1d(np.arange(shard["rows"]), np.asarray(shard["removed"], dtype=np.int64))
             self._live.append(live)
             starts.append(starts[-1] + len(live))
@@ -76,10 +107,9 @@ class ShardVectors:
         mapped in this process afterwards."""
         import numpy as np
 
-        array = self._arrays[shard]
         first, last = int(rows.min()), int(rows.max())
         row_bytes = self.dim * 4
-        offset = array.offset + first * row_bytes
+        offset = self._offsets[shard] + first * row_bytes
         with open(self._paths[shard], "rb") as fh:
             span = np.frombuffer(os.pread(fh.fileno(), (last - first + 1) * row_bytes, offset), dtype=np.float32)
         return span.reshape(-1, self.dim)[rows - first]
@@ -95,7 +125,7 @@ class ShardVectors:
         for shard in np.unique(shard_of):
             sel = shard_of == shard
             rows = self._live[shard][positions[sel] - self._starts[shard]]
-            out[sel] = self._read_rows(shard, rows) if self.verified else self._arrays[shard][rows]
+            out[sel] = self._read_rows(shard, rows) if self.verified else self._mapped[shard].rows(rows)
         return out
 
 
