@@ -215,3 +215,69 @@ def test_verified_shard_reads_match_and_refuse_damage(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptStoreError, match="checksum"):
         ShardVectors(store, verified=True)
+
+
+# -- preprocessing: batched on the device, box-resampled on the CPU -------------------
+
+
+SIZES = [(333, 250), (250, 333), (300, 300), (640, 97), (257, 256), (500, 700), (160, 120), (90, 72)]
+
+
+@pytest.mark.parametrize("group_bytes", [None, 1])
+def test_batched_resize_matches_torchvision_per_image(monkeypatch, group_bytes):
+    import torch
+    import torchvision.transforms.v2.functional as F
+
+    from cbir_cli.imageio import batched_resize
+
+    if group_bytes is not None:  # one image per group: the grouping must not matter
+        monkeypatch.setattr(batched_resize, "GROUP_BYTES", group_bytes)
+    images = [torch.from_numpy(np.array(make_image(i, size))).permute(2, 0, 1).contiguous()
+              for i, size in enumerate(SIZES)]
+    out = batched_resize.resize_crop_batch(images, 72, 64)
+    assert out.shape == (len(SIZES), 3, 64, 64) and out.dtype == torch.uint8
+    for image, ours in zip(images, out):
+        # torchvision's float path (what it does on CUDA) and its uint8 path (= Pillow)
+        reference = F.center_crop(F.resize(image.float(), [72], antialias=True), [64]).round().clamp(0, 255)
+        exact = F.center_crop(F.resize(image, [72], antialias=True), [64])
+        assert (ours.float() - reference).abs().max() <= 1
+        assert (ours.int() - exact.int()).abs().max() <= 1 and (ours.float() - exact.float()).abs().mean() < 0.2
+    # the comparison can fail: neighbours differ
+    assert (out[0].float() - out[1].float()).abs().mean() > 10
+
+
+@pytest.mark.real
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_real_photos_same_vectors_as_before(shared_dir):
+    """Issue 14 changed the CPU preprocessing (box resampling) and the device one
+    (batched resize): vectors of real photos stay within cosine 0.999 of the
+    reference preprocessing (torchvision resize -> center_crop of Pillow's decode)."""
+    from conftest import mobilenet_weights_path
+
+    if mobilenet_weights_path() is None:
+        pytest.skip("MobileNetV2 weights not installed (run `cbir weights install mobilenet_v2`)")
+    import torch
+    import torchvision.transforms.functional as TF
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from cbir_cli.imageio.decode import load_image
+    from cbir_cli.imageio.files import list_images
+    from cbir_cli.imageio.gpu_decode import DeviceJpegDecoder
+    from cbir_cli.models.loading import load_embedder
+
+    files = list_images(shared_dir / "datasets" / "oxford17flowers")[::43] + \
+        list_images(shared_dir / "datasets" / "ukbench_mini")[::7]
+    embedder = load_embedder("mobilenet_v2", device="cpu", runtime="onnx", calibration=None)
+    config = embedder.config
+    images = [load_image(f, draft_size=config.resize_size) for f in files]
+    reference = np.stack([TF.pil_to_tensor(TF.center_crop(TF.resize(img, config.resize_size, antialias=True),
+                                                          config.input_size)).numpy() for img in images])
+    cpu = np.stack([embedder.preprocess(img) for img in images])
+    decoder = DeviceJpegDecoder(None, config, "cpu")
+    device = decoder.resize_crop([decode_jpeg(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8),
+                                              mode=ImageReadMode.RGB)
+                                  for f in files])
+    expected = embedder.embed(reference)
+    for name, pixels in (("cpu", cpu), ("device", torch.stack(device).numpy())):
+        cosine = (embedder.embed(pixels) * expected).sum(axis=1)
+        assert cosine.min() >= 0.999, (name, cosine.min())
