@@ -48,6 +48,10 @@ def resolve_decode(decode: str, embedder: Any) -> str:
     return decode
 
 
+# Model batches handed to the model thread and not yet delivered to the sink: one
+# running, one waiting, while this thread prepares the next.
+BATCHES_IN_FLIGHT = 2
+
 # Images per worker task. Small tasks keep every decode worker busy and the model
 # fed from the first seconds on; model batches (--batch-size) are assembled from
 # them in the main process. With one task per model batch, a 2,000-image run at
@@ -106,6 +110,13 @@ class LocalExecutor:
 
     def embed(self, items: Sequence[Item], request: EmbedRequest, sink: VectorSink,
               on_failure: FailureCallback) -> int:
+        """The model runs in its own thread, up to :data:`BATCHES_IN_FLIGHT` batches
+        behind the reader: while it embeds one batch, this thread assembles (and
+        with GPU decoding, decodes and resizes) the next ones, and vectors reach the
+        sink in order. ONNX Runtime and CUDA release the GIL while they work."""
+        from collections import deque
+        from concurrent.futures import Future
+
         embedder = request.load()
         bar = None
         if self.options.progress:
@@ -113,16 +124,37 @@ class LocalExecutor:
 
             bar = tqdm(total=len(items), desc=f"embedding ({embedder.config.name})", unit="img")
         embedded = 0
+        pending: deque[tuple[Future[Any], list[int]]] = deque()
+
+        def deliver() -> None:
+            nonlocal embedded
+            future, indices = pending.popleft()
+            sink.add(future.result(), [items[i] for i in indices])
+            embedded += len(indices)
+            if bar is not None:
+                bar.update(len(indices))
+
+        model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbir-model")
         try:
             for indices, batch, failed in iter_batches([p for p, _, _ in items], embedder, self.options):
                 for i, reason in failed:
                     on_failure(i, reason)
-                if batch is not None:
-                    sink.add(embedder.embed(batch), [items[i] for i in indices])
-                    embedded += len(indices)
                 if bar is not None:
-                    bar.update(len(indices) + len(failed))
+                    bar.update(len(failed))
+                if batch is not None:
+                    pending.append((model.submit(embedder.embed, batch), indices))
+                while pending and (len(pending) > BATCHES_IN_FLIGHT or pending[0][0].done()):
+                    deliver()
+            while pending:
+                deliver()
+        except BaseException:
+            # Ctrl-C or an error: what the model finished still reaches the sink
+            # (and is committed); the batch it is working on is abandoned.
+            while pending and pending[0][0].done() and pending[0][0].exception() is None:
+                deliver()
+            raise
         finally:
+            model.shutdown(wait=not pending, cancel_futures=True)
             if bar is not None:
                 bar.close()
         return embedded
