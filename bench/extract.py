@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/gpu_parts.py
 # ../shared next to the checkout, or $CBIR_SHARED (as the tests find it).
 SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
 DEFAULT_DATA = SHARED / "oxford17flowers"
@@ -57,8 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2, help="best of R interleaved runs per row")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch / ORT intra-op threads")
     p.add_argument("--gpu-decode", action="store_true",
-                   help="also time the bare GPU decode_jpeg prototype (CUDA only; no store written), a "
-                        "reference for --decode gpu")
+                   help="CUDA only: also time bare batched decode_jpeg and the in-memory decode -> resize -> "
+                        "model loops (per-image and batched resize; no files, no store), references for "
+                        "--decode gpu")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA only: one --decode gpu pass with per-stage wall times and torch.profiler's top ops")
     p.add_argument("--decode-check", action="store_true",
                    help="also time single-process decode+preprocess with and without Pillow draft mode")
     return p.parse_args(argv)
@@ -219,36 +223,6 @@ def decode_rates(embedder, folder: Path, limit: int = 200) -> tuple[float, float
     return rates[0], rates[1]
 
 
-def gpu_decode_rate(embedder, folder: Path, batch_size: int) -> float:
-    """End to end on the GPU: read bytes on the CPU, decode_jpeg on the device, resize
-    + crop there, embed. Vectors only (no store), to see if GPU decode is worth it."""
-    import torch
-    import torchvision.transforms.v2.functional as F
-    from torchvision.io import decode_jpeg
-
-    from cbir_cli.imageio.files import list_images
-
-    config = embedder.config
-    files = [f for f in list_images(folder) if f.suffix.lower() in (".jpg", ".jpeg")]
-
-    def run(paths) -> int:
-        done = 0
-        for start in range(0, len(paths), batch_size):
-            datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
-                     for p in paths[start:start + batch_size]]
-            images = decode_jpeg(datas, device=embedder.device)
-            batch = torch.stack([F.center_crop(F.resize(img, [config.resize_size], antialias=True),
-                                               [config.input_size]) for img in images])
-            embedder.embed(batch)
-            done += len(images)
-        return done
-
-    run(files[:batch_size])  # warm-up
-    started = time.perf_counter()
-    done = run(files)
-    return done / (time.perf_counter() - started)
-
-
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -386,11 +360,21 @@ class Row:
 
 
 def gpu_extras(args: argparse.Namespace, embedder, folder: Path, scratch: Path) -> list[str]:
-    """Reference figures on CUDA (see the module docstring)."""
+    """Reference figures on CUDA (bench/gpu_parts.py)."""
+    import gpu_parts
+
     lines = []
     if args.gpu_decode:
-        gpu_rate = gpu_decode_rate(embedder, folder, args.batch_size)
-        lines.append(f"GPU decode_jpeg prototype end-to-end (torch, no store): {gpu_rate:.1f} img/s")
+        bare = gpu_parts.bare_decode_rate(embedder, folder, args.batch_size)
+        per_image = gpu_parts.loop_rate(embedder, folder, args.batch_size, batched_resize=False)
+        batched = gpu_parts.loop_rate(embedder, folder, args.batch_size, batched_resize=True)
+        lines += [f"bare batched decode_jpeg on the GPU, bytes in memory: {bare:.1f} img/s",
+                  f"loop, bytes in memory -> GPU decode -> per-image resize -> model: {per_image:.1f} img/s",
+                  f"loop, bytes in memory -> GPU decode -> batched resize -> model: {batched:.1f} img/s"]
+    if args.profile:
+        workers = max(int(w) for w in args.workers.split(","))
+        lines += gpu_parts.profile_pipeline(embedder, folder, scratch / "store-profile", workers, args.batch_size,
+                                            args.device)
     return lines
 
 
