@@ -199,10 +199,13 @@ def test_row_table_is_the_live_rows(tmp_path):
     assert not store._rows_cache or len(store._rows_cache) == 3  # only live_rows() above cached objects
 
 
-def test_verified_shard_reads_match_and_refuse_damage(tmp_path):
+@pytest.mark.parametrize("dense_span", [4, 0])  # 0: every read row by row
+def test_verified_shard_reads_match_and_refuse_damage(tmp_path, monkeypatch, dense_span):
     from cbir_cli.errors import CorruptStoreError
+    from cbir_cli.store import vectors as vectors_module
     from cbir_cli.store.vectors import ShardVectors
 
+    monkeypatch.setattr(vectors_module, "DENSE_SPAN", dense_span)
     store = small_store(tmp_path)
     expected = store.load_vectors()
     for verified in (False, True):

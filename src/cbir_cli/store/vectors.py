@@ -58,6 +58,11 @@ class _MappedShard:
         return out
 
 
+# Rows whose span in the file is at most this many times their count are read in
+# one go; sparser ones one by one.
+DENSE_SPAN = 4
+
+
 class ShardVectors:
     """The store's live vectors, by position (the order of ``store.live_rows()``),
     read on demand from the shards: only the rows asked for are read.
@@ -102,17 +107,23 @@ class ShardVectors:
         return len(self), self.dim
 
     def _read_rows(self, shard: int, rows: np.ndarray) -> np.ndarray:
-        """Rows (sorted shard row numbers) of one shard, with one file read of the
-        span they cover (at most one shard, a few MB): no page of the file stays
-        mapped in this process afterwards."""
+        """Rows (sorted shard row numbers) of one shard with plain file reads: one
+        read of the span they cover when they are dense (adding rows in order),
+        one per row when they are scattered (a training sample), so neither reads
+        much more than it needs nor keeps any page of the file mapped."""
         import numpy as np
 
         first, last = int(rows.min()), int(rows.max())
         row_bytes = self.dim * 4
-        offset = self._offsets[shard] + first * row_bytes
+        start = self._offsets[shard]
         with open(self._paths[shard], "rb") as fh:
-            span = np.frombuffer(os.pread(fh.fileno(), (last - first + 1) * row_bytes, offset), dtype=np.float32)
-        return span.reshape(-1, self.dim)[rows - first]
+            if last - first + 1 <= DENSE_SPAN * len(rows):
+                data = os.pread(fh.fileno(), (last - first + 1) * row_bytes, start + first * row_bytes)
+                return np.frombuffer(data, dtype=np.float32).reshape(-1, self.dim)[rows - first]
+            out = np.empty((len(rows), self.dim), dtype=np.float32)
+            for i, row in enumerate(rows.tolist()):
+                out[i] = np.frombuffer(os.pread(fh.fileno(), row_bytes, start + row * row_bytes), dtype=np.float32)
+            return out
 
     def __getitem__(self, positions: np.ndarray) -> np.ndarray:
         import numpy as np
