@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights (no download needed; speed is the same)")
-    p.add_argument("--runtime", default="torch,onnx", help="comma list of torch, onnx")
+    p.add_argument("--runtime", default="torch,onnx",
+                   help="comma list of torch, onnx, int8 (ONNX Runtime int8, calibrated on the images as "
+                        "`cbir index --precision int8` does)")
     p.add_argument("--workers", default="1", help="comma list of DataLoader decode worker counts")
     p.add_argument("--decode", default="cpu", help="comma list of cpu, gpu (where JPEGs are decoded; ExtractOptions)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -140,14 +142,26 @@ def load_torch_embedder(args: argparse.Namespace):
     return TorchEmbedder(config, module.eval(), "random-bench", device)
 
 
-def make_embedder(runtime: str, torch_embedder, scratch: Path, threads: int):
+def make_embedder(runtime: str, torch_embedder, scratch: Path, threads: int, folder: Path):
     if runtime == "torch":
         return torch_embedder
     from cbir_cli.models.onnx_embedder import OnnxEmbedder
 
     # Random-weight exports go to the scratch folder, never the user's cache.
     cache = scratch / "onnx" if torch_embedder.weights_id == "random-bench" else None
-    return OnnxEmbedder.from_torch(torch_embedder, cache_dir=cache, threads=threads)
+    fp32 = OnnxEmbedder.from_torch(torch_embedder, cache_dir=cache, threads=threads)
+    if runtime == "onnx":
+        return fp32
+    from cbir_cli.imageio.files import list_images
+    from cbir_cli.models.quantize import quantize_onnx, quantized_path, sample_calibration
+    from cbir_cli.pipeline.local import LocalExecutor
+    from cbir_cli.pipeline.options import ExtractOptions
+
+    calibration = sample_calibration(list_images(folder), LocalExecutor(ExtractOptions(workers=0)).hash_files)
+    path = quantized_path(fp32.model_path, calibration)
+    if not path.is_file():
+        quantize_onnx(fp32.model_path, path, calibration, fp32.config, fp32.preprocess)
+    return OnnxEmbedder(fp32.config, fp32.weights_id, path, threads=threads, calibration=calibration)
 
 
 def model_only_rate(embedder, n_images: int, batch_size: int) -> tuple[float, float]:
@@ -250,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
               f"device {torch_embedder.device}, {n_images} images, batch {args.batch_size}, "
               f"{args.threads} threads, {cores} cores, torch {torch.__version__}", flush=True)
         combos = [(r, d, w) for r in runtimes for d in decodes for w in worker_counts]
-        embedders = {r: make_embedder(r, torch_embedder, scratch, args.threads) for r in runtimes}
+        embedders = {r: make_embedder(r, torch_embedder, scratch, args.threads, folder) for r in runtimes}
         decode_ms = [decode_core_ms(torch_embedder, folder)] if on_cpu else []
         for runtime, decode, workers in combos:
             embedder = embedders[runtime]

@@ -48,13 +48,21 @@ class _MappedShard:
         with open(path, "rb") as fh:
             self.mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         count = int(np.prod(shape))
+        self.offset, self.row_bytes = offset, int(shape[1]) * 4
         self.array = np.frombuffer(self.mapped, dtype=np.float32, count=count, offset=offset).reshape(shape)
         self._dontneed = getattr(mmap, "MADV_DONTNEED", None) if hasattr(self.mapped, "madvise") else None
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
+        import mmap
+
         out = self.array[rows]
         if self._dontneed is not None:
-            self.mapped.madvise(self._dontneed)
+            # Only the pages of the rows read (a whole-mapping call walks all of it).
+            page = mmap.PAGESIZE
+            for row in rows.tolist():
+                start = (self.offset + row * self.row_bytes) // page * page
+                end = self.offset + (row + 1) * self.row_bytes
+                self.mapped.madvise(self._dontneed, start, end - start)
         return out
 
 
