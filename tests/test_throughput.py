@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -284,3 +285,63 @@ def test_real_photos_same_vectors_as_before(shared_dir):
     for name, pixels in (("cpu", cpu), ("device", torch.stack(device).numpy())):
         cosine = (embedder.embed(pixels) * expected).sum(axis=1)
         assert cosine.min() >= 0.999, (name, cosine.min())
+
+
+# -- a new store: hashing runs beside the embedding ------------------------------------
+
+
+class HashAfterEmbedStarts(CountingExecutor):
+    """Hashing that cannot finish before the first batch reaches the model: with
+    hashing in front of the pipeline (as before) this run would wait forever."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = threading.Event()
+
+    def hash_files(self, paths):
+        results = list(super().hash_files(paths))
+        yield results[0]
+        if not self.embedding.wait(timeout=30):
+            raise AssertionError("hashing had to finish before any image was embedded")
+        yield from results[1:]
+
+    def embed(self, items, request, sink, on_failure):
+        self.embedding.set()
+        return self.inner.embed(items, request, sink, on_failure)
+
+
+def test_new_store_embeds_while_hashing(tmp_path, image_folder, tiny_embedder):
+    import hashlib
+
+    from cbir_cli.pipeline.sync import sync_folder
+    from cbir_cli.store.feature_store import FeatureStore
+
+    folder = image_folder(10)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    skipped: list[tuple[str, str]] = []
+    summary = sync_folder(folder, tmp_path / "store", embedder=tiny_embedder, executor=HashAfterEmbedStarts(),
+                          on_skip=lambda p, r: skipped.append((Path(p).name, r)))
+    assert summary.added == summary.embedded == 10 and [n for n, _ in skipped] == ["broken.jpg"]
+    store = FeatureStore.open(tmp_path / "store")
+    for row in store.live_rows():  # every row got its file's hash and size
+        data = Path(row.path).read_bytes()
+        assert row.sha256 == hashlib.sha256(data).hexdigest() and row.size == len(data)
+    # The broken file is remembered with its hash: not decoded again next time.
+    remembered = store.manifest["skipped"][str(folder / "broken.jpg")]
+    assert remembered["sha256"] == hashlib.sha256((folder / "broken.jpg").read_bytes()).hexdigest()
+    again = sync_folder(folder, tmp_path / "store", embedder=tiny_embedder, executor=CountingExecutor())
+    assert again.unchanged == 10 and again.skipped == 1 and again.embedded == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_new_store_never_hands_a_pipe_to_the_readers(tmp_path, image_folder, tiny_embedder):
+    from cbir_cli.pipeline.options import ExtractOptions
+    from cbir_cli.pipeline.sync import sync_folder
+
+    folder = image_folder(3)
+    os.mkfifo(folder / "pipe.jpg")
+    skipped: list[tuple[str, str]] = []
+    summary = sync_folder(folder, tmp_path / "store", embedder=tiny_embedder,
+                          options=ExtractOptions(workers=2, batch_size=2),
+                          on_skip=lambda p, r: skipped.append((Path(p).name, r)))
+    assert summary.added == 3 and skipped == [("pipe.jpg", "not a regular file (pipe, socket or device)")]

@@ -23,21 +23,42 @@ from ..store.transaction import WriteTransaction, write_transaction
 from .executor import EmbedRequest, Executor
 from .local import LocalExecutor
 from .options import ExtractOptions, ExtractSummary
-from .plan import Plan, plan_sync
+from .plan import HashesInBackground, Item, Plan, holds_nothing, plan_fresh, plan_sync
 from .statcache import StatCache
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..models.protocol import Embedder
 
 SkipCallback = Callable[[str, str], None]
 NoticeCallback = Callable[[str], None]
 
 
+class RowsWithHashes:
+    """The transaction as a vector sink for items hashed in the background: each
+    row gets its content hash and size when it is written. A file that could not
+    be hashed (it vanished or became unreadable after it was decoded) is skipped."""
+
+    def __init__(self, txn: WriteTransaction, hashes: HashesInBackground, skip: SkipCallback) -> None:
+        self.txn, self.hashes, self.skip = txn, hashes, skip
+
+    def add(self, vectors: np.ndarray, items: Sequence[Item]) -> None:
+        results = [self.hashes.get(path) for path, _, _ in items]
+        keep = [k for k, r in enumerate(results) if r.sha256 is not None]
+        for r in results:
+            if r.sha256 is None:
+                self.skip(r.path, r.error or "unreadable")
+        if keep:
+            self.txn.add(vectors[keep], [(r.path, r.sha256 or "", r.size) for r in (results[k] for k in keep)])
+
+
 def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: EmbedRequest,
-               summary: ExtractSummary, skip: SkipCallback) -> None:
+               summary: ExtractSummary, skip: SkipCallback, hashes: HashesInBackground | None = None) -> None:
     """Write vectors for ``plan.todo`` (and ``plan.renamed``): reuse stored vectors of
     identical content, embed the rest (the model is loaded only if needed), record
-    undecodable files."""
+    undecodable files. ``hashes``: the todo items' hashes are still being computed
+    (:func:`~.plan.plan_fresh`)."""
     import numpy as np
 
     store = txn.store
@@ -57,14 +78,18 @@ def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: E
 
     def failed(i: int, reason: str) -> None:
         path, sha, _ = todo[i]
-        store.record_skipped(path, sha, reason)
+        if hashes is not None:
+            sha = hashes.get(path).sha256 or ""
+        if sha:  # remembered, so an unchanged bad file is not decoded again
+            store.record_skipped(path, sha, reason)
         if path in plan.replaced:
             # Its content changed into something undecodable: the stored vector
             # describes content that no longer exists.
             summary.removed += store.remove_paths([path])
         skip(path, reason)
 
-    summary.embedded += executor.embed(todo, request, txn, failed)
+    sink = txn if hashes is None else RowsWithHashes(txn, hashes, skip)
+    summary.embedded += executor.embed(todo, request, sink, failed)
 
 
 def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | str], request: EmbedRequest,
@@ -80,13 +105,20 @@ def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | 
     # Unchanged (size, mtime, ctime, inode) -> the hash recorded last time; only
     # new or touched files are read and hashed (see .statcache).
     stat_cache = StatCache.load(txn.root, trusted=not txn.rebuild)
-    plan = plan_sync(txn.store, root, stat_cache.hash_files(files, executor.hash_files))
-    if txn.store.committed:
-        stat_cache.save(keep_unlisted=root is None)
+    hashed = stat_cache.hash_files(files, executor.hash_files)
+    hashes = None
+    if holds_nothing(txn.store):
+        plan, hashes = plan_fresh(files, hashed)
+    else:
+        plan = plan_sync(txn.store, root, hashed)
+        if txn.store.committed:
+            stat_cache.save(keep_unlisted=root is None)
     summary.unchanged = plan.unchanged
     for path, reason in plan.unreadable + plan.known_bad:
         skip_one(path, reason)
-    embed_plan(plan, txn, executor, request, summary, skip_one)
+    embed_plan(plan, txn, executor, request, summary, skip_one, hashes)
+    if hashes is not None:
+        hashes.wait()
     summary.removed += txn.remove_paths(plan.removed)
     done = {p for p, _, _ in plan.todo} - skipped
     summary.updated = len(plan.replaced & done)
