@@ -69,5 +69,6 @@ class Executor(Protocol):
     def embed(self, items: Sequence[Item], request: EmbedRequest, sink: VectorSink,
               on_failure: FailureCallback) -> int:
         """Embed ``items`` into ``sink``; report each file that fails. Returns how
-        many were embedded."""
+        many were embedded. Only the items' paths matter here: for a new store
+        their hashes are still being computed (empty, filled in by the sink)."""
         ...
