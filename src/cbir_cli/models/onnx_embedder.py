@@ -123,6 +123,9 @@ def _session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Errors only: an int8 graph otherwise logs one warning per initializer the
+    # optimiser drops, on every load.
+    options.log_severity_level = 3
     # Idle ORT threads otherwise spin-wait between runs, stealing the cores the
     # decode workers need (measured: pipeline/model ratio 0.75 -> see README).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
