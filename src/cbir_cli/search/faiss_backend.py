@@ -408,3 +408,18 @@ class FaissBackend:
             if not np.allclose(index.reconstruct_n(0, index.ntotal), live_vectors, atol=1e-6):
                 report.problems.append(f"{index_paths(store)[0]}: holds other vectors than the shards")
         return report
+
+    # -- range search (``cbir dedup``; see :mod:`.range`) ----------------------
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact on a flat index (Faiss's range search); on HNSW and IVF-PQ a k-NN
+        search with exact scores cut at the threshold, deepened where it may go on."""
+        import faiss
+
+        from .range import exact_range_search, knn_range_search
+
+        index = self._require()
+        queries = as_queries(queries, index.d)
+        if isinstance(faiss.downcast_index(index), faiss.IndexFlat):
+            return exact_range_search(index, queries, threshold, self.ids)
+        return knn_range_search(self.search, queries, threshold, self.count)
