@@ -4,6 +4,7 @@ the exact oracle (the numpy fake), including groups larger than its first k."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def planted_store(tmp_path: Path, n: int = 1500, dim: int = 32, seed: int = 4) -
 def pairs(result: tuple[np.ndarray, np.ndarray, np.ndarray], query_ids: np.ndarray) -> dict[tuple[int, int], float]:
     lims, scores, ids = result
     out = {}
-    for q, (a, b) in enumerate(zip(lims[:-1], lims[1:])):
+    for q, (a, b) in enumerate(itertools.pairwise(lims)):
         for score, i in zip(scores[a:b], ids[a:b]):
             out[int(query_ids[q]), int(i)] = float(score)
     return out
@@ -73,7 +74,7 @@ def test_range_search_agrees_with_the_exact_oracle(tmp_path, index_type):
     assert len(big & set(got)) >= 0.99 * len(big)
     # Packed layout: sorted best first within each query.
     lims, scores, _ = found
-    assert all(np.all(np.diff(scores[a:b]) <= 0) for a, b in zip(lims[:-1], lims[1:]))
+    assert all(np.all(np.diff(scores[a:b]) <= 0) for a, b in itertools.pairwise(lims))
 
 
 def test_knn_range_search_deepens_only_where_the_list_goes_on():

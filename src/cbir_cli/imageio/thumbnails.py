@@ -44,11 +44,13 @@ def thumbnail(source: str | os.PathLike[str] | PILImage.Image, size: int) -> PIL
 
 class ThumbnailFolder:
     """Thumbnails of ``size`` px written once under ``out_dir/thumbs/`` (named by a
-    hash of their key, so any path is a safe file name) and kept in memory."""
+    hash of their key, so any path is a safe file name) and kept in memory
+    (``out_dir`` None: in memory only, for a grid without a page)."""
 
-    def __init__(self, out_dir: Path, size: int) -> None:
-        self.folder = out_dir / "thumbs"
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, out_dir: Path | None, size: int) -> None:
+        self.folder = out_dir / "thumbs" if out_dir is not None else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.size = size
         self._images: dict[str, PILImage.Image | None] = {}
 
@@ -69,7 +71,8 @@ class ThumbnailFolder:
         """Store the thumbnail of an image that is not a file of its own (an upload,
         a region of a photo) under ``key``."""
         small = thumbnail(image, self.size)
-        small.save(self.folder / self.name(key), quality=85)
+        if self.folder is not None:
+            small.save(self.folder / self.name(key), quality=85)
         self._images[key] = small
         return small
 

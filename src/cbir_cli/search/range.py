@@ -16,6 +16,7 @@ Two ways, one result shape ``(lims, scores, ids)``: the results of query ``i`` a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -61,7 +62,7 @@ def exact_range_search(index: faiss.Index, queries: np.ndarray, threshold: float
     lims, scores, positions = index.range_search(queries, radius)
     ids = labels[positions]
     keep = scores >= threshold
-    per_query = [(scores[a:b][keep[a:b]], ids[a:b][keep[a:b]]) for a, b in zip(lims[:-1], lims[1:])]
+    per_query = [(scores[a:b][keep[a:b]], ids[a:b][keep[a:b]]) for a, b in itertools.pairwise(lims)]
     return pack_ranges(per_query)
 
 
