@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -185,16 +184,12 @@ def test_report_shows_every_group_with_thumbnails_and_scores(planted, tmp_path):
     assert page.count("<h3>group ") == len(expected) and page.count("class='keep'") == len(expected)
     for name in (s.split("'")[0] for s in page.split("src='thumbs/")[1:]):
         assert (report / "thumbs" / name).is_file()
-    grid = Image.open(report / "groups.png")
-    assert grid.height > grid.width / 4 * 0.9  # one row per group, four tiles each
-    if (REPO_DOCS := Path(__file__).resolve().parents[1] / "docs").is_dir() and _updating():
-        shutil.copyfile(report / "groups.png", REPO_DOCS / "dedup-report.png")
+    from cbir_cli.imageio.thumbnails import CAPTION_HEIGHT, FRAME, GAP
+    from cbir_cli.search.gallery import THUMB
 
-
-def _updating() -> bool:
-    import os
-
-    return os.environ.get("CBIR_UPDATE_SCREENSHOT") == "1"
+    side = THUMB + 2 * FRAME  # one row per group: the kept image, then its three copies
+    assert Image.open(report / "groups.png").size == (4 * side + 5 * GAP,
+                                                      len(expected) * (side + CAPTION_HEIGHT + GAP) + GAP)
 
 
 def test_default_threshold_is_looked_up_by_model_and_descriptor():

@@ -97,7 +97,7 @@ def _save_png(image: PILImage.Image, path: Path) -> None:
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #1d2330; }
 .row { display: flex; flex-wrap: wrap; gap: 10px; margin: 0 0 1.4em; align-items: flex-start; }
-figure { margin: 0; width: 150px; }
+figure { margin: 0; width: 170px; }
 figure img { width: 140px; height: 140px; object-fit: contain; background: #eee; border: 4px solid #999; }
 figure.query img { border-color: rgb(40,90,200); }
 figure.keep img { border-color: rgb(30,160,60); }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from ..errors import CbirError, CorruptStoreError
 from ..imageio.decode import load_image
 from ..imageio.region import Box
 from ..models.protocol import embed_images
-from ..paths import display_path, normalise_path
+from ..paths import common_folder, display_path, normalise_path
 from ..resolve import resolve_index_dir
 from ..store.feature_store import FeatureStore, Row
 from ..store.manifest import check_fingerprint
@@ -148,6 +149,11 @@ class Searcher:
             return self.rows[self._position_by_id[image_id]]
         except KeyError:
             raise CbirError(f"no image with id {image_id} in the index") from None
+
+    @cached_property
+    def folder(self) -> str:
+        """The folder that was indexed, as far as the rows tell (their deepest common folder)."""
+        return common_folder([r.path for r in self.rows])
 
     def path_of(self, image_id: int) -> Path:
         return Path(self.row(image_id).path)

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, ImageError
 from ..imageio.decode import decode_image, load_image
+from ..imageio.region import Box
 from ..models.protocol import embed_images
 from ..paths import display_path
+from ..search.filters import ResultFilter
 
 if TYPE_CHECKING:
     from flask import Flask, Response
@@ -107,6 +109,18 @@ def parse_id(raw: str | None) -> int:
         return int(raw)
     except ValueError:
         raise ApiError(f"id must be an integer (got {raw[:40]!r})", 400) from None
+
+
+def parse_narrowing(values: Any, searcher: Searcher) -> tuple[Box | None, ResultFilter]:
+    """The optional ``box`` (x0,y0,x1,y1: fractions or pixels), ``under`` (a folder,
+    absolute or relative to the indexed folder) and ``min_score`` fields."""
+    raw = values.get("min_score") or None
+    try:
+        min_score = float(raw) if raw is not None else None
+    except ValueError:
+        raise ApiError(f"min_score must be a number (got {raw[:40]!r})", 400) from None
+    box = Box.parse(values["box"]) if values.get("box") else None
+    return box, ResultFilter.make(values.get("under") or None, min_score, base=searcher.folder)
 
 
 def hit_json(hit: Hit) -> dict[str, Any]:
@@ -193,10 +207,12 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     def search_by_id():
         image_id = parse_id(request.args.get("id"))
         k = parse_k(request.args.get("k"))
+        box, result_filter = parse_narrowing(request.args, searcher)
         row = lookup(image_id)
         with search_lock:
-            hits = searcher.search_ids([image_id], k)[0]
-        return results({"id": image_id, "name": os.path.basename(display_path(row.path))}, k, hits)
+            hits = searcher.search_ids([image_id], k, box, result_filter)[0]
+        return results({"id": image_id, "name": os.path.basename(display_path(row.path)),
+                        **({"box": box.text} if box else {})}, k, hits)
 
     @app.post("/api/search")
     def search_by_upload():
@@ -205,13 +221,15 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
         if upload is None:
             raise ApiError("missing multipart file field 'image'", 400)
         name = os.path.basename(upload.filename or "") or "upload"
+        box, result_filter = parse_narrowing(request.form, searcher)
         try:
-            image = decode_image(upload.read(), name, draft_size=embedder.config.resize_size)
+            # A region is cut from the full-size picture (a draft decode shifts pixels).
+            image = decode_image(upload.read(), name, draft_size=None if box else embedder.config.resize_size)
         except ImageError as exc:
             raise ApiError(f"{name}: {exc.reason}", 400) from None
         with search_lock:
-            hits = searcher.search_images([image], k)[0]
-        return results({"name": name}, k, hits)
+            hits = searcher.search_images([image], k, box, result_filter)[0]
+        return results({"name": name, **({"box": box.text} if box else {})}, k, hits)
 
     @app.get("/api/images/<int:image_id>")
     def original(image_id: int):
