@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     twin_pairs = sum(len(t) - 1 for t in twins.values()) // 2
     print(f"\n{collection.root}: {n} images ({twin_pairs} same-picture pairs), {len(data.queries)} copies "
           f"({args.copies} originals x {len(DISTORTIONS)} distortions, seed {args.seed})")
-    print(f"model {model}, descriptor {descriptor}; {len(positive):,} duplicate pairs, {len(negative):,} distinct pairs")
+    print(f"model {model}, descriptor {descriptor}; {len(positive):,} duplicate pairs, "
+          f"{len(negative):,} distinct pairs")
     print(f"\nbest F1: threshold {best.threshold:g}  precision {best.precision:.4f}  recall {best.recall:.4f}  "
           f"F1 {best.f1:.4f}  ({best.true_pairs:,} duplicate pairs found, {best.false_pairs:,} distinct pairs "
           "linked)")

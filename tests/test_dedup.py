@@ -232,3 +232,30 @@ def test_real_model_groups_planted_copies_of_photos_at_the_default_threshold(tmp
     result = find_duplicates(searcher, default_threshold(searcher.store.fingerprint).threshold)
     assert sorted(sorted(g) for g in relative_groups(result, folder)) == \
         sorted(sorted([name, *copies]) for name, copies in expected.items())
+
+
+def test_a_chain_of_look_alikes_is_one_group_but_only_duplicates_of_the_kept_image_move(tmp_path):
+    """A ~ B ~ C with A and C below the threshold: one group (connected components),
+    but --move-to moves only B, a duplicate of the image kept (A, the largest)."""
+    from cbir_cli.pipeline.dedup_moves import plan_moves
+    from cbir_cli.store.feature_store import FeatureStore
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    angles = {"a.jpg": (0.0, (320, 240)), "b.jpg": (0.26, (300, 200)), "c.jpg": (0.52, (200, 100)),
+              "far.jpg": (1.5, (320, 240))}
+    vectors, items = [], []
+    for name, (angle, size) in angles.items():
+        make_image(len(items), size=size).save(folder / name)
+        vectors.append([np.cos(angle), np.sin(angle), 0.0, 0.0])
+        items.append((str((folder / name).resolve()), f"{len(items):064x}", 100))
+    store = FeatureStore.create(tmp_path / "index", {"model": "synthetic", "weights": "none", "dim": 4,
+                                                     "preprocessing": {}})
+    store.add_shard(np.asarray(vectors, dtype=np.float32), items)
+    store.commit()
+    searcher = Searcher.open(tmp_path / "index")
+    result = find_duplicates(searcher, 0.95)  # cos 0.26 rad = 0.966, cos 0.52 rad = 0.868
+    assert [[Path(m.path).name for m in g.members] for g in result.groups] == [["a.jpg", "b.jpg", "c.jpg"]]
+    plan = plan_moves(searcher, result, tmp_path / "aside")
+    assert [Path(m.source).name for m in plan.moves] == ["b.jpg"]
+    assert [(Path(p).name, "only through other images" in r) for p, r in plan.skipped] == [("c.jpg", True)]

@@ -1,7 +1,9 @@
 """Acting on duplicate groups (``cbir dedup --move-to DIR``): nothing is ever
 deleted. All but the best image of each group move below ``DIR`` under their path
 relative to the indexed folder; the index drops their rows in one commit of the
-store's write transaction, and its search index is refreshed.
+store's write transaction, and its search index is refreshed. Only duplicates of
+the image kept move: a member linked to its group through a chain of look-alikes
+(A ~ B ~ C, but A and C below the threshold) stays, and the plan says why.
 
 :func:`plan_moves` only looks (it is the dry run); :func:`apply_moves` moves what a
 plan says, after checking each file again: an image whose content changed since
@@ -82,6 +84,12 @@ def plan_moves(searcher: Searcher, result: DedupResult, destination: str | os.Pa
         best = searcher.row(group.best.id)
         for member in group.others:
             target = os.path.join(target_root, os.path.relpath(member.path, base))
+            if member.score_to_best < result.threshold:
+                # Grouped through a chain of look-alikes: not a duplicate of what stays.
+                plan.skipped.append((member.path, f"similar to the image kept ({display_path(best.path)}) only "
+                                                  f"through other images of its group (cosine "
+                                                  f"{member.score_to_best:.4f} with it)"))
+                continue
             if os.path.lexists(target):
                 plan.skipped.append((member.path, f"{display_path(target)} already exists"))
                 continue
