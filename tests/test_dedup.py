@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED, make_image, mobilenet_weights_path
+from conftest import SHARED, make_image, mobilenet_weights_path, store_of_vectors
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -238,21 +238,15 @@ def test_a_chain_of_look_alikes_is_one_group_but_only_duplicates_of_the_kept_ima
     """A ~ B ~ C with A and C below the threshold: one group (connected components),
     but --move-to moves only B, a duplicate of the image kept (A, the largest)."""
     from cbir_cli.pipeline.dedup_moves import plan_moves
-    from cbir_cli.store.feature_store import FeatureStore
 
     folder = tmp_path / "photos"
     folder.mkdir()
     angles = {"a.jpg": (0.0, (320, 240)), "b.jpg": (0.26, (300, 200)), "c.jpg": (0.52, (200, 100)),
               "far.jpg": (1.5, (320, 240))}
-    vectors, items = [], []
-    for name, (angle, size) in angles.items():
-        make_image(len(items), size=size).save(folder / name)
-        vectors.append([np.cos(angle), np.sin(angle), 0.0, 0.0])
-        items.append((str((folder / name).resolve()), f"{len(items):064x}", 100))
-    store = FeatureStore.create(tmp_path / "index", {"model": "synthetic", "weights": "none", "dim": 4,
-                                                     "preprocessing": {}})
-    store.add_shard(np.asarray(vectors, dtype=np.float32), items)
-    store.commit()
+    for i, (name, (_, size)) in enumerate(angles.items()):
+        make_image(i, size=size).save(folder / name)
+    vectors = np.asarray([[np.cos(a), np.sin(a), 0, 0] for a, _ in angles.values()], dtype=np.float32)
+    store_of_vectors(tmp_path / "index", vectors, [str((folder / name).resolve()) for name in angles])
     searcher = Searcher.open(tmp_path / "index")
     result = find_duplicates(searcher, 0.95)  # cos 0.26 rad = 0.966, cos 0.52 rad = 0.868
     assert [[Path(m.path).name for m in g.members] for g in result.groups] == [["a.jpg", "b.jpg", "c.jpg"]]

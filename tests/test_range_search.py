@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import store_of_vectors
 
 from cbir_cli.search.faiss_backend import FaissBackend
 from cbir_cli.search.range import knn_range_search, pack_ranges
@@ -31,13 +32,7 @@ def planted_store(tmp_path: Path, n: int = 1500, dim: int = 32, seed: int = 4) -
         for member in group[1:]:
             x[member] = x[group[0]] + 0.04 * rng.standard_normal(dim).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    store = FeatureStore.create(tmp_path / "store", {"model": "synthetic", "weights": "none", "dim": dim,
-                                                      "preprocessing": {}})
-    for start in range(0, n, 500):
-        store.add_shard(x[start:start + 500], [(f"/img/{i:05d}.jpg", f"{i:064x}", 1)
-                                              for i in range(start, min(n, start + 500))])
-    store.commit()
-    return store, x
+    return store_of_vectors(tmp_path / "store", x), x
 
 
 def pairs(result: tuple[np.ndarray, np.ndarray, np.ndarray], query_ids: np.ndarray) -> dict[tuple[int, int], float]:
