@@ -111,7 +111,7 @@ def test_a_deleted_manifest_is_refused_then_recovered(built, tiny_embedder):
     shards = sorted(p.name for p in (index_dir / "shards").iterdir())
     (index_dir / "manifest.json").unlink()
 
-    with pytest.raises(CorruptStoreError, match="3 shard file.* but no manifest.json"):
+    with pytest.raises(CorruptStoreError, match=r"3 shard file.* but no manifest\.json"):
         index_folder(folder, index_dir, embedder=tiny_embedder, options=OPTIONS)
     assert sorted(p.name for p in (index_dir / "shards").iterdir()) == shards  # nothing deleted
     result = runner.invoke(app, ["query", str(folder / "img_000.jpg"), "--index", str(index_dir)])
