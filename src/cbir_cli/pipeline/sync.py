@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..imageio.files import is_under
 from ..models.loading import model_fingerprint
 from ..paths import display_path
 from ..resolve import resolve_index_dir, resolve_model
@@ -82,6 +83,9 @@ def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | 
         skip(path, reason)
 
     plan = plan_sync(txn.store, root, executor.hash_files(files))
+    # Entries of folders that could not be listed are kept, not taken for deleted.
+    unreadable = [folder for folder, _ in getattr(files, "unreadable", [])]
+    plan.removed = [p for p in plan.removed if not is_under(p, unreadable)]
     summary.unchanged = plan.unchanged
     for path, reason in plan.unreadable + plan.known_bad:
         skip_one(path, reason)
@@ -103,6 +107,10 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
     executor = executor or LocalExecutor(options)
     started = time.perf_counter()
     files = executor.list_images(Path(root).expanduser())  # a bad folder fails before anything else
+    for folder, reason in getattr(files, "unreadable", []):
+        if on_notice:
+            on_notice(f"warning: cannot read folder {display_path(folder)} ({reason}); "
+                      "what was indexed from it is kept")
     root_path = Path(root).expanduser().resolve()
     summary = ExtractSummary(files=len(files))
 
