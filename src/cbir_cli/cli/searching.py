@@ -72,7 +72,7 @@ def serve_cmd(
         app_ = create_app(index_dir=index_dir, device=device.value, max_upload_mb=max_upload_mb,
                           runtime=runtime.value)
         server = make_http_server(app_, host, port)
-        searcher = server.app.extensions["cbir"]
+        searcher = app_.extensions["cbir"].current()
         err = stderr()
         if not is_loopback(host):
             err.print(f"warning: listening on {host}: anyone who can reach this machine can search the index "
@@ -84,4 +84,4 @@ def serve_cmd(
         except KeyboardInterrupt:
             err.print("stopped")
         finally:
-            server.server_close()
+            server.close()

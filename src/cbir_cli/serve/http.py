@@ -1,0 +1,130 @@
+"""The HTTP server under ``cbir serve``: waitress, a production WSGI server, with
+limits a public port needs (measured against gunicorn in ``bench/serve_servers.py``).
+
+Waitress reads requests in one asynchronous loop and hands only complete requests
+to its worker threads, so slow clients cost a socket, not a thread. On top of its
+own limits (connections, header and body size, idle connections) a connection
+must send its request headers within :data:`HEADER_TIMEOUT` seconds and its body
+within :data:`BODY_TIMEOUT`, or it is closed (slowloris, slow-POST); and every
+error waitress answers itself (400, 413, 431...) is JSON ``{"error": ...}`` like
+the app's own.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CbirError
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
+BODY_TIMEOUT = 120.0  # seconds from the first byte to the end of the body (20 MB at >= 170 KB/s)
+IDLE_TIMEOUT = 15.0  # an open connection with no request in progress
+CONNECTION_LIMIT = 256
+THREADS = 16  # request handlers; reading and writing sockets never takes one
+MAX_HEADER_BYTES = 32 * 1024
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around an upload
+
+
+def _guarded_classes() -> tuple[type, type]:
+    """The waitress channel and error task we use (imported lazily: ``cbir --help``
+    and the test client do not need waitress)."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class JsonErrorTask(ErrorTask):
+        """Waitress's own error answers, as JSON."""
+
+        def execute(self) -> None:
+            error = self.request.error
+            body = json.dumps({"error": f"{error.reason.lower()}: {error.body}"}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class GuardedChannel(HTTPChannel):
+        """A connection that records when its current request started."""
+
+        error_task_class = JsonErrorTask
+        request_started = 0.0
+
+        def received(self, data: bytes) -> bool:
+            if self.request is None and data:
+                self.request_started = time.time()
+            return super().received(data)
+
+        def overdue(self, now: float, header_timeout: float, body_timeout: float) -> bool:
+            request = self.request
+            if request is None or self.requests:  # idle, or being answered
+                return False
+            limit = body_timeout if request.headers_finished else header_timeout
+            return now - self.request_started > limit
+
+    return GuardedChannel, JsonErrorTask
+
+
+class HttpServer:
+    """``app`` served on ``host:port`` (port 0: any free port). A port in use or an
+    unknown host is a :class:`CbirError`. ``serve_forever()`` runs it; ``close()``
+    (from another thread too) stops it."""
+
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8000, max_body_bytes: int = 0,
+                 threads: int = THREADS, header_timeout: float = HEADER_TIMEOUT,
+                 body_timeout: float = BODY_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        from waitress.server import create_server
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            # Bound here so that a failure is one clear line (and port 0 works).
+            listener = socket.create_server((host, port), family=family, backlog=1024)
+        except OSError as exc:
+            raise CbirError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self.app = app
+        self.host = host
+        self.port = int(listener.getsockname()[1])
+        channel_class, _ = _guarded_classes()
+        adjustments: dict[str, Any] = dict(
+            sockets=[listener], threads=threads, connection_limit=CONNECTION_LIMIT, channel_timeout=idle_timeout,
+            cleanup_interval=1, max_request_header_size=MAX_HEADER_BYTES, ident="cbir",
+            clear_untrusted_proxy_headers=True,
+        )
+        if max_body_bytes:
+            adjustments["max_request_body_size"] = max_body_bytes + MULTIPART_OVERHEAD
+        self._server = create_server(app, **adjustments)
+        self._server.channel_class = channel_class
+        maintenance = self._server.maintenance
+
+        def enforce_deadlines(now: float) -> None:
+            maintenance(now)
+            for channel in list(self._server.active_channels.values()):
+                if getattr(channel, "overdue", None) and channel.overdue(now, header_timeout, body_timeout):
+                    channel.will_close = True  # closed by the loop at its next pass
+
+        self._server.maintenance = enforce_deadlines
+
+    @property
+    def url(self) -> str:
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{shown}:{self.port}/"
+
+    def serve_forever(self) -> None:
+        self._server.run()
+
+    def close(self) -> None:
+        """Stop accepting, close every connection, end :meth:`serve_forever`."""
+        server = self._server
+        for channel in list(server._map.values()):
+            if channel is not server:
+                try:
+                    channel.close()
+                except OSError:
+                    pass
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
