@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
 BODY_TIMEOUT = 120.0  # seconds from the first byte to the end of the body (20 MB at >= 170 KB/s)
 IDLE_TIMEOUT = 15.0  # an open connection with no request in progress
-CONNECTION_LIMIT = 256
+# Connections cost a socket and a few KB (no thread) each: a high limit keeps an
+# attacker's connections from locking others out while the timeouts cut them.
+CONNECTION_LIMIT = 2000
 THREADS = 16  # request handlers; reading and writing sockets never takes one
 MAX_HEADER_BYTES = 32 * 1024
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around an upload
@@ -54,20 +56,37 @@ def _guarded_classes() -> tuple[type, type]:
 
         error_task_class = JsonErrorTask
         request_started = 0.0
+        spoke = False  # has sent a byte
 
         def received(self, data: bytes) -> bool:
             if self.request is None and data:
                 self.request_started = time.time()
+                self.spoke = True
             return super().received(data)
 
         def overdue(self, now: float, header_timeout: float, body_timeout: float) -> bool:
             request = self.request
-            if request is None or self.requests:  # idle, or being answered
+            if self.requests:  # being answered
                 return False
+            if request is None:  # a new connection must speak as soon as a slow one must finish
+                return not self.spoke and now - self.creation_time > header_timeout
             limit = body_timeout if request.headers_finished else header_timeout
             return now - self.request_started > limit
 
     return GuardedChannel, JsonErrorTask
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Raise this process's soft limit of open files towards ``wanted`` (the hard
+    limit caps it), so the connection limit is reachable."""
+    try:
+        import resource
+    except ImportError:  # not on this system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 class HttpServer:
@@ -80,6 +99,7 @@ class HttpServer:
                  body_timeout: float = BODY_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> None:
         from waitress.server import create_server
 
+        _raise_open_files_limit(CONNECTION_LIMIT + 256)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             # Bound here so that a failure is one clear line (and port 0 works).
