@@ -42,7 +42,9 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 # A raster above this is converted and reduced in chunks (see _reduce_in_chunks);
 # smaller ones take the plain path (exactly today's pixels).
 CHUNKED_ABOVE_BYTES = 64 * 1024 * 1024
-CHUNK_PIXELS = 1 << 22
+CHUNK_PIXELS = 1 << 20
+# Transient bytes of converting one chunk (float64 copies of a 16-bit band and RGB).
+CHUNK_OVERHEAD_BYTES = CHUNK_PIXELS * 24
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 NOT_A_REGULAR_FILE = "not a regular file (pipe, socket or device)"
 
@@ -176,13 +178,15 @@ def decode_image(data: bytes, name: str = "<upload>", draft_size: int | None = N
             if needed > MAX_DECODE_BYTES:
                 raise ImageError(name, f"image too large to decode ({w}x{h} {img.mode} needs "
                                        f"{_megabytes(needed)}, limit {_megabytes(MAX_DECODE_BYTES)})")
+            # The raster, plus what converting it needs at most (a chunk, or a copy).
+            reserved = needed + min(needed, CHUNK_OVERHEAD_BYTES)
             if budget is not None:
-                budget.reserve(needed)
+                budget.reserve(reserved)
             try:
                 return _decode_upright_rgb(img, needed, draft_size)
             finally:
                 if budget is not None:
-                    budget.release(needed)
+                    budget.release(reserved)
     except (ImageError, DecodeBusy):
         raise
     except UnidentifiedImageError:
