@@ -148,6 +148,24 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+class _NoticeHandler:
+    """Shows the library's INFO log records (``note: ...``) as notices on stderr."""
+
+    @staticmethod
+    def install() -> None:
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                notice(record.getMessage())
+
+        logger = logging.getLogger("cbir_cli")
+        if not any(type(h).__name__ == "Handler" for h in logger.handlers):
+            logger.addHandler(Handler(logging.INFO))
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -155,6 +173,7 @@ def _root(
     ] = False,
 ) -> None:
     """Content-based image retrieval: index a folder of images, then search it by example."""
+    _NoticeHandler.install()
 
 
 # Options shared by the commands that embed images.
