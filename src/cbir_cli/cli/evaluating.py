@@ -85,7 +85,7 @@ def evaluate_cmd(
         if as_json:
             payload = result.as_dict()
             payload["report"] = str(report_path) if report_path else None
-            typer.echo(json.dumps(payload, indent=2))
+            typer.echo(json.dumps(payload, indent=2, allow_nan=False))
             return
         from rich.table import Table
 
