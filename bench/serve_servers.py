@@ -18,6 +18,7 @@ cut them), and the server's peak RSS.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import socket
 import statistics
 import subprocess
@@ -213,13 +214,16 @@ def main() -> None:
         return
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         build_index(tmp / "images", tmp / "index")
         rows = []
         for kind in args.servers.split(","):
+            if kind == "gunicorn" and importlib.util.find_spec("gunicorn") is None:
+                print("gunicorn: not installed (pip install gunicorn), skipped", flush=True)
+                continue
             r = measure(kind, tmp / "index", args, tmp)
             rows.append((kind, r))
             print(f"{kind}: {r}", flush=True)

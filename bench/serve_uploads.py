@@ -139,8 +139,9 @@ def main() -> None:
           f"({args.side * args.side * 2 / 1e6:.0f} MB raster), {args.uploads} concurrent x {args.rounds} rounds, "
           f"model {args.model}")
     print(f"server RSS before {before} MB, peak {peak} MB (VmHWM); uploads answered in {seconds:.1f} s: {answers}")
+    p95 = latencies[int(0.95 * (len(latencies) - 1))]
     print(f"probe (health / id search every 100 ms during the uploads): {len(latencies)} / {sent[0]} answered, "
-          f"p50 {1000 * statistics.median(latencies):.0f} ms, p95 {1000 * latencies[int(0.95 * (len(latencies) - 1))]:.0f} ms")
+          f"p50 {1000 * statistics.median(latencies):.0f} ms, p95 {1000 * p95:.0f} ms")
 
 
 if __name__ == "__main__":
