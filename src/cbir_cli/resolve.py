@@ -49,7 +49,8 @@ def choose_default_model() -> ModelChoice:
         return ModelChoice(DEFAULT_MODEL)
     if (checkpoints / str(fallback.weights_file)).exists() and not weights_downloadable(resnet):
         return ModelChoice(FALLBACK_MODEL, notice=(
-            f"note: {DEFAULT_MODEL} weights are not installed ({checkpoints / str(resnet.weights_file)}); "
+            f"note: {DEFAULT_MODEL} weights are not installed ({checkpoints / str(resnet.weights_file)}) and "
+            "cannot be downloaded now; "
             f"using {FALLBACK_MODEL}, whose weights are (name {DEFAULT_MODEL} as the model to require it)"
         ))
     return ModelChoice(DEFAULT_MODEL)
