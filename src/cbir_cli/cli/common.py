@@ -163,7 +163,6 @@ class _NoticeHandler:
         if not any(type(h).__name__ == "Handler" for h in logger.handlers):
             logger.addHandler(Handler(logging.INFO))
             logger.setLevel(logging.INFO)
-            logger.propagate = False
 
 
 @app.callback()
