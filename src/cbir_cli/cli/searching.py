@@ -17,6 +17,7 @@ from .common import (
     RuntimeOpt,
     app,
     cli_errors,
+    printable,
     stderr,
     stdout,
 )
@@ -41,16 +42,25 @@ def query_cmd(
             payload = [{"query": str(q), "results": [h.as_dict() for h in hits]} for q, hits in zip(images, results)]
             typer.echo(json.dumps(payload, indent=2))
             return
+        import sys
+
+        if not sys.stdout.isatty():
+            # Piped: one plain line per hit (query, rank, score, path, tab-separated),
+            # never wrapped, whatever the terminal width.
+            for query, hits in zip(images, results):
+                for h in hits:
+                    typer.echo(f"{printable(str(query))}\t{h.rank}\t{h.score:.4f}\t{printable(h.path)}")
+            return
         from rich.table import Table
 
         console = stdout()
         for query, hits in zip(images, results):
-            table = Table(title=str(query), title_justify="left")
+            table = Table(title=printable(str(query)), title_justify="left")
             table.add_column("rank", justify="right")
             table.add_column("score", justify="right")
             table.add_column("path", overflow="fold")
             for h in hits:
-                table.add_row(str(h.rank), f"{h.score:.4f}", h.path)
+                table.add_row(str(h.rank), f"{h.score:.4f}", printable(h.path))
             console.print(table)
 
 
@@ -72,7 +82,7 @@ def serve_cmd(
         app_ = create_app(index_dir=index_dir, device=device.value, max_upload_mb=max_upload_mb,
                           runtime=runtime.value)
         server = make_http_server(app_, host, port)
-        searcher = server.app.extensions["cbir"]
+        searcher = app_.extensions["cbir"].current()
         err = stderr()
         if not is_loopback(host):
             err.print(f"warning: listening on {host}: anyone who can reach this machine can search the index "
@@ -84,4 +94,4 @@ def serve_cmd(
         except KeyboardInterrupt:
             err.print("stopped")
         finally:
-            server.server_close()
+            server.close()
