@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
 from ..search.faiss_backend import INDEX_META
-from ..store.manifest import INDEX_DIR, MANIFEST
+from ..store.manifest import INDEX_DIR, MANIFEST, read_manifest
 
 if TYPE_CHECKING:
     from ..search.searcher import Searcher
@@ -76,8 +76,9 @@ class LiveSearcher:
     def _reload(self, stamp: tuple[int, int, int] | None, now: float) -> None:
         from ..search.searcher import Searcher
 
-        manifest = _read_json(self.root / MANIFEST)
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("generation"), int):
+        try:
+            manifest = read_manifest(self.root)
+        except CbirError:
             return  # missing or mid-repair: keep serving, look again
         old = self._current
         if manifest["generation"] == old.store.generation and manifest.get("updated") == \
