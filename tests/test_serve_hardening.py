@@ -224,3 +224,30 @@ def test_16_clients_while_the_index_changes_see_no_error_and_no_removed_id(serve
         t.join(60)
     assert errors == [] and answered[0] > 16
     assert not after & removed_ids
+
+
+def test_closing_a_busy_server_from_another_thread_raises_nothing_in_its_loop(monkeypatch):
+    """close() used to close the sockets under the serving thread's select():
+    EBADF in that thread, now and then (a race). Many closes, each while clients
+    keep connections open, must leave no exception in any serving thread."""
+    import socket
+    import threading
+
+    from flask import Flask
+
+    from cbir_cli.serve.http import HttpServer
+
+    failures: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    app = Flask(__name__)
+    for _ in range(15):
+        server = HttpServer(app, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
+        server.close()
+        thread.join(timeout=10)
+        for client in clients:
+            client.close()
+        assert not thread.is_alive()
+    assert failures == []

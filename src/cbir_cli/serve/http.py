@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +149,7 @@ class HttpServer:
                     channel.will_close = True  # closed by the loop at its next pass
 
         self._server.maintenance = enforce_deadlines
+        self._running = threading.Event()
 
     @property
     def url(self) -> str:
@@ -155,16 +157,31 @@ class HttpServer:
         return f"http://{shown}:{self.port}/"
 
     def serve_forever(self) -> None:
-        self._server.run()
+        self._running.set()
+        try:
+            self._server.run()
+        finally:
+            self._running.clear()
+
+    def _close_channels(self) -> None:
+        # The listener, every connection and waitress's wake-up trigger: with its map
+        # empty, the loop in serve_forever() ends.
+        for channel in list(self._server._map.values()):
+            try:
+                channel.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
-        """Stop accepting, close every connection, end :meth:`serve_forever`."""
-        server = self._server
-        for channel in list(server._map.values()):
-            if channel is not server:
-                try:
-                    channel.close()
-                except OSError:
-                    pass
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
+        """Stop accepting, close every connection, end :meth:`serve_forever`.
+
+        From another thread, the sockets are closed by the serving loop itself (woken
+        through waitress's trigger): closing them under its select() made it fail with
+        EBADF, or worse, watch a descriptor number already reused."""
+        if self._running.is_set():
+            closed = threading.Event()
+            self._server.trigger.pull_trigger(lambda: (self._close_channels(), closed.set()))
+            closed.wait(timeout=5)
+        else:
+            self._close_channels()
+        self._server.task_dispatcher.shutdown(timeout=5)
