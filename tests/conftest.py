@@ -49,6 +49,13 @@ def draw_random_shapes(img: Image.Image, rng: np.random.Generator, count: int, m
             draw.ellipse([x0, y0, x1, y1], fill=colour)
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never download (nor probe the network for) weights; a test that
+    simulates a download unsets it."""
+    monkeypatch.setenv("CBIR_OFFLINE", "1")
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path):
     """Factory: ``image_folder(n, name="images")`` writes n distinct JPEGs

@@ -65,8 +65,9 @@ class FakeBackend:
         self.matrix = store.load_vectors()
         self.index_type = "exact (fake)"
 
-    def refresh(self, store: Any, index_type: str | None = None) -> None:
+    def refresh(self, store: Any, index_type: str | None = None) -> bool:
         self.build(store, index_type or "flat")
+        return True
 
     def load(self, store: Any) -> bool:
         return False  # nothing is ever saved

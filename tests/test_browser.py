@@ -43,8 +43,7 @@ def live_server(tmp_path, tiny_embedder):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server_url(server), folder
-    server.shutdown()
-    server.server_close()
+    server.close()
     thread.join(5)
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..search.dedup import threshold_help
-from .common import IndexDirOpt, JsonOpt, app, cli_errors, stderr, stdout
+from .common import IndexDirOpt, JsonOpt, app, cli_errors, printable, stderr, stdout
 
 PROGRESS_FROM = 5000  # images; a smaller index is compared in seconds
 
@@ -89,15 +89,13 @@ def _find(searcher, threshold: float, progress: bool):
 
 
 def _print_groups(result) -> None:
-    from ..paths import display_path
-
     out = stdout()
     for number, group in enumerate(result.groups, start=1):
         out.print(f"group {number}: {len(group.members)} images", markup=False)
         for i, m in enumerate(group.members):
             size = f"{m.width}x{m.height}" if m.width else "unreadable"
             head = "keep  " if i == 0 else f"{m.score_to_best:.4f}"
-            out.print(f"  {head}  {size:>11}  {m.bytes / 1024:>9,.0f} KiB  {display_path(m.path)}", markup=False)
+            out.print(f"  {head}  {size:>11}  {m.bytes / 1024:>9,.0f} KiB  {printable(m.path)}", markup=False)
     for note in result.notes:
         stderr().print(f"note: {note}", markup=False)
     stderr().print(f"{len(result.groups)} groups, {result.duplicates} duplicates "
@@ -121,18 +119,16 @@ def _print_csv(result, plan) -> None:
 
 
 def _print_moves(plan, yes: bool) -> None:
-    from ..paths import display_path
-
     err = stderr()
     done = plan.moved if yes else plan.moves
     for move in done:
-        err.print(f"{'moved' if yes else 'would move'} {display_path(move.source)} -> {display_path(move.target)}",
+        err.print(f"{'moved' if yes else 'would move'} {printable(move.source)} -> {printable(move.target)}",
                   markup=False)
     for path, reason in plan.skipped:
-        err.print(f"warning: kept {display_path(path)}: {reason}", markup=False)
+        err.print(f"warning: kept {printable(path)}: {printable(reason)}", markup=False)
     if yes:
-        err.print(f"moved {len(plan.moved)} files to {display_path(plan.destination)} and dropped them from the "
+        err.print(f"moved {len(plan.moved)} files to {printable(plan.destination)} and dropped them from the "
                   "index", markup=False)
     else:
-        err.print(f"dry run: {len(plan.moves)} files would move to {display_path(plan.destination)}; nothing was "
+        err.print(f"dry run: {len(plan.moves)} files would move to {printable(plan.destination)}; nothing was "
                   "changed (add --yes to move them and drop them from the index)", markup=False)

@@ -24,6 +24,7 @@ from .common import (
     app,
     cli_errors,
     extract_options,
+    show_progress,
     stderr,
     stdout,
 )
@@ -83,7 +84,7 @@ def evaluate_cmd(
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
-            extract=extract_options(batch_size, workers, 1024, device, progress=not as_json, decode=decode),
+            extract=extract_options(batch_size, workers, 1024, device, progress=show_progress(as_json), decode=decode),
         )
         if dataset.value == COPIES:
             _evaluate_copies(root, options, copies, seed, distortions, report, as_json)
@@ -100,7 +101,7 @@ def evaluate_cmd(
         if as_json:
             payload = result.as_dict()
             payload["report"] = str(report_path) if report_path else None
-            typer.echo(json.dumps(payload, indent=2))
+            typer.echo(json.dumps(payload, indent=2, allow_nan=False))
             return
         from rich.table import Table
 

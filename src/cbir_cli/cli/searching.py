@@ -17,6 +17,7 @@ from .common import (
     RuntimeOpt,
     app,
     cli_errors,
+    printable,
     stderr,
     stdout,
 )
@@ -90,17 +91,26 @@ def _write_visuals(answers, report: Path | None, grid: Path | None) -> list[Path
 
 
 def _print_answers(answers) -> None:
+    import sys
+
+    if not sys.stdout.isatty():
+        # Piped: one plain line per hit (query, rank, score, path, tab-separated),
+        # never wrapped, whatever the terminal width.
+        for answer in answers:
+            for h in answer.hits:
+                typer.echo(f"{printable(answer.view.label)}\t{h.rank}\t{h.score:.4f}\t{printable(h.path)}")
+        return
     from rich.table import Table
 
     console = stdout()
     for answer in answers:
-        table = Table(title=answer.view.label, title_justify="left")
+        table = Table(title=printable(answer.view.label), title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
         table.add_column("id", justify="right")
         table.add_column("path", overflow="fold")
         for h in answer.hits:
-            table.add_row(str(h.rank), f"{h.score:.4f}", str(h.id), h.path)
+            table.add_row(str(h.rank), f"{h.score:.4f}", str(h.id), printable(h.path))
         if not answer.hits:
             table.caption = "no result passes the filter"
         console.print(table)
@@ -124,7 +134,7 @@ def serve_cmd(
         app_ = create_app(index_dir=index_dir, device=device.value, max_upload_mb=max_upload_mb,
                           runtime=runtime.value)
         server = make_http_server(app_, host, port)
-        searcher = server.app.extensions["cbir"]
+        searcher = app_.extensions["cbir"].current()
         err = stderr()
         if not is_loopback(host):
             err.print(f"warning: listening on {host}: anyone who can reach this machine can search the index "
@@ -136,4 +146,4 @@ def serve_cmd(
         except KeyboardInterrupt:
             err.print("stopped")
         finally:
-            server.server_close()
+            server.close()

@@ -51,10 +51,11 @@ class SearchBackend(Protocol):
         store's current generation (writers only, holding the store's lock)."""
         ...
 
-    def refresh(self, store: FeatureStore, index_type: str | None = None) -> None:
+    def refresh(self, store: FeatureStore, index_type: str | None = None) -> bool:
         """Writers, after each commit: bring what is saved up to date with the
-        store's committed state (``index_type`` None: keep the saved type, else the
-        default)."""
+        store's committed state, rebuilding it when stale, missing or damaged
+        (``index_type`` None: keep the saved type, else the default). Returns
+        whether it rebuilt."""
         ...
 
     def load(self, store: FeatureStore) -> bool:

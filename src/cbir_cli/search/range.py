@@ -86,3 +86,18 @@ def knn_range_search(search: KnnSearch, queries: np.ndarray, threshold: float, t
         pending = pending[deeper]
         k = min(total, k * GROWTH)
     return pack_ranges(per_query)
+
+
+def faiss_range_search(index: faiss.Index, queries: np.ndarray, threshold: float, labels: np.ndarray,
+                       search: KnnSearch) -> RangeResult:
+    """:meth:`FaissBackend.range_search <cbir_cli.search.faiss_backend.FaissBackend.range_search>`:
+    Faiss's exact range search on a flat ``index`` (positions mapped to ``labels``),
+    else :func:`knn_range_search` through the backend's k-NN ``search``."""
+    import faiss
+
+    from .exact import as_queries
+
+    queries = as_queries(queries, index.d)
+    if isinstance(faiss.downcast_index(index), faiss.IndexFlat):
+        return exact_range_search(index, queries, threshold, labels)
+    return knn_range_search(search, queries, threshold, int(index.ntotal))
