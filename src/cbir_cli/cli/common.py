@@ -14,7 +14,7 @@ import typer
 
 from .. import __version__
 from ..errors import CbirError
-from ..evaluate.datasets import DATASET_KINDS, RELEVANCE_KINDS
+from ..evaluate.datasets import RELEVANCE_KINDS
 from ..models.loading import DEVICES, RUNTIMES
 from ..pipeline.options import DECODE_CHOICES
 from ..search.faiss_backend import INDEX_TYPES
@@ -40,7 +40,6 @@ Device = _choices("Device", DEVICES)
 Runtime = _choices("Runtime", RUNTIMES)
 Decode = _choices("Decode", DECODE_CHOICES)
 IndexType = _choices("IndexType", INDEX_TYPES)
-DatasetLayout = _choices("DatasetLayout", DATASET_KINDS)
 Relevance = _choices("Relevance", RELEVANCE_KINDS)
 AUTO_DEVICE, AUTO_RUNTIME, AUTO_DECODE = Device("auto"), Runtime("auto"), Decode("auto")
 PRODUCT_RELEVANCE = Relevance("product")

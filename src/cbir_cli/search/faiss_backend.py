@@ -435,3 +435,9 @@ class FaissBackend:
             if not np.allclose(index.reconstruct_n(0, index.ntotal), live_vectors, atol=1e-6):
                 report.problems.append(f"{index_paths(store)[0]}: holds other vectors than the shards")
         return report
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact on a flat index, a k-NN search with a threshold on HNSW/IVF-PQ (:mod:`.range`)."""
+        from .range import faiss_range_search
+
+        return faiss_range_search(self._require(), queries, threshold, self.ids, self.search)

@@ -10,7 +10,8 @@ tests add a numpy fake.
 
 Array contract (as faiss): float32 (n, d) queries in; ``(scores, ids)`` out, each
 (nq, k), scores are inner products (= cosine for unit vectors), best first,
-``ids == -1`` with score ``-inf`` where fewer than k results exist.
+``ids == -1`` with score ``-inf`` where fewer than k results exist. Range
+search answers Faiss's packed ``(lims, scores, ids)`` (see :mod:`.range`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class SearchBackend(Protocol):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ``(scores, ids)`` per query, exact scores (see the module docstring)."""
+        ...
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every indexed vector scoring ``>= threshold`` against each query, as
+        ``(lims, scores, ids)``: query ``i``'s results are ``scores[lims[i]:lims[i+1]]``
+        and ``ids[...]``, best first, exact scores (see :mod:`.range`). Exact for an
+        exact index; an approximate one may miss what its k-NN search misses."""
         ...
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:

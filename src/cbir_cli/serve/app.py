@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, ImageError
 from ..imageio.decode import DecodeBudget, DecodeBusy, decode_image, load_image, open_image_file
+from ..imageio.region import Box
 from ..models.protocol import embed_images
 from ..paths import display_path
+from ..search.filters import ResultFilter
 from .http import HttpServer
 from .live import LiveSearcher
 
@@ -121,6 +123,18 @@ def parse_id(raw: str | None) -> int:
         return int(raw)
     except ValueError:
         raise ApiError(f"id must be an integer (got {raw[:40]!r})", 400) from None
+
+
+def parse_narrowing(values: Any, searcher: Searcher) -> tuple[Box | None, ResultFilter]:
+    """The optional ``box`` (x0,y0,x1,y1: fractions or pixels), ``under`` (a folder,
+    absolute or relative to the indexed folder) and ``min_score`` fields."""
+    raw = values.get("min_score") or None
+    try:
+        min_score = float(raw) if raw is not None else None
+    except ValueError:
+        raise ApiError(f"min_score must be a number (got {raw[:40]!r})", 400) from None
+    box = Box.parse(values["box"]) if values.get("box") else None
+    return box, ResultFilter.make(values.get("under") or None, min_score, base=searcher.folder)
 
 
 def content_disposition(path: str) -> str:
@@ -236,10 +250,19 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
         searcher = live.current()
         image_id = parse_id(request.args.get("id"))
         k = parse_k(request.args.get("k"))
+        box, result_filter = parse_narrowing(request.args, searcher)
         row = lookup(searcher, image_id)
+        image = None
+        if box is not None:  # a region of the indexed file: decoded in full, within the budget
+            try:
+                image = load_image(row.path, budget=budget)
+            except ImageError as exc:
+                raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
         with search_lock:
-            hits = searcher.search_ids([image_id], k)[0]
-        return results(searcher, {"id": image_id, "name": os.path.basename(display_path(row.path))}, k, hits)
+            hits = (searcher.search_ids([image_id], k, result_filter=result_filter) if image is None
+                    else searcher.search_images([image], k, box, result_filter))[0]
+        return results(searcher, {"id": image_id, "name": os.path.basename(display_path(row.path)),
+                                  **({"box": box.text} if box else {})}, k, hits)
 
     @app.post("/api/search")
     def search_by_upload():
@@ -249,14 +272,16 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
             raise ApiError("missing multipart file field 'image'", 400)
         name = os.path.basename(upload.filename or "") or "upload"
         searcher = live.current()
+        box, result_filter = parse_narrowing(request.form, searcher)
         try:
-            image = decode_image(upload.read(), name, draft_size=searcher.embedder.config.resize_size,
+            # A region is cut from the full-size picture (a draft decode shifts pixels).
+            image = decode_image(upload.read(), name, draft_size=None if box else searcher.embedder.config.resize_size,
                                  budget=budget)
         except ImageError as exc:
             raise ApiError(f"{name}: {exc.reason}", 400) from None
         with search_lock:
-            hits = searcher.search_images([image], k)[0]
-        return results(searcher, {"name": name}, k, hits)
+            hits = searcher.search_images([image], k, box, result_filter)[0]
+        return results(searcher, {"name": name, **({"box": box.text} if box else {})}, k, hits)
 
     @app.get("/api/images/<int:image_id>")
     def original(image_id: int):
