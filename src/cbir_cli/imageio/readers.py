@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ..errors import ImageError
 from ..paths import display_path
 from .decode import decode_image, load_image
+from .lifetime import exit_with_parent
 
 if TYPE_CHECKING:
     import numpy as np
@@ -117,30 +118,15 @@ def assemble_on_cpu(chunks: Sequence[ReadChunk]) -> tuple[list[int], Any, list[t
 _WORKER_DATASET: ImageFolderDataset | None = None
 
 
-def _init_worker(dataset: ImageFolderDataset, parent: int) -> None:
+def _init_worker(dataset: ImageFolderDataset) -> None:
     global _WORKER_DATASET
     _WORKER_DATASET = dataset
-    _exit_with_parent(parent)
+    exit_with_parent()  # a SIGKILLed main process must not leave workers behind
     # Ctrl-C goes to the whole process group; only the main process should react
     # (it commits what it has and exits cleanly) ...
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # ... and the main process's SIGTERM handler (the write transaction's) is not for workers.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A worker must not outlive a main process killed with SIGKILL (it would wait
-    for tasks forever): on Linux the kernel sends it SIGKILL when the parent dies."""
-    import os
-    import sys
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-    if os.getppid() != parent:  # the parent died before that took effect
-        os._exit(1)
 
 
 def _read_range(bounds: tuple[int, int]) -> ReadChunk:
@@ -176,12 +162,11 @@ def read_chunks(dataset: ImageFolderDataset, chunk: int, workers: int, window: i
         for start, stop in bounds:
             yield read_range(dataset, start, stop)
         return
-    import os
     from collections import deque
     from concurrent.futures import Future, ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(min(workers, len(bounds)), mp_context=_pool_context(), initializer=_init_worker,
-                               initargs=(dataset, os.getpid()))
+                               initargs=(dataset,))
     try:
         tasks = iter(bounds)
         # range first: zip must not draw (and drop) one more task than the window.

@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,26 @@ def resolve_decode(decode: str, embedder: Any) -> str:
     if decode == "auto":
         return "gpu" if getattr(embedder, "on_cuda", False) else "cpu"
     return decode
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then act as usual (only the
+    main thread owns signal handlers; elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda received, _frame: caught.append(received))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 # Model batches handed to the model thread and not yet delivered to the sink: one
@@ -128,8 +151,12 @@ class LocalExecutor:
 
         def deliver() -> None:
             nonlocal embedded
-            future, indices = pending.popleft()
-            sink.add(future.result(), [items[i] for i in indices])
+            future, indices = pending[0]
+            future.result()  # waiting may be interrupted: the batch stays pending
+            with signals_deferred():  # a batch is in the sink or still pending, never lost between
+                vectors = future.result()
+                pending.popleft()
+                sink.add(vectors, [items[i] for i in indices])
             embedded += len(indices)
             if bar is not None:
                 bar.update(len(indices))

@@ -15,30 +15,31 @@ never served.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError
 from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, bytes_sha256, json_bytes, npy_bytes
-from .manifest import FORMAT_VERSION, INDEX_DIR, MANIFEST, SHARDS_DIR, check_fingerprint, parse_manifest, read_manifest
+from .manifest import (
+    FORMAT_VERSION,
+    INDEX_DIR,
+    MANIFEST,
+    SHARDS_DIR,
+    Row,
+    check_fingerprint,
+    parse_manifest,
+    parse_rows,
+    read_manifest,
+    write_identity,
+)
+from .validity import invalid_rows
 
 if TYPE_CHECKING:
     import numpy as np
-
-
-@dataclass(frozen=True)
-class Row:
-    """One stored image: a stable integer id (never reused), its path and content hash."""
-
-    id: int
-    path: str
-    sha256: str
-    size: int
 
 
 class FeatureStore:
@@ -52,6 +53,8 @@ class FeatureStore:
         # so a re-run that changes nothing keeps the generation (and the saved index).
         self._committed: dict[str, Any] | None = copy.deepcopy(manifest)
         self._rows_cache: dict[str, list[Row]] = {}
+        # Shards whose checksum was verified by a full read in this process.
+        self.verified: set[str] = set()
 
     # -- opening -----------------------------------------------------------
 
@@ -198,8 +201,8 @@ class FeatureStore:
                 data = path.read_bytes()
                 if "rows_sha256" in shard and bytes_sha256(data) != shard["rows_sha256"]:
                     raise ValueError("checksum mismatch, damaged or replaced")
-                rows = [Row(**r) for r in json.loads(data.decode("ascii"))]
-            except (OSError, ValueError, TypeError) as exc:
+                rows = parse_rows(data)
+            except (OSError, ValueError) as exc:
                 raise CorruptStoreError(f"{path}: unreadable ({exc})") from None
             if len(rows) != shard["rows"]:
                 raise CorruptStoreError(f"{path}: {len(rows)} rows, manifest says {shard['rows']}")
@@ -234,12 +237,14 @@ class FeatureStore:
                 if bytes_sha256(data) != shard["sha256"]:
                     raise ValueError("checksum mismatch, damaged or replaced")
                 arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise CorruptStoreError(f"{path}: unreadable shard ({exc})") from None
         if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape != (shard["rows"], self.dim):
             raise CorruptStoreError(
                 f"{path}: shard has shape {arr.shape} {arr.dtype}, manifest says ({shard['rows']}, {self.dim}) float32"
             )
+        if not mmap:
+            self.verified.add(shard["name"])
         return arr
 
     def load_vectors(self, mmap: bool = False) -> np.ndarray:
@@ -259,7 +264,11 @@ class FeatureStore:
         return np.concatenate(parts, axis=0) if len(parts) > 1 else np.array(parts[0])
 
     def vectors_for(self, rows: Iterable[Row]) -> dict[int, np.ndarray]:
-        """Vectors of specific live rows by id (used to reuse a moved file's vector)."""
+        """Vectors of specific live rows by id, to reuse for a moved or copied file.
+
+        Only from shards whose checksum was verified in this process (read in full
+        now if not yet), and only valid vectors (:mod:`.validity`): a row missing from
+        the answer must be embedded again. A damaged shard is never a source."""
         import numpy as np
 
         wanted = {r.id for r in rows}
@@ -267,10 +276,16 @@ class FeatureStore:
         for shard in self.manifest["shards"]:
             ids = [r.id for r in self.shard_rows(shard)]
             hits = [i for i, rid in enumerate(ids) if rid in wanted]
-            if hits:
-                arr = self.read_shard(shard, mmap=True)
-                for i in hits:
-                    out[ids[i]] = np.array(arr[i])
+            if not hits:
+                continue
+            try:
+                arr = self.read_shard(shard, mmap=shard["name"] in self.verified)
+            except CorruptStoreError:
+                continue
+            picked = np.array(arr[hits], dtype=np.float32)
+            for i, vector, bad in zip(hits, picked, invalid_rows(picked)):
+                if not bad:
+                    out[ids[i]] = vector
         return out
 
     # -- writing -----------------------------------------------------------
@@ -288,6 +303,10 @@ class FeatureStore:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(items), self.dim):
             raise ValueError(f"vectors shape {vectors.shape} does not match {len(items)} rows of dim {self.dim}")
+        if invalid_rows(vectors).any():
+            # Every writer comes through here: nothing can store a vector that would
+            # poison searches (see .validity); the transaction filters them out first.
+            raise ValueError(f"refusing to store {int(invalid_rows(vectors).sum())} invalid vector(s)")
         if len({path for path, _, _ in items}) != len(items):
             raise ValueError("a shard cannot hold the same path twice")
         name = f"shard-{self.manifest['next_shard']:06d}"
@@ -361,6 +380,7 @@ class FeatureStore:
         }
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / MANIFEST, manifest)
+        write_identity(self.root, manifest)
         self.manifest = manifest
         self._committed = copy.deepcopy(manifest)
         self.collect_garbage()
