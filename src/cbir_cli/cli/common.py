@@ -203,8 +203,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="int8 = a model quantised for the CPU (ONNX "
                                                                      "Runtime, calibrated on 320 images of the "
                                                                      "folder; its vectors differ from fp32's); "
-                                                                     "auto = what the index holds, else int8 on "
-                                                                     "the CPU and fp32 on a GPU.")]
+                                                                     "auto = what the index holds, else int8 for "
+                                                                     "mobilenet_v2 on the CPU, fp32 otherwise.")]
 
 
 def extract_options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool,

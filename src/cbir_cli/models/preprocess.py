@@ -56,7 +56,7 @@ def preprocess_image(img: PILImage.Image, config: ModelConfig) -> np.ndarray:
 
 
 def image_preprocessor(config: ModelConfig) -> Callable[[PILImage.Image], np.ndarray]:
-    """A picklable preprocessing function (usable in DataLoader worker processes)."""
+    """A picklable preprocessing function (usable in decoding worker processes)."""
     return partial(preprocess_image, config=config)
 
 
