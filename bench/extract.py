@@ -11,7 +11,7 @@ For every (runtime, decode, workers) combination it prints:
 * model img/s   - ``embed`` on pre-made uint8 batches (no decoding at all);
 * pipeline img/s - ``sync_folder`` into a fresh temporary store: list + hash files,
   JPEG decode + resize/crop, model, shard writes. ``--decode cpu``: Pillow (draft
-  mode) in the DataLoader workers; ``--decode gpu``: workers only read the files,
+  mode) in the decoding worker processes; ``--decode gpu``: workers only read the files,
   the main process decodes them with torchvision's ``decode_jpeg`` on the model's
   device and resizes/crops there (on a CPU model: torchvision's libjpeg, in the
   main process);
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runtime", default="torch,onnx",
                    help="comma list of torch, onnx, int8 (ONNX Runtime int8, calibrated on the images as "
                         "`cbir index --precision int8` does)")
-    p.add_argument("--workers", default="1", help="comma list of DataLoader decode worker counts")
+    p.add_argument("--workers", default="1", help="comma list of decoding worker process counts")
     p.add_argument("--decode", default="cpu", help="comma list of cpu, gpu (where JPEGs are decoded; ExtractOptions)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
