@@ -351,18 +351,18 @@ def test_query_during_indexing_sees_the_last_commit_and_a_second_indexer_is_refu
 
 
 def test_a_decoding_worker_exits_when_its_parent_is_killed(tmp_path):
-    """The decoding workers' init (pipeline.local's worker_init_fn) ties their life to
-    the parent's: SIGKILL the parent, the worker goes too (issue 10, item 6)."""
+    """The decoding workers' init (imageio.readers' pool initializer) ties their life
+    to the parent's: SIGKILL the parent, the worker goes too (issue 10, item 6)."""
     import textwrap
 
     script = tmp_path / "parent.py"
     pid_file = tmp_path / "worker.pid"
     script.write_text(textwrap.dedent(f"""
         import multiprocessing, os, sys, time
-        from cbir_cli.pipeline.local import _ignore_sigint
+        from cbir_cli.imageio.readers import _init_worker
 
         def worker():
-            _ignore_sigint(0)
+            _init_worker(None)
             open({str(pid_file)!r}, "w").write(str(os.getpid()))
             time.sleep(300)
 

@@ -12,11 +12,13 @@ from ..evaluate.datasets import DATASET_KINDS
 from .common import (
     AUTO_DECODE,
     AUTO_DEVICE,
+    AUTO_PRECISION,
     PRODUCT_RELEVANCE,
     BatchOpt,
     DecodeOpt,
     DeviceOpt,
     JsonOpt,
+    PrecisionOpt,
     Relevance,
     WeightsOpt,
     WorkersOpt,
@@ -73,6 +75,7 @@ def evaluate_cmd(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     decode: DecodeOpt = AUTO_DECODE,
+    precision: PrecisionOpt = AUTO_PRECISION,
     as_json: JsonOpt = False,
 ) -> None:
     """Score retrieval: every image of a labelled dataset queries all the others, or (copies) distorted
@@ -84,7 +87,8 @@ def evaluate_cmd(
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
-            extract=extract_options(batch_size, workers, 1024, device, progress=show_progress(as_json), decode=decode),
+            extract=extract_options(batch_size, workers, 1024, device, progress=show_progress(as_json), decode=decode,
+                                    precision=precision),
         )
         if dataset.value == COPIES:
             _evaluate_copies(root, options, copies, seed, distortions, report, as_json)

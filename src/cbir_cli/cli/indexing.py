@@ -11,6 +11,7 @@ import typer
 from .common import (
     AUTO_DECODE,
     AUTO_DEVICE,
+    AUTO_PRECISION,
     AUTO_RUNTIME,
     REMEDIES,
     BatchOpt,
@@ -19,6 +20,7 @@ from .common import (
     IndexDirOpt,
     IndexType,
     JsonOpt,
+    PrecisionOpt,
     RuntimeOpt,
     ShardOpt,
     WeightsOpt,
@@ -59,6 +61,7 @@ def index_cmd(
     shard_size: ShardOpt = 1024,
     runtime: RuntimeOpt = AUTO_RUNTIME,
     decode: DecodeOpt = AUTO_DECODE,
+    precision: PrecisionOpt = AUTO_PRECISION,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
@@ -68,7 +71,7 @@ def index_cmd(
 
         target = resolve_index_dir(index_dir)
         options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
-                                  runtime=runtime, decode=decode)
+                                  runtime=runtime, decode=decode, precision=precision)
         summary = index_folder(folder, target, model, weights, options,
                                index_type=index_type.value if index_type else None, rebuild=rebuild,
                                on_skip=warn_skip, on_notice=notice)
@@ -91,6 +94,7 @@ def extract_cmd(
     shard_size: ShardOpt = 1024,
     runtime: RuntimeOpt = AUTO_RUNTIME,
     decode: DecodeOpt = AUTO_DECODE,
+    precision: PrecisionOpt = AUTO_PRECISION,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
@@ -99,7 +103,7 @@ def extract_cmd(
 
         summary = extract_folder(folder, out, model, weights, extract_options(batch_size, workers, shard_size, device,
                                                                       progress=show_progress(as_json), runtime=runtime,
-                                                                      decode=decode),
+                                                                      decode=decode, precision=precision),
                                  on_skip=warn_skip, on_notice=notice)
         print_summary(summary, out, as_json, "extracted")
 

@@ -21,7 +21,8 @@ from ..fsutil import atomic_write_bytes
 from ..imageio.decode import load_image
 from ..models.bovw import BovwEncoder
 from ..models.descriptors import HANDCRAFTED_DRAFT, descriptor_embedder
-from ..models.loading import model_fingerprint
+from ..models.loading import default_precision, model_fingerprint
+from ..models.quantize import sample_calibration
 from ..paths import cache_root, normalise_path
 from ..pipeline.executor import EmbedRequest
 from ..pipeline.local import LocalExecutor
@@ -69,9 +70,16 @@ class FeatureSource:
     request: EmbedRequest
 
 
-def deep_source(model: str, weights: Path | None, options: ExtractOptions) -> FeatureSource:
-    return FeatureSource("deep", f"deep ({model})", model_fingerprint(model, weights),
-                         EmbedRequest(model, weights, options.device, options.runtime))
+def deep_source(model: str, weights: Path | None, options: ExtractOptions, paths: Sequence[str] = ()) -> FeatureSource:
+    """A registry model; with int8 precision, calibrated on a seeded sample of ``paths``."""
+    calibration = None
+    precision = default_precision(model, options.device, options.runtime) if options.precision == "auto" \
+        else options.precision
+    if precision == "int8":
+        calibration = sample_calibration(paths, LocalExecutor(options).hash_files)
+    label = f"deep ({model}{', int8' if calibration else ''})"
+    return FeatureSource("deep", label, model_fingerprint(model, weights, calibration),
+                         EmbedRequest(model, weights, options.device, options.runtime, calibration=calibration))
 
 
 def descriptor_source(name: str) -> FeatureSource:

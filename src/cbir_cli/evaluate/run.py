@@ -278,7 +278,7 @@ def feature_source(feature: str, collection: LabelledCollection, cache_root: Pat
         choice = resolve_model(options.model, options.weights)
         if choice.notice and on_notice:
             on_notice(choice.notice)
-        return deep_source(choice.name, choice.weights, options.extract)
+        return deep_source(choice.name, choice.weights, options.extract, collection.paths)
     if feature == "sift_bovw":
         encoder = bovw_vocabulary(collection, cache_root, options.bovw_vocab_size, options.bovw_fit_images, on_notice)
         return bovw_source(encoder)

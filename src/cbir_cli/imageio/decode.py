@@ -204,7 +204,8 @@ def _decode_upright_rgb(img: PILImage.Image, needed: int, draft_size: int | None
     orientation = img.getexif().get(0x0112, 1)  # read before the pixels: reduction drops the EXIF
     img.load()
     if needed <= CHUNKED_ABOVE_BYTES:
-        img = ImageOps.exif_transpose(img) or img
+        # In place: without an orientation tag exif_transpose would copy the image (~0.25 ms).
+        ImageOps.exif_transpose(img, in_place=True)
         return to_rgb(img)
     factor = max(1, min(img.size) // draft_size) if draft_size else 1
     out = _reduce_in_chunks(img, factor)

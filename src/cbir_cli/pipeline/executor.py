@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ..models.quantize import Calibration
 from .plan import HashResult, Item
 
 if TYPE_CHECKING:
@@ -36,13 +37,14 @@ class EmbedRequest:
     device: str = "auto"
     runtime: str = "auto"
     embedder: Embedder | None = None
+    calibration: Calibration | None = None  # an int8 model calibrated on these images
 
     def load(self) -> Embedder:
         if self.embedder is not None:
             return self.embedder
         from ..models.loading import load_embedder
 
-        return load_embedder(self.model, self.weights, self.device, self.runtime)
+        return load_embedder(self.model, self.weights, self.device, self.runtime, self.calibration)
 
 
 class VectorSink(Protocol):
@@ -67,5 +69,6 @@ class Executor(Protocol):
     def embed(self, items: Sequence[Item], request: EmbedRequest, sink: VectorSink,
               on_failure: FailureCallback) -> int:
         """Embed ``items`` into ``sink``; report each file that fails. Returns how
-        many were embedded."""
+        many were embedded. Only the items' paths matter here: for a new store
+        their hashes are still being computed (empty, filled in by the sink)."""
         ...

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..imageio.files import is_under
-from ..models.loading import model_fingerprint
+from ..models.loading import default_precision, model_fingerprint
+from ..models.quantize import Calibration, sample_calibration
 from ..paths import display_path
 from ..resolve import resolve_index_dir, resolve_model
 from ..store.feature_store import FeatureStore
@@ -23,20 +24,42 @@ from ..store.transaction import WriteTransaction, write_transaction
 from .executor import EmbedRequest, Executor
 from .local import LocalExecutor
 from .options import ExtractOptions, ExtractSummary
-from .plan import Plan, plan_sync
+from .plan import HashesInBackground, Item, Plan, holds_nothing, plan_fresh, plan_sync
+from .statcache import StatCache
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..models.protocol import Embedder
 
 SkipCallback = Callable[[str, str], None]
 NoticeCallback = Callable[[str], None]
 
 
+class RowsWithHashes:
+    """The transaction as a vector sink for items hashed in the background: each
+    row gets its content hash and size when it is written. A file that could not
+    be hashed (it vanished or became unreadable after it was decoded) is skipped."""
+
+    def __init__(self, txn: WriteTransaction, hashes: HashesInBackground, skip: SkipCallback) -> None:
+        self.txn, self.hashes, self.skip = txn, hashes, skip
+
+    def add(self, vectors: np.ndarray, items: Sequence[Item]) -> None:
+        results = [self.hashes.get(path) for path, _, _ in items]
+        keep = [k for k, r in enumerate(results) if r.sha256 is not None]
+        for r in results:
+            if r.sha256 is None:
+                self.skip(r.path, r.error or "unreadable")
+        if keep:
+            self.txn.add(vectors[keep], [(r.path, r.sha256 or "", r.size) for r in (results[k] for k in keep)])
+
+
 def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: EmbedRequest,
-               summary: ExtractSummary, skip: SkipCallback) -> None:
+               summary: ExtractSummary, skip: SkipCallback, hashes: HashesInBackground | None = None) -> None:
     """Write vectors for ``plan.todo`` (and ``plan.renamed``): reuse stored vectors of
     identical content, embed the rest (the model is loaded only if needed), record
-    undecodable files."""
+    undecodable files. ``hashes``: the todo items' hashes are still being computed
+    (:func:`~.plan.plan_fresh`)."""
     import numpy as np
 
     store = txn.store
@@ -62,14 +85,18 @@ def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: E
 
     def failed(i: int, reason: str) -> None:
         path, sha, _ = todo[i]
-        store.record_skipped(path, sha, reason)
+        if hashes is not None:
+            sha = hashes.get(path).sha256 or ""
+        if sha:  # remembered, so an unchanged bad file is not decoded again
+            store.record_skipped(path, sha, reason)
         if path in plan.replaced:
             # Its content changed into something undecodable: the stored vector
             # describes content that no longer exists.
             summary.removed += store.remove_paths([path])
         skip(path, reason)
 
-    summary.embedded += executor.embed(todo, request, txn, failed)
+    sink = txn if hashes is None else RowsWithHashes(txn, hashes, skip)
+    summary.embedded += executor.embed(todo, request, sink, failed)
 
 
 def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | str], request: EmbedRequest,
@@ -82,20 +109,55 @@ def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | 
         skipped.add(path)
         skip(path, reason)
 
-    plan = plan_sync(txn.store, root, executor.hash_files(files))
+    # Unchanged (size, mtime, ctime, inode) -> the hash recorded last time; only
+    # new or touched files are read and hashed (see .statcache).
+    stat_cache = StatCache.load(txn.root, trusted=not txn.rebuild)
+    hashed = stat_cache.hash_files(files, executor.hash_files)
+    hashes = None
+    if holds_nothing(txn.store):
+        plan, hashes = plan_fresh(files, hashed)
+    else:
+        plan = plan_sync(txn.store, root, hashed)
+        if txn.store.committed:
+            stat_cache.save(keep_unlisted=root is None)
     # Entries of folders that could not be listed are kept, not taken for deleted.
     unreadable = [folder for folder, _ in getattr(files, "unreadable", [])]
     plan.removed = [p for p in plan.removed if not is_under(p, unreadable)]
     summary.unchanged = plan.unchanged
     for path, reason in plan.unreadable + plan.known_bad:
         skip_one(path, reason)
-    embed_plan(plan, txn, executor, request, summary, skip_one)
+    embed_plan(plan, txn, executor, request, summary, skip_one, hashes)
+    if hashes is not None:
+        hashes.wait()
     for path, reason in txn.rejected:  # vectors the store refused (not finite / not unit length)
         skip_one(path, reason)
     summary.removed += txn.remove_paths(plan.removed)
     done = {p for p, _, _ in plan.todo} - skipped
     summary.updated = len(plan.replaced & done)
     summary.added = len(done) - summary.updated
+    if summary.embedded or summary.reused:  # a first run: the store is about to be committed
+        stat_cache.save(keep_unlisted=root is None)
+
+
+def choose_calibration(options: ExtractOptions, model: str, existing: FeatureStore | None, rebuild: bool,
+                       files: Sequence[Path | str], executor: Executor) -> Calibration | None:
+    """The int8 calibration to embed with, or None for fp32. ``auto`` follows the
+    store, and for a new one :func:`~cbir_cli.models.loading.default_precision`
+    decides; an int8 store keeps its calibration, so its vectors stay comparable; a
+    new int8 store, or a rebuild, calibrates on a seeded sample of the folder
+    (:func:`~cbir_cli.models.quantize.sample_calibration`)."""
+    from ..models.descriptors import DESCRIPTORS
+
+    if options.precision == "fp32" or model in DESCRIPTORS:
+        return None
+    same_model = existing is not None and existing.fingerprint.get("model") == model
+    stored = Calibration.from_fingerprint(existing.fingerprint) if same_model and existing is not None else None
+    if options.precision == "auto" and stored is None and (
+            same_model or default_precision(model, options.device, options.runtime) == "fp32"):
+        return None
+    if stored is not None and not rebuild:
+        return stored
+    return sample_calibration(files, executor.hash_files)
 
 
 def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | None,
@@ -128,8 +190,10 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
             choice = resolve_model(model, weights, txn.existing)
             if choice.notice and on_notice:
                 on_notice(choice.notice)
-            fingerprint = model_fingerprint(choice.name, choice.weights)
-            request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime)
+            calibration = choose_calibration(options, choice.name, txn.existing, rebuild, files, executor)
+            fingerprint = model_fingerprint(choice.name, choice.weights, calibration)
+            request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime,
+                                   calibration=calibration)
         store = txn.begin(fingerprint)
         for repair in txn.repairs:
             if on_notice:

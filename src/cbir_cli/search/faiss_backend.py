@@ -19,7 +19,7 @@ from ..errors import CbirError, CorruptStoreError
 from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256
 from ..store.feature_store import FeatureStore
 from ..store.manifest import INDEX_DIR
-from ..store.vectors import ShardVectors
+from ..store.vectors import ShardVectors, row_table
 from .exact import as_queries, empty_results, rerank
 from .protocol import BackendCheck
 
@@ -112,7 +112,7 @@ def _training_sample(vectors: Any, n: int, lists: int) -> np.ndarray:
     return np.ascontiguousarray(vectors[picks], dtype=np.float32)
 
 
-def build_index(vectors: Any, index_type: str = "flat", add_chunk: int = 65536) -> faiss.Index:
+def build_index(vectors: Any, index_type: str = "flat", add_chunk: int = 16384) -> faiss.Index:
     """An inner-product Faiss index holding ``vectors`` (row i gets label i).
 
     ``vectors``: an (n, d) array, a memory map, or anything indexable by an array of
@@ -323,9 +323,8 @@ class FaissBackend:
         return True
 
     def _use(self, store: FeatureStore, index: faiss.Index, kind: str) -> None:
-        import numpy as np
 
-        ids = np.fromiter((r.id for r in store.live_rows()), dtype=np.int64)
+        ids = row_table(store).ids
         if len(ids) != index.ntotal:
             raise CorruptStoreError(f"{store.root}: index has {index.ntotal} vectors but the store {len(ids)}")
         self.index, self.index_type, self.ids = index, kind, ids

@@ -190,7 +190,9 @@ class FeatureStore:
         """:meth:`shard_file_problems` of every shard the manifest names."""
         return [p for shard in self.manifest["shards"] for p in self.shard_file_problems(shard)]
 
-    def shard_rows(self, shard: dict[str, Any]) -> list[Row]:
+    def shard_rows(self, shard: dict[str, Any], cache: bool = True) -> list[Row]:
+        """A shard's rows; ``cache=False`` (reading a large store once, compactly)
+        keeps no Row objects here."""
         name = shard["name"]
         rows = self._rows_cache.get(name)
         if rows is None:
@@ -204,7 +206,8 @@ class FeatureStore:
                 raise CorruptStoreError(f"{path}: unreadable ({exc})") from None
             if len(rows) != shard["rows"]:
                 raise CorruptStoreError(f"{path}: {len(rows)} rows, manifest says {shard['rows']}")
-            self._rows_cache[name] = rows
+            if cache:
+                self._rows_cache[name] = rows
         return rows
 
     def live_rows(self) -> list[Row]:

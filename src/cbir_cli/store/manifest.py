@@ -44,11 +44,14 @@ class Row:
 
 
 # The fingerprint keys that must agree for two sets of vectors to be comparable.
-FINGERPRINT_KEYS = ("model", "weights", "dim", "preprocessing")
+# precision/calibration: only int8 stores have them (absent = fp32, as every
+# store made before them), see cbir_cli.models.quantize.
+FINGERPRINT_KEYS = ("model", "weights", "dim", "preprocessing", "precision", "calibration")
 
 
 def _describe_fingerprint(fp: dict[str, Any]) -> str:
-    return f"model {fp.get('model')} (weights {fp.get('weights')}, dim {fp.get('dim')})"
+    precision = f", int8 calibration {fp.get('calibration')}" if fp.get("precision") == "int8" else ""
+    return f"model {fp.get('model')} (weights {fp.get('weights')}, dim {fp.get('dim')}{precision})"
 
 
 def check_fingerprint(stored: dict[str, Any], wanted: dict[str, Any], where: Path) -> None:
