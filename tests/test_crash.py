@@ -324,7 +324,12 @@ def test_query_during_indexing_sees_the_last_commit_and_a_second_indexer_is_refu
     pid = fork_indexer(folder, store_dir, embedder)
     try:
         embedder.wait_until_paused(pid)
-        # Three batches of two are committed; the fourth is in the model.
+        # Three batches of two were embedded; the fourth is in the model. The model
+        # runs in its own thread, so the third may reach the store just after the
+        # fourth started: wait for that commit (nothing else can come while paused).
+        deadline = time.monotonic() + 30
+        while FeatureStore.open(store_dir).count < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
         searcher = Searcher.open(store_dir, embedder=tiny_embedder)
         committed = FeatureStore.open(store_dir).live_rows()
         assert searcher.count == len(committed) == 6
