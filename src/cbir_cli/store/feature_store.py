@@ -14,6 +14,7 @@ never served.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -25,7 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError
 from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, bytes_sha256, json_bytes, npy_bytes
-from .manifest import FORMAT_VERSION, INDEX_DIR, MANIFEST, SHARDS_DIR, check_fingerprint, parse_manifest, read_manifest
+from .manifest import (
+    FORMAT_VERSION,
+    INDEX_DIR,
+    MANIFEST,
+    SHARDS_DIR,
+    STAGING_DIR,
+    check_fingerprint,
+    parse_manifest,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,6 +62,8 @@ class FeatureStore:
         # so a re-run that changes nothing keeps the generation (and the saved index).
         self._committed: dict[str, Any] | None = copy.deepcopy(manifest)
         self._rows_cache: dict[str, list[Row]] = {}
+        # The staging folder of the run writing now (:mod:`.staging`): not a leftover.
+        self.active_staging: Path | None = None
 
     # -- opening -----------------------------------------------------------
 
@@ -275,29 +287,36 @@ class FeatureStore:
     def add_shard(self, vectors: np.ndarray, items: Sequence[tuple[str, str, int]]) -> list[Row]:
         """Write a new shard for ``items`` = (path, sha256, size), rows aligned with
         ``vectors``. Live rows with the same paths are tombstoned (replaced). The change
-        is durable only after :meth:`commit`.
-
-        The in-memory manifest changes in one assignment at the end, so a Ctrl-C
-        (KeyboardInterrupt) anywhere in here leaves it as it was and a retry cannot
-        register the shard twice."""
+        is durable only after :meth:`commit`."""
         import numpy as np
 
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(items), self.dim):
             raise ValueError(f"vectors shape {vectors.shape} does not match {len(items)} rows of dim {self.dim}")
-        if len({path for path, _, _ in items}) != len(items):
-            raise ValueError("a shard cannot hold the same path twice")
-        name = f"shard-{self.manifest['next_shard']:06d}"
-        first_id = int(self.manifest["next_id"])
-        rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
+        name = self.next_shard_name()
         data = npy_bytes(vectors)
-        rows_data = json_bytes([asdict(r) for r in rows])
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.shards_dir / f"{name}.npy", data)
+        return self.register_shard(name, items, bytes_sha256(data), len(data))
+
+    def next_shard_name(self) -> str:
+        """The name the next shard gets (its files: :meth:`shard_paths`)."""
+        return f"shard-{self.manifest['next_shard']:06d}"
+
+    def register_shard(self, name: str, items: Sequence[tuple[str, str, int]], sha256: str,
+                       nbytes: int) -> list[Row]:
+        """Give ``items`` ids, write the rows file beside ``shards/<name>.npy`` (of the
+        given sha256 and size) and add the shard to the manifest. The manifest changes
+        in one assignment at the end: a Ctrl-C in here cannot register a shard twice."""
+        if name != self.next_shard_name() or len({path for path, _, _ in items}) != len(items):
+            raise ValueError(f"shard {name}: not the next shard, or holds the same path twice")
+        first_id = int(self.manifest["next_id"])
+        rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
+        rows_data = json_bytes([asdict(r) for r in rows])
         atomic_write_bytes(self.shards_dir / f"{name}.rows.json", rows_data)
         self._rows_cache[name] = rows
         shards, _ = self._without_paths({r.path for r in rows})
-        shard = {"name": name, "rows": len(rows), "sha256": bytes_sha256(data), "bytes": len(data),
+        shard = {"name": name, "rows": len(rows), "sha256": sha256, "bytes": nbytes,
                  "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": []}
         skipped = {p: v for p, v in self.manifest["skipped"].items() if p not in {r.path for r in rows}}
         self.manifest = {**self.manifest, "shards": [*shards, shard], "next_shard": self.manifest["next_shard"] + 1,
@@ -365,7 +384,8 @@ class FeatureStore:
 
     def leftover_files(self) -> list[Path]:
         """Files the committed manifest does not name: shards of an interrupted or
-        dropped write, and temporaries of an interrupted atomic write. Harmless
+        dropped write, temporaries of an interrupted atomic write, and staged worker
+        shards of a run that is not this writer's :attr:`active_staging`. Harmless
         (never read) and removed by the next commit."""
         live = {s["name"] for s in self.manifest["shards"]}
         out = []
@@ -377,7 +397,13 @@ class FeatureStore:
         for folder in (self.root, self.root / INDEX_DIR):
             if folder.is_dir():
                 out.extend(p for p in folder.iterdir() if p.name.startswith(".") and TMP_MARK in p.name)
+        for run in self._staging_runs():
+            out.extend(run.iterdir() if run.is_dir() else [run])
         return sorted(out)
+
+    def _staging_runs(self) -> list[Path]:
+        staging = self.root / STAGING_DIR
+        return [p for p in staging.iterdir() if p != self.active_staging] if staging.is_dir() else []
 
     def collect_garbage(self) -> list[Path]:
         """Delete :meth:`leftover_files` (only writers, holding the lock, call this)."""
@@ -388,6 +414,9 @@ class FeatureStore:
                 deleted.append(path)
             except OSError:
                 pass
+        for folder in [*self._staging_runs(), self.root / STAGING_DIR]:  # each only when empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         live = {s["name"] for s in self.manifest["shards"]}
         for name in list(self._rows_cache):
             if name not in live:

@@ -9,6 +9,7 @@ Layout of a store (index) folder::
     shards/shard-000001.npy       # float32 (n, dim)
     shards/shard-000001.rows.json # the n rows, same order: id, path, sha256, size
     index/index.faiss, index.json # the saved search index (derived from the shards)
+    staging/run-*/part-*.npy      # shards written by distributed workers, not yet adopted
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ MANIFEST = "manifest.json"
 LOCK_NAME = ".lock"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
+STAGING_DIR = "staging"
 # The fingerprint keys that must agree for two sets of vectors to be comparable.
 FINGERPRINT_KEYS = ("model", "weights", "dim", "preprocessing")
 
