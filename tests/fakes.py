@@ -123,3 +123,19 @@ class CountingExecutor:
               on_failure: FailureCallback) -> int:
         self.embedded += [path for path, _, _ in items]
         return self.inner.embed(items, request, sink, on_failure)
+
+
+class CrashingEmbedder(FakeEmbedder):
+    """A :class:`FakeEmbedder` whose process dies (``os._exit``, as an OOM kill or a
+    segfault would) on its ``crash_at``-th batch: a worker killed mid-run."""
+
+    def __init__(self, crash_at: int) -> None:
+        super().__init__()
+        self.crash_at = crash_at
+
+    def embed(self, batch: Any) -> np.ndarray:
+        if self.batches + 1 >= self.crash_at:
+            import os
+
+            os._exit(1)
+        return super().embed(batch)

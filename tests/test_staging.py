@@ -31,7 +31,7 @@ def items(start: int, n: int, tag: str = "") -> list[tuple[str, str, int]]:
 
 
 def shard_entries(root) -> list[dict]:
-    return [{k: v for k, v in s.items()} for s in json.loads((root / "manifest.json").read_text())["shards"]]
+    return [dict(s) for s in json.loads((root / "manifest.json").read_text())["shards"]]
 
 
 def test_an_adopted_part_is_exactly_the_shard_add_shard_writes(tmp_path):

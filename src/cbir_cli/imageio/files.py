@@ -32,18 +32,28 @@ def iter_image_files(root: str | os.PathLike[str]) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def list_images(root: str | os.PathLike[str]) -> list[Path]:
-    """All image files below ``root``, sorted, under the resolved root (absolute, no
-    ``..``, no symlinked folders: the form the store keeps, see
-    :func:`cbir_cli.paths.normalise_path`). A missing folder, a file instead of a
-    folder, or a folder with no images is a :class:`CbirError`."""
+def image_folder(root: str | os.PathLike[str]) -> Path:
+    """``root`` (user-expanded), checked to be an existing folder: a missing folder or
+    a file instead of a folder is a :class:`CbirError` naming it."""
     root_path = Path(root).expanduser()
     if not root_path.exists():
         raise CbirError(f"{display_path(root_path)}: folder does not exist")
     if not root_path.is_dir():
         raise CbirError(f"{display_path(root_path)}: not a folder")
-    files = list(iter_image_files(root_path.resolve()))
+    return root_path
+
+
+def no_images_error(root: str | os.PathLike[str]) -> CbirError:
+    exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+    return CbirError(f"{display_path(Path(root).expanduser())}: no image files found (looked for {exts})")
+
+
+def list_images(root: str | os.PathLike[str]) -> list[Path]:
+    """All image files below ``root``, sorted, under the resolved root (absolute, no
+    ``..``, no symlinked folders: the form the store keeps, see
+    :func:`cbir_cli.paths.normalise_path`). A missing folder, a file instead of a
+    folder, or a folder with no images is a :class:`CbirError`."""
+    files = list(iter_image_files(image_folder(root).resolve()))
     if not files:
-        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise CbirError(f"{display_path(root_path)}: no image files found (looked for {exts})")
+        raise no_images_error(root)
     return files

@@ -4,13 +4,16 @@ An executor lists and hashes the files (the plan's input) and embeds the files t
 plan says to embed, handing vectors to a :class:`VectorSink` (the store's write
 transaction) and failures to a callback. The sync step (:mod:`.sync`) decides what
 to do; the executor only does it. Implementations: :class:`~.local.LocalExecutor`
-(decoding worker processes + the model in this process); tests add fakes.
+(decoding worker processes + the model in this process),
+:class:`~.ray_executor.RayExecutor` (tasks and an actor pool on a Ray cluster);
+tests add fakes.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -49,6 +52,16 @@ class VectorSink(Protocol):
     """Where vectors go (the store's write transaction)."""
 
     def add(self, vectors: np.ndarray, items: Sequence[Item]) -> None: ...
+
+
+class StagingSink(VectorSink, Protocol):
+    """A sink whose store distributed workers write shards into themselves (the
+    write transaction; see :mod:`cbir_cli.store.staging`): a run folder inside the
+    store, then the driver adopts each part the workers wrote."""
+
+    def staging(self) -> AbstractContextManager[Path]: ...
+
+    def adopt(self, folder: Path, name: str) -> int: ...
 
 
 @runtime_checkable
