@@ -83,10 +83,12 @@ def _start_head(temp: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("ray start: the head's port never opened")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A loopback Ray cluster (2 CPUs) this test process is connected to, as a
-    driver; its address for drivers in other processes. Start-up is retried."""
+    driver; its address for drivers in other processes. Start-up is retried. (One
+    per session: this module is its only user; it ends with the module, so other
+    modules' tests never run beside a connected Ray driver.)"""
     if not HAVE_RAY or shutil.which("ray") is None:
         pytest.skip("Ray is an optional extra: pip install 'cbir-cli[ray]'")
     from cbir_cli.pipeline.ray_session import connect, disconnect
@@ -151,6 +153,9 @@ def test_without_the_extra_the_ray_engine_is_one_line_naming_it(image_folder, tm
 
 @needs_ray
 def test_listing_and_hashing_in_ray_tasks_match_the_local_executor(ray_cluster, tmp_path):
+    # Joining Ray left this process's SIGTERM handling alone (Ray installs its own;
+    # SIGTERM belongs to the store's write transaction).
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     root = write_tree(tmp_path / "tree", 14)
     with ray_executor() as executor:
         listed = executor.list_images(root)

@@ -74,13 +74,25 @@ def quiet_warnings() -> Iterator[None]:
 
 
 def _init(ray: Any, address: str) -> None:
+    """``ray.init``, leaving this process's SIGTERM handling as it was: Ray installs
+    its own, and SIGTERM belongs to the store's write transaction (commit what is
+    done, then stop) and to whoever embeds this library."""
+    import signal
+    import threading
+
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
-    if address == "local":
-        for key, value in LOCAL_ENV.items():
-            os.environ.setdefault(key, value)
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
-    else:
-        ray.init(address=address, **quiet)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        if address == "local":
+            for key, value in LOCAL_ENV.items():
+                os.environ.setdefault(key, value)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -100,7 +112,7 @@ def connect(address: str = "auto") -> bool:
         return False
     if address == "auto" and not os.environ.get("RAY_ADDRESS"):
         try:  # a cluster recorded by `ray start` on this machine; fails at once when none
-            ray.init(address="auto", log_to_driver=False, logging_level=logging.ERROR)
+            _init(ray, "auto")
         except ConnectionError:
             address = "local"
         else:
