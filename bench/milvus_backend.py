@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     from cbir_cli.search.milvus_backend import MilvusBackend
 
     args = parse_args(argv)
-    # Same graph for both: HNSW32, efConstruction 40 (Faiss's default), ef 64.
-    milvus_backend.HNSW_BUILD = {"M": 32, "efConstruction": 40}
+    # Same graph for both: HNSW32, efConstruction 40, ef 64 (the backends' settings).
+    assert milvus_backend.HNSW_BUILD == {"M": 32, "efConstruction": 40}
     assert faiss_backend.HNSW_EF_SEARCH == milvus_backend.HNSW_EF == 64
     work = Path(tempfile.mkdtemp(prefix="bench-milvus-"))
     print(json.dumps({"n": args.n, "dim": args.dim, "queries": args.queries, "load_1min": os.getloadavg()[0]}))

@@ -2,8 +2,8 @@
 """The Ray engine against the local engine on this machine: start-up and steady
 state, reported separately, measured side by side (interleaved) in one run.
 
-    python bench/ray_engine.py                       # oxford17flowers (1,360 images), mobilenet_v2
-    python bench/ray_engine.py --limit 512 --repeat 1 --shard-size 64
+    python bench/ray_engine.py --data ../shared/datasets/oxford17flowers   # 340 and 1,360 images, mobilenet_v2
+    python bench/ray_engine.py --sizes 256,512 --repeat 1
 
 Both engines run the same ``sync_folder`` into a fresh temporary store: same
 model (ONNX Runtime on the CPU), same model batch (``--batch-size``), same commit
@@ -12,19 +12,20 @@ engine adopts one part per actor call). The Ray engine starts a private local Ra
 instance for every run (``address="local"``) and stops it at the end, as one
 ``cbir index --engine ray`` on a single machine does.
 
-Figures per run:
+Each engine indexes the first N1 and the first N2 images (``--sizes``) into fresh
+stores; the wall time of a whole run is T(N) = start-up + N / steady, so
 
-* start-up s  - from the command's start (the executor created; for Ray before
-  ``ray.init``) to the first committed shard;
-* steady img/s - images committed after the first shard / time from the first to
-  the last commit;
-* total s, and for Ray the parts of its start-up: Ray init, list + hash (Ray tasks),
-  embed start to first commit (Ray Data's workers, the model actor's start).
+* steady img/s = (N2 - N1) / (T(N2) - T(N1)): the marginal rate, free of every fixed
+  cost (Ray's start, Ray Data's workers and the model actor's start, the model load)
+  and of the decode backlog Ray builds while its actor starts;
+* start-up s = T(N2) - N2 / steady: the fixed cost of a run.
 
-The ratio printed is Ray's steady img/s over the local engine's measured in the
-same repeat. The machine's 1-minute load average is printed with every run:
-this machine is shared, and a busy neighbour moves the figures more than
-anything measured here. Needs the ray extra (pip install 'cbir-cli[ray]').
+Each run also prints its time to the first committed shard and, for Ray, when the
+listing and hashing (Ray tasks, after ``ray.init``) were done. The ratio printed is
+Ray's steady img/s over the local engine's, measured in the same repeat. The
+machine's 1-minute load average is printed with every run: this machine is shared,
+and a busy neighbour moves the figures more than anything measured here. Needs
+the ray extra (pip install 'cbir-cli[ray]').
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,11 +47,11 @@ DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "oxford17flowers"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of images (read in place)")
-    p.add_argument("--limit", type=int, default=0, help="use the first N images (0 = all)")
+    p.add_argument("--sizes", default="340,1360", help="N1,N2: images per run (the first N of --data)")
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=2, help="interleaved local/ray pairs")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved local/ray pairs (the median is printed last)")
     p.add_argument("--address", default="local", help="Ray address (default: a private local instance per run)")
     return p.parse_args(argv)
 
@@ -123,13 +125,10 @@ def run_once(engine: str, folder: Path, args: argparse.Namespace) -> dict[str, A
             close()
         shutil.rmtree(store, ignore_errors=True)
     total = time.perf_counter() - timed.t0
-    # A local run's "commits" are model batches; count a shard when one fills.
+    # A local run's sink calls are model batches; a shard is committed when one fills.
     first = next(t for t, _ in _shards(timed.commits, args.shard_size))
-    last = timed.commits[-1][0]
-    after_first = summary.embedded - min(summary.embedded, args.shard_size)
     return {"engine": engine, "load_1min": round(load, 2), "images": summary.embedded,
-            "startup_s": round(first, 2), "steady_img_s": round(after_first / max(1e-9, last - first), 1),
-            "total_s": round(total, 2), "img_s_overall": round(summary.embedded / total, 1),
+            "first_commit_s": round(first, 2), "total_s": round(total, 2),
             **{f"{k}_s": round(v, 2) for k, v in timed.marks.items()}}
 
 
@@ -143,31 +142,55 @@ def _shards(commits: list[tuple[float, int]], shard_size: int) -> list[tuple[flo
     return out
 
 
+def subset(data: Path, n: int) -> Path:
+    """A temporary folder of symlinks to the first ``n`` images of ``data``."""
+    from cbir_cli.imageio.files import list_images
+
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-images-{n}-"))
+    files = list_images(data)
+    if len(files) < n:
+        raise SystemExit(f"{data} has {len(files)} images, fewer than {n}")
+    for path in files[:n]:
+        os.symlink(path, folder / path.name)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    folder = args.data
-    if args.limit:
-        from cbir_cli.imageio.files import list_images
-
-        folder = Path(tempfile.mkdtemp(prefix="bench-images-"))
-        for path in list_images(args.data)[:args.limit]:
-            os.symlink(path, folder / path.name)
+    n1, n2 = (int(v) for v in args.sizes.split(","))
+    folders = {n: subset(args.data, n) for n in (n1, n2)}
     import torch  # noqa: F401 - the local engine's DataLoader imports it: not part of either figure
 
-    rows = []
-    for repeat in range(args.repeat):
-        for engine in ("local", "ray"):
-            row = {"repeat": repeat, **run_once(engine, folder, args)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print(f"\n{'engine':6} {'load':>5} {'start-up s':>10} {'steady img/s':>12} {'total s':>8} {'ratio':>6}")
-    for local, ray in zip(rows[::2], rows[1::2]):
+    table = []
+    try:
+        for repeat in range(args.repeat):
+            for engine in ("local", "ray"):
+                runs = {}
+                for n in (n1, n2):
+                    runs[n] = {"repeat": repeat, "n": n, **run_once(engine, folders[n], args)}
+                    print(json.dumps(runs[n]), flush=True)
+                steady = (n2 - n1) / max(1e-9, runs[n2]["total_s"] - runs[n1]["total_s"])
+                table.append({"repeat": repeat, "engine": engine, "steady_img_s": round(steady, 1),
+                              "startup_s": round(runs[n2]["total_s"] - n2 / steady, 1),
+                              "first_commit_s": runs[n2]["first_commit_s"], "total_s": runs[n2]["total_s"],
+                              "load_1min": runs[n2]["load_1min"]})
+    finally:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f"\n{'engine':6} {'load':>5} {'start-up s':>10} {'steady img/s':>12} {'1st commit s':>12} "
+          f"{'total s (' + str(n2) + ')':>14} {'ratio':>6}")
+    pairs = list(zip(table[::2], table[1::2]))
+    if len(pairs) > 1:
+        pairs.append(tuple({"engine": f"{row['engine']}*", **{k: statistics.median(r[k] for r in table[i::2])
+                                                               for k in row if k not in ("engine", "repeat")}}
+                           for i, row in enumerate(pairs[0])))
+    for local, ray in pairs:
         for row in (local, ray):
             ratio = f"{row['steady_img_s'] / local['steady_img_s']:.2f}" if row is ray else ""
-            print(f"{row['engine']:6} {row['load_1min']:5.1f} {row['startup_s']:10.2f} {row['steady_img_s']:12.1f} "
-                  f"{row['total_s']:8.1f} {ratio:>6}")
-    if args.limit:
-        shutil.rmtree(folder, ignore_errors=True)
+            print(f"{row['engine']:6} {row['load_1min']:5.1f} {row['startup_s']:10.1f} {row['steady_img_s']:12.1f} "
+                  f"{row['first_commit_s']:12.1f} {row['total_s']:14.1f} {ratio:>6}")
+    if len(pairs) > 1:
+        print("* = median over the repeats (each column on its own)")
 
 
 if __name__ == "__main__":

@@ -157,6 +157,22 @@ def test_check_finds_a_dropped_collection_and_rebuild_backend_restores_it(image_
     searcher.backend.close()
 
 
+def test_rebuild_backend_switches_an_existing_index_to_milvus_without_reembedding(image_folder, tmp_path,
+                                                                                 tiny_embedder):
+    folder = image_folder(5)
+    target = tmp_path / "index"
+    index(folder, target)  # Faiss
+    shards = sorted((target / "shards").iterdir())
+    result = runner.invoke(app, ["index", "--rebuild-backend", "--index", str(target), "--backend", "milvus"])
+    assert result.exit_code == 0, result.output
+    assert sorted((target / "shards").iterdir()) == shards
+    assert FeatureStore.open(target).manifest["search_backend"]["name"] == "milvus"
+    searcher = Searcher.open(target, embedder=tiny_embedder)
+    assert searcher.backend.name == "milvus" and searcher.backend.index_type == "HNSW"
+    searcher.backend.close()
+    assert check_index(target).ok
+
+
 def manifest_bytes(target: Path) -> bytes | None:
     path = target / "manifest.json"
     return path.read_bytes() if path.exists() else None

@@ -320,6 +320,26 @@ def test_a_worker_killed_mid_run_fails_in_one_line_and_the_rerun_resumes(ray_clu
 
 
 @needs_ray
+def test_images_a_node_cannot_reach_stop_the_run_instead_of_being_recorded_as_bad(ray_cluster, tmp_path,
+                                                                                  tiny_embedder):
+    """On a cluster whose nodes do not all mount the images, every file would fail
+    with "file not found" and be remembered as a bad file: that is a setup error."""
+    from cbir_cli.pipeline.executor import EmbedRequest
+    from cbir_cli.store.transaction import write_transaction
+
+    failures: list[tuple[int, str]] = []
+    items = [(f"/no-such-mount/photos/img_{i}.jpg", f"{i:064x}", 1) for i in range(3)]
+    with write_transaction(tmp_path / "store") as txn:
+        txn.begin(tiny_embedder.fingerprint())
+        with ray_executor() as executor, pytest.raises(CbirError, match=r"^/no-such-mount/photos: not found on Ray "
+                                                                        r"node .*; the images' folder must be on "
+                                                                        r"storage every node mounts"):
+            executor.embed(items, EmbedRequest("test_tiny", device="cpu"), txn, lambda i, r: failures.append((i, r)))
+        assert failures == [] and txn.store.manifest["skipped"] == {}
+    assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+@needs_ray
 def test_a_cuda_request_on_a_cluster_without_gpus_is_one_line(ray_cluster, image_folder, tmp_path, tiny_embedder):
     with ray_executor(device="cuda") as executor, pytest.raises(CbirError, match="the Ray cluster has no GPU"):
         sync_folder(image_folder(2), tmp_path / "out", embedder=tiny_embedder, executor=executor)

@@ -92,7 +92,7 @@ def index_cmd(
         if folder is None:
             from ..search.backends import rebuild_backend as rebuild_search_backend
 
-            store = rebuild_search_backend(target, kind)
+            store = rebuild_search_backend(target, kind, spec)
             stderr().print(f"re-populated the search backend of {target} from its {store.count} stored vectors",
                            markup=False)
             return

@@ -111,21 +111,33 @@ def hash_chunk(paths: list[str]) -> list[HashResult]:
 def decode_batch(batch: dict[str, np.ndarray], preprocess: Any, draft_size: int | None,
                  pixel_shape: tuple[int, ...], pixel_dtype: str) -> dict[str, np.ndarray]:
     """Decode + preprocess a batch of files; a file that fails keeps its row, with
-    zero pixels and its one-line reason."""
+    zero pixels and its one-line reason. A file whose folder does not exist on this
+    node is not a bad file but a node without the shared storage: that is fatal
+    (recording every image as bad would be worse than stopping)."""
     import numpy as np
 
     paths = [os.fsdecode(p) for p in batch["path"]]
     images = ImageFolderDataset(paths, preprocess, draft_size)
     pixels = np.zeros((len(paths), *pixel_shape), dtype=pixel_dtype)
     reasons = np.full(len(paths), "", dtype=object)
+    fatal = np.full(len(paths), "", dtype=object)
     for j in range(len(paths)):
         _, result = images[j]
         if isinstance(result, str):
             reasons[j] = result
+            if not os.path.isdir(os.path.dirname(paths[j])):
+                fatal[:] = unreachable(os.path.dirname(paths[j]), "the images' folder")
         else:
             pixels[j] = np.asarray(result)
     return {"i": batch["i"], "path": batch["path"], "sha256": batch["sha256"], "size": batch["size"],
-            "pixels": pixels, "reason": reasons}
+            "pixels": pixels, "reason": reasons, "fatal": fatal}
+
+
+def unreachable(path: str, what: str) -> str:
+    import socket
+
+    return (f"{path}: not found on Ray node {socket.gethostname()}; {what} must be on storage every node "
+            "mounts at the same path")
 
 
 class EmbedAndStage:
@@ -136,6 +148,8 @@ class EmbedAndStage:
         self.folder, self.batch_size = folder, batch_size
         self.error: CbirError | None = None
         try:
+            if not Path(folder).is_dir():
+                raise CbirError(unreachable(folder, "the index folder"))
             self.embedder = request.load()
             check_fingerprint(fingerprint, self.embedder.fingerprint(), Path(folder).parent.parent)
         except CbirError as exc:
@@ -150,6 +164,8 @@ class EmbedAndStage:
         try:
             if self.error is not None:
                 raise self.error
+            if batch["fatal"][0]:
+                raise CbirError(str(batch["fatal"][0]))
             good = np.flatnonzero(batch["reason"] == "")
             if len(good):
                 vectors = np.concatenate([self.embedder.embed(batch["pixels"][good[s:s + self.batch_size]])
@@ -159,6 +175,8 @@ class EmbedAndStage:
                 out["part"][good] = write_part(self.folder, vectors, items)
         except CbirError as exc:
             out["fatal"][:], out["remedy"][:] = exc.message, exc.remedy or ""
+        except OSError as exc:  # the staging folder is on this node's storage, but not writable
+            out["fatal"][:] = f"{self.folder}: cannot write a shard here ({exc.strerror or exc})"
         return out
 
 

@@ -87,7 +87,8 @@ def _init(ray: Any, address: str) -> None:
         if address == "local":
             for key, value in LOCAL_ENV.items():
                 os.environ.setdefault(key, value)
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+            # At least 2 logical CPUs: one for the model actor, one for decoding tasks.
+            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, **quiet)
         else:
             ray.init(address=address, **quiet)
     finally:

@@ -145,13 +145,19 @@ def _saved_index_type(store: FeatureStore, backend: SearchBackend) -> str:
     return str((meta or {}).get("index_type", "auto"))
 
 
-def rebuild_backend(index_dir: str | os.PathLike[str], index_type: str | None = None) -> FeatureStore:
+def rebuild_backend(index_dir: str | os.PathLike[str], index_type: str | None = None,
+                    backend: BackendSpec | None = None) -> FeatureStore:
     """Re-populate the index's search backend from its shards (a lost or emptied
-    Milvus collection, a damaged Faiss file), re-embedding nothing."""
+    Milvus collection, a damaged Faiss file), re-embedding nothing. ``backend``:
+    switch the index to that backend first (recorded with one manifest commit)."""
     root = Path(index_dir).expanduser()
     with writer_lock(root):
         store = FeatureStore.open(root)
         if store.count == 0:
             raise CbirError(f"{root}: the index is empty; add images to it first")
+        spec = choose_spec(backend, index_type, store)
+        check_target(spec, store)
+        record_spec(store, spec)
+        store.commit()
         refresh_backend(store, index_type, rebuild=True)
     return store
