@@ -34,7 +34,7 @@ from cbir_cli.pipeline.options import ExtractOptions
 from cbir_cli.pipeline.sync import sync_folder
 from cbir_cli.search.check import check_index
 from cbir_cli.store.feature_store import FeatureStore
-from tests.fakes import FakeEmbedder
+from tests.fakes import FakeEmbedder, PoisonEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pyarrow") is not None
@@ -217,6 +217,22 @@ def test_ray_extraction_equals_local_extraction_and_resyncs_incrementally(ray_cl
                             options=ExtractOptions(workers=0, **options))
     assert (again.embedded, again.added, again.updated, again.removed) == (2, 1, 1, 1)
     assert FeatureStore.open(tmp_path / "ray").count == 30
+
+
+@needs_ray
+def test_vectors_the_store_refuses_are_skipped_files_as_in_the_local_engine(ray_cluster, image_folder, tmp_path):
+    folder = image_folder(12)
+    local_skips: list[tuple[str, str]] = []
+    ray_skips: list[tuple[str, str]] = []
+    sync_folder(folder, tmp_path / "local", embedder=PoisonEmbedder(), options=ExtractOptions(workers=0),
+                on_skip=lambda p, r: local_skips.append((p, r)))
+    with ray_executor() as executor:
+        sync_folder(folder, tmp_path / "ray", embedder=PoisonEmbedder(), executor=executor,
+                    options=ExtractOptions(workers=0), on_skip=lambda p, r: ray_skips.append((p, r)))
+    assert 0 < len(local_skips) < 12 and sorted(ray_skips) == sorted(local_skips)
+    a, b = FeatureStore.open(tmp_path / "local"), FeatureStore.open(tmp_path / "ray")
+    assert [r.path for r in a.live_rows()] == [r.path for r in b.live_rows()]
+    assert a.manifest["skipped"] == b.manifest["skipped"]
 
 
 def cli_extract(folder: Path, out: Path, address: str, env: dict[str, str]) -> subprocess.Popen:

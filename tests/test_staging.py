@@ -12,10 +12,11 @@ import pytest
 
 from cbir_cli.errors import CorruptStoreError
 from cbir_cli.search.check import check_index
+from cbir_cli.store.adoption import adopt_part, staging_run
 from cbir_cli.store.feature_store import FeatureStore
 from cbir_cli.store.integrity import shard_problems
 from cbir_cli.store.manifest import STAGING_DIR
-from cbir_cli.store.staging import adopt_part, staging_run, write_part
+from cbir_cli.store.staging import write_part
 from cbir_cli.store.transaction import write_transaction
 
 FP = {"model": "synthetic", "weights": "none", "dim": 4, "preprocessing": {}}
@@ -115,7 +116,7 @@ def test_a_damaged_part_is_refused_before_anything_is_registered(tmp_path, damag
     store = FeatureStore.create(tmp_path / "store", FP)
     with staging_run(store) as folder:
         if damage == "wrong dim":
-            name = write_part(folder, np.ones((2, 3), dtype=np.float32), items(0, 2))
+            name = write_part(folder, np.eye(3, dtype=np.float32)[:2], items(0, 2))
         else:
             name = write_part(folder, unit_rows(2), items(0, 2))
         npy, items_file = folder / f"{name}.npy", folder / f"{name}.items.json"
@@ -126,3 +127,9 @@ def test_a_damaged_part_is_refused_before_anything_is_registered(tmp_path, damag
         with pytest.raises(CorruptStoreError, match=name):
             adopt_part(store, folder, name)
     assert store.manifest["shards"] == [] and store.manifest["next_id"] == 0
+
+
+def test_a_worker_cannot_stage_a_vector_the_store_would_refuse(tmp_path):
+    with pytest.raises(ValueError, match="refusing to store 1 invalid vector"):
+        write_part(tmp_path, np.array([[1, 0, 0, 0], [np.nan, 0, 0, 0]], dtype=np.float32), items(0, 2))
+    assert list(tmp_path.iterdir()) == []

@@ -8,30 +8,37 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..evaluate.datasets import DATASET_KINDS
 from .common import (
     AUTO_DECODE,
     AUTO_DEVICE,
     PRODUCT_RELEVANCE,
     BatchOpt,
-    DatasetLayout,
     DecodeOpt,
     DeviceOpt,
     JsonOpt,
     Relevance,
     WeightsOpt,
     WorkersOpt,
+    _choices,
     app,
     cli_errors,
     extract_options,
+    show_progress,
     stderr,
     stdout,
 )
 
+COPIES = "copies"
+EvaluateDataset = _choices("EvaluateDataset", (*DATASET_KINDS, COPIES))
+
 
 @app.command("evaluate")
 def evaluate_cmd(
-    dataset: Annotated[DatasetLayout, typer.Option("--dataset", help="Layout: sop (Ebay_test.txt/Ebay_train.txt) "
-                                                                     "or folder (one sub-folder per class).")],
+    dataset: Annotated[EvaluateDataset, typer.Option("--dataset", help="sop (Ebay_test.txt/Ebay_train.txt), folder "
+                                                     "(one sub-folder per class), or copies (copy detection on any "
+                                                     "folder of images: distorted copies of seeded images query "
+                                                     "it).")],
     root: Annotated[Path, typer.Option("--root", help="Dataset folder.")],
     split: Annotated[Optional[str], typer.Option("--split", help="sop: test (default), train or all; folder: all.",
                                                  show_default=False)] = None,
@@ -56,13 +63,20 @@ def evaluate_cmd(
     report: Annotated[Optional[Path], typer.Option("--report", help="Write an HTML/PNG report into this folder.",
                                                    show_default=False)] = None,
     report_queries: Annotated[int, typer.Option("--report-queries", min=1, help="Sample queries in the report.")] = 8,
+    copies: Annotated[int, typer.Option("--copies", min=1, help="copies: how many seeded images get distorted "
+                                        "(each gets every distortion).")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="copies: seed of the choice of images and of the "
+                                      "distortions' random parts.")] = 0,
+    distortions: Annotated[Optional[str], typer.Option("--distortions", help="copies: a comma list of "
+                                                       "distortions (default: all).", show_default=False)] = None,
     device: DeviceOpt = AUTO_DEVICE,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     decode: DecodeOpt = AUTO_DECODE,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score retrieval on a labelled dataset: every image queries all the others."""
+    """Score retrieval: every image of a labelled dataset queries all the others, or (copies) distorted
+    copies of seeded images query the collection."""
     with cli_errors():
         from ..evaluate.datasets import load_collection
         from ..evaluate.run import EvaluationOptions, evaluate, parse_features, parse_ks
@@ -70,8 +84,11 @@ def evaluate_cmd(
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
-            extract=extract_options(batch_size, workers, 1024, device, progress=not as_json, decode=decode),
+            extract=extract_options(batch_size, workers, 1024, device, progress=show_progress(as_json), decode=decode),
         )
+        if dataset.value == COPIES:
+            _evaluate_copies(root, options, copies, seed, distortions, report, as_json)
+            return
         collection = load_collection(dataset.value, root, split, limit)
         err = stderr()
         err.print(f"evaluating {collection.describe()}")
@@ -84,7 +101,7 @@ def evaluate_cmd(
         if as_json:
             payload = result.as_dict()
             payload["report"] = str(report_path) if report_path else None
-            typer.echo(json.dumps(payload, indent=2))
+            typer.echo(json.dumps(payload, indent=2, allow_nan=False))
             return
         from rich.table import Table
 
@@ -102,3 +119,33 @@ def evaluate_cmd(
                   f"(largest worker {result.peak_rss_children_mb:.0f} MB)")
         if report_path:
             out.print(f"report: {report_path}")
+
+
+def _evaluate_copies(root: Path, options, count: int, seed: int, distortions: str | None,
+                     report: Path | None, as_json: bool) -> None:
+    from ..errors import CbirError
+    from ..evaluate.copies import DISTORTIONS
+    from ..evaluate.copy_detection import CopyProtocol, evaluate_copies
+
+    if report is not None:
+        raise CbirError("the HTML report covers labelled datasets (sop, folder); copy detection prints its table")
+    kinds = tuple(t.strip() for t in distortions.split(",") if t.strip()) if distortions else DISTORTIONS
+    err = stderr()
+    result = evaluate_copies(root, options, CopyProtocol(count, seed, kinds), on_notice=err.print)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result.dataset}\nper distortion: top-1 / mAP (the original ranked first / mean "
+                  "1/rank)", title_justify="left")
+    table.add_column("distortion")
+    for r in result.results:
+        table.add_column(r.label, justify="right")
+    for label, cells in result.table_rows():
+        table.add_row(label, *cells)
+    out = stdout()
+    out.print(table)
+    for note in result.notes:
+        out.print(f"note: {note}")
+    out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")

@@ -28,6 +28,8 @@ from .common import (
     extract_options,
     notice,
     print_summary,
+    printable,
+    show_progress,
     stderr,
     warn_skip,
 )
@@ -96,8 +98,8 @@ def index_cmd(
             stderr().print(f"re-populated the search backend of {target} from its {store.count} stored vectors",
                            markup=False)
             return
-        options = extract_options(batch_size, workers, shard_size, device, progress=not as_json, runtime=runtime,
-                                  decode=decode)
+        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
+                                  runtime=runtime, decode=decode)
         with executor_for(engine, ray_address, ray_actors, options) as executor:
             summary = index_folder(folder, target, model, weights, options, index_type=kind, rebuild=rebuild,
                                    on_skip=warn_skip, on_notice=notice, executor=executor, backend=spec,
@@ -130,8 +132,8 @@ def extract_cmd(
     with cli_errors():
         from ..pipeline.sync import extract_folder
 
-        options = extract_options(batch_size, workers, shard_size, device, progress=not as_json, runtime=runtime,
-                                  decode=decode)
+        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
+                                  runtime=runtime, decode=decode)
         with executor_for(engine, ray_address, ray_actors, options) as executor:
             summary = extract_folder(folder, out, model, weights, options, on_skip=warn_skip, on_notice=notice,
                                      executor=executor)
@@ -139,12 +141,27 @@ def extract_cmd(
 
 
 @app.command("check")
-def check_cmd(index_dir: IndexDirOpt = None, as_json: JsonOpt = False) -> None:
+def check_cmd(
+    index_dir: IndexDirOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="First repair what needs no images: recover a lost "
+                                         "manifest from the shards, drop damaged shards (the next `cbir index "
+                                         "FOLDER` embeds their images again), delete leftovers, rebuild the "
+                                         "search index.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Verify that the index's manifest, shards, ids and search index agree (exit 1 if not)."""
     with cli_errors():
         from ..resolve import resolve_index_dir
         from ..search.check import check_index
 
+        if repair:
+            from ..search.repair import repair_index
+
+            repaired = repair_index(resolve_index_dir(index_dir))
+            for line in repaired.repairs:
+                stderr().print(f"repaired: {printable(line)}", markup=False)
+            if not repaired.changed:
+                stderr().print("nothing to repair", markup=False)
         report = check_index(resolve_index_dir(index_dir))
         repair = REMEDIES.get(report.repair or "")
         if as_json:
@@ -152,9 +169,9 @@ def check_cmd(index_dir: IndexDirOpt = None, as_json: JsonOpt = False) -> None:
         else:
             err = stderr()
             for problem in report.problems:
-                err.print(f"problem: {problem}", markup=False)
+                err.print(f"problem: {printable(problem)}", markup=False)
             for note in report.notes:
-                err.print(f"note: {note}", markup=False)
+                err.print(f"note: {printable(note)}", markup=False)
             if report.ok:
                 err.print(f"ok {report.index}: {report.count} images in {report.shards} shards, model "
                           f"{report.model} (dim {report.dim}), generation {report.generation}, "

@@ -15,6 +15,7 @@ Pipeline, the same for every kind of feature (deep model or hand-crafted):
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -179,6 +180,11 @@ def score_rankings(labels: np.ndarray, ranked: np.ndarray, options: EvaluationOp
     out["ns_score"] = raw.get("ns_score")
     if depth < len(labels) - 1:
         notes.append(f"mAP over the top {depth} results (relevant images ranked lower count as misses)")
+    if not raw["queries"]:
+        notes.append("no image has another image of its class: every metric is undefined (each class needs "
+                     "at least 2 images)")
+    # Undefined metrics are None (JSON null), never NaN: bare NaN is not JSON.
+    out = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in out.items()}
     out.update(queries=raw["queries"], queries_without_positive=raw["queries_without_positive"],
                gallery=len(labels) - 1, depth=depth, notes=notes + raw["notes"])
     return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,5 +210,8 @@ def load_onnx_embedder(config: ModelConfig, weights: str | os.PathLike[str] | No
         (torch_hub_checkpoint_dir() / config.weights_file).is_file()
     if path.is_file() and official_present:
         return OnnxEmbedder(config, weights_id, path)
+    # Seconds of silence on a first run otherwise (the CLI shows INFO as a note).
+    logging.getLogger(__name__).info("note: preparing %s for ONNX Runtime (a one-off export, ~10 s; cached in %s)",
+                                     config.name, path.parent)
     module, weights_id = build_backbone(config, weights)
     return OnnxEmbedder.from_torch(TorchEmbedder(config, module, weights_id, "cpu"), cache_dir)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CbirError
 from ..imageio.files import list_images
 from ..imageio.gpu_decode import DeviceJpegDecoder, EncodedJpegDataset
+from ..imageio.lifetime import exit_with_parent
 from ..imageio.readers import ImageFolderDataset, ReadChunk, assemble_on_cpu, collate_for_transfer, collate_images
 from .executor import EmbedRequest, FailureCallback, VectorSink
 from .options import DECODE_CHOICES, ExtractOptions
@@ -54,6 +55,7 @@ def _ignore_sigint(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # ... and the main process's SIGTERM handler (the write transaction's) is not for workers.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    exit_with_parent()  # a SIGKILLed parent must not leave workers behind
 
 
 # Images per worker task. Small tasks keep every decode worker busy and the model

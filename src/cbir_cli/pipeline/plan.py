@@ -10,27 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..imageio.decode import oserror_reason
+from ..errors import ImageError
+from ..imageio.decode import open_image_file, oserror_reason
 from ..paths import normalise_path
 from ..store.feature_store import FeatureStore
 
 Item = tuple[str, str, int]  # (path, sha256, size) of one image
 
 
-class NotAFileError(OSError):
-    """A FIFO, socket or device named like an image: reading it could block forever."""
-
-
 def hash_file(path: Path | str) -> tuple[str, int]:
-    """sha256 of the content and its size (OSError propagates). Opened non-blocking
-    and checked to be a regular file first, so a named pipe called ``x.jpg`` is
-    refused instead of hanging the run."""
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with open(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotAFileError("not a regular file (pipe, socket or device)")
+    """sha256 of the content and its size. Opened like every image (regular files
+    only, size-capped, non-blocking: a named pipe called ``x.jpg`` is refused instead
+    of hanging the run); :class:`ImageError` says why not."""
+    fh, _ = open_image_file(path)
+    with fh:
         digest = hashlib.sha256()
         size = 0
         while block := fh.read(1 << 20):
@@ -52,10 +45,10 @@ def hash_one(path: Path | str) -> HashResult:
     try:
         sha, size = hash_file(path)
         return HashResult(str(path), sha, size)
-    except NotAFileError as exc:
-        return HashResult(str(path), None, 0, str(exc))
-    except OSError as exc:
-        return HashResult(str(path), None, 0, oserror_reason(exc))
+    except ImageError as exc:
+        return HashResult(str(path), None, 0, exc.reason)
+    except OSError as exc:  # a read error after a successful open
+        return HashResult(str(path), None, 0, oserror_reason(exc, path))
 
 
 @dataclass

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
-from ..imageio.files import image_folder, is_image_name, iter_image_files, no_images_error
+from ..imageio.files import ImageList, image_folder, is_image_name, iter_image_files, listing_error
 from ..imageio.readers import ImageFolderDataset
 from ..store.manifest import check_fingerprint
 from ..store.staging import write_part
@@ -86,22 +86,30 @@ class RayOptions:
 # -- what runs on the workers ------------------------------------------------------
 
 
-def list_top(root: str) -> tuple[str | None, list[str], list[str]]:
-    """(error, image files directly in ``root``, sub-folders to list) -- the first
-    level of :func:`~cbir_cli.imageio.files.iter_image_files`, same order and rules
-    (symlinked folders are not entered)."""
+def list_top(root: str) -> tuple[str | None, list[str], list[str], list[tuple[str, str]]]:
+    """(error, image files directly in ``root``, sub-folders to list, unreadable
+    folders) -- the first level of :func:`~cbir_cli.imageio.files.list_images`'s
+    walk, same order and rules (symlinked folders are not entered)."""
+    from ..imageio.decode import oserror_reason
+
     try:
         folder = image_folder(root).resolve()
     except CbirError as exc:
-        return exc.message, [], []
-    _, dirnames, filenames = next(os.walk(folder), (None, [], []))
+        return exc.message, [], [], []
+    unreadable: list[tuple[str, str]] = []
+
+    def failed(exc: OSError) -> None:
+        unreadable.append((os.fspath(exc.filename), oserror_reason(exc)))
+
+    _, dirnames, filenames = next(os.walk(folder, onerror=failed), (None, [], []))
     files = [str(folder / name) for name in sorted(filenames) if is_image_name(name)]
     below = [str(folder / name) for name in sorted(dirnames) if not (folder / name).is_symlink()]
-    return None, files, below
+    return None, files, below, unreadable
 
 
-def list_below(folder: str) -> list[str]:
-    return [str(p) for p in iter_image_files(folder)]
+def list_below(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
+    unreadable: list[tuple[str, str]] = []
+    return [str(p) for p in iter_image_files(folder, unreadable)], unreadable
 
 
 def hash_chunk(paths: list[str]) -> list[HashResult]:
@@ -158,9 +166,12 @@ class EmbedAndStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
 
+        from ..store.validity import INVALID_VECTOR, invalid_rows
+
         n = len(batch["i"])
-        out = {"i": batch["i"], "reason": batch["reason"], "part": np.full(n, "", dtype=object),
-               "fatal": np.full(n, "", dtype=object), "remedy": np.full(n, "", dtype=object)}
+        out = {"i": batch["i"], "reason": np.array(batch["reason"], dtype=object),  # a copy: inputs are read-only
+               "part": np.full(n, "", dtype=object), "fatal": np.full(n, "", dtype=object),
+               "remedy": np.full(n, "", dtype=object)}
         try:
             if self.error is not None:
                 raise self.error
@@ -170,6 +181,11 @@ class EmbedAndStage:
             if len(good):
                 vectors = np.concatenate([self.embedder.embed(batch["pixels"][good[s:s + self.batch_size]])
                                           for s in range(0, len(good), self.batch_size)])
+                # What the store refuses to hold is a skipped file, as in the local engine.
+                refused = invalid_rows(vectors)
+                out["reason"][good[refused]] = INVALID_VECTOR
+                good, vectors = good[~refused], vectors[~refused]
+            if len(good):
                 items = [(os.fsdecode(batch["path"][j]), str(batch["sha256"][j]), int(batch["size"][j]))
                          for j in good]
                 out["part"][good] = write_part(self.folder, vectors, items)
@@ -257,15 +273,19 @@ class RayExecutor:
     def list_images(self, root: Path) -> list[Path]:
         ray = self._connect()
         with ray_errors():
-            error, files, below = ray.get(ray.remote(num_cpus=DECODE_CPUS)(list_top).remote(str(root)))
+            error, files, below, unreadable = ray.get(ray.remote(num_cpus=DECODE_CPUS)(list_top).remote(str(root)))
             if error is not None:
                 raise CbirError(error)
             lister = ray.remote(num_cpus=DECODE_CPUS)(list_below)
-            for part in ray.get([lister.remote(folder) for folder in below]):
+            for part, part_unreadable in ray.get([lister.remote(folder) for folder in below]):
                 files.extend(part)
-        if not files:
-            raise no_images_error(root)
-        return [Path(p) for p in files]
+                unreadable.extend(part_unreadable)
+        listed = ImageList(Path(p) for p in files)
+        listed.unreadable = unreadable
+        error = listing_error(Path(root).expanduser(), listed, unreadable)
+        if error is not None:
+            raise error
+        return listed
 
     def hash_files(self, paths: Sequence[Path | str]) -> Iterable[HashResult]:
         ray = self._connect()

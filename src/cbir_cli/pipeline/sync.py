@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..imageio.files import is_under
 from ..models.loading import model_fingerprint
 from ..paths import display_path
 from ..resolve import resolve_index_dir, resolve_model
@@ -42,15 +43,21 @@ def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: E
     store = txn.store
     # Files whose exact content is already stored under another path (moved, copied,
     # or stored under an older spelling of the same path) reuse that vector.
+    # Only verified, valid vectors are reused (FeatureStore.vectors_for); a file
+    # whose stored vector is not one of them is embedded again.
     by_sha = {r.sha256: r for r in store.live_rows()}
     renamed = [item for _, item in plan.renamed]
-    reuse = [item for item in plan.todo if item[1] in by_sha]
-    if reuse or renamed:
-        vectors = store.vectors_for(by_sha[sha] for _, sha, _ in reuse + renamed)
-        txn.add(np.stack([vectors[by_sha[sha].id] for _, sha, _ in reuse + renamed]), reuse + renamed)
-        store.remove_paths(old for old, _ in plan.renamed)
+    vectors = store.vectors_for(by_sha[sha] for _, sha, _ in plan.todo + renamed if sha in by_sha)
+    reusable = {sha for sha, row in by_sha.items() if row.id in vectors}
+    reuse = [item for item in plan.todo if item[1] in reusable]
+    renamed_ok = [(old, item) for old, item in plan.renamed if item[1] in reusable]
+    if reuse or renamed_ok:
+        items = reuse + [item for _, item in renamed_ok]
+        txn.add(np.stack([vectors[by_sha[sha].id] for _, sha, _ in items]), items)
         summary.reused = len(reuse)
-    todo = [item for item in plan.todo if item[1] not in by_sha]
+    store.remove_paths(old for old, _ in plan.renamed)
+    todo = [item for item in plan.todo if item[1] not in reusable]
+    todo += [item for old, item in plan.renamed if item[1] not in reusable]
     if not todo:
         return
 
@@ -77,10 +84,15 @@ def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | 
         skip(path, reason)
 
     plan = plan_sync(txn.store, root, executor.hash_files(files))
+    # Entries of folders that could not be listed are kept, not taken for deleted.
+    unreadable = [folder for folder, _ in getattr(files, "unreadable", [])]
+    plan.removed = [p for p in plan.removed if not is_under(p, unreadable)]
     summary.unchanged = plan.unchanged
     for path, reason in plan.unreadable + plan.known_bad:
         skip_one(path, reason)
     embed_plan(plan, txn, executor, request, summary, skip_one)
+    for path, reason in txn.rejected:  # vectors the store refused (not finite / not unit length)
+        skip_one(path, reason)
     summary.removed += txn.remove_paths(plan.removed)
     done = {p for p, _, _ in plan.todo} - skipped
     summary.updated = len(plan.replaced & done)
@@ -97,6 +109,10 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
     executor = executor or LocalExecutor(options)
     started = time.perf_counter()
     files = executor.list_images(Path(root).expanduser())  # a bad folder fails before anything else
+    for folder, reason in getattr(files, "unreadable", []):
+        if on_notice:
+            on_notice(f"warning: cannot read folder {display_path(folder)} ({reason}); "
+                      "what was indexed from it is kept")
     root_path = Path(root).expanduser().resolve()
     summary = ExtractSummary(files=len(files))
 
@@ -117,6 +133,9 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
             fingerprint = model_fingerprint(choice.name, choice.weights)
             request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime)
         store = txn.begin(fingerprint)
+        for repair in txn.repairs:
+            if on_notice:
+                on_notice(f"repaired: {repair}")
         if on_begin is not None:
             on_begin(store)
         if request.weights is not None:

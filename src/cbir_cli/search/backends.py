@@ -141,7 +141,10 @@ def _saved_index_type(store: FeatureStore, backend: SearchBackend) -> str:
     from .faiss_backend import read_index_meta
 
     read_meta: Any = getattr(backend, "read_meta", None)
-    meta = read_meta(store) if read_meta is not None else read_index_meta(store)
+    try:
+        meta = read_meta(store) if read_meta is not None else read_index_meta(store)
+    except CbirError:  # a damaged Faiss meta: rebuild with the default
+        meta = None
     return str((meta or {}).get("index_type", "auto"))
 
 

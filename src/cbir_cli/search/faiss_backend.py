@@ -190,14 +190,31 @@ def save_index(store: FeatureStore, index: faiss.Index, index_type: str) -> None
     )
 
 
+INDEX_META_KEYS = {"generation": int, "count": int, "index_type": str, "sha256": str, "dim": int}
+
+
 def read_index_meta(store: FeatureStore) -> dict[str, Any] | None:
+    """The saved index's meta, None when there is none; CorruptStoreError naming the
+    file when it is not a JSON object with the keys and types it must have."""
     _, meta_file = index_paths(store)
     try:
-        return json.loads(meta_file.read_text(encoding="ascii"))
+        meta = json.loads(meta_file.read_text(encoding="ascii"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         raise CorruptStoreError(f"{meta_file}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)
+                                         for k, t in INDEX_META_KEYS.items()):
+        raise CorruptStoreError(f"{meta_file}: not a search index description (damaged)")
+    return meta
+
+
+def saved_index_intact(store: FeatureStore, meta: dict[str, Any]) -> bool:
+    """Whether the saved index file still has the checksum its meta recorded."""
+    try:
+        return bytes_sha256(index_paths(store)[0].read_bytes()) == meta["sha256"]
+    except OSError:
+        return False
 
 
 def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
@@ -280,13 +297,23 @@ class FaissBackend:
             kind = f"{resolve_index_type(index_type, int(index.ntotal))} (in memory)"
         self._use(store, index, kind)
 
-    def refresh(self, store: FeatureStore, index_type: str | None = None) -> None:
-        """Rebuild and save the index when it is stale, missing or of another type."""
-        meta = read_index_meta(store)
+    def refresh(self, store: FeatureStore, index_type: str | None = None) -> bool:
+        """Rebuild and save the index when it is stale, missing, damaged (its meta
+        unreadable or its file not matching its checksum) or of another type.
+        Returns whether it was rebuilt."""
+        try:
+            meta = read_index_meta(store)
+        except CorruptStoreError:
+            meta = None
         if index_type is None:
             index_type = str(meta.get("index_type", "auto")) if meta else "auto"
-        if meta is None or meta.get("generation") != store.generation or meta.get("index_type") != index_type:
+            if index_type not in INDEX_TYPES:
+                index_type = "auto"
+        if (meta is None or meta.get("generation") != store.generation or meta.get("index_type") != index_type
+                or not saved_index_intact(store, meta)):
             self.build(store, index_type)
+            return True
+        return False
 
     def load(self, store: FeatureStore) -> bool:
         loaded = load_index(store)
@@ -408,3 +435,9 @@ class FaissBackend:
             if not np.allclose(index.reconstruct_n(0, index.ntotal), live_vectors, atol=1e-6):
                 report.problems.append(f"{index_paths(store)[0]}: holds other vectors than the shards")
         return report
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact on a flat index, a k-NN search with a threshold on HNSW/IVF-PQ (:mod:`.range`)."""
+        from .range import faiss_range_search
+
+        return faiss_range_search(self._require(), queries, threshold, self.ids, self.search)

@@ -50,6 +50,7 @@ HNSW_EF = 64
 IVF_NPROBE = 32
 WRITE_BATCH = 1000  # rows per upsert/delete request
 SEARCH_BATCH = 1024  # queries per search request
+MAX_TOPK = 16384  # the most results Milvus returns for one query
 CHECK_SAMPLE = 64  # vectors compared with the shards by check
 
 
@@ -188,19 +189,20 @@ class MilvusBackend:
         self._write(store, [r.id for r in store.live_rows()], vectors, range(len(vectors)))
         self._finish(store, index_type, kind)
 
-    def refresh(self, store: FeatureStore, index_type: str | None = None) -> None:
+    def refresh(self, store: FeatureStore, index_type: str | None = None) -> bool:
         """Mirror the committed store: upsert what the collection lacks, delete what
-        the store no longer has (a new collection, or another index type, is built)."""
+        the store no longer has (a new collection, or another index type, is built).
+        Returns whether anything was written to Milvus."""
         meta = self.read_meta(store)
         index_type = index_type or (meta or {}).get("index_type") or "auto"
         kind = milvus_index_type(index_type, store.count, self.lite)
         if not self._exists() or meta is None or meta.get("milvus_index") != kind:
             self.build(store, index_type)
-            return
+            return True
         self._check_compatible(store.fingerprint)
         if meta.get("generation") == store.generation and self._collection_count() == store.count:
             self._use(store, kind)
-            return
+            return False
         live = [r.id for r in store.live_rows()]
         have = self._collection_ids()
         gone = sorted(have - set(live))
@@ -210,6 +212,7 @@ class MilvusBackend:
         new = [p for p, row_id in enumerate(live) if row_id not in have]
         self._write(store, live, ShardVectors(store), new)
         self._finish(store, index_type, kind)
+        return True
 
     def load(self, store: FeatureStore) -> bool:
         meta = self.read_meta(store)
@@ -241,6 +244,16 @@ class MilvusBackend:
                     for j, hit in enumerate(row[:k]):
                         ids[q, j], scores[q, j] = int(hit["id"]), float(hit["distance"])
         return scores, ids
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A k-NN search with a threshold (:func:`~cbir_cli.search.range.knn_range_search`),
+        as for an approximate Faiss index; one result list holds at most
+        :data:`MAX_TOPK` ids, Milvus's limit for one search."""
+        from .range import knn_range_search
+
+        if self._exact is not None:
+            return self._exact.range_search(queries, threshold)
+        return knn_range_search(self.search, as_queries(queries, self._dim), threshold, min(self.count, MAX_TOPK))
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Exact vectors, read from the shards (the source of truth)."""

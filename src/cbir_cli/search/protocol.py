@@ -12,7 +12,8 @@ server); tests add a numpy fake.
 
 Array contract (as faiss): float32 (n, d) queries in; ``(scores, ids)`` out, each
 (nq, k), scores are inner products (= cosine for unit vectors), best first,
-``ids == -1`` with score ``-inf`` where fewer than k results exist.
+``ids == -1`` with score ``-inf`` where fewer than k results exist. Range
+search answers Faiss's packed ``(lims, scores, ids)`` (see :mod:`.range`).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ class SearchBackend(Protocol):
         store's current generation (writers only, holding the store's lock)."""
         ...
 
-    def refresh(self, store: FeatureStore, index_type: str | None = None) -> None:
+    def refresh(self, store: FeatureStore, index_type: str | None = None) -> bool:
         """Writers, after each commit: bring what is saved up to date with the
-        store's committed state (``index_type`` None: keep the saved type, else the
-        default)."""
+        store's committed state, rebuilding it when stale, missing or damaged
+        (``index_type`` None: keep the saved type, else the default). Returns
+        whether it rebuilt."""
         ...
 
     def load(self, store: FeatureStore) -> bool:
@@ -75,6 +77,13 @@ class SearchBackend(Protocol):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ``(scores, ids)`` per query, exact scores (see the module docstring)."""
+        ...
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every indexed vector scoring ``>= threshold`` against each query, as
+        ``(lims, scores, ids)``: query ``i``'s results are ``scores[lims[i]:lims[i+1]]``
+        and ``ids[...]``, best first, exact scores (see :mod:`.range`). Exact for an
+        exact index; an approximate one may miss what its k-NN search misses."""
         ...
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:

@@ -10,17 +10,20 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, CorruptStoreError
 from ..imageio.decode import load_image
+from ..imageio.region import Box
 from ..models.protocol import embed_images
-from ..paths import display_path
+from ..paths import common_folder, display_path, normalise_path
 from ..resolve import resolve_index_dir
 from ..store.feature_store import FeatureStore, Row
 from ..store.manifest import check_fingerprint
 from .backends import backend_for
+from .filters import ResultFilter, filtered_search
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from .protocol import SearchBackend
 
 MAX_K = 1000
+ALLOWED_CACHE_ENTRIES = 8  # folder filters remembered per Searcher
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Searcher:
         # id -> position in self.rows; built once, a search by id on a large index
         # must not rebuild it.
         self._position_by_id = {r.id: i for i, r in enumerate(self.rows)}
+        self._allowed_cache: dict[str, np.ndarray | None] = {}
         if len(self.rows) != backend.count:
             raise CorruptStoreError(f"{store.root}: index has {backend.count} vectors but the store {len(self.rows)}")
 
@@ -146,6 +151,11 @@ class Searcher:
         except KeyError:
             raise CbirError(f"no image with id {image_id} in the index") from None
 
+    @cached_property
+    def folder(self) -> str:
+        """The folder that was indexed, as far as the rows tell (their deepest common folder)."""
+        return common_folder([r.path for r in self.rows])
+
     def path_of(self, image_id: int) -> Path:
         return Path(self.row(image_id).path)
 
@@ -156,9 +166,27 @@ class Searcher:
             raise CbirError(f"k must be between 1 and {MAX_K} (got {k})")
         return k
 
-    def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[Hit]]:
+    def _allowed_ids(self, result_filter: ResultFilter) -> np.ndarray | None:
+        """Ids below the filter's folder, computed once per folder (this Searcher
+        sees one committed state, so they cannot change)."""
+        if result_filter.under is None:
+            return None
+        if result_filter.under not in self._allowed_cache:
+            if len(self._allowed_cache) >= ALLOWED_CACHE_ENTRIES:
+                self._allowed_cache.pop(next(iter(self._allowed_cache)))
+            self._allowed_cache[result_filter.under] = result_filter.allowed_ids(self.rows)
+        return self._allowed_cache[result_filter.under]
+
+    def search_vectors(self, queries: np.ndarray, k: int = 5,
+                       result_filter: ResultFilter | None = None) -> list[list[Hit]]:
+        """Top-k hits per query vector; ``result_filter``: only results below a
+        folder and/or at or above a score, still k of them when k qualify."""
         k = self._check_k(k)
-        scores, ids = self.backend.search(queries, min(k, self.count))
+        if result_filter is not None and result_filter.active:
+            scores, ids = filtered_search(self.backend.search, queries, min(k, self.count), self.count,
+                                          result_filter, self._allowed_ids(result_filter))
+        else:
+            scores, ids = self.backend.search(queries, min(k, self.count))
         results = []
         for score_row, id_row in zip(scores, ids):
             hits = []
@@ -170,18 +198,39 @@ class Searcher:
             results.append(hits)
         return results
 
-    def search_images(self, images: Sequence[PILImage.Image], k: int = 5) -> list[list[Hit]]:
-        return self.search_vectors(embed_images(self.embedder, images), k)
+    def search_images(self, images: Sequence[PILImage.Image], k: int = 5, box: Box | None = None,
+                      result_filter: ResultFilter | None = None) -> list[list[Hit]]:
+        """Embed decoded images and search; ``box``: search with that region of each
+        (pixels of the image as given, or fractions)."""
+        if box is not None:
+            images = [box.crop(image) for image in images]
+        return self.search_vectors(embed_images(self.embedder, images), k, result_filter)
 
-    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 5) -> list[list[Hit]]:
+    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 5, box: Box | None = None,
+                     result_filter: ResultFilter | None = None) -> list[list[Hit]]:
         """Embed image files and search. An unreadable file raises ImageError naming it."""
-        images = [load_image(p, draft_size=self.embedder.config.resize_size) for p in paths]
-        return self.search_images(images, k)
+        # A region is cut from the full-size picture: a reduced (draft) JPEG decode
+        # would shift pixel coordinates and leave a small region too few pixels.
+        draft = None if box is not None else self.embedder.config.resize_size
+        images = [load_image(p, draft_size=draft) for p in paths]
+        return self.search_images(images, k, box, result_filter)
 
-    def search_ids(self, image_ids: Sequence[int], k: int = 5) -> list[list[Hit]]:
-        """Use indexed images as queries (their stored vectors; no model needed)."""
+    def search_ids(self, image_ids: Sequence[int], k: int = 5, box: Box | None = None,
+                   result_filter: ResultFilter | None = None) -> list[list[Hit]]:
+        """Use indexed images as queries: their stored vectors (no model needed), or
+        with a ``box``, that region of their files (embedded)."""
         import numpy as np
 
-        for image_id in image_ids:
-            self.row(image_id)  # unknown id -> CbirError naming it
-        return self.search_vectors(self.backend.vectors(np.asarray(image_ids, dtype=np.int64)), k)
+        rows = [self.row(image_id) for image_id in image_ids]  # unknown id -> CbirError naming it
+        if box is not None:
+            return self.search_paths([r.path for r in rows], k, box, result_filter)
+        return self.search_vectors(self.backend.vectors(np.asarray(image_ids, dtype=np.int64)), k, result_filter)
+
+    def id_of_path(self, path: str | os.PathLike[str]) -> int:
+        """The id of an indexed file, by its path (any spelling of it)."""
+        key = normalise_path(path)
+        for row in self.rows:
+            if row.path == key:
+                return row.id
+        raise CbirError(f"{display_path(path)}: not in the index {self.store.root} (index it first, or query "
+                        "with the image itself)")

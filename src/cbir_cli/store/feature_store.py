@@ -14,13 +14,11 @@ never served.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,24 +29,18 @@ from .manifest import (
     INDEX_DIR,
     MANIFEST,
     SHARDS_DIR,
-    STAGING_DIR,
+    Row,
     check_fingerprint,
     parse_manifest,
+    parse_rows,
     read_manifest,
+    write_identity,
 )
+from .staging import remove_empty_runs, staged_leftovers
+from .validity import invalid_rows
 
 if TYPE_CHECKING:
     import numpy as np
-
-
-@dataclass(frozen=True)
-class Row:
-    """One stored image: a stable integer id (never reused), its path and content hash."""
-
-    id: int
-    path: str
-    sha256: str
-    size: int
 
 
 class FeatureStore:
@@ -64,6 +56,8 @@ class FeatureStore:
         self._rows_cache: dict[str, list[Row]] = {}
         # The staging folder of the run writing now (:mod:`.staging`): not a leftover.
         self.active_staging: Path | None = None
+        # Shards whose checksum was verified by a full read in this process.
+        self.verified: set[str] = set()
 
     # -- opening -----------------------------------------------------------
 
@@ -208,8 +202,8 @@ class FeatureStore:
                 data = path.read_bytes()
                 if "rows_sha256" in shard and bytes_sha256(data) != shard["rows_sha256"]:
                     raise ValueError("checksum mismatch, damaged or replaced")
-                rows = [Row(**r) for r in json.loads(data.decode("ascii"))]
-            except (OSError, ValueError, TypeError) as exc:
+                rows = parse_rows(data)
+            except (OSError, ValueError) as exc:
                 raise CorruptStoreError(f"{path}: unreadable ({exc})") from None
             if len(rows) != shard["rows"]:
                 raise CorruptStoreError(f"{path}: {len(rows)} rows, manifest says {shard['rows']}")
@@ -243,12 +237,14 @@ class FeatureStore:
                 if bytes_sha256(data) != shard["sha256"]:
                     raise ValueError("checksum mismatch, damaged or replaced")
                 arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise CorruptStoreError(f"{path}: unreadable shard ({exc})") from None
         if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape != (shard["rows"], self.dim):
             raise CorruptStoreError(
                 f"{path}: shard has shape {arr.shape} {arr.dtype}, manifest says ({shard['rows']}, {self.dim}) float32"
             )
+        if not mmap:
+            self.verified.add(shard["name"])
         return arr
 
     def load_vectors(self, mmap: bool = False) -> np.ndarray:
@@ -268,7 +264,11 @@ class FeatureStore:
         return np.concatenate(parts, axis=0) if len(parts) > 1 else np.array(parts[0])
 
     def vectors_for(self, rows: Iterable[Row]) -> dict[int, np.ndarray]:
-        """Vectors of specific live rows by id (used to reuse a moved file's vector)."""
+        """Vectors of specific live rows by id, to reuse for a moved or copied file.
+
+        Only from shards whose checksum was verified in this process (read in full
+        now if not yet), and only valid vectors (:mod:`.validity`): a row missing from
+        the answer must be embedded again. A damaged shard is never a source."""
         import numpy as np
 
         wanted = {r.id for r in rows}
@@ -276,10 +276,16 @@ class FeatureStore:
         for shard in self.manifest["shards"]:
             ids = [r.id for r in self.shard_rows(shard)]
             hits = [i for i, rid in enumerate(ids) if rid in wanted]
-            if hits:
-                arr = self.read_shard(shard, mmap=True)
-                for i in hits:
-                    out[ids[i]] = np.array(arr[i])
+            if not hits:
+                continue
+            try:
+                arr = self.read_shard(shard, mmap=shard["name"] in self.verified)
+            except CorruptStoreError:
+                continue
+            picked = np.array(arr[hits], dtype=np.float32)
+            for i, vector, bad in zip(hits, picked, invalid_rows(picked)):
+                if not bad:
+                    out[ids[i]] = vector
         return out
 
     # -- writing -----------------------------------------------------------
@@ -293,6 +299,11 @@ class FeatureStore:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(items), self.dim):
             raise ValueError(f"vectors shape {vectors.shape} does not match {len(items)} rows of dim {self.dim}")
+        if invalid_rows(vectors).any():
+            # Every writer comes through here (or staging.write_part, which refuses
+            # the same): nothing can store a vector that would poison searches (see
+            # .validity); the transaction filters them out first.
+            raise ValueError(f"refusing to store {int(invalid_rows(vectors).sum())} invalid vector(s)")
         name = self.next_shard_name()
         data = npy_bytes(vectors)
         self.shards_dir.mkdir(parents=True, exist_ok=True)
@@ -305,9 +316,8 @@ class FeatureStore:
 
     def register_shard(self, name: str, items: Sequence[tuple[str, str, int]], sha256: str,
                        nbytes: int) -> list[Row]:
-        """Give ``items`` ids, write the rows file beside ``shards/<name>.npy`` (of the
-        given sha256 and size) and add the shard to the manifest. The manifest changes
-        in one assignment at the end: a Ctrl-C in here cannot register a shard twice."""
+        """Give ``items`` ids, write the rows file beside ``shards/<name>.npy`` (of that
+        sha256 and size), add the shard to the manifest (in one assignment, at the end)."""
         if name != self.next_shard_name() or len({path for path, _, _ in items}) != len(items):
             raise ValueError(f"shard {name}: not the next shard, or holds the same path twice")
         first_id = int(self.manifest["next_id"])
@@ -377,6 +387,7 @@ class FeatureStore:
         }
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / MANIFEST, manifest)
+        write_identity(self.root, manifest)
         self.manifest = manifest
         self._committed = copy.deepcopy(manifest)
         self.collect_garbage()
@@ -397,13 +408,8 @@ class FeatureStore:
         for folder in (self.root, self.root / INDEX_DIR):
             if folder.is_dir():
                 out.extend(p for p in folder.iterdir() if p.name.startswith(".") and TMP_MARK in p.name)
-        for run in self._staging_runs():
-            out.extend(run.iterdir() if run.is_dir() else [run])
+        out.extend(staged_leftovers(self.root, self.active_staging))
         return sorted(out)
-
-    def _staging_runs(self) -> list[Path]:
-        staging = self.root / STAGING_DIR
-        return [p for p in staging.iterdir() if p != self.active_staging] if staging.is_dir() else []
 
     def collect_garbage(self) -> list[Path]:
         """Delete :meth:`leftover_files` (only writers, holding the lock, call this)."""
@@ -414,9 +420,7 @@ class FeatureStore:
                 deleted.append(path)
             except OSError:
                 pass
-        for folder in [*self._staging_runs(), self.root / STAGING_DIR]:  # each only when empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty_runs(self.root, self.active_staging)
         live = {s["name"] for s in self.manifest["shards"]}
         for name in list(self._rows_cache):
             if name not in live:

@@ -1,5 +1,6 @@
 """Shards written elsewhere -- by the workers of a distributed executor -- and
-adopted into the store's next commit by the one writer that holds the lock.
+adopted into the store's next commit by the one writer that holds the lock
+(:mod:`.adoption`; this module is what workers and the garbage collector need).
 
 A run gets its own folder ``staging/run-<uuid>/`` inside the store (so on the
 same filesystem as ``shards/``, which every worker must reach). A worker writes a
@@ -25,16 +26,15 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptStoreError
-from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256, fsync_dir, npy_bytes
-from .feature_store import FeatureStore, Row
+from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256, npy_bytes
 from .manifest import STAGING_DIR
+from .validity import invalid_rows
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,6 +61,8 @@ def write_part(folder: str | os.PathLike[str], vectors: np.ndarray, items: Seque
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) != len(items):
         raise ValueError(f"vectors shape {vectors.shape} does not match {len(items)} rows")
+    if invalid_rows(vectors).any():  # the rule FeatureStore.add_shard enforces (see .validity)
+        raise ValueError(f"refusing to store {int(invalid_rows(vectors).sum())} invalid vector(s)")
     name = f"part-{uuid.uuid4().hex}"
     data = npy_bytes(vectors)
     folder = Path(folder)
@@ -80,48 +82,20 @@ def read_part(folder: Path, name: str) -> StagedPart:
         raise CorruptStoreError(f"{path}: unreadable staged part ({exc})") from None
 
 
-def adopt_part(store: FeatureStore, folder: Path, name: str) -> list[Row]:
-    """(Writer side, holding the lock.) Make the part ``name`` of run folder ``folder``
-    the store's next shard; durable at the next :meth:`FeatureStore.commit`."""
-    import numpy as np
-
-    part = read_part(folder, name)
-    source = folder / f"{name}.npy"
-    try:
-        size = source.stat().st_size
-        header = np.load(source, mmap_mode="r", allow_pickle=False)
-        shape, dtype = header.shape, header.dtype
-        del header
-    except (OSError, ValueError) as exc:
-        raise CorruptStoreError(f"{source}: unreadable staged part ({exc})") from None
-    if size != part.nbytes or dtype != np.float32 or shape != (len(part.items), store.dim):
-        raise CorruptStoreError(f"{source}: staged part is {size} bytes of {shape} {dtype}, its items file says "
-                                f"{part.nbytes} bytes of ({len(part.items)}, {store.dim}) float32")
-    shard = store.next_shard_name()
-    store.shards_dir.mkdir(parents=True, exist_ok=True)
-    os.replace(source, store.shards_dir / f"{shard}.npy")
-    fsync_dir(store.shards_dir)
-    rows = store.register_shard(shard, part.items, part.sha256, part.nbytes)
-    (folder / f"{name}{ITEMS_SUFFIX}").unlink(missing_ok=True)
-    return rows
+def _finished_runs(root: Path, active: Path | None) -> list[Path]:
+    staging = root / STAGING_DIR
+    return [p for p in staging.iterdir() if p != active] if staging.is_dir() else []
 
 
-@contextmanager
-def staging_run(store: FeatureStore) -> Iterator[Path]:
-    """A fresh run folder for workers to write parts into, protected from garbage
-    collection while it lasts and removed (with whatever was not adopted) at the end.
-    A killed run's folder stays behind as a leftover for the next commit."""
-    folder = store.root / STAGING_DIR / f"run-{uuid.uuid4().hex[:12]}"
-    folder.mkdir(parents=True)
-    store.active_staging = folder
-    try:
-        yield folder
-    finally:
-        store.active_staging = None
-        for path in folder.iterdir():
-            path.unlink(missing_ok=True)
-        folder.rmdir()
+def staged_leftovers(root: Path, active: Path | None) -> list[Path]:
+    """The files in run folders other than the ``active`` one (a killed run's)."""
+    return [path for run in _finished_runs(root, active) for path in (run.iterdir() if run.is_dir() else [run])]
+
+
+def remove_empty_runs(root: Path, active: Path | None) -> None:
+    """After garbage collection: remove emptied run folders, and ``staging/`` once empty."""
+    for folder in [*_finished_runs(root, active), root / STAGING_DIR]:
         try:
-            folder.parent.rmdir()
-        except OSError:  # other (leftover) runs are still there; the next commit collects them
+            folder.rmdir()
+        except OSError:  # not empty (or gone)
             pass
