@@ -22,6 +22,7 @@ from cbir_cli.errors import CbirError
 from cbir_cli.search.backends import backend_for
 from cbir_cli.search.check import check_index
 from cbir_cli.search.faiss_backend import FaissBackend
+from cbir_cli.search.protocol import SearchBackend
 from cbir_cli.search.searcher import Searcher
 from cbir_cli.store.feature_store import FeatureStore
 
@@ -80,8 +81,17 @@ def test_top10_of_50_queries_equal_exact_faiss_on_the_same_shards(tmp_path):
         np.testing.assert_allclose(scores[same, 0], truth_scores[same, 0], rtol=1e-4)  # IP = cosine
         assert backend.count == 2000 and backend.index_type == "HNSW"
         np.testing.assert_allclose(backend.vectors(np.array([7, 1999])), x[[7, 1999]], atol=1e-6)
-        # Fewer hits than k are padded like faiss does.
-        assert backend.search(queries[:1], 10)[1].shape == (1, 10)
+        assert isinstance(backend, SearchBackend)
+        # Range search (what dedup uses): the same sets as exact Faiss, best first.
+        lims, range_scores, range_ids = backend.range_search(queries[:10], 0.8)
+        truth_lims, _, truth_ids = exact.range_search(queries[:10], 0.8)
+        found = truth = 0
+        for q in range(10):
+            mine, theirs = range_ids[lims[q]:lims[q + 1]], truth_ids[truth_lims[q]:truth_lims[q + 1]]
+            found, truth = found + len(set(mine) & set(theirs)), truth + len(theirs)
+            assert set(mine) <= set(theirs)  # every score is exact: nothing below the threshold
+            assert list(range_scores[lims[q]:lims[q + 1]]) == sorted(range_scores[lims[q]:lims[q + 1]], reverse=True)
+        assert truth > 10 and found / truth >= 0.98, (found, truth)
     finally:
         backend.close()
 
