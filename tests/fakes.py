@@ -127,6 +127,10 @@ class CountingExecutor:
         self.hashed: list[str] = []
         self.embedded: list[str] = []
 
+    @property
+    def embeds_unhashed(self) -> bool:
+        return bool(self.inner.embeds_unhashed)
+
     def list_images(self, root: Path) -> list[Path]:
         return self.inner.list_images(root)
 
@@ -138,3 +142,29 @@ class CountingExecutor:
               on_failure: FailureCallback) -> int:
         self.embedded += [path for path, _, _ in items]
         return self.inner.embed(items, request, sink, on_failure)
+
+
+class CrashingEmbedder(FakeEmbedder):
+    """A :class:`FakeEmbedder` whose process dies (``os._exit``, as an OOM kill or a
+    segfault would) on its ``crash_at``-th batch: a worker killed mid-run."""
+
+    def __init__(self, crash_at: int) -> None:
+        super().__init__()
+        self.crash_at = crash_at
+
+    def embed(self, batch: Any) -> np.ndarray:
+        if self.batches + 1 >= self.crash_at:
+            import os
+
+            os._exit(1)
+        return super().embed(batch)
+
+
+class PoisonEmbedder(FakeEmbedder):
+    """A :class:`FakeEmbedder` whose vector is NaN for every image whose thumbnail
+    starts dark: a model that sometimes produces what the store must refuse."""
+
+    def embed(self, batch: Any) -> np.ndarray:
+        out = super().embed(batch)
+        out[np.asarray(batch, dtype=np.float32).reshape(len(batch), -1)[:, 0] < 0] = np.nan
+        return out

@@ -32,7 +32,8 @@ def test_every_implementation_satisfies_its_protocol(tiny_embedder):
         assert isinstance(embedder, Embedder), type(embedder)
     for backend in (FaissBackend(), FakeBackend()):
         assert isinstance(backend, SearchBackend), type(backend)
-    for executor in (LocalExecutor(ExtractOptions(workers=0)), CountingExecutor(None)):
+    local = LocalExecutor(ExtractOptions(workers=0))
+    for executor in (local, CountingExecutor(local)):
         assert isinstance(executor, Executor), type(executor)
     assert not isinstance(object(), Embedder) and not isinstance(object(), SearchBackend)
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import make_image
 
 from cbir_cli.imageio.readers import ImageFolderDataset, read_chunks
+from tests import fakes
 
 
 def child_pids(pid: int) -> list[int]:
@@ -82,26 +83,14 @@ def test_read_chunks_in_order_with_failures(tmp_path, workers):
 # -- the stat fast path in front of content hashing ---------------------------------
 
 
-class CountingExecutor:
-    """The local executor, counting the files it is asked to hash."""
+class CountingExecutor(fakes.CountingExecutor):
+    """The local executor (decoding in this process), counting the files it is asked to hash."""
 
     def __init__(self):
         from cbir_cli.pipeline.local import LocalExecutor
         from cbir_cli.pipeline.options import ExtractOptions
 
-        self.inner = LocalExecutor(ExtractOptions(workers=0))
-        self.name = "counting"
-        self.hashed: list[str] = []
-
-    def list_images(self, root):
-        return self.inner.list_images(root)
-
-    def hash_files(self, paths):
-        self.hashed += [str(p) for p in paths]
-        return self.inner.hash_files(paths)
-
-    def embed(self, *args):
-        return self.inner.embed(*args)
+        super().__init__(LocalExecutor(ExtractOptions(workers=0)))
 
 
 def settled(folder: Path, age: float = 100.0) -> None:

@@ -16,6 +16,7 @@ REMEDIES = {
     "build": "build an index first",
     "other-model": "use another index folder, the model and weights it was built with, or rebuild it",
     "weights-file": "or use a local state-dict file as the model's weights",
+    "rebuild-backend": "re-populate the search backend from the index's stored vectors",
 }
 
 

@@ -55,6 +55,7 @@ REMEDIES = {
     "build": "build one with `cbir index FOLDER`, or name an existing one with --index DIR",
     "other-model": "use another --index/--out folder, the same --model/--weights as before, or --rebuild",
     "weights-file": "or pass a local state dict with --weights FILE",
+    "rebuild-backend": "repair with `cbir index --rebuild-backend` (no re-embedding)",
 }
 
 

@@ -35,11 +35,24 @@ from .common import (
     stderr,
     warn_skip,
 )
+from .scaling import (
+    LOCAL_ENGINE,
+    BackendOpt,
+    EngineOpt,
+    MilvusCollectionOpt,
+    MilvusUriOpt,
+    RayActorsOpt,
+    RayAddressOpt,
+    RebuildBackendOpt,
+    backend_choice,
+    executor_for,
+)
 
 
 @app.command("index")
 def index_cmd(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    folder: Annotated[Optional[Path], typer.Argument(help="Folder of images (searched recursively).",
+                                                     show_default=False)] = None,
     index_dir: IndexDirOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m",
                                                  help="Model name (see `cbir models`). Default: the existing "
@@ -62,19 +75,38 @@ def index_cmd(
     runtime: RuntimeOpt = AUTO_RUNTIME,
     decode: DecodeOpt = AUTO_DECODE,
     precision: PrecisionOpt = AUTO_PRECISION,
+    engine: EngineOpt = LOCAL_ENGINE,
+    ray_address: RayAddressOpt = "auto",
+    ray_actors: RayActorsOpt = None,
+    backend: BackendOpt = None,
+    milvus_uri: MilvusUriOpt = None,
+    milvus_collection: MilvusCollectionOpt = None,
+    rebuild_backend: RebuildBackendOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
+    if folder is None and not rebuild_backend:
+        raise typer.BadParameter("missing FOLDER (only --rebuild-backend runs without one)", param_hint="FOLDER")
+    spec = backend_choice(backend, milvus_uri, milvus_collection)
     with cli_errors():
         from ..pipeline.sync import index_folder
         from ..resolve import resolve_index_dir
 
         target = resolve_index_dir(index_dir)
+        kind = index_type.value if index_type else None
+        if folder is None:
+            from ..search.backends import rebuild_backend as rebuild_search_backend
+
+            store = rebuild_search_backend(target, kind, spec)
+            stderr().print(f"re-populated the search backend of {target} from its {store.count} stored vectors",
+                           markup=False)
+            return
         options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
                                   runtime=runtime, decode=decode, precision=precision)
-        summary = index_folder(folder, target, model, weights, options,
-                               index_type=index_type.value if index_type else None, rebuild=rebuild,
-                               on_skip=warn_skip, on_notice=notice)
+        with executor_for(engine, ray_address, ray_actors, options) as executor:
+            summary = index_folder(folder, target, model, weights, options, index_type=kind, rebuild=rebuild,
+                                   on_skip=warn_skip, on_notice=notice, executor=executor, backend=spec,
+                                   rebuild_backend=rebuild_backend)
         print_summary(summary, target, as_json, "indexed")
 
 
@@ -95,16 +127,20 @@ def extract_cmd(
     runtime: RuntimeOpt = AUTO_RUNTIME,
     decode: DecodeOpt = AUTO_DECODE,
     precision: PrecisionOpt = AUTO_PRECISION,
+    engine: EngineOpt = LOCAL_ENGINE,
+    ray_address: RayAddressOpt = "auto",
+    ray_actors: RayActorsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
     with cli_errors():
         from ..pipeline.sync import extract_folder
 
-        summary = extract_folder(folder, out, model, weights, extract_options(batch_size, workers, shard_size, device,
-                                                                      progress=show_progress(as_json), runtime=runtime,
-                                                                      decode=decode, precision=precision),
-                                 on_skip=warn_skip, on_notice=notice)
+        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
+                                  runtime=runtime, decode=decode, precision=precision)
+        with executor_for(engine, ray_address, ray_actors, options) as executor:
+            summary = extract_folder(folder, out, model, weights, options, on_skip=warn_skip, on_notice=notice,
+                                     executor=executor)
         print_summary(summary, out, as_json, "extracted")
 
 
@@ -143,7 +179,8 @@ def check_cmd(
             if report.ok:
                 err.print(f"ok {report.index}: {report.count} images in {report.shards} shards, model "
                           f"{report.model} (dim {report.dim}), generation {report.generation}, "
-                          f"search index {report.search_index}", markup=False)
+                          f"search index {report.search_index}"
+                          f"{'' if report.backend == 'faiss' else f' ({report.backend})'}", markup=False)
             else:
                 err.print(f"{len(report.problems)} problem(s) in {report.index}; {repair}", markup=False)
         if not report.ok:

@@ -53,23 +53,39 @@ def is_under(path: str, folders: list[str]) -> bool:
     return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
 
 
+def image_folder(root: str | os.PathLike[str]) -> Path:
+    """``root`` (user-expanded), checked to be an existing folder: a missing folder or
+    a file instead of a folder is a :class:`CbirError` naming it."""
+    root_path = Path(root).expanduser()
+    if not root_path.exists():
+        raise CbirError(f"{display_path(root_path)}: folder does not exist")
+    if not root_path.is_dir():
+        raise CbirError(f"{display_path(root_path)}: not a folder")
+    return root_path
+
+
+def listing_error(root_path: Path, files: list[Path], unreadable: list[tuple[str, str]]) -> CbirError | None:
+    """What makes a listing of ``root_path`` a failure: the folder itself could not be
+    read, or it holds no image (and nothing unreadable that might)."""
+    if unreadable and unreadable[0][0] == str(root_path.resolve()):
+        return CbirError(f"{display_path(root_path)}: cannot read the folder ({unreadable[0][1]})")
+    if not files and not unreadable:
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        return CbirError(f"{display_path(root_path)}: no image files found (looked for {exts})")
+    return None
+
+
 def list_images(root: str | os.PathLike[str]) -> ImageList:
     """All image files below ``root``, sorted, under the resolved root (absolute, no
     ``..``, no symlinked folders: the form the store keeps, see
     :func:`cbir_cli.paths.normalise_path`), with the sub-folders that could not be
     read (:class:`ImageList`). A missing folder, a file instead of a folder, an
     unreadable folder or a folder with no images is a :class:`CbirError`."""
-    root_path = Path(root).expanduser()
-    if not root_path.exists():
-        raise CbirError(f"{display_path(root_path)}: folder does not exist")
-    if not root_path.is_dir():
-        raise CbirError(f"{display_path(root_path)}: not a folder")
+    root_path = image_folder(root)
     unreadable: list[tuple[str, str]] = []
     files = ImageList(iter_image_files(root_path.resolve(), unreadable))
     files.unreadable = unreadable
-    if unreadable and unreadable[0][0] == str(root_path.resolve()):
-        raise CbirError(f"{display_path(root_path)}: cannot read the folder ({unreadable[0][1]})")
-    if not files and not unreadable:
-        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise CbirError(f"{display_path(root_path)}: no image files found (looked for {exts})")
+    error = listing_error(root_path, files, unreadable)
+    if error is not None:
+        raise error
     return files

@@ -128,10 +128,10 @@ def _move_one(move: Move) -> str | None:
 def apply_moves(plan: MovePlan, index_dir: str | os.PathLike[str], backend: SearchBackend | None = None,
                 on_move: MoveCallback | None = None) -> MovePlan:
     """Move what ``plan`` says and drop the moved images from the index in one
-    commit, then refresh its saved search index (``backend``: default Faiss).
+    commit, then refresh its search backend (``backend``: default the one the index records).
     Refused when the index changed since the plan was made. Files that cannot be
     moved are added to ``plan.skipped`` with the reason; the plan is returned."""
-    from ..search.faiss_backend import FaissBackend
+    from ..search.backends import refresh_backend
 
     with write_transaction(index_dir, noun="removals") as txn:
         existing = txn.existing
@@ -155,5 +155,8 @@ def apply_moves(plan: MovePlan, index_dir: str | os.PathLike[str], backend: Sear
             txn.remove_paths([m.source for m in plan.moved])
         txn.commit()
         if plan.moved:
-            (backend if backend is not None else FaissBackend()).refresh(store, None)
+            if backend is not None:
+                backend.refresh(store, None)
+            else:
+                refresh_backend(store, None)
     return plan

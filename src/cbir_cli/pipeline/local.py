@@ -114,6 +114,7 @@ class LocalExecutor:
     """The :class:`~cbir_cli.pipeline.executor.Executor` on this machine (see the module docstring)."""
 
     name = "local"
+    embeds_unhashed = True
 
     def __init__(self, options: ExtractOptions) -> None:
         self.options = options

@@ -15,6 +15,8 @@ from ..store.transaction import DEFAULT_SHARD_SIZE
 # decode_jpeg on the model's device, nvJPEG on CUDA) or auto (gpu when the model runs
 # on CUDA). See cbir_cli.pipeline.local.resolve_decode.
 DECODE_CHOICES = ("auto", "cpu", "gpu")
+# Executors: this machine (pipeline.local), or a Ray cluster (pipeline.ray_executor).
+ENGINES = ("local", "ray")
 
 
 def default_workers() -> int:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..models.protocol import Embedder
+    from ..search.backends import BackendSpec
 
 SkipCallback = Callable[[str, str], None]
 NoticeCallback = Callable[[str], None]
@@ -114,7 +115,7 @@ def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | 
     stat_cache = StatCache.load(txn.root, trusted=not txn.rebuild)
     hashed = stat_cache.hash_files(files, executor.hash_files)
     hashes = None
-    if holds_nothing(txn.store):
+    if holds_nothing(txn.store) and executor.embeds_unhashed:
         plan, hashes = plan_fresh(files, hashed)
     else:
         plan = plan_sync(txn.store, root, hashed)
@@ -164,7 +165,8 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
                  weights: str | os.PathLike[str] | None, options: ExtractOptions | None,
                  embedder: Embedder | None, on_skip: SkipCallback | None, on_notice: NoticeCallback | None,
                  rebuild: bool, executor: Executor | None,
-                 after_commit: Callable[[FeatureStore], None] | None = None) -> ExtractSummary:
+                 after_commit: Callable[[FeatureStore], None] | None = None,
+                 on_begin: Callable[[FeatureStore], None] | None = None) -> ExtractSummary:
     options = options or ExtractOptions()
     executor = executor or LocalExecutor(options)
     started = time.perf_counter()
@@ -198,6 +200,8 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
         for repair in txn.repairs:
             if on_notice:
                 on_notice(f"repaired: {repair}")
+        if on_begin is not None:
+            on_begin(store)
         if request.weights is not None:
             store.manifest["weights_path"] = str(Path(request.weights).expanduser().absolute())
         sync_files(txn, root_path, files, request, executor, summary, skip)
@@ -235,19 +239,28 @@ def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str]
                  model: str | None = None, weights: str | os.PathLike[str] | None = None,
                  options: ExtractOptions | None = None, index_type: str | None = None, rebuild: bool = False,
                  embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
-                 on_notice: NoticeCallback | None = None, executor: Executor | None = None) -> ExtractSummary:
-    """``cbir index``: :func:`sync_folder`, then bring the search index up to date with
-    the committed store, all in one write transaction. ``index_type``: see
+                 on_notice: NoticeCallback | None = None, executor: Executor | None = None,
+                 backend: BackendSpec | None = None, rebuild_backend: bool = False) -> ExtractSummary:
+    """``cbir index``: :func:`sync_folder`, then bring the search backend up to date
+    with the committed store, all in one write transaction. ``index_type``: see
     :data:`cbir_cli.search.faiss_backend.INDEX_TYPES`; default: the saved index's
-    type, else auto."""
-    from ..search.faiss_backend import FaissBackend, resolve_index_type
+    type, else auto. ``backend``: the search backend to use from now on (recorded
+    in the index; default: the recorded one, else Faiss); it is checked before any
+    work, so an unreachable or incompatible one writes nothing. ``rebuild_backend``:
+    re-populate it from the shards instead of updating it."""
+    from ..search.backends import check_target, choose_spec, record_spec, refresh_backend
+    from ..search.faiss_backend import resolve_index_type
 
-    if index_type is not None:
+    if index_type is not None and (backend is None or backend.name == "faiss"):
         resolve_index_type(index_type, 0)  # validate before any work
 
+    def begin(store: FeatureStore) -> None:
+        spec = choose_spec(backend, index_type, store)
+        check_target(spec, store)
+        record_spec(store, spec)
+
     def refresh(store: FeatureStore) -> None:
-        FaissBackend().refresh(store, index_type)
+        refresh_backend(store, index_type, rebuild=rebuild_backend)
 
     return _sync_folder(root, resolve_index_dir(index_dir), model, weights, options, embedder, on_skip, on_notice,
-                        rebuild, executor, after_commit=refresh)
-
+                        rebuild, executor, after_commit=refresh, on_begin=begin)

@@ -4,9 +4,11 @@ The store's shards are the source of truth; a backend is derived data that can
 always be rebuilt from them. Every backend answers in store row ids (stable
 integers, never reused), so callers never depend on an engine's internal order.
 :class:`~cbir_cli.search.searcher.Searcher`, ``cbir query``, ``cbir serve`` and
-``cbir evaluate`` talk to this protocol only. Implementations:
-:class:`~cbir_cli.search.faiss_backend.FaissBackend` (embedded, the default);
-tests add a numpy fake.
+``cbir evaluate`` talk to this protocol only; :mod:`.backends` makes the one a
+store's manifest records. Implementations:
+:class:`~cbir_cli.search.faiss_backend.FaissBackend` (embedded, the default),
+:class:`~cbir_cli.search.milvus_backend.MilvusBackend` (Milvus Lite or a Milvus
+server); tests add a numpy fake.
 
 Array contract (as faiss): float32 (n, d) queries in; ``(scores, ids)`` out, each
 (nq, k), scores are inner products (= cosine for unit vectors), best first,
@@ -32,6 +34,8 @@ class BackendCheck:
     state: str = "missing"  # current | stale | missing
     problems: list[str] = field(default_factory=list)  # damage: the index must be rebuilt
     notes: list[str] = field(default_factory=list)  # worth knowing, harmless
+    # The remedy key (cbir_cli.errors.REMEDIES) for ``problems``; None: rebuild the index.
+    repair: str | None = None
 
 
 @runtime_checkable

@@ -20,7 +20,8 @@ from ..store.feature_store import FeatureStore
 from ..store.locking import writer_lock
 from ..store.manifest import inspect_manifest, read_identity, shard_files
 from ..store.repair import Recovery, drop_damaged_shards, recover_manifest
-from .faiss_backend import FaissBackend, index_paths
+from .backends import backend_for, opened
+from .faiss_backend import index_paths
 
 
 @dataclass
@@ -67,7 +68,8 @@ def repair_index(index_dir: str | os.PathLike[str]) -> RepairReport:
         if leftovers:
             report.repairs.append(f"deleted {len(leftovers)} leftover file(s) of interrupted runs")
         if store.count:
-            backend = FaissBackend()
-            if backend.refresh(store):
-                report.repairs.append(f"{index_paths(store)[0]}: rebuilt the search index from the shards")
+            with opened(backend_for(store)) as backend:
+                if backend.refresh(store):
+                    where = index_paths(store)[0] if backend.name == "faiss" else f"the {backend.name} backend"
+                    report.repairs.append(f"{where}: rebuilt the search index from the shards")
     return report

@@ -24,7 +24,7 @@ from ..resolve import resolve_index_dir
 from ..store.feature_store import FeatureStore, Row
 from ..store.manifest import check_fingerprint
 from ..store.vectors import RowTable, row_table
-from .faiss_backend import FaissBackend
+from .backends import backend_for
 from .filters import ResultFilter, filtered_search
 
 if TYPE_CHECKING:
@@ -50,10 +50,11 @@ class Hit:
 
 
 def open_backend(store: FeatureStore, backend: SearchBackend | None = None) -> SearchBackend:
-    """The store's search backend (default: Faiss), loaded if saved for the current
+    """The store's search backend (default: the one its manifest records, see
+    :func:`~cbir_cli.search.backends.backend_for`), loaded if saved for the current
     generation, else an exact one built in memory from the committed shards (a
     reader never writes)."""
-    backend = backend if backend is not None else FaissBackend()
+    backend = backend if backend is not None else backend_for(store)
     if not backend.load(store):
         backend.build(store, "flat", persist=False)
     return backend

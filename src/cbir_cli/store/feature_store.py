@@ -36,6 +36,7 @@ from .manifest import (
     read_manifest,
     write_identity,
 )
+from .staging import remove_empty_runs, staged_leftovers
 from .validity import invalid_rows
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class FeatureStore:
         # so a re-run that changes nothing keeps the generation (and the saved index).
         self._committed: dict[str, Any] | None = copy.deepcopy(manifest)
         self._rows_cache: dict[str, list[Row]] = {}
+        # The staging folder of the run writing now (:mod:`.staging`): not a leftover.
+        self.active_staging: Path | None = None
         # Shards whose checksum was verified by a full read in this process.
         self.verified: set[str] = set()
 
@@ -293,33 +296,40 @@ class FeatureStore:
     def add_shard(self, vectors: np.ndarray, items: Sequence[tuple[str, str, int]]) -> list[Row]:
         """Write a new shard for ``items`` = (path, sha256, size), rows aligned with
         ``vectors``. Live rows with the same paths are tombstoned (replaced). The change
-        is durable only after :meth:`commit`.
-
-        The in-memory manifest changes in one assignment at the end, so a Ctrl-C
-        (KeyboardInterrupt) anywhere in here leaves it as it was and a retry cannot
-        register the shard twice."""
+        is durable only after :meth:`commit`."""
         import numpy as np
 
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(items), self.dim):
             raise ValueError(f"vectors shape {vectors.shape} does not match {len(items)} rows of dim {self.dim}")
         if invalid_rows(vectors).any():
-            # Every writer comes through here: nothing can store a vector that would
-            # poison searches (see .validity); the transaction filters them out first.
+            # Every writer comes through here (or staging.write_part, which refuses
+            # the same): nothing can store a vector that would poison searches (see
+            # .validity); the transaction filters them out first.
             raise ValueError(f"refusing to store {int(invalid_rows(vectors).sum())} invalid vector(s)")
-        if len({path for path, _, _ in items}) != len(items):
-            raise ValueError("a shard cannot hold the same path twice")
-        name = f"shard-{self.manifest['next_shard']:06d}"
-        first_id = int(self.manifest["next_id"])
-        rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
+        name = self.next_shard_name()
         data = npy_bytes(vectors)
-        rows_data = json_bytes([asdict(r) for r in rows])
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.shards_dir / f"{name}.npy", data)
+        return self.register_shard(name, items, bytes_sha256(data), len(data))
+
+    def next_shard_name(self) -> str:
+        """The name the next shard gets (its files: :meth:`shard_paths`)."""
+        return f"shard-{self.manifest['next_shard']:06d}"
+
+    def register_shard(self, name: str, items: Sequence[tuple[str, str, int]], sha256: str,
+                       nbytes: int) -> list[Row]:
+        """Give ``items`` ids, write the rows file beside ``shards/<name>.npy`` (of that
+        sha256 and size), add the shard to the manifest (in one assignment, at the end)."""
+        if name != self.next_shard_name() or len({path for path, _, _ in items}) != len(items):
+            raise ValueError(f"shard {name}: not the next shard, or holds the same path twice")
+        first_id = int(self.manifest["next_id"])
+        rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
+        rows_data = json_bytes([asdict(r) for r in rows])
         atomic_write_bytes(self.shards_dir / f"{name}.rows.json", rows_data)
         self._rows_cache[name] = rows
         shards, _ = self._without_paths({r.path for r in rows})
-        shard = {"name": name, "rows": len(rows), "sha256": bytes_sha256(data), "bytes": len(data),
+        shard = {"name": name, "rows": len(rows), "sha256": sha256, "bytes": nbytes,
                  "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": []}
         skipped = {p: v for p, v in self.manifest["skipped"].items() if p not in {r.path for r in rows}}
         self.manifest = {**self.manifest, "shards": [*shards, shard], "next_shard": self.manifest["next_shard"] + 1,
@@ -388,7 +398,8 @@ class FeatureStore:
 
     def leftover_files(self) -> list[Path]:
         """Files the committed manifest does not name: shards of an interrupted or
-        dropped write, and temporaries of an interrupted atomic write. Harmless
+        dropped write, temporaries of an interrupted atomic write, and staged worker
+        shards of a run that is not this writer's :attr:`active_staging`. Harmless
         (never read) and removed by the next commit."""
         live = {s["name"] for s in self.manifest["shards"]}
         out = []
@@ -400,6 +411,7 @@ class FeatureStore:
         for folder in (self.root, self.root / INDEX_DIR):
             if folder.is_dir():
                 out.extend(p for p in folder.iterdir() if p.name.startswith(".") and TMP_MARK in p.name)
+        out.extend(staged_leftovers(self.root, self.active_staging))
         return sorted(out)
 
     def collect_garbage(self) -> list[Path]:
@@ -411,6 +423,7 @@ class FeatureStore:
                 deleted.append(path)
             except OSError:
                 pass
+        remove_empty_runs(self.root, self.active_staging)
         live = {s["name"] for s in self.manifest["shards"]}
         for name in list(self._rows_cache):
             if name not in live:

@@ -11,6 +11,7 @@ Layout of a store (index) folder::
     shards/shard-000001.npy       # float32 (n, dim)
     shards/shard-000001.rows.json # the n rows, same order: id, path, sha256, size
     index/index.faiss, index.json # the saved search index (derived from the shards)
+    staging/run-*/part-*.npy      # shards written by distributed workers, not yet adopted
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ IDENTITY = "store.json"
 LOCK_NAME = ".lock"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
+STAGING_DIR = "staging"
 ROW_KEYS = {"id": int, "path": str, "sha256": str, "size": int}
 
 

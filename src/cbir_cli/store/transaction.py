@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError, Interrupted
+from .adoption import adopt_part, staging_run
 from .feature_store import FeatureStore
 from .locking import writer_lock
 from .manifest import IDENTITY, INDEX_DIR, MANIFEST, SHARDS_DIR, lost_manifest
@@ -39,7 +40,8 @@ Item = tuple[str, str, int]  # (path, sha256, size) of one image
 
 class WriteTransaction:
     """A writer's session on one store; see the module docstring. Implements the
-    pipeline's vector sink (:meth:`add`)."""
+    pipeline's vector sink (:meth:`add`; :meth:`staging` + :meth:`adopt` for shards
+    that distributed workers write themselves)."""
 
     def __init__(self, root: Path, rebuild: bool, shard_size: int) -> None:
         if shard_size < 1:
@@ -136,6 +138,22 @@ class WriteTransaction:
 
     def remove_paths(self, paths: Sequence[str]) -> int:
         return self.store.remove_paths(paths)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A run folder inside the store for workers to write parts into (see
+        :mod:`.staging`); removed when the block ends."""
+        with staging_run(self.store) as folder:
+            yield folder
+
+    def adopt(self, folder: Path, name: str) -> int:
+        """Make a part that a worker wrote into ``folder`` a shard of the store and
+        (unless rebuilding) commit; returns its rows."""
+        rows = adopt_part(self.store, folder, name)
+        self.written += len(rows)
+        if not self.rebuild:
+            self.store.commit()
+        return len(rows)
 
     def flush(self) -> None:
         """Write what is buffered as a shard and, unless rebuilding, commit."""
