@@ -11,7 +11,7 @@ For every (runtime, decode, workers) combination it prints:
 * model img/s   - ``embed`` on pre-made uint8 batches (no decoding at all);
 * pipeline img/s - ``sync_folder`` into a fresh temporary store: list + hash files,
   JPEG decode + resize/crop, model, shard writes. ``--decode cpu``: Pillow (draft
-  mode) in the DataLoader workers; ``--decode gpu``: workers only read the files,
+  mode) in the decoding worker processes; ``--decode gpu``: workers only read the files,
   the main process decodes them with torchvision's ``decode_jpeg`` on the model's
   device and resizes/crops there (on a CPU model: torchvision's libjpeg, in the
   main process);
@@ -31,10 +31,14 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "oxford17flowers"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/gpu_parts.py
+# ../shared next to the checkout, or $CBIR_SHARED (as the tests find it).
+SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
+DEFAULT_DATA = SHARED / "oxford17flowers"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,16 +50,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights (no download needed; speed is the same)")
-    p.add_argument("--runtime", default="torch,onnx", help="comma list of torch, onnx")
-    p.add_argument("--workers", default="1", help="comma list of DataLoader decode worker counts")
+    p.add_argument("--runtime", default="torch,onnx",
+                   help="comma list of torch, onnx, int8 (ONNX Runtime int8, calibrated on the images as "
+                        "`cbir index --precision int8` does)")
+    p.add_argument("--workers", default="1", help="comma list of decoding worker process counts")
     p.add_argument("--decode", default="cpu", help="comma list of cpu, gpu (where JPEGs are decoded; ExtractOptions)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--repeat", type=int, default=2, help="best of R interleaved runs per row")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch / ORT intra-op threads")
     p.add_argument("--gpu-decode", action="store_true",
-                   help="also time the bare GPU decode_jpeg prototype (CUDA only; no store written), a "
-                        "reference for --decode gpu")
+                   help="CUDA only: also time bare batched decode_jpeg and the in-memory decode -> resize -> "
+                        "model loops (per-image and batched resize; no files, no store), references for "
+                        "--decode gpu")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA only: one --decode gpu pass with per-stage wall times and torch.profiler's top ops")
     p.add_argument("--decode-check", action="store_true",
                    help="also time single-process decode+preprocess with and without Pillow draft mode")
     return p.parse_args(argv)
@@ -133,17 +142,31 @@ def load_torch_embedder(args: argparse.Namespace):
     return TorchEmbedder(config, module.eval(), "random-bench", device)
 
 
-def make_embedder(runtime: str, torch_embedder, scratch: Path, threads: int):
+def make_embedder(runtime: str, torch_embedder, scratch: Path, threads: int, folder: Path):
     if runtime == "torch":
         return torch_embedder
     from cbir_cli.models.onnx_embedder import OnnxEmbedder
 
     # Random-weight exports go to the scratch folder, never the user's cache.
     cache = scratch / "onnx" if torch_embedder.weights_id == "random-bench" else None
-    return OnnxEmbedder.from_torch(torch_embedder, cache_dir=cache, threads=threads)
+    fp32 = OnnxEmbedder.from_torch(torch_embedder, cache_dir=cache, threads=threads)
+    if runtime == "onnx":
+        return fp32
+    from cbir_cli.imageio.files import list_images
+    from cbir_cli.models.quantize import quantize_onnx, quantized_path, sample_calibration
+    from cbir_cli.pipeline.local import LocalExecutor
+    from cbir_cli.pipeline.options import ExtractOptions
+
+    calibration = sample_calibration(list_images(folder), LocalExecutor(ExtractOptions(workers=0)).hash_files)
+    path = quantized_path(fp32.model_path, calibration)
+    if not path.is_file():
+        quantize_onnx(fp32.model_path, path, calibration, fp32.config, fp32.preprocess)
+    return OnnxEmbedder(fp32.config, fp32.weights_id, path, threads=threads, calibration=calibration)
 
 
-def model_only_rate(embedder, n_images: int, batch_size: int) -> float:
+def model_only_rate(embedder, n_images: int, batch_size: int) -> tuple[float, float]:
+    """(img/s, CPU core-ms per image) of ``embed`` alone on pre-made uint8 batches.
+    Core-ms is this process's CPU time (all its threads: ORT's, torch's)."""
     import torch
 
     size = embedder.config.input_size
@@ -153,25 +176,50 @@ def model_only_rate(embedder, n_images: int, batch_size: int) -> float:
         batch = batch.pin_memory()
     embedder.embed(batch)  # warm-up (allocations, cudnn/oneDNN kernel choice)
     batches = max(1, round(n_images / batch_size))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(batches):
         embedder.embed(batch)
-    return batches * batch_size / (time.perf_counter() - started)
+    images = batches * batch_size
+    return images / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / images
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the decoding workers)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def pipeline_rate(embedder, folder: Path, store_dir: Path, workers: int, batch_size: int, device: str,
-                  decode: str = "cpu") -> float:
+                  decode: str = "cpu") -> tuple[float, float]:
+    """(img/s, CPU core-ms per image, workers included) of ``sync_folder`` into a fresh store."""
     from cbir_cli.pipeline.options import ExtractOptions
     from cbir_cli.pipeline.sync import sync_folder
 
     shutil.rmtree(store_dir, ignore_errors=True)
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, decode=decode)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     summary = sync_folder(folder, store_dir, embedder=embedder, options=options)
     seconds = time.perf_counter() - started
     if summary.embedded != summary.files:
         print(f"  note: {summary.files - summary.embedded} files not embedded ({summary.skipped} skipped)")
-    return summary.embedded / seconds
+    return summary.embedded / seconds, (cpu_seconds() - cpu_started) * 1000 / max(1, summary.embedded)
+
+
+def decode_core_ms(embedder, folder: Path, limit: int = 200) -> float:
+    """CPU core-ms per image of what a decoding worker does for one file (read,
+    decode with draft, EXIF, preprocess), in this process, best of 2 passes."""
+    from cbir_cli.imageio.files import list_images
+    from cbir_cli.imageio.readers import ImageFolderDataset
+
+    files = [str(f) for f in list_images(folder)[:limit]]
+    dataset = ImageFolderDataset(files, embedder.preprocess, embedder.config.resize_size)
+    best = float("inf")
+    for _ in range(2):
+        started = time.process_time()
+        for i in range(len(dataset)):
+            dataset[i]
+        best = min(best, (time.process_time() - started) * 1000 / len(files))
+    return best
 
 
 def decode_rates(embedder, folder: Path, limit: int = 200) -> tuple[float, float]:
@@ -189,34 +237,11 @@ def decode_rates(embedder, folder: Path, limit: int = 200) -> tuple[float, float
     return rates[0], rates[1]
 
 
-def gpu_decode_rate(embedder, folder: Path, batch_size: int) -> float:
-    """End to end on the GPU: read bytes on the CPU, decode_jpeg on the device, resize
-    + crop there, embed. Vectors only (no store), to see if GPU decode is worth it."""
-    import torch
-    import torchvision.transforms.v2.functional as F
-    from torchvision.io import decode_jpeg
-
-    from cbir_cli.imageio.files import list_images
-
-    config = embedder.config
-    files = [f for f in list_images(folder) if f.suffix.lower() in (".jpg", ".jpeg")]
-
-    def run(paths) -> int:
-        done = 0
-        for start in range(0, len(paths), batch_size):
-            datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
-                     for p in paths[start:start + batch_size]]
-            images = decode_jpeg(datas, device=embedder.device)
-            batch = torch.stack([F.center_crop(F.resize(img, [config.resize_size], antialias=True),
-                                               [config.input_size]) for img in images])
-            embedder.embed(batch)
-            done += len(images)
-        return done
-
-    run(files[:batch_size])  # warm-up
-    started = time.perf_counter()
-    done = run(files)
-    return done / (time.perf_counter() - started)
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,37 +253,45 @@ def main(argv: list[str] | None = None) -> int:
     worker_counts = [int(w) for w in args.workers.split(",")]
     decodes = [d.strip() for d in args.decode.split(",") if d.strip()]
     scratch = Path(tempfile.mkdtemp(prefix="cbir-bench-extract-"))
+    cores = usable_cores()
     rows = []
     try:
         folder = pick_images(args, scratch)
         n_images = len(list(folder.iterdir()))
         torch_embedder = load_torch_embedder(args)
+        on_cpu = not torch_embedder.on_cuda
         print(f"model {args.model} ({'random' if args.random_weights else 'pretrained'} weights), "
               f"device {torch_embedder.device}, {n_images} images, batch {args.batch_size}, "
-              f"{args.threads} threads, {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
+              f"{args.threads} threads, {cores} cores, torch {torch.__version__}", flush=True)
         combos = [(r, d, w) for r in runtimes for d in decodes for w in worker_counts]
-        embedders = {r: make_embedder(r, torch_embedder, scratch, args.threads) for r in runtimes}
+        embedders = {r: make_embedder(r, torch_embedder, scratch, args.threads, folder) for r in runtimes}
+        decode_ms = [decode_core_ms(torch_embedder, folder)] if on_cpu else []
         for runtime, decode, workers in combos:
             embedder = embedders[runtime]
             # Interleaved, best of --repeat: on a shared machine the load changes
-            # between runs; the two figures of a row are always measured together.
-            model_rates, rates = [], []
+            # between runs; the figures of a row are always measured together.
+            model_rates, model_ms, rates, pipeline_ms = [], [], [], []
             for _ in range(args.repeat):
-                model_rates.append(model_only_rate(embedder, n_images, args.batch_size))
-                rates.append(pipeline_rate(embedder, folder, scratch / "store", workers, args.batch_size,
-                                           args.device, decode))
-            model_rate, rate = max(model_rates), max(rates)
-            rows.append((runtime, decode, str(workers), model_rate, rate))
-            print(f"  {runtime:5s} decode={decode} workers={workers}: model {model_rate:8.1f} img/s, "
-                  f"pipeline {rate:8.1f} img/s, ratio {rate / model_rate:.2f}", flush=True)
+                rate, core_ms = model_only_rate(embedder, n_images, args.batch_size)
+                model_rates.append(rate)
+                model_ms.append(core_ms)
+                rate, core_ms = pipeline_rate(embedder, folder, scratch / "store", workers, args.batch_size,
+                                              args.device, decode)
+                rates.append(rate)
+                pipeline_ms.append(core_ms)
+                if on_cpu:
+                    decode_ms.append(decode_core_ms(torch_embedder, folder))
+            row = Row(runtime, decode, workers, max(model_rates), max(rates), min(model_ms),
+                      min(decode_ms) if on_cpu else 0.0, cores, rates, min(pipeline_ms))
+            rows.append(row)
+            print("  " + row.line(), flush=True)
         extra = []
         if args.decode_check:
             plain, draft = decode_rates(torch_embedder, folder)
             extra.append(f"decode+preprocess, 1 process: {plain:.1f} img/s plain, {draft:.1f} img/s with draft "
                          f"(x{draft / plain:.2f})")
-        if args.gpu_decode and torch_embedder.on_cuda:
-            gpu_rate = gpu_decode_rate(torch_embedder, folder, args.batch_size)
-            extra.append(f"GPU decode_jpeg prototype end-to-end (torch, no store): {gpu_rate:.1f} img/s")
+        if not on_cpu:
+            extra += gpu_extras(args, torch_embedder, folder, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -268,15 +301,95 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS: main process {self_mib:.0f} MiB, largest child {child_mib:.0f} MiB")
     # The table comes last: it is what a run is read (and pasted) for.
     print()
-    print(f"{'runtime':8s} {'decode':6s} {'workers':>7s} {'model img/s':>12s} {'pipeline img/s':>15s} {'ratio':>6s}")
-    for runtime, decode, workers, model_rate, rate in rows:
-        print(f"{runtime:8s} {decode:6s} {workers:>7s} {model_rate:12.1f} {rate:15.1f} {rate / model_rate:6.2f}")
-    if len({r[0] for r in rows}) > 1:
-        best = {rt: max(r[3] for r in rows if r[0] == rt) for rt in runtimes}
+    print(Row.header(on_cpu))
+    for row in rows:
+        print(row.table_line(on_cpu))
+    if on_cpu and rows:
+        print(f"ideal = cores / (decode core-s + model core-s) per image, {cores} cores; 'at share': with the "
+              "cores the model-only run really got (shared machine); goal: pipeline >= 0.9 x ideal")
+    if len({r.runtime for r in rows}) > 1:
+        best = {rt: max(r.model_rate for r in rows if r.runtime == rt) for rt in runtimes}
         base = best.get("torch")
         if base:
             print("model-only speed-up vs torch: " + ", ".join(f"{rt} x{v / base:.2f}" for rt, v in best.items()))
     return 0
+
+
+@dataclass
+class Row:
+    """One (runtime, decode, workers) measurement: best of its repeats."""
+
+    runtime: str
+    decode: str
+    workers: int
+    model_rate: float
+    rate: float
+    model_ms: float  # CPU core-ms per image of the model alone
+    decode_ms: float  # CPU core-ms per image of a worker's decode + preprocess (0 on GPU)
+    cores: int
+    rates: list[float]
+    pipeline_ms: float  # CPU core-ms per image of the whole pipeline, workers included
+
+    @property
+    def ideal(self) -> float:
+        """img/s if decoding and the model shared the cores perfectly."""
+        return self.cores * 1000 / (self.decode_ms + self.model_ms)
+
+    @property
+    def ideal_at_share(self) -> float:
+        """:attr:`ideal` with the cores this process really got while the model ran
+        alone (model img/s x model core-s): on a machine shared with other jobs the
+        nominal cores are not all ours. Equal to :attr:`ideal` on an idle machine."""
+        return min(self.cores, self.model_rate * self.model_ms / 1000) * 1000 / (self.decode_ms + self.model_ms)
+
+    def spread(self) -> str:
+        return f"{min(self.rates):.1f}-{max(self.rates):.1f}"
+
+    def line(self) -> str:
+        text = (f"{self.runtime:5s} decode={self.decode} workers={self.workers}: model {self.model_rate:8.1f} img/s, "
+                f"pipeline {self.rate:8.1f} img/s (runs {self.spread()}), ratio {self.rate / self.model_rate:.2f}")
+        if self.decode_ms:
+            text += (f"; decode {self.decode_ms:.2f} + model {self.model_ms:.2f} core-ms/img (pipeline "
+                     f"{self.pipeline_ms:.2f}), ideal {self.ideal:.1f} img/s ({self.ideal_at_share:.1f} at the "
+                     f"measured CPU share), pipeline/ideal {self.rate / self.ideal:.2f} "
+                     f"({self.rate / self.ideal_at_share:.2f} at share)")
+        return text
+
+    @staticmethod
+    def header(on_cpu: bool) -> str:
+        text = (f"{'runtime':8s} {'decode':6s} {'workers':>7s} {'model img/s':>12s} {'pipeline img/s':>15s} "
+                f"{'ratio':>6s}")
+        if on_cpu:
+            text += (f" {'decode core-ms':>14s} {'model core-ms':>13s} {'pipe core-ms':>12s} {'ideal img/s':>11s} "
+                     f"{'pipe/ideal':>10s} {'at share':>8s}")
+        return text
+
+    def table_line(self, on_cpu: bool) -> str:
+        text = (f"{self.runtime:8s} {self.decode:6s} {self.workers:>7d} {self.model_rate:12.1f} {self.rate:15.1f} "
+                f"{self.rate / self.model_rate:6.2f}")
+        if on_cpu:
+            text += (f" {self.decode_ms:14.2f} {self.model_ms:13.2f} {self.pipeline_ms:12.2f} {self.ideal:11.1f} "
+                     f"{self.rate / self.ideal:10.2f} {self.rate / self.ideal_at_share:8.2f}")
+        return text
+
+
+def gpu_extras(args: argparse.Namespace, embedder, folder: Path, scratch: Path) -> list[str]:
+    """Reference figures on CUDA (bench/gpu_parts.py)."""
+    import gpu_parts
+
+    lines = []
+    if args.gpu_decode:
+        bare = gpu_parts.bare_decode_rate(embedder, folder, args.batch_size)
+        per_image = gpu_parts.loop_rate(embedder, folder, args.batch_size, batched_resize=False)
+        batched = gpu_parts.loop_rate(embedder, folder, args.batch_size, batched_resize=True)
+        lines += [f"bare batched decode_jpeg on the GPU, bytes in memory: {bare:.1f} img/s",
+                  f"loop, bytes in memory -> GPU decode -> per-image resize -> model: {per_image:.1f} img/s",
+                  f"loop, bytes in memory -> GPU decode -> batched resize -> model: {batched:.1f} img/s"]
+    if args.profile:
+        workers = max(int(w) for w in args.workers.split(","))
+        lines += gpu_parts.profile_pipeline(embedder, folder, scratch / "store-profile", workers, args.batch_size,
+                                            args.device)
+    return lines
 
 
 if __name__ == "__main__":

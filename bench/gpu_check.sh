@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# One prepared GPU check (~1-2 minutes on one H100/H200, limit 3). Run from the repo
-# root on a CUDA machine with torch + torchvision (no faiss or onnxruntime needed):
+# One prepared GPU check: the whole extraction table in ~1-2 minutes on one
+# H100/H200 (hard limit 170 s). Run from the repo root on a CUDA machine with
+# torch + torchvision + numpy + Pillow + filelock (no faiss or onnxruntime needed):
 #
-#     bash bench/gpu_check.sh            # or: N_IMAGES=2000 WORKERS=4,8,14 DECODE=gpu bash bench/gpu_check.sh
+#     bash bench/gpu_check.sh
+#     N_IMAGES=20000 WORKERS=8,15 bash bench/gpu_check.sh     # longer, steadier
+#     DATA=/path/to/jpegs bash bench/gpu_check.sh             # real photos instead of synthetic ones
 #
-# It synthesises N_IMAGES (6000) JPEGs of 500x375 under /tmp, one process per core
-# (~25 s per 1,000 on one core: ~10 s on 16; no dataset is copied), then runs
-# bench/extract.py with ResNet-50 *random* weights (no download; speed is the same),
-# bf16 autocast at batch 256 (the Embedder's CUDA path), and prints, for each decode
-# path (cpu: Pillow in the workers; gpu: workers read bytes, nvJPEG decode + resize
-# on the GPU, i.e. `--decode gpu`) and decode worker count: model-only img/s,
-# end-to-end img/s (read -> decode -> preprocess -> model -> shard write) and their
-# ratio; plus the bare GPU decode_jpeg prototype (no store) for reference. The
-# compact table comes last.
+# It synthesises N_IMAGES (8000) JPEGs of 500x375 under /tmp, one process per core
+# (no dataset is copied), then runs bench/extract.py with ResNet-50 *random*
+# weights (no download; speed is the same), bf16 autocast, batch 256, and prints:
+#   - model only img/s (pre-made uint8 batches on the GPU),
+#   - the product, `sync_folder` end to end (list + hash files, read, decode,
+#     resize/crop, model, shard writes), with --decode gpu (workers read bytes and
+#     check headers, nvJPEG decode + batched resize in the main process, model in
+#     its own thread) and --decode cpu (Pillow in the workers), per WORKERS count,
+#   - bare batched decode_jpeg on in-memory bytes, and the in-memory loops
+#     decode -> resize (per image / batched) -> model,
+#   - a profile of one --decode gpu pass: main-thread wall seconds per stage and
+#     torch.profiler's top operators by GPU and by CPU time.
+# The compact table comes last. Full output also in /tmp/cbir_gpu_check.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-N_IMAGES="${N_IMAGES:-6000}"
-WORKERS="${WORKERS:-4,14}"
-DECODE="${DECODE:-cpu,gpu}"
+N_IMAGES="${N_IMAGES:-8000}"
+WORKERS="${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))}"
+DECODE="${DECODE:-gpu,cpu}"
 BATCH="${BATCH:-256}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python - <<'PY'
@@ -30,9 +37,7 @@ import torch, torchvision
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, cuda {torch.cuda.is_available()}")
 assert torch.cuda.is_available(), "no CUDA device visible"
 PY
-echo "(full output also in /tmp/cbir_gpu_check.txt)"
-# 6000 images: per row ~0.5 s model-only + one pipeline pass (cpu decode ~1k img/s,
-# gpu decode several k img/s), 4 rows, plus the prototype pass and synthesis.
-timeout 180 python bench/extract.py --synthesize "$N_IMAGES" --model resnet50 --random-weights \
+if [ -n "${DATA:-}" ]; then SOURCE=(--data "$DATA" --limit 0); else SOURCE=(--synthesize "$N_IMAGES"); fi
+timeout 170 python bench/extract.py "${SOURCE[@]}" --model resnet50 --random-weights \
     --runtime torch --device cuda --batch-size "$BATCH" --decode "$DECODE" --workers "$WORKERS" --repeat 1 \
-    --gpu-decode --threads "$(nproc)" 2>&1 | tee /tmp/cbir_gpu_check.txt
+    --gpu-decode --profile --threads "$(nproc)" 2>&1 | tee /tmp/cbir_gpu_check.txt

@@ -3,7 +3,7 @@
 
     python bench/query.py                     # real index (ukbench_mini) + 10k and 100k synthetic
     python bench/query.py --sizes 10000       # quick
-    python bench/query.py --million           # adds 1M vectors (flat scan + ivfpq; ~9 GB RAM)
+    python bench/query.py --skip-real --sizes "" --million   # a real 1M-row store: build + query RSS
 
 Parts:
 
@@ -17,6 +17,12 @@ Parts:
    index type its build time, serialized index bytes, RSS growth, single-query
    p50/p95 and recall@10 against exact search (ivfpq re-ranks a shortlist exactly
    from the vectors memory-mapped from disk, as the Searcher does from the shards).
+4. ``--million``: a real feature store of 1,000,000 rows (2048-d, the same synthetic
+   vectors, written shard by shard; ~8 GB in the scratch folder), then, each in a
+   fresh process so its peak RSS is its own: building the saved IVF-PQ index
+   (``FaissBackend.build``, what ``cbir index`` does) and answering queries through
+   ``Searcher.open`` + ``search_vectors`` (single queries, p50/p95, recall@10
+   against exact search computed while the vectors were written).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
+# ../shared next to the checkout, or $CBIR_SHARED (as the tests find it).
+SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
 DIM = 2048
 K = 10
 
@@ -44,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--runtime", default="auto", help="model runtime for parts 1-2 (auto, torch, onnx)")
     p.add_argument("--sizes", default="10000,100000", help="comma list of synthetic collection sizes")
-    p.add_argument("--million", action="store_true", help="add 1,000,000 vectors (flat scan and ivfpq only)")
+    p.add_argument("--million", action="store_true", help="part 4: a 1,000,000-row store, build and query RSS")
+    p.add_argument("--million-rows", type=int, default=1_000_000, help=argparse.SUPPRESS)
     p.add_argument("--types", default="flat,hnsw,ivfpq", help="index types for part 3")
     p.add_argument("--queries", type=int, default=200, help="synthetic queries per size")
     p.add_argument("--skip-real", action="store_true", help="skip parts 1 and 2")
@@ -164,8 +172,6 @@ def synthetic_part(args: argparse.Namespace, scratch: Path) -> list[tuple]:
     from cbir_cli.search.faiss_backend import build_index, factory_string, search_index
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    if args.million:
-        sizes.append(1_000_000)
     types = [t for t in args.types.split(",") if t]
     basis = np.random.default_rng(12345).standard_normal((16, DIM), dtype=np.float32) / 4
     queries = synthetic_vectors(args.queries, seed=999, basis=basis)
@@ -212,6 +218,124 @@ def synthetic_part(args: argparse.Namespace, scratch: Path) -> list[tuple]:
     return rows
 
 
+# ---------------------------------------------------------------------------
+# Part 4: a real 1M-row store, building its index and querying it, RSS per process.
+
+STORE_SHARD_ROWS = 16384  # FeatureStore.add_shard scans every stored row: few big shards keep set-up fast
+
+
+def write_store(store_dir: Path, n: int, queries, basis) -> object:
+    """A committed store of n synthetic rows; returns the exact top-K ids per query
+    (kept as a running top-K while the shards are written: no 8 GB in memory)."""
+    import hashlib
+
+    import numpy as np
+
+    from cbir_cli.store.feature_store import FeatureStore
+
+    fingerprint = {"model": "resnet50", "weights": "bench-synthetic", "dim": DIM,
+                   "preprocessing": {"synthetic": True}}
+    store = FeatureStore.create(store_dir, fingerprint)
+    best_scores = np.full((len(queries), K), -np.inf, dtype=np.float32)
+    best_ids = np.zeros((len(queries), K), dtype=np.int64)
+    rng = np.random.default_rng(n)
+    for start in range(0, n, STORE_SHARD_ROWS):
+        m = min(STORE_SHARD_ROWS, n - start)
+        block = rng.standard_normal((m, basis.shape[0]), dtype=np.float32) @ basis
+        block += 0.35 * rng.standard_normal((m, DIM), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        rows = store.add_shard(block, [(f"/bench/photos/d{i // 1000:04d}/img_{i:07d}.jpg",
+                                        hashlib.sha256(str(i).encode()).hexdigest(), 38_000 + i % 1000)
+                                       for i in range(start, start + m)])
+        scores = queries @ block.T
+        ids = np.broadcast_to(np.array([r.id for r in rows]), scores.shape)
+        all_scores = np.concatenate([best_scores, scores], axis=1)
+        all_ids = np.concatenate([best_ids, ids], axis=1)
+        top = np.argsort(-all_scores, axis=1)[:, :K]
+        best_scores, best_ids = np.take_along_axis(all_scores, top, 1), np.take_along_axis(all_ids, top, 1)
+    store.commit()
+    return best_ids
+
+
+# Peak RSS of a child from /proc (VmHWM): ru_maxrss would carry over the parent's
+# RSS at fork time across the exec.
+PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
+
+CHILD_BUILD = """
+import json, sys, time
+from cbir_cli.search.faiss_backend import FaissBackend, factory_string
+from cbir_cli.store.feature_store import FeatureStore
+store = FeatureStore.open(sys.argv[1])
+started = time.perf_counter()
+FaissBackend().build(store, "ivfpq")
+print(json.dumps({"seconds": time.perf_counter() - started, "factory": factory_string("ivfpq", store.count, store.dim),
+                  "peak_mib": """ + PEAK + """}))
+"""
+
+CHILD_QUERY = """
+import json, sys, time
+import numpy as np
+from cbir_cli.search.searcher import Searcher
+queries = np.load(sys.argv[2])
+started = time.perf_counter()
+searcher = Searcher.open(sys.argv[1])
+opened = time.perf_counter() - started
+found, latencies = [], []
+searcher.search_vectors(queries[:1], k=10)
+for q in queries:
+    started = time.perf_counter()
+    hits = searcher.search_vectors(q[None, :], k=10)[0]
+    latencies.append(time.perf_counter() - started)
+    found.append([h.id for h in hits])
+with open("/proc/self/statm") as fh:
+    rss = int(fh.read().split()[1]) * 4096 / 2**20
+print(json.dumps({"open_seconds": opened, "latencies": latencies, "found": found, "rss_mib": rss,
+                  "peak_mib": """ + PEAK + """, "index_type": searcher.index_type}))
+"""
+
+
+def run_child(code: str, *args: str) -> dict:
+    import json
+
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"child failed: {result.stderr.strip()[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def million_part(args: argparse.Namespace, scratch: Path) -> list[str]:
+    import numpy as np
+
+    n = args.million_rows
+    basis = np.random.default_rng(12345).standard_normal((16, DIM), dtype=np.float32) / 4
+    queries = synthetic_vectors(args.queries, seed=999, basis=basis)
+    started = time.perf_counter()
+    truth = write_store(scratch / "store-1m", n, queries, basis)
+    setup_s = time.perf_counter() - started
+    print(f"{n}-row store written in {setup_s:.0f}s", flush=True)
+    build = run_child(CHILD_BUILD, str(scratch / "store-1m"))
+    print(f"index built: {build}", flush=True)
+    np.save(scratch / "queries.npy", queries)
+    lines = [f"{n:,} rows x {DIM}-d store ({disk_gib(scratch / 'store-1m'):.1f} GiB on disk, shards of "
+             f"{STORE_SHARD_ROWS} rows), written in {setup_s:.0f} s",
+             f"  build {build['factory']} (FaissBackend.build, fresh process): {build['seconds']:.0f} s, "
+             f"peak RSS {build['peak_mib']:.0f} MiB"]
+    # Twice: the first process may find the shards' pages on disk, the second in the page cache.
+    for attempt in ("first", "again"):
+        query = run_child(CHILD_QUERY, str(scratch / "store-1m"), str(scratch / "queries.npy"))
+        p50, p95 = percentiles_ms(query["latencies"])
+        recall = recall_at_k(np.asarray(query["found"]), truth)
+        lines.append(f"  query, {attempt} (Searcher.open + search_vectors, fresh process, {len(query['latencies'])} "
+                     f"single queries): open {query['open_seconds']:.1f} s, p50 {p50:.2f} ms, p95 {p95:.2f} ms, "
+                     f"recall@10 {recall:.3f}, RSS after {query['rss_mib']:.0f} MiB, peak {query['peak_mib']:.0f} MiB "
+                     f"({query['index_type']})")
+    return lines
+
+
+def disk_gib(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**30
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="cbir-bench-query-"))
@@ -222,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in lines:
                 print(line, flush=True)
         rows = synthetic_part(args, scratch)
+        million = million_part(args, scratch) if args.million else []
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     import faiss
@@ -237,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n:9d} {label:44s} {build_s:8.1f} {mib:10.1f} {rss:9.0f} {p50:7.2f} {p95:7.2f} {batch_ms:10.2f} "
               f"{recall:9.3f}")
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
+    for line in million:
+        print(line)
     return 0
 
 

@@ -60,11 +60,14 @@ def main() -> None:
     from cbir_cli.evaluate.datasets import load_folder
     from cbir_cli.evaluate.features import cache_features, default_features_root, fingerprint_key
     from cbir_cli.evaluate.run import EvaluationOptions, feature_source, rank_all_vs_all, score_rankings
+    from cbir_cli.pipeline.options import ExtractOptions
     from cbir_cli.search.rerank import NO_RERANKING
 
     args = parse_args()
     collection = load_folder(args.root)
-    options = EvaluationOptions(model=args.model, features_dir=args.features_dir)
+    # fp32, as the README's table was measured (an int8 default would change the vectors).
+    options = EvaluationOptions(model=args.model, features_dir=args.features_dir,
+                                extract=ExtractOptions(precision="fp32"))
     root = args.features_dir or default_features_root(collection)
     source = feature_source("deep", collection, root, options, print)
     cached = cache_features(collection.paths, root / fingerprint_key(source.fingerprint), source, options.extract)

@@ -49,6 +49,13 @@ def draw_random_shapes(img: Image.Image, rng: np.random.Generator, count: int, m
             draw.ellipse([x0, y0, x1, y1], fill=colour)
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never download (nor probe the network for) weights; a test that
+    simulates a download unsets it."""
+    monkeypatch.setenv("CBIR_OFFLINE", "1")
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path):
     """Factory: ``image_folder(n, name="images")`` writes n distinct JPEGs
@@ -104,3 +111,19 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED} (set CBIR_SHARED)")
     return SHARED
+
+
+def store_of_vectors(root: Path, vectors: np.ndarray, paths: list[str] | None = None, shard_size: int = 500):
+    """A committed feature store at ``root`` holding ``vectors`` (rows as given, in
+    shards of ``shard_size``) for ``paths`` (default ``/img/00000.jpg``...), with a
+    synthetic fingerprint: for search tests that need no model."""
+    from cbir_cli.store.feature_store import FeatureStore
+
+    paths = paths if paths is not None else [f"/img/{i:05d}.jpg" for i in range(len(vectors))]
+    store = FeatureStore.create(root, {"model": "synthetic", "weights": "none", "dim": int(vectors.shape[1]),
+                                       "preprocessing": {}})
+    for start in range(0, len(vectors), shard_size):
+        stop = min(len(vectors), start + shard_size)
+        store.add_shard(vectors[start:stop], [(paths[i], f"{i:064x}", 100) for i in range(start, stop)])
+    store.commit()
+    return store

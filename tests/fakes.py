@@ -65,8 +65,9 @@ class FakeBackend:
         self.matrix = store.load_vectors()
         self.index_type = "exact (fake)"
 
-    def refresh(self, store: Any, index_type: str | None = None) -> None:
+    def refresh(self, store: Any, index_type: str | None = None) -> bool:
         self.build(store, index_type or "flat")
+        return True
 
     def load(self, store: Any) -> bool:
         return False  # nothing is ever saved
@@ -93,6 +94,20 @@ class FakeBackend:
         ids[:, :kk] = self.ids[order]
         return scores, ids
 
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The oracle: every score of the full product, cut at the threshold."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        all_scores = queries @ self.matrix.T if len(self.ids) else np.zeros((len(queries), 0), np.float32)
+        lims, scores, ids = [0], [], []
+        for row in all_scores:
+            hits = np.flatnonzero(row >= threshold)
+            hits = hits[np.argsort(-row[hits], kind="stable")]
+            scores.append(row[hits])
+            ids.append(self.ids[hits])
+            lims.append(lims[-1] + len(hits))
+        return (np.asarray(lims, dtype=np.int64), np.concatenate([np.zeros(0, np.float32), *scores]),
+                np.concatenate([np.zeros(0, np.int64), *ids]))
+
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         position = {int(i): p for p, i in enumerate(self.ids)}
         return self.matrix[[position[int(i)] for i in ids]]
@@ -112,6 +127,10 @@ class CountingExecutor:
         self.hashed: list[str] = []
         self.embedded: list[str] = []
 
+    @property
+    def embeds_unhashed(self) -> bool:
+        return bool(self.inner.embeds_unhashed)
+
     def list_images(self, root: Path) -> list[Path]:
         return self.inner.list_images(root)
 
@@ -123,3 +142,29 @@ class CountingExecutor:
               on_failure: FailureCallback) -> int:
         self.embedded += [path for path, _, _ in items]
         return self.inner.embed(items, request, sink, on_failure)
+
+
+class CrashingEmbedder(FakeEmbedder):
+    """A :class:`FakeEmbedder` whose process dies (``os._exit``, as an OOM kill or a
+    segfault would) on its ``crash_at``-th batch: a worker killed mid-run."""
+
+    def __init__(self, crash_at: int) -> None:
+        super().__init__()
+        self.crash_at = crash_at
+
+    def embed(self, batch: Any) -> np.ndarray:
+        if self.batches + 1 >= self.crash_at:
+            import os
+
+            os._exit(1)
+        return super().embed(batch)
+
+
+class PoisonEmbedder(FakeEmbedder):
+    """A :class:`FakeEmbedder` whose vector is NaN for every image whose thumbnail
+    starts dark: a model that sometimes produces what the store must refuse."""
+
+    def embed(self, batch: Any) -> np.ndarray:
+        out = super().embed(batch)
+        out[np.asarray(batch, dtype=np.float32).reshape(len(batch), -1)[:, 0] < 0] = np.nan
+        return out

@@ -21,7 +21,8 @@ from cbir_cli.store.feature_store import FeatureStore
 
 OPTIONS = ExtractOptions(workers=0, batch_size=2, shard_size=2)
 N_IMAGES = 6
-REPAIR = "repair with `cbir index FOLDER --rebuild`"
+REPAIR = ("repair with `cbir check --repair`, then `cbir index FOLDER` embeds again what was lost "
+          "(or start over with `cbir index FOLDER --rebuild`)")
 
 
 @pytest.fixture

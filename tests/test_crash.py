@@ -15,6 +15,8 @@ import random
 import select
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,7 +324,12 @@ def test_query_during_indexing_sees_the_last_commit_and_a_second_indexer_is_refu
     pid = fork_indexer(folder, store_dir, embedder)
     try:
         embedder.wait_until_paused(pid)
-        # Three batches of two are committed; the fourth is in the model.
+        # Three batches of two were embedded; the fourth is in the model. The model
+        # runs in its own thread, so the third may reach the store just after the
+        # fourth started: wait for that commit (nothing else can come while paused).
+        deadline = time.monotonic() + 30
+        while FeatureStore.open(store_dir).count < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
         searcher = Searcher.open(store_dir, embedder=tiny_embedder)
         committed = FeatureStore.open(store_dir).live_rows()
         assert searcher.count == len(committed) == 6
@@ -346,3 +353,50 @@ def test_query_during_indexing_sees_the_last_commit_and_a_second_indexer_is_refu
         status = wait_child(pid)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert Searcher.open(store_dir, embedder=tiny_embedder).count == N_IMAGES
+
+
+def test_a_decoding_worker_exits_when_its_parent_is_killed(tmp_path):
+    """The decoding workers' init (imageio.readers' pool initializer) ties their life
+    to the parent's: SIGKILL the parent, the worker goes too (issue 10, item 6)."""
+    import textwrap
+
+    script = tmp_path / "parent.py"
+    pid_file = tmp_path / "worker.pid"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, sys, time
+        from cbir_cli.imageio.readers import _init_worker
+
+        def worker():
+            _init_worker(None)
+            open({str(pid_file)!r}, "w").write(str(os.getpid()))
+            time.sleep(300)
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("fork")
+            multiprocessing.Process(target=worker).start()
+            time.sleep(300)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{worker}").exists() and "zombie" not in _state(worker):
+            if time.monotonic() > deadline:
+                os.kill(worker, signal.SIGKILL)
+                pytest.fail("the worker outlived its killed parent")
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"

@@ -264,6 +264,7 @@ def test_report_marks_relevant_results(sop_root: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     from cbir_cli.evaluate import report
+    from cbir_cli.imageio.thumbnails import FRAME, GAP
 
     report_dir = tmp_path / "report"
     result = CliRunner().invoke(app, ["evaluate", "--dataset", "sop", "--root", str(sop_root), "--model",
@@ -276,12 +277,11 @@ def test_report_marks_relevant_results(sop_root: Path, tmp_path: Path) -> None:
     for name in (s.split('"')[0] for s in page.split('src="thumbs/')[1:]):
         assert (report_dir / "thumbs" / name).is_file()
     grid = Image.open(report_dir / "grid-deep.png").convert("RGB")
-    side = report.THUMB + 2 * report.FRAME
-    assert grid.size == (5 * side + 6 * report.GAP, 3 * (side + report.GAP) + report.GAP)
+    side = report.THUMB + 2 * FRAME
+    assert grid.size == (5 * side + 6 * GAP, 3 * (side + GAP) + GAP)
 
     def frame(row: int, col: int) -> tuple[int, int, int]:
-        return grid.getpixel((report.GAP + col * (side + report.GAP) + 1,
-                              report.GAP + row * (side + report.GAP) + 1))
+        return grid.getpixel((GAP + col * (side + GAP) + 1, GAP + row * (side + GAP) + 1))
 
     # Each query's two near-duplicates come first (green), then other products (red).
     for row in range(3):

@@ -170,10 +170,12 @@ def test_bad_files_skipped_rows_keep_order(tmp_path, embedder, workers):
     both = sync_both(folder, tmp_path, embedder, batch_size=4, workers=workers)
     cpu_summary, cpu_skipped, names_cpu, vectors_cpu = both["cpu"]
     gpu_summary, gpu_skipped, names_gpu, vectors_gpu = both["gpu"]
-    bad = ["img_002.jpg", "img_003.jpg", "img_005.jpg"]
+    # img_005's header claims 10000x10000: both paths decode it at 1/8 scale (JPEG
+    # draft), as any large JPEG, instead of refusing it as a decompression bomb.
+    bad = ["img_002.jpg", "img_003.jpg"]
     assert [name for name, _ in gpu_skipped] == bad
     assert gpu_skipped == cpu_skipped  # same files, same reasons
-    assert "truncated" in gpu_skipped[1][1] and "100000000 pixels" in gpu_skipped[2][1]
+    assert "truncated" in gpu_skipped[1][1]
     expected = sorted(f.name for f in folder.iterdir() if f.name not in bad)
     assert names_gpu == names_cpu == expected
     assert gpu_summary.embedded == cpu_summary.embedded == len(expected)

@@ -142,9 +142,11 @@ def test_unknown_device_is_a_clear_error():
 
 @pytest.mark.parametrize("size", [(333, 250), (250, 333), (300, 300), (640, 97), (257, 256)])
 @pytest.mark.parametrize("name", ["mobilenet_v2", "test_tiny"])
-def test_preprocess_is_pixel_identical_to_torchvision_functional(name, size):
-    """Our Pillow/numpy preprocessing (no torch import on the query path) must give
-    exactly torchvision's resize -> center_crop -> pil_to_tensor."""
+def test_preprocess_matches_torchvision_functional(name, size):
+    """Our Pillow/numpy preprocessing (no torch import on the query path) gives
+    torchvision's resize -> center_crop -> pil_to_tensor, within rounding: it
+    resamples only the crop region (Pillow's ``box``), so a filter tap can round
+    the other way (at most 1/255, rarely)."""
     import torchvision.transforms.functional as F
     from torchvision.transforms import InterpolationMode
 
@@ -157,7 +159,10 @@ def test_preprocess_is_pixel_identical_to_torchvision_functional(name, size):
         config.input_size))
     ours = preprocess_image(img, config)
     assert ours.dtype == np.uint8 and ours.shape == tuple(reference.shape)
-    np.testing.assert_array_equal(ours, reference.numpy())
+    difference = np.abs(ours.astype(int) - reference.numpy().astype(int))
+    assert difference.max() <= 1 and difference.mean() < 0.01, (difference.max(), difference.mean())
+    # A shifted or mis-scaled crop is far off: the check can fail.
+    assert np.abs(ours[:, 1:].astype(int) - reference.numpy()[:, :-1].astype(int)).mean() > 1
 
 
 def test_hub_dir_without_torch_matches_torch_hub(monkeypatch, tmp_path):

@@ -28,14 +28,14 @@ def test_mobilenet_finds_ukbench_group_mates(mobilenet, shared_dir, tmp_path):
     from cbir_cli.pipeline.options import ExtractOptions
     from cbir_cli.pipeline.sync import index_folder
     from cbir_cli.search.dba import load_augmentation
-    from cbir_cli.search.rerank import reranking_backend
+    from cbir_cli.search.rerank import RerankSettings
     from cbir_cli.search.searcher import Searcher
 
     assert mobilenet.config.descriptor == DEFAULT_DESCRIPTOR
     root = shared_dir / "datasets" / "ukbench_mini"
     summary = index_folder(root, tmp_path / "idx", embedder=mobilenet, options=ExtractOptions(workers=1))
     assert summary.store_count == 56 and summary.skipped == 0
-    searcher = Searcher.open(tmp_path / "idx", embedder=mobilenet, backend=reranking_backend())
+    searcher = Searcher.open(tmp_path / "idx", embedder=mobilenet, rerank=RerankSettings())
     assert load_augmentation(searcher.store) is not None and "re-ranked" in searcher.index_type
     rows = searcher.rows
     results = searcher.search_ids([r.id for r in rows], k=4)

@@ -232,9 +232,9 @@ def test_query_and_serve_re_rank_by_default_and_can_be_told_not_to(image_folder,
 
     folder = image_folder(8)
     index_folder(folder, tmp_path / "idx", model="test_tiny")
-    served = create_app(index_dir=tmp_path / "idx", device="cpu").extensions["cbir"]
+    served = create_app(index_dir=tmp_path / "idx", device="cpu").extensions["cbir"].current()
     assert isinstance(served.backend, RerankingBackend) and served.backend.augmentation is not None
-    plain = create_app(index_dir=tmp_path / "idx", device="cpu", rerank=NO_RERANKING).extensions["cbir"]
+    plain = create_app(index_dir=tmp_path / "idx", device="cpu", rerank=NO_RERANKING).extensions["cbir"].current()
     assert not isinstance(plain.backend, RerankingBackend)
     health = create_app(index_dir=tmp_path / "idx", device="cpu").test_client().get("/api/health").get_json()
     assert "re-ranked: DBA n=3" in health["index_type"]
@@ -250,7 +250,6 @@ def test_query_and_serve_re_rank_by_default_and_can_be_told_not_to(image_folder,
 def test_a_damaged_augmentation_is_refused_by_readers_and_remade_by_the_next_index_run(image_folder, tmp_path):
     from cbir_cli.errors import CorruptStoreError
     from cbir_cli.pipeline.sync import index_folder
-    from cbir_cli.search.rerank import reranking_backend
     from cbir_cli.search.searcher import Searcher
     from cbir_cli.store.feature_store import FeatureStore
 
@@ -259,7 +258,7 @@ def test_a_damaged_augmentation_is_refused_by_readers_and_remade_by_the_next_ind
     vectors_file, _, _ = dba_paths(FeatureStore.open(tmp_path / "idx"))
     vectors_file.write_bytes(vectors_file.read_bytes()[:-64])  # truncated
     with pytest.raises(CorruptStoreError, match=r"dba\.npy: damaged"):
-        Searcher.open(tmp_path / "idx", device="cpu", backend=reranking_backend())
+        Searcher.open(tmp_path / "idx", device="cpu", rerank=RerankSettings())
     index_folder(folder, tmp_path / "idx", model="test_tiny")  # nothing new to embed: repairs it
-    searcher = Searcher.open(tmp_path / "idx", device="cpu", backend=reranking_backend())
+    searcher = Searcher.open(tmp_path / "idx", device="cpu", rerank=RerankSettings())
     assert searcher.backend.augmentation is not None and searcher.backend.augmentation.count == 6

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import store_of_vectors
 
 from cbir_cli.models.descriptors import descriptor_embedder
 from cbir_cli.models.protocol import Embedder
@@ -31,7 +32,8 @@ def test_every_implementation_satisfies_its_protocol(tiny_embedder):
         assert isinstance(embedder, Embedder), type(embedder)
     for backend in (FaissBackend(), FakeBackend()):
         assert isinstance(backend, SearchBackend), type(backend)
-    for executor in (LocalExecutor(ExtractOptions(workers=0)), CountingExecutor(None)):
+    local = LocalExecutor(ExtractOptions(workers=0))
+    for executor in (local, CountingExecutor(local)):
         assert isinstance(executor, Executor), type(executor)
     assert not isinstance(object(), Embedder) and not isinstance(object(), SearchBackend)
 
@@ -81,13 +83,7 @@ def synthetic_store(tmp_path: Path, n: int = 1500, dim: int = 32, seed: int = 3)
     basis = rng.standard_normal((6, dim)).astype(np.float32)
     x = rng.standard_normal((n, 6)).astype(np.float32) @ basis + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    store = FeatureStore.create(tmp_path / "store", {"model": "synthetic", "weights": "none", "dim": dim,
-                                                      "preprocessing": {}})
-    for start in range(0, n, 500):
-        store.add_shard(x[start:start + 500], [(f"/img/{i:05d}.jpg", f"{i:064x}", 1)
-                                              for i in range(start, min(n, start + 500))])
-    store.commit()
-    return store, x
+    return store_of_vectors(tmp_path / "store", x), x
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivfpq"])

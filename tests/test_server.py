@@ -167,7 +167,8 @@ def test_thumbnail_cache_evicts_the_least_recently_used(indexed, monkeypatch):
     import cbir_cli.serve.app as server
 
     made = []
-    monkeypatch.setattr(server, "make_thumbnail", lambda path, size=256: made.append(str(path)) or str(path).encode())
+    monkeypatch.setattr(server, "make_thumbnail",
+                        lambda path, size=256, budget=None: made.append(str(path)) or str(path).encode())
     cache = ThumbnailCache(capacity=2)
     a, b, c = (indexed[0] / f"img_00{i}.jpg" for i in range(3))
     cache.get((0, "a"), a)

@@ -12,9 +12,11 @@ from __future__ import annotations
 # Remedy keys and how the library words them; the CLI has its own wording with flags.
 REMEDIES = {
     "rebuild": "rebuild the index from its images",
+    "recover": "recover the manifest from the shards (a repair), or rebuild the index from its images",
     "build": "build an index first",
     "other-model": "use another index folder, the model and weights it was built with, or rebuild it",
     "weights-file": "or use a local state-dict file as the model's weights",
+    "rebuild-backend": "re-populate the search backend from the index's stored vectors",
 }
 
 

@@ -51,3 +51,9 @@ def normalise_path(path: str | os.PathLike[str], real_dirs: dict[str, str] | Non
 def display_path(path: str | os.PathLike[str]) -> str:
     """A printable form of a path, even for names that are not valid UTF-8."""
     return os.fsencode(path).decode("utf-8", errors="replace")
+
+
+def common_folder(paths: list[str]) -> str:
+    """The deepest folder holding every one of ``paths`` (of an index: the folder
+    that was indexed, as far as its rows tell). ``paths`` must not be empty."""
+    return os.path.commonpath([os.path.dirname(p) for p in paths])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .models.registry import DescriptorSettings, get_model_config
-from .models.weights import torch_hub_checkpoint_dir
+from .models.weights import torch_hub_checkpoint_dir, weights_downloadable
 from .paths import default_index_dir
 
 if TYPE_CHECKING:
@@ -38,17 +38,19 @@ class ModelChoice:
 
 
 def choose_default_model() -> ModelChoice:
-    """The paper's ResNet-50 wherever its weights can be had; on an offline machine
-    where only MobileNetV2's weights are installed, MobileNetV2 with a notice
-    (never silently)."""
+    """The paper's ResNet-50 wherever its weights can be had (cached, or
+    downloadable now: they are then downloaded when the model loads); on an
+    offline machine where only MobileNetV2's weights are installed, MobileNetV2
+    with a notice (never silently)."""
     resnet = get_model_config(DEFAULT_MODEL)
     fallback = get_model_config(FALLBACK_MODEL)
     checkpoints = torch_hub_checkpoint_dir()
     if (checkpoints / str(resnet.weights_file)).exists():
         return ModelChoice(DEFAULT_MODEL)
-    if (checkpoints / str(fallback.weights_file)).exists():
+    if (checkpoints / str(fallback.weights_file)).exists() and not weights_downloadable(resnet):
         return ModelChoice(FALLBACK_MODEL, notice=(
-            f"note: {DEFAULT_MODEL} weights are not installed ({checkpoints / str(resnet.weights_file)}); "
+            f"note: {DEFAULT_MODEL} weights are not installed ({checkpoints / str(resnet.weights_file)}) and "
+            "cannot be downloaded now; "
             f"using {FALLBACK_MODEL}, whose weights are (name {DEFAULT_MODEL} as the model to require it)"
         ))
     return ModelChoice(DEFAULT_MODEL)
@@ -64,7 +66,6 @@ def resolve_model(model: str | None, weights: str | os.PathLike[str] | None,
         return ModelChoice(str(existing.fingerprint["model"]), weights or existing.manifest.get("weights_path"))
     choice = choose_default_model()
     return ModelChoice(choice.name, weights, choice.notice)
-
 
 
 def resolve_descriptor(requested: DescriptorSettings | None, model: str, existing: FeatureStore | None = None,

@@ -16,6 +16,7 @@ from .. import __version__
 from ..errors import CbirError
 from ..evaluate.datasets import RELEVANCE_KINDS
 from ..models.loading import DEVICES, RUNTIMES
+from ..models.quantize import PRECISIONS
 from ..models.registry import INPUTS, POOLINGS
 from ..pipeline.options import DECODE_CHOICES
 from ..search.faiss_backend import INDEX_TYPES
@@ -40,26 +41,47 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 Device = _choices("Device", DEVICES)
 Runtime = _choices("Runtime", RUNTIMES)
 Decode = _choices("Decode", DECODE_CHOICES)
+Precision = _choices("Precision", PRECISIONS)
 IndexType = _choices("IndexType", INDEX_TYPES)
 Relevance = _choices("Relevance", RELEVANCE_KINDS)
 Pooling = _choices("Pooling", POOLINGS)
 InputMode = _choices("InputMode", INPUTS)
 AUTO_DEVICE, AUTO_RUNTIME, AUTO_DECODE = Device("auto"), Runtime("auto"), Decode("auto")
+AUTO_PRECISION = Precision("auto")
 PRODUCT_RELEVANCE = Relevance("product")
 
 # How the CLI words the library's remedies (cbir_cli.errors.REMEDIES), with commands.
 REMEDIES = {
-    "rebuild": "repair with `cbir index FOLDER --rebuild`",
+    "rebuild": "repair with `cbir check --repair`, then `cbir index FOLDER` embeds again what was lost "
+               "(or start over with `cbir index FOLDER --rebuild`)",
+    "recover": "recover it with `cbir check --repair` (same --index), or start over with `cbir index FOLDER --rebuild`",
     "build": "build one with `cbir index FOLDER`, or name an existing one with --index DIR",
     "other-model": "use another --index/--out folder, the same --model/--weights as before, or --rebuild",
     "weights-file": "or pass a local state dict with --weights FILE",
+    "rebuild-backend": "repair with `cbir index --rebuild-backend` (no re-embedding)",
 }
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print as (part of) one terminal line: control characters
+    (newlines, ESC, bidi overrides...) written as escapes (``\\n``, ``\\x1b``,
+    ``\\u202e``), undecodable bytes of file names as U+FFFD. A file name can then
+    neither start a fake ``warning:`` line nor send escape codes to the terminal."""
+    import unicodedata
+
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else
+                   (ascii(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")
+                    else ch) for ch in text)
 
 
 def error_line(exc: CbirError) -> str:
     """The one line a domain error prints, with the CLI's remedy."""
     remedy = REMEDIES.get(exc.remedy or "")
-    return f"{exc.message}; {remedy}" if remedy else exc.message
+    message = printable(exc.message)
+    return f"{message}; {remedy}" if remedy else message
 
 
 def stderr():
@@ -75,6 +97,29 @@ def stdout():
 
 
 @contextmanager
+def above_progress_bars() -> Iterator[None]:
+    """Print a line on stderr without gluing it to a progress bar: active tqdm bars
+    are cleared first and redrawn after (tqdm's own protocol for outside writes)."""
+    import sys
+
+    if "tqdm" not in sys.modules:  # no bar was ever made: nothing to clear
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        yield
+
+
+def show_progress(as_json: bool) -> bool:
+    """Progress bars only on a terminal: in a log file their redraws would be glued
+    to the warnings around them."""
+    import sys
+
+    return not as_json and sys.stderr.isatty()
+
+
+@contextmanager
 def cli_errors() -> Iterator[None]:
     """Turn domain errors into ``error: <message>`` and an exit code."""
     try:
@@ -82,7 +127,8 @@ def cli_errors() -> Iterator[None]:
     except CbirError as exc:
         from rich.markup import escape
 
-        stderr().print(f"[bold red]error:[/] {escape(error_line(exc))}", markup=True, highlight=False)
+        with above_progress_bars():
+            stderr().print(f"[bold red]error:[/] {escape(error_line(exc))}", markup=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr().print("interrupted")
@@ -90,19 +136,39 @@ def cli_errors() -> Iterator[None]:
 
 
 def notice(message: str) -> None:
-    stderr().print(message, markup=False)
+    with above_progress_bars():
+        stderr().print(printable(message), markup=False)
 
 
 def warn_skip(path: str, reason: str) -> None:
     from rich.markup import escape
 
-    stderr().print(f"[yellow]warning:[/] skipped {escape(path)}: {escape(reason)}", markup=True)
+    with above_progress_bars():
+        stderr().print(f"[yellow]warning:[/] skipped {escape(printable(path))}: {escape(printable(reason))}",
+                       markup=True)
 
 
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"cbir {__version__}")
         raise typer.Exit()
+
+
+class _NoticeHandler:
+    """Shows the library's INFO log records (``note: ...``) as notices on stderr."""
+
+    @staticmethod
+    def install() -> None:
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                notice(record.getMessage())
+
+        logger = logging.getLogger("cbir_cli")
+        if not any(type(h).__name__ == "Handler" for h in logger.handlers):
+            logger.addHandler(Handler(logging.INFO))
+            logger.setLevel(logging.INFO)
 
 
 @app.callback()
@@ -112,6 +178,7 @@ def _root(
     ] = False,
 ) -> None:
     """Content-based image retrieval: index a folder of images, then search it by example."""
+    _NoticeHandler.install()
 
 
 # Options shared by the commands that embed images.
@@ -137,6 +204,11 @@ DecodeOpt = Annotated[Decode, typer.Option("--decode", help="Where JPEGs are dec
                                                             "decoded on the CPU); auto = gpu when the model runs on "
                                                             "CUDA, else cpu. Vectors are interchangeable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="int8 = a model quantised for the CPU (ONNX "
+                                                                     "Runtime, calibrated on 320 images of the "
+                                                                     "folder; its vectors differ from fp32's); "
+                                                                     "auto = what the index holds, else int8 for "
+                                                                     "mobilenet_v2 on the CPU, fp32 otherwise.")]
 
 # The descriptor: how the model's last feature map becomes one vector. Unset options
 # keep the default (GeM p=3, full image, scales 1,1.4); an index that grows keeps
@@ -197,12 +269,12 @@ def descriptor_choice(pooling, gem_p: float | None, input_mode, scales: str | No
 
 
 def extract_options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool,
-             runtime: Runtime = AUTO_RUNTIME, decode: Decode = AUTO_DECODE):
+             runtime: Runtime = AUTO_RUNTIME, decode: Decode = AUTO_DECODE, precision: Precision = AUTO_PRECISION):
     from ..pipeline.options import ExtractOptions, default_workers
 
     return ExtractOptions(batch_size=batch_size, workers=default_workers() if workers is None else workers,
                           shard_size=shard_size, device=device.value, progress=progress, runtime=runtime.value,
-                          decode=decode.value)
+                          decode=decode.value, precision=precision.value)
 
 
 def print_summary(summary, target: Path, as_json: bool, what: str) -> None:

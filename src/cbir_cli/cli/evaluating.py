@@ -12,6 +12,7 @@ from ..evaluate.datasets import DATASET_KINDS
 from .common import (
     AUTO_DECODE,
     AUTO_DEVICE,
+    AUTO_PRECISION,
     PRODUCT_RELEVANCE,
     BatchOpt,
     DbaAlphaOpt,
@@ -22,6 +23,7 @@ from .common import (
     InputOpt,
     JsonOpt,
     PoolingOpt,
+    PrecisionOpt,
     QeAlphaOpt,
     QeOpt,
     Relevance,
@@ -36,6 +38,7 @@ from .common import (
     descriptor_choice,
     extract_options,
     rerank_choice,
+    show_progress,
     stderr,
     stdout,
 )
@@ -95,6 +98,7 @@ def evaluate_cmd(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     decode: DecodeOpt = AUTO_DECODE,
+    precision: PrecisionOpt = AUTO_PRECISION,
     as_json: JsonOpt = False,
 ) -> None:
     """Score retrieval: every image of a labelled dataset queries all the others, or (copies) distorted
@@ -108,7 +112,8 @@ def evaluate_cmd(
             descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
             rerank=rerank_choice(rerank, qe, qe_alpha), compare=compare,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
-            extract=extract_options(batch_size, workers, 1024, device, progress=not as_json, decode=decode),
+            extract=extract_options(batch_size, workers, 1024, device, progress=show_progress(as_json), decode=decode,
+                                    precision=precision),
         )
         dba_settings = dba_choice(dba, dba_alpha)
         if dba_settings is not None:
@@ -128,7 +133,7 @@ def evaluate_cmd(
         if as_json:
             payload = result.as_dict()
             payload["report"] = str(report_path) if report_path else None
-            typer.echo(json.dumps(payload, indent=2))
+            typer.echo(json.dumps(payload, indent=2, allow_nan=False))
             return
 
         out = stdout()

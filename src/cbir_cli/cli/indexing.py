@@ -11,6 +11,7 @@ import typer
 from .common import (
     AUTO_DECODE,
     AUTO_DEVICE,
+    AUTO_PRECISION,
     AUTO_RUNTIME,
     REMEDIES,
     BatchOpt,
@@ -24,6 +25,7 @@ from .common import (
     InputOpt,
     JsonOpt,
     PoolingOpt,
+    PrecisionOpt,
     RuntimeOpt,
     ScalesOpt,
     ShardOpt,
@@ -36,14 +38,29 @@ from .common import (
     extract_options,
     notice,
     print_summary,
+    printable,
+    show_progress,
     stderr,
     warn_skip,
+)
+from .scaling import (
+    LOCAL_ENGINE,
+    BackendOpt,
+    EngineOpt,
+    MilvusCollectionOpt,
+    MilvusUriOpt,
+    RayActorsOpt,
+    RayAddressOpt,
+    RebuildBackendOpt,
+    backend_choice,
+    executor_for,
 )
 
 
 @app.command("index")
 def index_cmd(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    folder: Annotated[Optional[Path], typer.Argument(help="Folder of images (searched recursively).",
+                                                     show_default=False)] = None,
     index_dir: IndexDirOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m",
                                                  help="Model name (see `cbir models`). Default: the existing "
@@ -72,21 +89,41 @@ def index_cmd(
     shard_size: ShardOpt = 1024,
     runtime: RuntimeOpt = AUTO_RUNTIME,
     decode: DecodeOpt = AUTO_DECODE,
+    precision: PrecisionOpt = AUTO_PRECISION,
+    engine: EngineOpt = LOCAL_ENGINE,
+    ray_address: RayAddressOpt = "auto",
+    ray_actors: RayActorsOpt = None,
+    backend: BackendOpt = None,
+    milvus_uri: MilvusUriOpt = None,
+    milvus_collection: MilvusCollectionOpt = None,
+    rebuild_backend: RebuildBackendOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
+    if folder is None and not rebuild_backend:
+        raise typer.BadParameter("missing FOLDER (only --rebuild-backend runs without one)", param_hint="FOLDER")
+    spec = backend_choice(backend, milvus_uri, milvus_collection)
     with cli_errors():
         from ..pipeline.sync import index_folder
         from ..resolve import resolve_index_dir
 
         target = resolve_index_dir(index_dir)
-        summary = index_folder(folder, target, model, weights, extract_options(batch_size, workers, shard_size, device,
-                                                                        progress=not as_json, runtime=runtime,
-                                                                        decode=decode),
-                               index_type=index_type.value if index_type else None, rebuild=rebuild,
-                               on_skip=warn_skip, on_notice=notice,
-                               descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
-                               dba=dba_choice(dba, dba_alpha))
+        kind = index_type.value if index_type else None
+        if folder is None:
+            from ..search.backends import rebuild_backend as rebuild_search_backend
+
+            store = rebuild_search_backend(target, kind, spec, dba=dba_choice(dba, dba_alpha))
+            stderr().print(f"re-populated the search backend of {target} (and its DBA vectors) from its "
+                           f"{store.count} stored vectors", markup=False)
+            return
+        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
+                                  runtime=runtime, decode=decode, precision=precision)
+        with executor_for(engine, ray_address, ray_actors, options) as executor:
+            summary = index_folder(folder, target, model, weights, options, index_type=kind, rebuild=rebuild,
+                                   on_skip=warn_skip, on_notice=notice, executor=executor, backend=spec,
+                                   rebuild_backend=rebuild_backend,
+                                   descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
+                                   dba=dba_choice(dba, dba_alpha))
         print_summary(summary, target, as_json, "indexed")
 
 
@@ -110,27 +147,47 @@ def extract_cmd(
     shard_size: ShardOpt = 1024,
     runtime: RuntimeOpt = AUTO_RUNTIME,
     decode: DecodeOpt = AUTO_DECODE,
+    precision: PrecisionOpt = AUTO_PRECISION,
+    engine: EngineOpt = LOCAL_ENGINE,
+    ray_address: RayAddressOpt = "auto",
+    ray_actors: RayActorsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
     with cli_errors():
         from ..pipeline.sync import extract_folder
 
-        summary = extract_folder(folder, out, model, weights, extract_options(batch_size, workers, shard_size, device,
-                                                                      progress=not as_json, runtime=runtime,
-                                                                      decode=decode),
-                                 on_skip=warn_skip, on_notice=notice,
-                                 descriptor=descriptor_choice(pooling, gem_p, input_mode, scales))
+        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
+                                  runtime=runtime, decode=decode, precision=precision)
+        descriptor = descriptor_choice(pooling, gem_p, input_mode, scales)
+        with executor_for(engine, ray_address, ray_actors, options) as executor:
+            summary = extract_folder(folder, out, model, weights, options, on_skip=warn_skip, on_notice=notice,
+                                     executor=executor, descriptor=descriptor)
         print_summary(summary, out, as_json, "extracted")
 
 
 @app.command("check")
-def check_cmd(index_dir: IndexDirOpt = None, as_json: JsonOpt = False) -> None:
+def check_cmd(
+    index_dir: IndexDirOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="First repair what needs no images: recover a lost "
+                                         "manifest from the shards, drop damaged shards (the next `cbir index "
+                                         "FOLDER` embeds their images again), delete leftovers, rebuild the "
+                                         "search index.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Verify that the index's manifest, shards, ids and search index agree (exit 1 if not)."""
     with cli_errors():
         from ..resolve import resolve_index_dir
         from ..search.check import check_index
 
+        if repair:
+            from ..search.repair import repair_index
+
+            repaired = repair_index(resolve_index_dir(index_dir))
+            for line in repaired.repairs:
+                stderr().print(f"repaired: {printable(line)}", markup=False)
+            if not repaired.changed:
+                stderr().print("nothing to repair", markup=False)
         report = check_index(resolve_index_dir(index_dir))
         repair = REMEDIES.get(report.repair or "")
         if as_json:
@@ -138,13 +195,14 @@ def check_cmd(index_dir: IndexDirOpt = None, as_json: JsonOpt = False) -> None:
         else:
             err = stderr()
             for problem in report.problems:
-                err.print(f"problem: {problem}", markup=False)
+                err.print(f"problem: {printable(problem)}", markup=False)
             for note in report.notes:
-                err.print(f"note: {note}", markup=False)
+                err.print(f"note: {printable(note)}", markup=False)
             if report.ok:
                 err.print(f"ok {report.index}: {report.count} images in {report.shards} shards, model "
                           f"{report.model} (dim {report.dim}), generation {report.generation}, "
-                          f"search index {report.search_index}", markup=False)
+                          f"search index {report.search_index}"
+                          f"{'' if report.backend == 'faiss' else f' ({report.backend})'}", markup=False)
             else:
                 err.print(f"{len(report.problems)} problem(s) in {report.index}; {repair}", markup=False)
         if not report.ok:

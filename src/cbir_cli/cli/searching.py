@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,6 +20,7 @@ from .common import (
     RuntimeOpt,
     app,
     cli_errors,
+    printable,
     rerank_choice,
     stderr,
     stdout,
@@ -28,8 +29,32 @@ from .common import (
 
 @app.command("query")
 def query_cmd(
-    images: Annotated[list[Path], typer.Argument(help="Query image file(s).")],
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Query image file(s).", show_default=False)] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="Results per query.")] = 5,
+    ids: Annotated[Optional[list[int]], typer.Option("--id", help="More like this: an indexed image (its id, as "
+                                                     "printed by --json or the web page) is the query, by its "
+                                                     "stored vector. Repeatable.", show_default=False)] = None,
+    paths: Annotated[Optional[list[Path]], typer.Option("--path", help="More like this: an indexed file, by path; "
+                                                        "its stored vector is the query. Repeatable.",
+                                                        show_default=False)] = None,
+    box: Annotated[Optional[str], typer.Option("--box", metavar="X0,Y0,X1,Y1",
+                                               help="Search with this region of each query image: pixels of the "
+                                                    "upright image, or fractions 0-1 of its width and height "
+                                                    "(e.g. 0.5,0,1,1 = the right half). With --id/--path, the "
+                                                    "region of the indexed file is embedded.",
+                                               show_default=False)] = None,
+    under: Annotated[Optional[Path], typer.Option("--under", help="Only results below this folder.",
+                                                  show_default=False)] = None,
+    min_score: Annotated[Optional[float], typer.Option("--min-score", min=-1.0, max=1.0,
+                                                       help="Only results with at least this cosine similarity "
+                                                            "(fewer than K if fewer qualify).",
+                                                       show_default=False)] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write an HTML page (index.html) and "
+                                                   "results.png of the queries and their results, with "
+                                                   "thumbnails and scores, into this folder.",
+                                                   show_default=False)] = None,
+    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write the queries and their results as one "
+                                                 "PNG thumbnail grid with scores.", show_default=False)] = None,
     index_dir: IndexDirOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     runtime: RuntimeOpt = AUTO_RUNTIME,
@@ -38,29 +63,66 @@ def query_cmd(
     qe_alpha: QeAlphaOpt = 3.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the K indexed images most similar to each query image (re-ranked; scores are cosine similarities)."""
+    """Find the K indexed images most similar to each query: image files, a region of them (--box), or
+    indexed images (--id, --path); optionally only below a folder or above a score. Re-ranked (query
+    expansion, DBA; --no-rerank: plain); scores are cosine similarities."""
     with cli_errors():
-        from ..search.rerank import reranking_backend
+        from ..imageio.region import Box
+        from ..search.filters import ResultFilter
+        from ..search.queries import QueryRequest, answer_queries
         from ..search.searcher import Searcher
 
+        request = QueryRequest(images or [], ids or [], paths or [], Box.parse(box) if box is not None else None,
+                               ResultFilter.make(under, min_score))
+        request.check()
         searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
-                                 backend=reranking_backend(rerank_choice(rerank, qe, qe_alpha)))
-        results = searcher.search_paths(images, k)
+                                 rerank=rerank_choice(rerank, qe, qe_alpha))
+        answers = answer_queries(searcher, request, k)
+        written = _write_visuals(answers, report, grid)
         if as_json:
-            payload = [{"query": str(q), "results": [h.as_dict() for h in hits]} for q, hits in zip(images, results)]
-            typer.echo(json.dumps(payload, indent=2))
-            return
-        from rich.table import Table
+            typer.echo(json.dumps([a.as_dict() for a in answers], indent=2))
+        else:
+            _print_answers(answers)
+        for path in written:
+            stderr().print(f"wrote {path}", markup=False)
 
-        console = stdout()
-        for query, hits in zip(images, results):
-            table = Table(title=str(query), title_justify="left")
-            table.add_column("rank", justify="right")
-            table.add_column("score", justify="right")
-            table.add_column("path", overflow="fold")
-            for h in hits:
-                table.add_row(str(h.rank), f"{h.score:.4f}", h.path)
-            console.print(table)
+
+def _write_visuals(answers, report: Path | None, grid: Path | None) -> list[Path]:
+    from ..search.gallery import write_query_grid, write_query_report
+
+    views, hits = [a.view for a in answers], [a.hits for a in answers]
+    written = []
+    if report is not None:
+        written.append(write_query_report(report, views, hits))
+    if grid is not None:
+        written.append(write_query_grid(grid, views, hits))
+    return written
+
+
+def _print_answers(answers) -> None:
+    import sys
+
+    if not sys.stdout.isatty():
+        # Piped: one plain line per hit (query, rank, score, path, tab-separated),
+        # never wrapped, whatever the terminal width.
+        for answer in answers:
+            for h in answer.hits:
+                typer.echo(f"{printable(answer.view.label)}\t{h.rank}\t{h.score:.4f}\t{printable(h.path)}")
+        return
+    from rich.table import Table
+
+    console = stdout()
+    for answer in answers:
+        table = Table(title=printable(answer.view.label), title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("id", justify="right")
+        table.add_column("path", overflow="fold")
+        for h in answer.hits:
+            table.add_row(str(h.rank), f"{h.score:.4f}", str(h.id), printable(h.path))
+        if not answer.hits:
+            table.caption = "no result passes the filter"
+        console.print(table)
 
 
 @app.command("serve")
@@ -84,7 +146,7 @@ def serve_cmd(
         app_ = create_app(index_dir=index_dir, device=device.value, max_upload_mb=max_upload_mb,
                           runtime=runtime.value, rerank=rerank_choice(rerank, qe, qe_alpha))
         server = make_http_server(app_, host, port)
-        searcher = server.app.extensions["cbir"]
+        searcher = app_.extensions["cbir"].current()
         err = stderr()
         if not is_loopback(host):
             err.print(f"warning: listening on {host}: anyone who can reach this machine can search the index "
@@ -96,4 +158,4 @@ def serve_cmd(
         except KeyboardInterrupt:
             err.print("stopped")
         finally:
-            server.server_close()
+            server.close()

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import CbirError
+from ..imageio.header import image_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -191,19 +192,6 @@ def render_copy(query: CopyQuery, load_original: Callable[[int], PILImage.Image]
 # Which gallery images count as "the original".
 
 
-def _image_size(path: str) -> tuple[int, int] | None:
-    """(width, height) upright, from the header only; None if unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            size = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - an unreadable file is nobody's twin
-        return None
-    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
-
-
 def _thumbnail(path: str) -> np.ndarray | None:
     import numpy as np
     from PIL import Image
@@ -227,7 +215,7 @@ def twin_sets(paths: Sequence[str], originals: Sequence[int]) -> dict[int, np.nd
     truth; only same-size files are decoded (sizes come from the headers)."""
     import numpy as np
 
-    sizes = [_image_size(p) for p in paths]
+    sizes = [image_size(p) for p in paths]
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, size in enumerate(sizes):
         if size is not None:

@@ -44,13 +44,21 @@ from .copies import (
     twin_sets,
 )
 from .datasets import LabelledCollection
-from .features import NotifyCallback, cache_features, default_features_root, fingerprint_key
+from .features import (
+    CachedFeatures,
+    FeatureSource,
+    NotifyCallback,
+    cache_features,
+    default_features_root,
+    fingerprint_key,
+)
 from .run import FULL_RANKING_MAX, EvaluationOptions, feature_source, peak_rss_mb
 
 if TYPE_CHECKING:
     import numpy as np
 
     from ..models.protocol import Embedder
+    from ..pipeline.options import ExtractOptions
     from ..search.protocol import SearchBackend
 
 # Beyond FULL_RANKING_MAX gallery images each copy keeps this many results; an
@@ -218,6 +226,32 @@ def cached_copy_vectors(cache_file: Path, queries: Sequence[CopyQuery], paths: S
     return vectors, len(queries)
 
 
+@dataclass
+class CopyVectors:
+    """One feature's vectors for the protocol: the readable gallery (rows in
+    ``gallery_paths`` order) and every copy (rows in ``queries`` order)."""
+
+    gallery_paths: list[str]
+    gallery: CachedFeatures
+    queries: list[CopyQuery]
+    copies: np.ndarray
+    copies_embedded: int
+
+
+def copy_vectors(collection: LabelledCollection, source: FeatureSource, cache_root: Path, protocol: CopyProtocol,
+                 extract: ExtractOptions) -> CopyVectors:
+    """The gallery's and the copies' vectors of one feature kind, from the caches
+    below ``cache_root`` where they are (embedded and cached where not). Also what
+    other measurements build on (``bench/dedup_threshold.py``)."""
+    cached = cache_features(collection.paths, cache_root / fingerprint_key(source.fingerprint), source, extract)
+    gallery_paths = [p for p, ok in zip(collection.paths, cached.readable) if ok]
+    queries = copy_queries(len(gallery_paths), protocol.count, protocol.seed, protocol.distortions)
+    cache_file = cache_root / "copies" / f"{fingerprint_key(source.fingerprint)}-" \
+        f"{_copies_key(protocol, queries, gallery_paths, source.fingerprint)}.npy"
+    vectors, embedded = cached_copy_vectors(cache_file, queries, gallery_paths, source.request.load, extract.progress)
+    return CopyVectors(gallery_paths, cached, queries, vectors, embedded)
+
+
 def evaluate_copies(root: str | Path, options: EvaluationOptions, protocol: CopyProtocol | None = None,
                     on_notice: NotifyCallback | None = None) -> CopyEvaluation:
     """Run the copy-detection protocol on the images below ``root`` for every
@@ -233,24 +267,19 @@ def evaluate_copies(root: str | Path, options: EvaluationOptions, protocol: Copy
     for variant in options.variants():
         source = feature_source(variant.feature, collection, cache_root, options, on_notice, variant)
         feature_started = time.perf_counter()
-        cached = cache_features(collection.paths, cache_root / fingerprint_key(source.fingerprint), source,
-                                options.extract)
-        unreadable = cached.unreadable
-        gallery_paths = [p for p, ok in zip(collection.paths, cached.readable) if ok]
-        queries = copy_queries(len(gallery_paths), protocol.count, protocol.seed, protocol.distortions)
+        data = copy_vectors(collection, source, cache_root, protocol, options.extract)
+        unreadable = data.gallery.unreadable
+        gallery_paths, queries = data.gallery_paths, data.queries
         if twins is None:
             twins = twin_sets(gallery_paths, sorted({q.original for q in queries}))
-        cache_file = cache_root / "copies" / f"{fingerprint_key(source.fingerprint)}-" \
-            f"{_copies_key(protocol, queries, gallery_paths, source.fingerprint)}.npy"
-        copy_vectors, copies_embedded = cached_copy_vectors(cache_file, queries, gallery_paths, source.request.load,
-                                                            options.extract.progress)
         embedded_at = time.perf_counter()
         depth = len(gallery_paths) if len(gallery_paths) <= FULL_RANKING_MAX else COPY_DEPTH
-        ranked = rank_queries(cached.vectors, copy_vectors, depth, ranking_backend(variant))
+        ranked = rank_queries(data.gallery.vectors, data.copies, depth, ranking_backend(variant))
         ranks = original_ranks(ranked, [q.original for q in queries], twins)
         scores = score_copies(ranks, [q.kind for q in queries])
         ranking = variant.describe(model_descriptor(options.model, options.weights))
-        results.append(CopyResult(variant.feature, source.label, ranking, scores, cached.embedded, copies_embedded,
+        results.append(CopyResult(variant.feature, source.label, ranking, scores, data.gallery.embedded,
+                                  data.copies_embedded,
                                   {"features": embedded_at - feature_started,
                                    "search": time.perf_counter() - embedded_at}))
         if depth < len(gallery_paths):

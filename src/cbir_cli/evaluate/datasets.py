@@ -146,6 +146,7 @@ def read_sop_file(list_file: Path, root: Path) -> tuple[list[str], list[int], li
             f"{display_path(list_file)}: line 1: expected the header '{' '.join(SOP_HEADER)}'"
         )
     paths, labels, supers = [], [], []
+    first_line: dict[str, int] = {}
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split()
         if not fields:
@@ -153,9 +154,19 @@ def read_sop_file(list_file: Path, root: Path) -> tuple[list[str], list[int], li
         if len(fields) != 4:
             raise CbirError(f"{display_path(list_file)}: line {number}: expected 4 fields, found {len(fields)}")
         try:
+            int(fields[0])
+        except ValueError:
+            raise CbirError(f"{display_path(list_file)}: line {number}: image_id must be an integer "
+                            f"(got {fields[0][:40]!r})") from None
+        try:
             class_id, super_id = int(fields[1]), int(fields[2])
         except ValueError:
             raise CbirError(f"{display_path(list_file)}: line {number}: class ids must be integers") from None
+        if fields[3] in first_line:
+            # The same image twice would be its own relevant neighbour.
+            raise CbirError(f"{display_path(list_file)}: line {number}: {fields[3]} is already listed on line "
+                            f"{first_line[fields[3]]}")
+        first_line[fields[3]] = number
         if class_id < 0 or super_id < 0:
             raise CbirError(f"{display_path(list_file)}: line {number}: class ids must be >= 0")
         rel = Path(fields[3])
@@ -186,6 +197,9 @@ def load_sop(root: str | os.PathLike[str], split: str = "test", limit: int | Non
         if not list_file.is_file():
             raise CbirError(f"{display_path(list_file)}: not found (the sop layout needs {name} in the dataset folder)")
         p, c, s = read_sop_file(list_file, root_path)
+        twice = set(paths) & set(p)
+        if twice:
+            raise CbirError(f"{display_path(list_file)}: {display_path(min(twice))} is also listed in the other split")
         paths += p
         labels += c
         supers += s

@@ -21,7 +21,8 @@ from ..fsutil import atomic_write_bytes
 from ..imageio.decode import load_image
 from ..models.bovw import BovwEncoder
 from ..models.descriptors import HANDCRAFTED_DRAFT, descriptor_embedder
-from ..models.loading import model_fingerprint
+from ..models.loading import default_precision, model_fingerprint
+from ..models.quantize import sample_calibration
 from ..paths import cache_root, normalise_path
 from ..pipeline.executor import EmbedRequest
 from ..pipeline.local import LocalExecutor
@@ -71,11 +72,21 @@ class FeatureSource:
     request: EmbedRequest
 
 
-def deep_source(model: str, weights: Path | None, options: ExtractOptions,
+def deep_source(model: str, weights: Path | None, options: ExtractOptions, paths: Sequence[str] = (),
                 descriptor: DescriptorSettings | None = None, label: str | None = None) -> FeatureSource:
-    """A registry model with ``descriptor`` (default: the model's)."""
-    return FeatureSource("deep", label or f"deep ({model})", model_fingerprint(model, weights, descriptor),
-                         EmbedRequest(model, weights, options.device, options.runtime, descriptor=descriptor))
+    """A registry model with ``descriptor`` (default: the model's); with int8
+    precision, calibrated on a seeded sample of ``paths``."""
+    calibration = None
+    precision = default_precision(model, options.device, options.runtime) if options.precision == "auto" \
+        else options.precision
+    if precision == "int8":
+        calibration = sample_calibration(paths, LocalExecutor(options).hash_files)
+    label = label or f"deep ({model})"
+    if calibration is not None:
+        label = f"{label[:-1]}, int8)" if label.endswith(")") else f"{label} (int8)"
+    return FeatureSource("deep", label, model_fingerprint(model, weights, descriptor, calibration),
+                         EmbedRequest(model, weights, options.device, options.runtime, descriptor=descriptor,
+                                      calibration=calibration))
 
 
 def descriptor_source(name: str) -> FeatureSource:

@@ -14,28 +14,22 @@ range -- so the grids can be compared row by row.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CbirError, ImageError
-from ..imageio.decode import load_image
+from ..errors import CbirError
+from ..imageio.thumbnails import ThumbnailFolder, Tile, compose_grid
 from ..paths import display_path
 
 if TYPE_CHECKING:
-    from PIL import Image as PILImage
-
     from .run import Evaluation, FeatureResult
 
 THUMB = 112  # thumbnail box, px
-FRAME = 5  # coloured frame around each thumbnail, px
-GAP = 4
 QUERY_COLOUR = (40, 90, 200)
 RELEVANT_COLOUR = (30, 160, 60)
 IRRELEVANT_COLOUR = (200, 40, 40)
-MISSING_COLOUR = (200, 200, 200)
 
 
 def sample_queries(result: FeatureResult, relevance: str, count: int) -> list[str]:
@@ -50,42 +44,6 @@ def sample_queries(result: FeatureResult, relevance: str, count: int) -> list[st
     picks = classes[np.unique(np.linspace(0, classes.size - 1, num=min(count, classes.size)).round().astype(int))]
     first = {int(c): int(np.argmax(labels == c)) for c in picks}
     return [result.collection.paths[first[int(c)]] for c in picks]
-
-
-class ThumbnailCache:
-    """Thumbnails written once under ``thumbs/`` and kept in memory for the grids."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.folder = out_dir / "thumbs"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._images: dict[str, PILImage.Image | None] = {}
-
-    def name(self, path: str) -> str:
-        return hashlib.sha256(os.fsencode(path)).hexdigest()[:16] + ".jpg"
-
-    def get(self, path: str) -> PILImage.Image | None:
-        """The thumbnail of ``path`` (None if the image cannot be read)."""
-        if path not in self._images:
-            try:
-                img = load_image(path, draft_size=THUMB)
-                img.thumbnail((THUMB, THUMB))
-                img.save(self.folder / self.name(path), quality=85)
-            except ImageError:
-                img = None
-            self._images[path] = img
-        return self._images[path]
-
-
-def _tile(thumb: PILImage.Image | None, colour: tuple[int, int, int]) -> PILImage.Image:
-    from PIL import Image
-
-    side = THUMB + 2 * FRAME
-    tile = Image.new("RGB", (side, side), colour)
-    inner = Image.new("RGB", (THUMB, THUMB), (255, 255, 255))
-    if thumb is not None:
-        inner.paste(thumb, ((THUMB - thumb.width) // 2, (THUMB - thumb.height) // 2))
-    tile.paste(inner, (FRAME, FRAME))
-    return tile
 
 
 def query_rows(result: FeatureResult, relevance: str, queries: list[str],
@@ -106,22 +64,13 @@ def query_rows(result: FeatureResult, relevance: str, queries: list[str],
     return rows
 
 
-def grid_png(rows: list[tuple[str, list[tuple[str, bool]]]], top_k: int, thumbs: ThumbnailCache,
+def grid_png(rows: list[tuple[str, list[tuple[str, bool]]]], top_k: int, thumbs: ThumbnailFolder,
              target: Path) -> None:
     """One row per query: the query (blue), then its results (green/red)."""
-    from PIL import Image
-
-    side = THUMB + 2 * FRAME
-    width = (top_k + 1) * side + (top_k + 2) * GAP
-    height = max(1, len(rows)) * (side + GAP) + GAP
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    for r, (query, hits) in enumerate(rows):
-        y = GAP + r * (side + GAP)
-        canvas.paste(_tile(thumbs.get(query), QUERY_COLOUR), (GAP, y))
-        for c, (path, relevant) in enumerate(hits, start=1):
-            colour = RELEVANT_COLOUR if relevant else IRRELEVANT_COLOUR
-            canvas.paste(_tile(thumbs.get(path), colour), (GAP + c * (side + GAP), y))
-    canvas.save(target)
+    tiles = [[Tile(thumbs.get(query), QUERY_COLOUR)]
+             + [Tile(thumbs.get(path), RELEVANT_COLOUR if relevant else IRRELEVANT_COLOUR) for path, relevant in hits]
+             for query, hits in rows]
+    compose_grid(tiles, THUMB, columns=top_k + 1).save(target)
 
 
 _STYLE = """
@@ -136,7 +85,7 @@ table.metrics td:first-child { text-align: left; }
 """
 
 
-def _img_tag(thumbs: ThumbnailCache, path: str, css: str) -> str:
+def _img_tag(thumbs: ThumbnailFolder, path: str, css: str) -> str:
     name = html.escape(display_path(path))
     return f'<img class="{css}" src="thumbs/{thumbs.name(path)}" title="{name}" alt="{name}">'
 
@@ -151,7 +100,7 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str], querie
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CbirError(f"{display_path(out)}: cannot create the report folder ({exc.strerror or exc})") from None
-    thumbs = ThumbnailCache(out)
+    thumbs = ThumbnailFolder(out, THUMB)
     sample = sample_queries(evaluation.results[0], evaluation.relevance, queries)
     head = "".join(f"<th>{html.escape(r.label)}</th>" for r in evaluation.results)
     body = "".join(

@@ -16,6 +16,7 @@ Pipeline, the same for every kind of feature (deep model or hand-crafted):
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -201,6 +202,11 @@ def score_rankings(labels: np.ndarray, ranked: np.ndarray, options: EvaluationOp
     out["ns_score"] = raw.get("ns_score")
     if depth < len(labels) - 1:
         notes.append(f"mAP over the top {depth} results (relevant images ranked lower count as misses)")
+    if not raw["queries"]:
+        notes.append("no image has another image of its class: every metric is undefined (each class needs "
+                     "at least 2 images)")
+    # Undefined metrics are None (JSON null), never NaN: bare NaN is not JSON.
+    out = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in out.items()}
     out.update(queries=raw["queries"], queries_without_positive=raw["queries_without_positive"],
                gallery=len(labels) - 1, depth=depth, notes=notes + raw["notes"])
     return out
@@ -309,7 +315,7 @@ def feature_source(feature: str, collection: LabelledCollection, cache_root: Pat
             on_notice(choice.notice)
         descriptor = variant.descriptor if variant is not None else options.descriptor
         label = variant.name if variant is not None and variant.name else None
-        return deep_source(choice.name, choice.weights, options.extract, descriptor, label)
+        return deep_source(choice.name, choice.weights, options.extract, collection.paths, descriptor, label)
     if feature == "sift_bovw":
         encoder = bovw_vocabulary(collection, cache_root, options.bovw_vocab_size, options.bovw_fit_images, on_notice)
         return bovw_source(encoder)

@@ -1,7 +1,8 @@
 """Decoding JPEGs on the model's device (nvJPEG on CUDA, via torchvision): the
 workers only read the files and check their headers (:class:`EncodedJpegDataset`),
 the main process decodes a whole batch at once, turns it upright and resizes +
-centre-crops it there (:class:`DeviceJpegDecoder`). Anything the device cannot
+centre-crops it there, all sizes together (:class:`DeviceJpegDecoder`,
+:mod:`.batched_resize`). Anything the device cannot
 take goes through the CPU path with the same verdicts."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ImageError
+from .batched_resize import SUPPORTS, resize_crop_batch
 from .decode import MAX_IMAGE_PIXELS, read_image_bytes
 from .readers import EncodedJpeg, ImageFolderDataset, ReadChunk, pixels_or_reason, stack_rows
 
@@ -148,18 +150,28 @@ class DeviceJpegDecoder:
         return {i: t for i, t in decoded.items() if t is not None}, failures
 
     def resize_crop(self, images: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Preprocess on the device; images of one shape go through in one call."""
+        """Preprocess on the device: the whole batch in a few kernels
+        (:func:`~cbir_cli.imageio.batched_resize.resize_crop_batch`), whatever its
+        mix of sizes; torchvision per shape for filters it does not implement."""
+        present = [k for k, image in enumerate(images) if image is not None]
+        out: list[torch.Tensor | None] = [None] * len(images)
+        if not present:
+            return out
+        if self.config.interpolation in SUPPORTS:
+            batch = resize_crop_batch([images[k] for k in present], self.config.resize_size,
+                                      self.config.input_size, self.config.interpolation)
+            for k, image in zip(present, batch):
+                out[k] = image
+            return out
         import torchvision.transforms.v2.functional as F
         from torchvision.transforms import InterpolationMode
 
         interpolation = InterpolationMode(self.config.interpolation)
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for k, image in enumerate(images):
-            if image is not None:
-                by_shape.setdefault(tuple(image.shape), []).append(k)
-        out: list[torch.Tensor | None] = [None] * len(images)
+        for k in present:
+            by_shape.setdefault(tuple(images[k].shape), []).append(k)  # type: ignore[union-attr]
         for positions in by_shape.values():
-            batch = stack_rows([images[k] for k in positions])
+            batch = stack_rows([images[k] for k in positions])  # type: ignore[misc]
             batch = F.resize(batch, [self.config.resize_size], interpolation=interpolation, antialias=True)
             batch = F.center_crop(batch, [self.config.input_size])
             for k, image in zip(positions, batch):

@@ -1,15 +1,18 @@
 """Reading images for the model, in decoding worker processes: path -> uint8
-pixels (or a one-line failure reason), and a worker task's images -> one
-:class:`ReadChunk` (the unit sent back to the main process)."""
+pixels (or a one-line failure reason), a worker task's images -> one
+:class:`ReadChunk` (the unit sent back to the main process), and the pool of
+worker processes (:func:`read_chunks`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import ImageError
 from ..paths import display_path
 from .decode import decode_image, load_image
+from .lifetime import exit_with_parent
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,9 +72,8 @@ def stack_pixels(images: Sequence[Any]) -> np.ndarray | list[Any]:
 
 
 class ReadChunk(NamedTuple):
-    """One worker task's output: decoded pixels, encoded JPEGs and failures, by index.
-    Arrays are numpy in this process, torch tensors when they crossed from a worker
-    process (:func:`collate_for_transfer`: shared memory instead of a pickle)."""
+    """One worker task's output: decoded pixels, encoded JPEGs and failures, by index
+    (numpy arrays: no torch needed on the CPU path)."""
 
     pixel_indices: list[int]
     pixels: Any  # uint8 (n, 3, S, S), a list of ragged inputs (see stack_pixels), or None
@@ -95,19 +97,6 @@ def collate_images(items: list[tuple[int, Any]]) -> ReadChunk:
                      [t.orientation for _, t in jpegs], failed)
 
 
-def collate_for_transfer(items: list[tuple[int, Any]]) -> ReadChunk:
-    """:func:`collate_images` in a worker process, arrays as torch tensors: torch's
-    DataLoader hands tensors to the main process through shared memory."""
-    import torch
-
-    chunk = collate_images(items)
-    return chunk._replace(
-        pixels=chunk.pixels if chunk.pixels is None or isinstance(chunk.pixels, list) else
-        torch.from_numpy(chunk.pixels),
-        jpeg_bytes=None if chunk.jpeg_bytes is None else torch.from_numpy(chunk.jpeg_bytes),
-    )
-
-
 def stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """torch.stack, except on the CPU: decode_jpeg returns permuted HWC views there,
     and torch's strided uint8 copy is ~100x slower than numpy's (see stack_pixels)."""
@@ -128,3 +117,73 @@ def assemble_on_cpu(chunks: Sequence[ReadChunk]) -> tuple[list[int], Any, list[t
     else:
         batch = parts[0] if parts else None
     return [i for c in chunks for i in c.pixel_indices], batch, [f for c in chunks for f in c.failures]
+
+
+# -- worker processes --------------------------------------------------------
+
+_WORKER_DATASET: ImageFolderDataset | None = None
+
+
+def _init_worker(dataset: ImageFolderDataset) -> None:
+    global _WORKER_DATASET
+    _WORKER_DATASET = dataset
+    exit_with_parent()  # a SIGKILLed main process must not leave workers behind
+    # Ctrl-C goes to the whole process group; only the main process should react
+    # (it commits what it has and exits cleanly) ...
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # ... and the main process's SIGTERM handler (the write transaction's) is not for workers.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _read_range(bounds: tuple[int, int]) -> ReadChunk:
+    assert _WORKER_DATASET is not None
+    return read_range(_WORKER_DATASET, *bounds)
+
+
+def read_range(dataset: ImageFolderDataset, start: int, stop: int) -> ReadChunk:
+    """Items ``start`` to ``stop`` of ``dataset``, read and collated."""
+    return collate_images([dataset[i] for i in range(start, stop)])
+
+
+def _pool_context() -> Any:
+    import multiprocessing
+    import sys
+
+    # fork on Linux: the workers inherit the dataset (paths, preprocessing) instead
+    # of importing and unpickling it; elsewhere the platform's safe default.
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+
+
+def read_chunks(dataset: ImageFolderDataset, chunk: int, workers: int, window: int) -> Iterator[ReadChunk]:
+    """The dataset in tasks of ``chunk`` images, in order: in this process when
+    ``workers`` is 0, else in ``workers`` processes with up to ``window`` tasks in
+    flight (decoding runs ahead of the consumer, memory stays bounded).
+
+    A plain process pool, not torch's DataLoader: the CPU path needs no torch at
+    all (importing it cost 3-7 s of a ``cbir index`` run on the 2-core machine),
+    and a chunk's arrays cross as one pickle (~3 copies of 150 KB per image, about
+    0.05 ms, against 2.5 ms to decode it)."""
+    bounds = [(start, min(len(dataset), start + chunk)) for start in range(0, len(dataset), chunk)]
+    if workers == 0:
+        for start, stop in bounds:
+            yield read_range(dataset, start, stop)
+        return
+    from collections import deque
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(min(workers, len(bounds)), mp_context=_pool_context(), initializer=_init_worker,
+                               initargs=(dataset,))
+    try:
+        tasks = iter(bounds)
+        # range first: zip must not draw (and drop) one more task than the window.
+        pending: deque[Future[ReadChunk]] = deque(pool.submit(_read_range, b) for _, b in zip(range(window), tasks))
+        while pending:
+            result = pending.popleft().result()
+            following = next(tasks, None)
+            if following is not None:
+                pending.append(pool.submit(_read_range, following))
+            yield result
+    finally:
+        # Also on Ctrl-C or an error downstream: drop what was not started, wait
+        # for the few running tasks (tens of ms), leave no worker behind.
+        pool.shutdown(wait=True, cancel_futures=True)

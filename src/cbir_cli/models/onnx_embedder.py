@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from ..fsutil import atomic_write_bytes
 from ..paths import cache_root
 from .preprocess import image_preprocessor
 from .protocol import EmbedderBase, model_fingerprint_of
+from .quantize import Calibration, quantize_onnx, quantized_path
 from .registry import ModelConfig
 from .scales import embed_batch
 from .torch_embedder import TorchEmbedder, build_backbone, pooling_module
@@ -136,6 +138,9 @@ def _session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Errors only: an int8 graph otherwise logs one warning per initializer the
+    # optimiser drops, on every load.
+    options.log_severity_level = 3
     # Idle ORT threads otherwise spin-wait between runs, stealing the cores the
     # decode workers need (measured: pipeline/model ratio 0.75 -> see README).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -163,9 +168,12 @@ class OnnxEmbedder(EmbedderBase):
 
     device = "cpu"
 
-    def __init__(self, config: ModelConfig, weights_id: str, model_path: Path, threads: int | None = None) -> None:
+    def __init__(self, config: ModelConfig, weights_id: str, model_path: Path, threads: int | None = None,
+                 calibration: Calibration | None = None) -> None:
         self.config = config
         self.weights_id = weights_id
+        # Set for an int8 model (models.quantize): part of the fingerprint.
+        self.calibration = calibration
         self.preprocess = image_preprocessor(config)
         self.model_path = model_path
         # Same thread count as PyTorch uses by default (one per usable core), so the
@@ -185,8 +193,15 @@ class OnnxEmbedder(EmbedderBase):
             return onnx_embedder
         return cls(embedder.config, embedder.weights_id, path, threads)
 
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.calibration is None else "int8"
+
     def fingerprint(self) -> dict[str, Any]:
-        return model_fingerprint_of(self.config, self.weights_id)
+        fingerprint = model_fingerprint_of(self.config, self.weights_id)
+        if self.calibration is not None:
+            fingerprint.update(self.calibration.fingerprint())
+        return fingerprint
 
     def _check_against(self, reference: TorchEmbedder) -> None:
         """Refuse (and delete) an export whose vectors differ from PyTorch's."""
@@ -221,15 +236,27 @@ class OnnxEmbedder(EmbedderBase):
 
 
 def load_onnx_embedder(config: ModelConfig, weights: str | os.PathLike[str] | None = None,
-                       cache_dir: Path | None = None) -> OnnxEmbedder:
+                       cache_dir: Path | None = None, calibration: Calibration | None = None) -> OnnxEmbedder:
     """The ONNX embedder of a registered model. A cached export is used without
     building the PyTorch model, but only while the weights it was made from are
-    still installed (so a missing-weights error is never masked by the cache)."""
+    still installed (so a missing-weights error is never masked by the cache).
+
+    ``calibration``: the int8 model quantised on these images (made once from the
+    fp32 export and cached beside it; see :mod:`.quantize`)."""
     weights_id = weights_id_for(config, weights)
     path = cached_export_path(config, weights_id, cache_dir)
     official_present = weights is not None or not config.weights_file or \
         (torch_hub_checkpoint_dir() / config.weights_file).is_file()
+    if calibration is not None:
+        int8_path = quantized_path(path, calibration)
+        if not (int8_path.is_file() and official_present):
+            fp32 = load_onnx_embedder(config, weights, cache_dir)
+            quantize_onnx(fp32.model_path, int8_path, calibration, config, fp32.preprocess)
+        return OnnxEmbedder(config, weights_id, int8_path, calibration=calibration)
     if path.is_file() and official_present:
         return OnnxEmbedder(config, weights_id, path)
+    # Seconds of silence on a first run otherwise (the CLI shows INFO as a note).
+    logging.getLogger(__name__).info("note: preparing %s for ONNX Runtime (a one-off export, ~10 s; cached in %s)",
+                                     config.name, path.parent)
     module, weights_id = build_backbone(config, weights)
     return OnnxEmbedder.from_torch(TorchEmbedder(config, module, weights_id, "cpu"), cache_dir)

@@ -35,9 +35,9 @@ Pixels = Any
 def centre_crop_pixels(img: PILImage.Image, resize: int, crop: int, interpolation: str) -> np.ndarray:
     """Resize the short side to ``resize``, centre-crop ``crop`` x ``crop``.
 
-    Pixel-for-pixel what torchvision's ``resize``/``center_crop``/``pil_to_tensor``
-    do to a PIL image (same output-size rounding, same Pillow filter, same crop
-    offsets; a test checks equality), written with Pillow and numpy alone so that
+    What torchvision's ``resize``/``center_crop``/``pil_to_tensor`` do to a PIL
+    image (same output-size rounding, same Pillow filter, same crop offsets; pixels
+    within 1/255, a test checks), written with Pillow and numpy alone so that
     the query path on ONNX Runtime never imports torch (~7 s of a cold
     ``cbir query``). Normalisation happens on the batch, on the model's device (see
     :meth:`TorchEmbedder.embed`), which keeps worker-to-main transfers 4x smaller.
@@ -49,13 +49,20 @@ def centre_crop_pixels(img: PILImage.Image, resize: int, crop: int, interpolatio
         new_w, new_h = resize, int(resize * h / w)
     else:
         new_w, new_h = int(resize * w / h), resize
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), _PIL_FILTERS[interpolation])
     if crop > min(new_w, new_h):
         raise ValueError(f"crop {crop} larger than resized image {new_w}x{new_h}")
     top = round((new_h - crop) / 2.0)
     left = round((new_w - crop) / 2.0)
-    img = img.crop((left, top, left + crop, top + crop))
+    if (new_w, new_h) == (w, h):
+        img = img.crop((left, top, left + crop, top + crop))
+    else:
+        # Resample only the crop: ``box`` is the crop's region in source pixels, so
+        # Pillow computes the same filter taps as a full resize followed by the crop
+        # (pixels within 1/255, vectors cosine >= 0.9998 on Oxford-17) at about half
+        # the cost (bench/extract.py --decode-check: 2.2 -> 1.2 ms per 500x700 photo).
+        sx, sy = w / new_w, h / new_h
+        img = img.resize((crop, crop), _PIL_FILTERS[interpolation],
+                         box=(left * sx, top * sy, (left + crop) * sx, (top + crop) * sy))
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 

@@ -133,13 +133,35 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, Any], config: Mode
 
 
 def weights_id_for(config: ModelConfig, weights: str | os.PathLike[str] | None) -> str:
-    """The weights identity recorded in stores; computable without building the model."""
+    """The weights identity recorded in stores; computable without building the model.
+
+    A local file that *is* the model's official weights (its sha256 has the prefix
+    in torchvision's file name, the check torch.hub itself makes on downloads) gets
+    the official id, so its vectors mix with those of an index built normally."""
+    official = config.torchvision_weights or "random-seed-0"
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsUnavailableError(f"{path}: weights file does not exist")
-        return f"file-sha256:{file_sha256(path)[:16]}"
-    return config.torchvision_weights or "random-seed-0"
+        digest = file_sha256(path)
+        if config.weights_file and digest.startswith(expected_hash_prefix(config.weights_file)):
+            return official
+        return f"file-sha256:{digest[:16]}"
+    return official
+
+
+def weights_downloadable(config: ModelConfig, timeout: float = 3.0) -> bool:
+    """Whether the official weights file answers at its URL now (a HEAD request,
+    nothing downloaded); False offline, or with ``$CBIR_OFFLINE`` set."""
+    if not config.weights_url or os.environ.get(OFFLINE_ENV):
+        return False
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(config.weights_url, method="HEAD"), timeout=timeout) as r:
+            return 200 <= r.status < 400
+    except (OSError, ValueError):
+        return False
 
 
 def pretrained_state_dict(config: ModelConfig, weights: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:

@@ -4,17 +4,21 @@ An executor lists and hashes the files (the plan's input) and embeds the files t
 plan says to embed, handing vectors to a :class:`VectorSink` (the store's write
 transaction) and failures to a callback. The sync step (:mod:`.sync`) decides what
 to do; the executor only does it. Implementations: :class:`~.local.LocalExecutor`
-(decoding worker processes + the model in this process); tests add fakes.
+(decoding worker processes + the model in this process),
+:class:`~.ray_executor.RayExecutor` (tasks and an actor pool on a Ray cluster);
+tests add fakes.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ..models.quantize import Calibration
 from .plan import HashResult, Item
 
 if TYPE_CHECKING:
@@ -38,13 +42,15 @@ class EmbedRequest:
     runtime: str = "auto"
     embedder: Embedder | None = None
     descriptor: DescriptorSettings | None = None  # None: the model's default
+    calibration: Calibration | None = None  # an int8 model calibrated on these images
 
     def load(self) -> Embedder:
         if self.embedder is not None:
             return self.embedder
         from ..models.loading import load_embedder
 
-        return load_embedder(self.model, self.weights, self.device, self.runtime, self.descriptor)
+        return load_embedder(self.model, self.weights, self.device, self.runtime, descriptor=self.descriptor,
+                             calibration=self.calibration)
 
 
 class VectorSink(Protocol):
@@ -53,9 +59,25 @@ class VectorSink(Protocol):
     def add(self, vectors: np.ndarray, items: Sequence[Item]) -> None: ...
 
 
+class StagingSink(VectorSink, Protocol):
+    """A sink whose store distributed workers write shards into themselves (the
+    write transaction; see :mod:`cbir_cli.store.staging`): a run folder inside the
+    store, then the driver adopts each part the workers wrote."""
+
+    def staging(self) -> AbstractContextManager[Path]: ...
+
+    def adopt(self, folder: Path, name: str) -> int: ...
+
+
 @runtime_checkable
 class Executor(Protocol):
     name: str
+    #: Whether :meth:`embed` takes items whose content hash is still being computed
+    #: (empty; a sink that knows the hashes fills them in). A new store's files are
+    #: then hashed in the background while they are embedded. An executor whose
+    #: workers write rows themselves (into the store's staging area) needs the hashes
+    #: first.
+    embeds_unhashed: bool
 
     def list_images(self, root: Path) -> list[Path]:
         """Image files below ``root`` (normalised paths, sorted); a missing or empty
@@ -69,5 +91,6 @@ class Executor(Protocol):
     def embed(self, items: Sequence[Item], request: EmbedRequest, sink: VectorSink,
               on_failure: FailureCallback) -> int:
         """Embed ``items`` into ``sink``; report each file that fails. Returns how
-        many were embedded."""
+        many were embedded. With :attr:`embeds_unhashed`, only the items' paths
+        matter: their hashes may still be empty, filled in by the sink."""
         ...

@@ -1,9 +1,10 @@
 """The local executor: reader -> model -> sink, on this machine.
 
 * reader: worker processes read, decode (JPEG draft mode) and preprocess images
-  into uint8 arrays (:class:`~cbir_cli.imageio.readers.ImageFolderDataset`),
-  overlapping with inference. With GPU decoding they only read JPEG bytes and the
-  main process decodes and resizes them on the model's device
+  into uint8 arrays (:class:`~cbir_cli.imageio.readers.ImageFolderDataset`,
+  :func:`~cbir_cli.imageio.readers.read_chunks`), overlapping with inference.
+  With GPU decoding they only read JPEG bytes and the main process decodes and
+  resizes them on the model's device
   (:mod:`cbir_cli.imageio.gpu_decode`); other formats are still decoded in the workers.
 * model: batches of ``batch_size`` images go through the embedder here.
 * sink: vectors go to the store's write transaction, which writes and commits shards.
@@ -12,15 +13,17 @@
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
 from ..imageio.files import list_images
 from ..imageio.gpu_decode import DeviceJpegDecoder, EncodedJpegDataset
-from ..imageio.readers import ImageFolderDataset, ReadChunk, assemble_on_cpu, collate_for_transfer, collate_images
+from ..imageio.readers import ImageFolderDataset, ReadChunk, assemble_on_cpu, read_chunks
 from .executor import EmbedRequest, FailureCallback, VectorSink
 from .options import DECODE_CHOICES, ExtractOptions
 from .plan import HashResult, Item, hash_one
@@ -52,13 +55,29 @@ def resolve_decode(decode: str, embedder: Any) -> str:
     return decode
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C goes to the whole process group; only the main process should react
-    # (it commits what it has and exits cleanly).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # ... and the main process's SIGTERM handler (the write transaction's) is not for workers.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then act as usual (only the
+    main thread owns signal handlers; elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda received, _frame: caught.append(received))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
+
+# Model batches handed to the model thread and not yet delivered to the sink: one
+# running, one waiting, while this thread prepares the next.
+BATCHES_IN_FLIGHT = 2
 
 # Images per worker task. Small tasks keep every decode worker busy and the model
 # fed from the first seconds on; model batches (--batch-size) are assembled from
@@ -83,7 +102,9 @@ def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptio
     assemble = decoder.assemble if decoder is not None else assemble_on_cpu
     pending: list[ReadChunk] = []
     images = 0
-    for read in _read_chunks(dataset, chunk, workers, options.batch_size, bool(getattr(embedder, "on_cuda", False))):
+    # Enough tasks in flight to fill two model batches, and each worker busy.
+    window = max(2 * workers, -(-2 * options.batch_size // chunk))
+    for read in read_chunks(dataset, chunk, workers, window):
         pending.append(read)
         images += len(read.pixel_indices) + len(read.jpeg_indices)
         if images >= options.batch_size:
@@ -93,32 +114,11 @@ def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptio
         yield assemble(pending)
 
 
-def _read_chunks(dataset: ImageFolderDataset, chunk: int, workers: int, batch_size: int,
-                 pin_memory: bool) -> Iterable[ReadChunk]:
-    """The dataset in tasks of ``chunk`` images, in order: in this process when
-    ``workers`` is 0 (no torch needed), else in torch DataLoader worker processes."""
-    if workers == 0:
-        for start in range(0, len(dataset), chunk):
-            yield collate_images([dataset[i] for i in range(start, min(len(dataset), start + chunk))])
-        return
-    from torch.utils.data import DataLoader
-
-    yield from DataLoader(
-        dataset,
-        batch_size=chunk,
-        num_workers=workers,
-        collate_fn=collate_for_transfer,
-        pin_memory=pin_memory,
-        worker_init_fn=_ignore_sigint,
-        # Enough decoded tasks in flight to fill two model batches.
-        prefetch_factor=max(2, -(-2 * batch_size // (chunk * workers))),
-    )
-
-
 class LocalExecutor:
     """The :class:`~cbir_cli.pipeline.executor.Executor` on this machine (see the module docstring)."""
 
     name = "local"
+    embeds_unhashed = True
 
     def __init__(self, options: ExtractOptions) -> None:
         self.options = options
@@ -138,6 +138,13 @@ class LocalExecutor:
 
     def embed(self, items: Sequence[Item], request: EmbedRequest, sink: VectorSink,
               on_failure: FailureCallback) -> int:
+        """The model runs in its own thread, up to :data:`BATCHES_IN_FLIGHT` batches
+        behind the reader: while it embeds one batch, this thread assembles (and
+        with GPU decoding, decodes and resizes) the next ones, and vectors reach the
+        sink in order. ONNX Runtime and CUDA release the GIL while they work."""
+        from collections import deque
+        from concurrent.futures import Future
+
         embedder = request.load()
         bar = None
         if self.options.progress:
@@ -145,16 +152,41 @@ class LocalExecutor:
 
             bar = tqdm(total=len(items), desc=f"embedding ({embedder.config.name})", unit="img")
         embedded = 0
+        pending: deque[tuple[Future[Any], list[int]]] = deque()
+
+        def deliver() -> None:
+            nonlocal embedded
+            future, indices = pending[0]
+            future.result()  # waiting may be interrupted: the batch stays pending
+            with signals_deferred():  # a batch is in the sink or still pending, never lost between
+                vectors = future.result()
+                pending.popleft()
+                sink.add(vectors, [items[i] for i in indices])
+            embedded += len(indices)
+            if bar is not None:
+                bar.update(len(indices))
+
+        model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbir-model")
         try:
             for indices, batch, failed in iter_batches([p for p, _, _ in items], embedder, self.options):
                 for i, reason in failed:
                     on_failure(i, reason)
-                if batch is not None:
-                    sink.add(embedder.embed(batch), [items[i] for i in indices])
-                    embedded += len(indices)
                 if bar is not None:
-                    bar.update(len(indices) + len(failed))
+                    bar.update(len(failed))
+                if batch is not None:
+                    pending.append((model.submit(embedder.embed, batch), indices))
+                while pending and (len(pending) > BATCHES_IN_FLIGHT or pending[0][0].done()):
+                    deliver()
+            while pending:
+                deliver()
+        except BaseException:
+            # Ctrl-C or an error: what the model finished still reaches the sink
+            # (and is committed); the batch it is working on is abandoned.
+            while pending and pending[0][0].done() and pending[0][0].exception() is None:
+                deliver()
+            raise
         finally:
+            model.shutdown(wait=not pending, cancel_futures=True)
             if bar is not None:
                 bar.close()
         return embedded

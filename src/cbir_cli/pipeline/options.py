@@ -8,12 +8,15 @@ from typing import Any
 
 from ..errors import CbirError
 from ..models.loading import DEVICES, RUNTIMES
+from ..models.quantize import PRECISIONS
 from ..store.transaction import DEFAULT_SHARD_SIZE
 
 # Where JPEGs are decoded: cpu (Pillow, in the workers), gpu (torchvision's
 # decode_jpeg on the model's device, nvJPEG on CUDA) or auto (gpu when the model runs
 # on CUDA). See cbir_cli.pipeline.local.resolve_decode.
 DECODE_CHOICES = ("auto", "cpu", "gpu")
+# Executors: this machine (pipeline.local), or a Ray cluster (pipeline.ray_executor).
+ENGINES = ("local", "ray")
 
 
 def default_workers() -> int:
@@ -35,6 +38,9 @@ class ExtractOptions:
     # torch | onnx | auto (ONNX Runtime on CPU, PyTorch on CUDA; see models.loading).
     runtime: str = "auto"
     decode: str = "auto"  # see DECODE_CHOICES
+    # fp32 | int8 (ONNX Runtime on the CPU, cbir_cli.models.quantize) | auto: what
+    # the store already holds, else models.loading.default_precision (int8 on the CPU).
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         for name, value in (("batch size", self.batch_size), ("shard size", self.shard_size)):
@@ -42,7 +48,8 @@ class ExtractOptions:
                 raise CbirError(f"{name} must be >= 1 (got {value})")
         if self.workers < 0:
             raise CbirError(f"decoding workers must be >= 0 (got {self.workers})")
-        for name, value, choices in (("decode", self.decode, DECODE_CHOICES), ("runtime", self.runtime, RUNTIMES)):
+        for name, value, choices in (("decode", self.decode, DECODE_CHOICES), ("runtime", self.runtime, RUNTIMES),
+                                     ("precision", self.precision, PRECISIONS)):
             if value not in choices:
                 raise CbirError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):

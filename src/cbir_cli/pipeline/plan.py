@@ -5,32 +5,26 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..imageio.decode import oserror_reason
+from ..errors import ImageError
+from ..imageio.decode import open_image_file, oserror_reason
 from ..paths import normalise_path
 from ..store.feature_store import FeatureStore
 
 Item = tuple[str, str, int]  # (path, sha256, size) of one image
 
 
-class NotAFileError(OSError):
-    """A FIFO, socket or device named like an image: reading it could block forever."""
-
-
 def hash_file(path: Path | str) -> tuple[str, int]:
-    """sha256 of the content and its size (OSError propagates). Opened non-blocking
-    and checked to be a regular file first, so a named pipe called ``x.jpg`` is
-    refused instead of hanging the run."""
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with open(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotAFileError("not a regular file (pipe, socket or device)")
+    """sha256 of the content and its size. Opened like every image (regular files
+    only, size-capped, non-blocking: a named pipe called ``x.jpg`` is refused instead
+    of hanging the run); :class:`ImageError` says why not."""
+    fh, _ = open_image_file(path)
+    with fh:
         digest = hashlib.sha256()
         size = 0
         while block := fh.read(1 << 20):
@@ -52,10 +46,10 @@ def hash_one(path: Path | str) -> HashResult:
     try:
         sha, size = hash_file(path)
         return HashResult(str(path), sha, size)
-    except NotAFileError as exc:
-        return HashResult(str(path), None, 0, str(exc))
-    except OSError as exc:
-        return HashResult(str(path), None, 0, oserror_reason(exc))
+    except ImageError as exc:
+        return HashResult(str(path), None, 0, exc.reason)
+    except OSError as exc:  # a read error after a successful open
+        return HashResult(str(path), None, 0, oserror_reason(exc, path))
 
 
 @dataclass
@@ -117,3 +111,79 @@ def plan_sync(store: FeatureStore, root: Path | None, hashed: Iterable[HashResul
         store.forget_skipped([p for p in list(skipped)
                               if p not in present and _under(normalise_path(p, real_dirs), root_s)])
     return plan
+
+
+def holds_nothing(store: FeatureStore) -> bool:
+    """A new store (or a rebuild's successor): no rows, no remembered bad files."""
+    return not store.manifest["shards"] and not store.manifest["skipped"]
+
+
+class HashesInBackground:
+    """Content hashes computed by a background thread while the files are embedded.
+
+    For a store that holds nothing yet, every listed file is embedded whatever its
+    hash (nothing can be unchanged, reused or known bad), so hashing need not
+    finish before the first image is decoded: a hash is needed only when its row is
+    written. On a GPU that indexes thousands of images a second, hashing every file
+    first was a serial phase in front of the pipeline (issue 14)."""
+
+    def __init__(self, results: Iterable[HashResult]) -> None:
+        self._results: dict[str, HashResult] = {}
+        self._changed = threading.Condition()
+        self._error: BaseException | None = None
+        self._finished = False
+        # A daemon: an interrupted run must not wait for the rest of the folder.
+        threading.Thread(target=self._consume, args=(results,), name="cbir-hash", daemon=True).start()
+
+    def _consume(self, results: Iterable[HashResult]) -> None:
+        try:
+            for result in results:
+                with self._changed:
+                    self._results[result.path] = result
+                    self._changed.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
+            self._error = exc
+        finally:
+            with self._changed:
+                self._finished = True
+                self._changed.notify_all()
+
+    def get(self, path: str) -> HashResult:
+        """The hash of ``path``, waiting for it if need be."""
+        with self._changed:
+            while path not in self._results:
+                if self._error is not None:
+                    raise self._error
+                if self._finished:
+                    raise KeyError(path)
+                self._changed.wait()
+            return self._results[path]
+
+    def wait(self) -> None:
+        """Until every file is hashed (the stat cache is then complete)."""
+        with self._changed:
+            while not self._finished:
+                self._changed.wait()
+        if self._error is not None:
+            raise self._error
+
+
+def plan_fresh(files: Sequence[Path | str], hashed: Iterable[HashResult]) -> tuple[Plan, HashesInBackground]:
+    """The plan for a store that :func:`holds_nothing`: embed every regular file,
+    hashing in the background. Anything else (a pipe named like an image, a file
+    that cannot be stat'ed) is refused now, before any reader could block on it."""
+    import stat
+
+    todo: list[Item] = []
+    unreadable = []
+    for path in map(str, files):
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:
+            regular = False
+        if regular:
+            todo.append((path, "", 0))  # hash and size: from the background hashes
+        else:
+            result = hash_one(path)
+            unreadable.append((path, result.error or "not a regular file"))
+    return Plan(todo, set(), [], 0, [], unreadable), HashesInBackground(hashed)

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..models.loading import model_fingerprint
+from ..imageio.files import is_under
+from ..models.loading import default_precision, model_fingerprint
+from ..models.quantize import Calibration, sample_calibration
 from ..paths import display_path
 from ..resolve import resolve_descriptor, resolve_index_dir, resolve_model
 from ..store.feature_store import FeatureStore
@@ -22,49 +24,82 @@ from ..store.transaction import WriteTransaction, write_transaction
 from .executor import EmbedRequest, Executor
 from .local import LocalExecutor
 from .options import ExtractOptions, ExtractSummary
-from .plan import Plan, plan_sync
+from .plan import HashesInBackground, Item, Plan, holds_nothing, plan_fresh, plan_sync
+from .statcache import StatCache
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..models.protocol import Embedder
     from ..models.registry import DescriptorSettings
+    from ..search.backends import BackendSpec
     from ..search.dba import DbaSettings
 
 SkipCallback = Callable[[str, str], None]
 NoticeCallback = Callable[[str], None]
 
 
+class RowsWithHashes:
+    """The transaction as a vector sink for items hashed in the background: each
+    row gets its content hash and size when it is written. A file that could not
+    be hashed (it vanished or became unreadable after it was decoded) is skipped."""
+
+    def __init__(self, txn: WriteTransaction, hashes: HashesInBackground, skip: SkipCallback) -> None:
+        self.txn, self.hashes, self.skip = txn, hashes, skip
+
+    def add(self, vectors: np.ndarray, items: Sequence[Item]) -> None:
+        results = [self.hashes.get(path) for path, _, _ in items]
+        keep = [k for k, r in enumerate(results) if r.sha256 is not None]
+        for r in results:
+            if r.sha256 is None:
+                self.skip(r.path, r.error or "unreadable")
+        if keep:
+            self.txn.add(vectors[keep], [(r.path, r.sha256 or "", r.size) for r in (results[k] for k in keep)])
+
+
 def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: EmbedRequest,
-               summary: ExtractSummary, skip: SkipCallback) -> None:
+               summary: ExtractSummary, skip: SkipCallback, hashes: HashesInBackground | None = None) -> None:
     """Write vectors for ``plan.todo`` (and ``plan.renamed``): reuse stored vectors of
     identical content, embed the rest (the model is loaded only if needed), record
-    undecodable files."""
+    undecodable files. ``hashes``: the todo items' hashes are still being computed
+    (:func:`~.plan.plan_fresh`)."""
     import numpy as np
 
     store = txn.store
     # Files whose exact content is already stored under another path (moved, copied,
     # or stored under an older spelling of the same path) reuse that vector.
+    # Only verified, valid vectors are reused (FeatureStore.vectors_for); a file
+    # whose stored vector is not one of them is embedded again.
     by_sha = {r.sha256: r for r in store.live_rows()}
     renamed = [item for _, item in plan.renamed]
-    reuse = [item for item in plan.todo if item[1] in by_sha]
-    if reuse or renamed:
-        vectors = store.vectors_for(by_sha[sha] for _, sha, _ in reuse + renamed)
-        txn.add(np.stack([vectors[by_sha[sha].id] for _, sha, _ in reuse + renamed]), reuse + renamed)
-        store.remove_paths(old for old, _ in plan.renamed)
+    vectors = store.vectors_for(by_sha[sha] for _, sha, _ in plan.todo + renamed if sha in by_sha)
+    reusable = {sha for sha, row in by_sha.items() if row.id in vectors}
+    reuse = [item for item in plan.todo if item[1] in reusable]
+    renamed_ok = [(old, item) for old, item in plan.renamed if item[1] in reusable]
+    if reuse or renamed_ok:
+        items = reuse + [item for _, item in renamed_ok]
+        txn.add(np.stack([vectors[by_sha[sha].id] for _, sha, _ in items]), items)
         summary.reused = len(reuse)
-    todo = [item for item in plan.todo if item[1] not in by_sha]
+    store.remove_paths(old for old, _ in plan.renamed)
+    todo = [item for item in plan.todo if item[1] not in reusable]
+    todo += [item for old, item in plan.renamed if item[1] not in reusable]
     if not todo:
         return
 
     def failed(i: int, reason: str) -> None:
         path, sha, _ = todo[i]
-        store.record_skipped(path, sha, reason)
+        if hashes is not None:
+            sha = hashes.get(path).sha256 or ""
+        if sha:  # remembered, so an unchanged bad file is not decoded again
+            store.record_skipped(path, sha, reason)
         if path in plan.replaced:
             # Its content changed into something undecodable: the stored vector
             # describes content that no longer exists.
             summary.removed += store.remove_paths([path])
         skip(path, reason)
 
-    summary.embedded += executor.embed(todo, request, txn, failed)
+    sink = txn if hashes is None else RowsWithHashes(txn, hashes, skip)
+    summary.embedded += executor.embed(todo, request, sink, failed)
 
 
 def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | str], request: EmbedRequest,
@@ -77,15 +112,55 @@ def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | 
         skipped.add(path)
         skip(path, reason)
 
-    plan = plan_sync(txn.store, root, executor.hash_files(files))
+    # Unchanged (size, mtime, ctime, inode) -> the hash recorded last time; only
+    # new or touched files are read and hashed (see .statcache).
+    stat_cache = StatCache.load(txn.root, trusted=not txn.rebuild)
+    hashed = stat_cache.hash_files(files, executor.hash_files)
+    hashes = None
+    if holds_nothing(txn.store) and executor.embeds_unhashed:
+        plan, hashes = plan_fresh(files, hashed)
+    else:
+        plan = plan_sync(txn.store, root, hashed)
+        if txn.store.committed:
+            stat_cache.save(keep_unlisted=root is None)
+    # Entries of folders that could not be listed are kept, not taken for deleted.
+    unreadable = [folder for folder, _ in getattr(files, "unreadable", [])]
+    plan.removed = [p for p in plan.removed if not is_under(p, unreadable)]
     summary.unchanged = plan.unchanged
     for path, reason in plan.unreadable + plan.known_bad:
         skip_one(path, reason)
-    embed_plan(plan, txn, executor, request, summary, skip_one)
+    embed_plan(plan, txn, executor, request, summary, skip_one, hashes)
+    if hashes is not None:
+        hashes.wait()
+    for path, reason in txn.rejected:  # vectors the store refused (not finite / not unit length)
+        skip_one(path, reason)
     summary.removed += txn.remove_paths(plan.removed)
     done = {p for p, _, _ in plan.todo} - skipped
     summary.updated = len(plan.replaced & done)
     summary.added = len(done) - summary.updated
+    if summary.embedded or summary.reused:  # a first run: the store is about to be committed
+        stat_cache.save(keep_unlisted=root is None)
+
+
+def choose_calibration(options: ExtractOptions, model: str, existing: FeatureStore | None, rebuild: bool,
+                       files: Sequence[Path | str], executor: Executor) -> Calibration | None:
+    """The int8 calibration to embed with, or None for fp32. ``auto`` follows the
+    store, and for a new one :func:`~cbir_cli.models.loading.default_precision`
+    decides; an int8 store keeps its calibration, so its vectors stay comparable; a
+    new int8 store, or a rebuild, calibrates on a seeded sample of the folder
+    (:func:`~cbir_cli.models.quantize.sample_calibration`)."""
+    from ..models.descriptors import DESCRIPTORS
+
+    if options.precision == "fp32" or model in DESCRIPTORS:
+        return None
+    same_model = existing is not None and existing.fingerprint.get("model") == model
+    stored = Calibration.from_fingerprint(existing.fingerprint) if same_model and existing is not None else None
+    if options.precision == "auto" and stored is None and (
+            same_model or default_precision(model, options.device, options.runtime) == "fp32"):
+        return None
+    if stored is not None and not rebuild:
+        return stored
+    return sample_calibration(files, executor.hash_files)
 
 
 def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | None,
@@ -93,11 +168,16 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
                  embedder: Embedder | None, on_skip: SkipCallback | None, on_notice: NoticeCallback | None,
                  rebuild: bool, executor: Executor | None,
                  after_commit: Callable[[FeatureStore], None] | None = None,
+                 on_begin: Callable[[FeatureStore], None] | None = None,
                  descriptor: DescriptorSettings | None = None) -> ExtractSummary:
     options = options or ExtractOptions()
     executor = executor or LocalExecutor(options)
     started = time.perf_counter()
     files = executor.list_images(Path(root).expanduser())  # a bad folder fails before anything else
+    for folder, reason in getattr(files, "unreadable", []):
+        if on_notice:
+            on_notice(f"warning: cannot read folder {display_path(folder)} ({reason}); "
+                      "what was indexed from it is kept")
     root_path = Path(root).expanduser().resolve()
     summary = ExtractSummary(files=len(files))
 
@@ -117,10 +197,16 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
             for notice in (choice.notice, descriptor_notice):
                 if notice and on_notice:
                     on_notice(notice)
-            fingerprint = model_fingerprint(choice.name, choice.weights, settings)
+            calibration = choose_calibration(options, choice.name, txn.existing, rebuild, files, executor)
+            fingerprint = model_fingerprint(choice.name, choice.weights, settings, calibration)
             request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime,
-                                   descriptor=settings)
+                                   descriptor=settings, calibration=calibration)
         store = txn.begin(fingerprint)
+        for repair in txn.repairs:
+            if on_notice:
+                on_notice(f"repaired: {repair}")
+        if on_begin is not None:
+            on_begin(store)
         if request.weights is not None:
             store.manifest["weights_path"] = str(Path(request.weights).expanduser().absolute())
         sync_files(txn, root_path, files, request, executor, summary, skip)
@@ -161,21 +247,30 @@ def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str]
                  options: ExtractOptions | None = None, index_type: str | None = None, rebuild: bool = False,
                  embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
                  on_notice: NoticeCallback | None = None, executor: Executor | None = None,
-                 descriptor: DescriptorSettings | None = None, dba: DbaSettings | None = None) -> ExtractSummary:
-    """``cbir index``: :func:`sync_folder`, then bring the search index and its DBA
+                 descriptor: DescriptorSettings | None = None, dba: DbaSettings | None = None,
+                 backend: BackendSpec | None = None, rebuild_backend: bool = False) -> ExtractSummary:
+    """``cbir index``: :func:`sync_folder`, then bring the search backend and its DBA
     vectors up to date with the committed store, all in one write transaction.
     ``index_type``: see :data:`cbir_cli.search.faiss_backend.INDEX_TYPES`; default:
     the saved index's type, else auto. ``dba``: database-side augmentation for
-    re-ranking (:mod:`cbir_cli.search.dba`); default: the saved one's, else on."""
-    from ..search.faiss_backend import FaissBackend, resolve_index_type
-    from ..search.rerank import RerankingBackend
+    re-ranking (:mod:`cbir_cli.search.dba`); default: the saved one's, else on.
+    ``backend``: the search backend to use from now on (recorded in the index;
+    default: the recorded one, else Faiss); it is checked before any work, so an
+    unreachable or incompatible one writes nothing. ``rebuild_backend``:
+    re-populate it (and the DBA vectors) from the shards instead of updating it."""
+    from ..search.backends import check_target, choose_spec, record_spec, refresh_backend
+    from ..search.faiss_backend import resolve_index_type
 
-    if index_type is not None:
+    if index_type is not None and (backend is None or backend.name == "faiss"):
         resolve_index_type(index_type, 0)  # validate before any work
 
+    def begin(store: FeatureStore) -> None:
+        spec = choose_spec(backend, index_type, store)
+        check_target(spec, store)
+        record_spec(store, spec)
+
     def refresh(store: FeatureStore) -> None:
-        RerankingBackend(FaissBackend(), dba=dba).refresh(store, index_type)
+        refresh_backend(store, index_type, rebuild=rebuild_backend, dba=dba)
 
     return _sync_folder(root, resolve_index_dir(index_dir), model, weights, options, embedder, on_skip, on_notice,
-                        rebuild, executor, after_commit=refresh, descriptor=descriptor)
-
+                        rebuild, executor, after_commit=refresh, on_begin=begin, descriptor=descriptor)

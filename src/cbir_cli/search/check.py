@@ -8,8 +8,10 @@ Reads everything the manifest names and checks, without changing anything:
 * ids: unique, below ``next_id``; live paths unique;
 * the model: known, same dimension and preprocessing as the registry now defines,
   a weights file still present with the recorded hash;
-* the search backend (if saved for the current generation): checksum, count, dim
-  and the same vectors as the shards.
+* the search backend the index records (if saved for the current generation):
+  checksum, count, dim and the same vectors as the shards (Faiss); the collection
+  exists and holds exactly the store's live ids (Milvus); the DBA vectors saved
+  next to it for re-ranking (:mod:`.dba`): checksums, the same live ids.
 
 A stale or missing search index and leftover files of an interrupted run are
 reported as notes, not problems: queries rebuild the index in memory, and the next
@@ -23,11 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import CbirError
 from ..models.loading import fingerprint_problems
 from ..store.feature_store import FeatureStore
 from ..store.integrity import shard_problems
 from ..store.manifest import MANIFEST, inspect_manifest
-from .faiss_backend import FaissBackend
+from .backends import backend_for, opened
 from .rerank import RerankingBackend
 
 
@@ -41,10 +44,13 @@ class CheckReport:
     generation: int = 0
     model: str | None = None
     dim: int | None = None
+    backend: str = "faiss"
     search_index: str = "missing"  # current | stale | missing
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
+    # The remedy when every problem is the search backend's and it has its own.
+    backend_repair: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -53,7 +59,7 @@ class CheckReport:
     @property
     def repair(self) -> str | None:
         """The remedy (a :data:`cbir_cli.errors.REMEDIES` key), None when consistent."""
-        return None if self.ok else "rebuild"
+        return None if self.ok else self.backend_repair or "rebuild"
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok, "repair": self.repair}
@@ -81,8 +87,17 @@ def check_index(index_dir: str | os.PathLike[str]) -> CheckReport:
         return report
     live_vectors = shard_problems(store, report.problems)
     if live_vectors is not None:
-        backend = RerankingBackend(FaissBackend()).check(store, live_vectors)
-        report.search_index = backend.state
-        report.problems.extend(backend.problems)
-        report.notes.extend(backend.notes)
+        try:
+            backend = RerankingBackend(backend_for(store))
+        except CbirError as exc:  # a recorded backend this installation cannot use
+            report.problems.append(f"{manifest_path}: search backend: {exc.message}")
+            return report
+        with opened(backend):
+            found = backend.check(store, live_vectors)
+        report.backend = backend.name
+        report.search_index = found.state
+        if not report.problems:
+            report.backend_repair = found.repair
+        report.problems.extend(found.problems)
+        report.notes.extend(found.notes)
     return report

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, CorruptStoreError
-from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, file_sha256, fsync_dir, read_json_meta
+from ..fsutil import (
+    TMP_MARK,
+    atomic_write_bytes,
+    atomic_write_json,
+    bytes_sha256,
+    file_sha256,
+    fsync_dir,
+    read_json_meta,
+)
 from ..store.manifest import INDEX_DIR
 
 if TYPE_CHECKING:
@@ -44,6 +52,9 @@ INCREMENTAL_MAX_SHARE = 0.5
 SEARCH_BATCH = 32
 # Reverse neighbours kept per row (see Augmentation.with_reverse).
 REVERSE_WIDTH = 8
+DBA_META_KEYS: dict[str, type | tuple[type, ...]] = {
+    "generation": int, "count": int, "dim": int, "depth": int, "alpha": (int, float), "sha256": str,
+    "neighbours_sha256": str}
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,8 @@ def gather(backend: SearchBackend, ids: np.ndarray) -> np.ndarray:
     flat = ids.reshape(-1)
     valid = flat >= 0
     found = backend.vectors(flat[valid])
-    out = np.zeros((flat.size, found.shape[1] if found.size else 0), dtype=np.float32)
+    # found is (0, d) when every id is padding (an index of one image has no neighbours).
+    out = np.zeros((flat.size, found.shape[1] if found.ndim == 2 else 0), dtype=np.float32)
     out[valid] = found
     return out.reshape(*ids.shape, -1)
 
@@ -264,7 +276,32 @@ def dba_paths(store: FeatureStore) -> tuple[Path, Path, Path]:
 
 
 def read_dba_meta(store: FeatureStore) -> dict[str, Any] | None:
-    return read_json_meta(dba_paths(store)[2])
+    """The saved augmentation's meta, None when there is none; CorruptStoreError
+    naming the file when it is not a JSON object with the keys and types it must have."""
+    meta_file = dba_paths(store)[2]
+    meta = read_json_meta(meta_file)
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)
+                                         for k, t in DBA_META_KEYS.items()):
+        raise CorruptStoreError(f"{meta_file}: not a DBA description (damaged)")
+    try:
+        DbaSettings(meta["depth"], meta["alpha"])
+    except CbirError:
+        raise CorruptStoreError(f"{meta_file}: not a DBA description (damaged)") from None
+    return meta
+
+
+def augmentation_intact(store: FeatureStore) -> bool:
+    """Whether the saved augmentation's files still have the checksums its meta
+    recorded (what a writer checks before it keeps or updates them)."""
+    meta = read_dba_meta(store)
+    vectors_file, neighbours_file, _ = dba_paths(store)
+    try:
+        return meta is not None and file_sha256(vectors_file) == meta["sha256"] and \
+            file_sha256(neighbours_file) == meta["neighbours_sha256"]
+    except OSError:
+        return False
 
 
 def saved_settings(store: FeatureStore) -> DbaSettings | None:
@@ -272,7 +309,7 @@ def saved_settings(store: FeatureStore) -> DbaSettings | None:
     meta = read_dba_meta(store)
     if meta is None:
         return None
-    return DbaSettings(int(meta.get("depth", 0)), float(meta.get("alpha", 3.0)))
+    return DbaSettings(meta["depth"], float(meta["alpha"]))
 
 
 def file_allocator(store: FeatureStore) -> tuple[Allocate, Callable[[], Path | None]]:
@@ -327,27 +364,42 @@ def load_augmentation(store: FeatureStore, settings: DbaSettings | None = None,
                       any_generation: bool = False) -> Augmentation | None:
     """The saved augmentation if it is current (the store's generation, and
     ``settings`` when given), else None; ``any_generation``: also a stale one (the
-    starting point of an update). Sizes are checked; contents (checksums) by
-    :func:`check_augmentation`, since the vectors are memory-mapped."""
+    starting point of an update). Sizes are checked, and the neighbour lists' checksum
+    (they name the ids a search returns); the vectors' checksum by
+    :func:`check_augmentation` and writers, since readers memory-map them."""
+    import io
+
     import numpy as np
 
     meta = read_dba_meta(store)
     if meta is None or (meta.get("generation") != store.generation and not any_generation):
         return None
-    saved = DbaSettings(int(meta.get("depth", 0)), float(meta.get("alpha", 3.0)))
+    saved = DbaSettings(meta["depth"], float(meta["alpha"]))
     if settings is not None and saved != settings:
         return None
-    vectors_file, neighbours_file, _ = dba_paths(store)
+    vectors_file, neighbours_file, meta_file = dba_paths(store)
     arrays = []
-    for path, mode in ((vectors_file, "r"), (neighbours_file, None)):
+    for path in (vectors_file, neighbours_file):
         try:
-            arrays.append(np.load(path, mmap_mode=mode))
-        except (OSError, ValueError) as exc:
-            raise CorruptStoreError(f"{path}: damaged ({exc})") from None
+            if path == vectors_file:
+                arrays.append(np.load(path, mmap_mode="r"))
+                continue
+            data = path.read_bytes()
+            if bytes_sha256(data) != meta["neighbours_sha256"]:
+                raise CorruptStoreError(f"{path}: checksum mismatch (damaged, or {meta_file.name} is)")
+            arrays.append(np.load(io.BytesIO(data)))
+        except CorruptStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - numpy's header parser raises EOFError, SyntaxError...
+            raise CorruptStoreError(f"{path}: damaged ({exc or type(exc).__name__})") from None
     vectors, table = arrays
     count, depth = int(meta.get("count", -1)), saved.depth
-    if vectors.shape != (count, store.dim) or table.shape != (count, 1 + 2 * depth):
-        raise CorruptStoreError(f"{vectors_file}: holds {vectors.shape}, its meta says {count} x {store.dim}")
+    if vectors.shape != (count, store.dim) or vectors.dtype != np.float32:
+        raise CorruptStoreError(f"{vectors_file}: holds {vectors.shape} {vectors.dtype}, {meta_file.name} says "
+                                f"{count} x {store.dim} float32")
+    if table.shape != (count, 1 + 2 * depth) or table.dtype != np.int64:
+        raise CorruptStoreError(f"{neighbours_file}: holds {table.shape} {table.dtype}, {meta_file.name} says "
+                                f"{count} x {1 + 2 * depth} int64")
     return Augmentation(saved, table[:, 0].copy(), table[:, 1:1 + depth].copy(),
                         table[:, 1 + depth:].copy().view(np.float64).astype(np.float32), vectors)
 
@@ -365,9 +417,10 @@ def check_augmentation(store: FeatureStore, live_ids: np.ndarray) -> tuple[str, 
         augmentation = load_augmentation(store)
     except CorruptStoreError as exc:
         return "current", [exc.message]
-    vectors_file, neighbours_file, _ = dba_paths(store)
+    vectors_file, neighbours_file, meta_file = dba_paths(store)
     files = ((vectors_file, "sha256"), (neighbours_file, "neighbours_sha256"))
-    problems = [f"{path}: checksum mismatch (damaged)" for path, key in files if file_sha256(path) != meta.get(key)]
+    problems = [f"{path}: checksum mismatch (damaged, or {meta_file.name} is)" for path, key in files
+                if file_sha256(path) != meta.get(key)]
     if augmentation is not None and not np.array_equal(augmentation.ids, live_ids):
         problems.append(f"{vectors_file}: augments other images than the store holds")
     return "current", problems

@@ -18,7 +18,7 @@ from ..errors import CbirError, CorruptStoreError
 from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256, read_json_meta
 from ..store.feature_store import FeatureStore
 from ..store.manifest import INDEX_DIR
-from ..store.vectors import ShardVectors
+from ..store.vectors import ShardVectors, row_table
 from .exact import as_queries, empty_results, rerank
 from .protocol import BackendCheck
 
@@ -111,7 +111,7 @@ def _training_sample(vectors: Any, n: int, lists: int) -> np.ndarray:
     return np.ascontiguousarray(vectors[picks], dtype=np.float32)
 
 
-def build_index(vectors: Any, index_type: str = "flat", add_chunk: int = 65536) -> faiss.Index:
+def build_index(vectors: Any, index_type: str = "flat", add_chunk: int = 16384) -> faiss.Index:
     """An inner-product Faiss index holding ``vectors`` (row i gets label i).
 
     ``vectors``: an (n, d) array, a memory map, or anything indexable by an array of
@@ -189,8 +189,28 @@ def save_index(store: FeatureStore, index: faiss.Index, index_type: str) -> None
     )
 
 
+INDEX_META_KEYS = {"generation": int, "count": int, "index_type": str, "sha256": str, "dim": int}
+
+
 def read_index_meta(store: FeatureStore) -> dict[str, Any] | None:
-    return read_json_meta(index_paths(store)[1])
+    """The saved index's meta, None when there is none; CorruptStoreError naming the
+    file when it is not a JSON object with the keys and types it must have."""
+    meta_file = index_paths(store)[1]
+    meta = read_json_meta(meta_file)
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)
+                                         for k, t in INDEX_META_KEYS.items()) or meta["index_type"] not in INDEX_TYPES:
+        raise CorruptStoreError(f"{meta_file}: not a search index description (damaged)")
+    return meta
+
+
+def saved_index_intact(store: FeatureStore, meta: dict[str, Any]) -> bool:
+    """Whether the saved index file still has the checksum its meta recorded."""
+    try:
+        return bytes_sha256(index_paths(store)[0].read_bytes()) == meta["sha256"]
+    except OSError:
+        return False
 
 
 def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
@@ -203,13 +223,13 @@ def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
     meta = read_index_meta(store)
     if meta is None or meta.get("generation") != store.generation:
         return None
-    index_file, _ = index_paths(store)
+    index_file, meta_file = index_paths(store)
     try:
         data = index_file.read_bytes()
     except OSError as exc:
         raise CorruptStoreError(f"{index_file}: unreadable ({exc})") from None
     if bytes_sha256(data) != meta.get("sha256"):
-        raise CorruptStoreError(f"{index_file}: checksum mismatch (damaged)")
+        raise CorruptStoreError(f"{index_file}: checksum mismatch (damaged, or {meta_file.name} is)")
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     if index.ntotal != store.count or index.d != store.dim:
         raise CorruptStoreError(
@@ -273,13 +293,23 @@ class FaissBackend:
             kind = f"{resolve_index_type(index_type, int(index.ntotal))} (in memory)"
         self._use(store, index, kind)
 
-    def refresh(self, store: FeatureStore, index_type: str | None = None) -> None:
-        """Rebuild and save the index when it is stale, missing or of another type."""
-        meta = read_index_meta(store)
+    def refresh(self, store: FeatureStore, index_type: str | None = None) -> bool:
+        """Rebuild and save the index when it is stale, missing, damaged (its meta
+        unreadable or its file not matching its checksum) or of another type.
+        Returns whether it was rebuilt."""
+        try:
+            meta = read_index_meta(store)
+        except CorruptStoreError:
+            meta = None
         if index_type is None:
             index_type = str(meta.get("index_type", "auto")) if meta else "auto"
-        if meta is None or meta.get("generation") != store.generation or meta.get("index_type") != index_type:
+            if index_type not in INDEX_TYPES:
+                index_type = "auto"
+        if (meta is None or meta.get("generation") != store.generation or meta.get("index_type") != index_type
+                or not saved_index_intact(store, meta)):
             self.build(store, index_type)
+            return True
+        return False
 
     def load(self, store: FeatureStore) -> bool:
         loaded = load_index(store)
@@ -289,9 +319,8 @@ class FaissBackend:
         return True
 
     def _use(self, store: FeatureStore, index: faiss.Index, kind: str) -> None:
-        import numpy as np
 
-        ids = np.fromiter((r.id for r in store.live_rows()), dtype=np.int64)
+        ids = row_table(store).ids
         if len(ids) != index.ntotal:
             raise CorruptStoreError(f"{store.root}: index has {index.ntotal} vectors but the store {len(ids)}")
         self.index, self.index_type, self.ids = index, kind, ids
@@ -401,3 +430,9 @@ class FaissBackend:
             if not np.allclose(index.reconstruct_n(0, index.ntotal), live_vectors, atol=1e-6):
                 report.problems.append(f"{index_paths(store)[0]}: holds other vectors than the shards")
         return report
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact on a flat index, a k-NN search with a threshold on HNSW/IVF-PQ (:mod:`.range`)."""
+        from .range import faiss_range_search
+
+        return faiss_range_search(self._require(), queries, threshold, self.ids, self.search)

@@ -4,15 +4,18 @@ The store's shards are the source of truth; a backend is derived data that can
 always be rebuilt from them. Every backend answers in store row ids (stable
 integers, never reused), so callers never depend on an engine's internal order.
 :class:`~cbir_cli.search.searcher.Searcher`, ``cbir query``, ``cbir serve`` and
-``cbir evaluate`` talk to this protocol only. Implementations:
-:class:`~cbir_cli.search.faiss_backend.FaissBackend` (embedded, the default);
-tests add a numpy fake.
+``cbir evaluate`` talk to this protocol only; :mod:`.backends` makes the one a
+store's manifest records. Implementations:
+:class:`~cbir_cli.search.faiss_backend.FaissBackend` (embedded, the default),
+:class:`~cbir_cli.search.milvus_backend.MilvusBackend` (Milvus Lite or a Milvus
+server); tests add a numpy fake.
 
 Array contract (as faiss): float32 (n, d) queries in; ``(scores, ids)`` out, each
 (nq, k), scores are inner products (= cosine for unit vectors), best first,
 ``ids == -1`` with score ``-inf`` where fewer than k results exist. (A re-ranking
 backend, :mod:`.rerank`, orders by its re-ranking: each score is still the
-result's inner product with the query, so scores need not decrease.)
+result's inner product with the query, so scores need not decrease.) Range
+search answers Faiss's packed ``(lims, scores, ids)`` (see :mod:`.range`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class BackendCheck:
     state: str = "missing"  # current | stale | missing
     problems: list[str] = field(default_factory=list)  # damage: the index must be rebuilt
     notes: list[str] = field(default_factory=list)  # worth knowing, harmless
+    # The remedy key (cbir_cli.errors.REMEDIES) for ``problems``; None: rebuild the index.
+    repair: str | None = None
 
 
 @runtime_checkable
@@ -52,10 +57,11 @@ class SearchBackend(Protocol):
         store's current generation (writers only, holding the store's lock)."""
         ...
 
-    def refresh(self, store: FeatureStore, index_type: str | None = None) -> None:
+    def refresh(self, store: FeatureStore, index_type: str | None = None) -> bool:
         """Writers, after each commit: bring what is saved up to date with the
-        store's committed state (``index_type`` None: keep the saved type, else the
-        default)."""
+        store's committed state, rebuilding it when stale, missing or damaged
+        (``index_type`` None: keep the saved type, else the default). Returns
+        whether it rebuilt."""
         ...
 
     def load(self, store: FeatureStore) -> bool:
@@ -73,6 +79,13 @@ class SearchBackend(Protocol):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ``(scores, ids)`` per query, exact scores (see the module docstring)."""
+        ...
+
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every indexed vector scoring ``>= threshold`` against each query, as
+        ``(lims, scores, ids)``: query ``i``'s results are ``scores[lims[i]:lims[i+1]]``
+        and ``ids[...]``, best first, exact scores (see :mod:`.range`). Exact for an
+        exact index; an approximate one may miss what its k-NN search misses."""
         ...
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:

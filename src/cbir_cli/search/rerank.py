@@ -32,6 +32,7 @@ from .dba import (
     Augmentation,
     DbaSettings,
     augment,
+    augmentation_intact,
     check_augmentation,
     expand,
     file_allocator,
@@ -91,15 +92,12 @@ class RerankSettings:
 NO_RERANKING = RerankSettings(qe_depth=0, pin_first=False, use_dba=False)
 
 
-def reranking_backend(settings: RerankSettings | None = None, inner: SearchBackend | None = None) -> SearchBackend:
-    """The backend ``cbir query`` and ``cbir serve`` search with: ``inner`` (default:
-    Faiss) re-ranked with ``settings`` (default: on); :data:`NO_RERANKING` gives
-    ``inner`` itself."""
-    from .faiss_backend import FaissBackend
-
-    inner = inner if inner is not None else FaissBackend()
-    settings = settings if settings is not None else RerankSettings()
-    return inner if settings == NO_RERANKING else RerankingBackend(inner, settings)
+def reranked(inner: SearchBackend, settings: RerankSettings | None) -> SearchBackend:
+    """``inner`` re-ranked with ``settings``; None or :data:`NO_RERANKING`: ``inner``
+    itself (what :meth:`~cbir_cli.search.searcher.Searcher.open` searches with)."""
+    if settings is None or settings == NO_RERANKING or isinstance(inner, RerankingBackend):
+        return inner
+    return RerankingBackend(inner, settings)
 
 
 def rerank_search(backend: SearchBackend, augmentation: Augmentation | None, settings: RerankSettings,
@@ -199,8 +197,18 @@ class RerankingBackend:
     def count(self) -> int:
         return self.inner.count
 
-    def _settings_for(self, store: FeatureStore) -> DbaSettings:
-        return self.dba or saved_settings(store) or DbaSettings()
+    def _settings_for(self, store: FeatureStore, writing: bool = False) -> DbaSettings:
+        """The augmentation's settings: this backend's, else the saved one's, else the
+        default. A damaged saved description: readers refuse it (naming the file), a
+        writer makes the augmentation again."""
+        if self.dba is not None:
+            return self.dba
+        try:
+            return saved_settings(store) or DbaSettings()
+        except CbirError:
+            if not writing:
+                raise
+            return DbaSettings()
 
     def _live_ids(self, store: FeatureStore) -> np.ndarray:
         import numpy as np
@@ -223,27 +231,36 @@ class RerankingBackend:
             self.augmentation = augment(self.inner, self._live_ids(store), settings, previous)
 
     def build(self, store: FeatureStore, index_type: str, persist: bool = True) -> None:
+        """Build the inner index and the augmentation; ``persist``: save both (a
+        writer), else in memory (a reader facing a stale index: the augmentation
+        as :meth:`load` makes a missing one)."""
         self.inner.build(store, index_type, persist)
-        if self.settings.use_dba:
-            self._augment(store, self._settings_for(store), persist)
+        if not persist:
+            self._load_augmentation(store)
+        elif self.settings.use_dba:
+            self._augment(store, self._settings_for(store, writing=True), persist)
 
-    def refresh(self, store: FeatureStore, index_type: str | None = None) -> None:
+    def refresh(self, store: FeatureStore, index_type: str | None = None) -> bool:
         """Bring the saved index and augmentation up to date (the augmentation
-        incrementally from the previous one where possible)."""
-        self.inner.refresh(store, index_type)
-        settings = self._settings_for(store)
+        incrementally from the previous one where possible). Returns whether
+        either was made again."""
+        rebuilt = self.inner.refresh(store, index_type)
+        settings = self._settings_for(store, writing=True)
         try:
-            if load_augmentation(store, settings) is not None:
-                return
+            if load_augmentation(store, settings) is not None and augmentation_intact(store):
+                return rebuilt
         except CbirError:
             pass  # damaged: made again below
         if not self.inner.load(store):
             self.inner.build(store, index_type or "auto")
         try:
             previous = load_augmentation(store, settings, any_generation=True)
+            if previous is not None and not augmentation_intact(store):
+                previous = None  # damaged: recompute from scratch
         except CbirError:
-            previous = None  # damaged: recompute from scratch
+            previous = None
         self._augment(store, settings, persist=True, previous=previous)
+        return True
 
     def load(self, store: FeatureStore) -> bool:
         if not self.inner.load(store):
@@ -308,12 +325,26 @@ class RerankingBackend:
             scores[valid] = np.einsum("md,md->m", np.asarray(queries, dtype=np.float32)[rows], found)
         return scores, ids
 
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The inner backend's range search: a range is a set of raw cosines to the
+        query (near duplicates, a minimum score), never a re-ranked order."""
+        return self.inner.range_search(queries, threshold)
+
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         return self.inner.vectors(ids)
+
+    def close(self) -> None:
+        """Let go of the inner backend's connection, if it holds one (Milvus)."""
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
 
     def check(self, store: FeatureStore, live_vectors: np.ndarray) -> BackendCheck:
         report = self.inner.check(store, live_vectors)
         state, problems = check_augmentation(store, self._live_ids(store))
+        if problems and not report.problems:
+            # Re-populating the backend from the shards makes them again.
+            report.repair = "rebuild-backend"
         report.problems += problems
         if state != "current":
             report.notes.append(f"DBA vectors {state}; queries compute them in memory up to {IN_MEMORY_MAX:,} "

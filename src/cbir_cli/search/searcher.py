@@ -10,17 +10,23 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, CorruptStoreError
 from ..imageio.decode import load_image
+from ..imageio.region import Box
 from ..models.protocol import embed_images
-from ..paths import display_path
+from ..models.quantize import Calibration
+from ..paths import common_folder, display_path, normalise_path
 from ..resolve import resolve_index_dir
 from ..store.feature_store import FeatureStore, Row
 from ..store.manifest import check_fingerprint
-from .faiss_backend import FaissBackend
+from ..store.vectors import RowTable, row_table
+from .backends import backend_for
+from .filters import PassingCount, ResultFilter, filtered_search, passing_counts
+from .rerank import RerankingBackend, reranked
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,8 +34,10 @@ if TYPE_CHECKING:
 
     from ..models.protocol import Embedder
     from .protocol import SearchBackend
+    from .rerank import RerankSettings
 
 MAX_K = 1000
+ALLOWED_CACHE_ENTRIES = 8  # folder filters remembered per Searcher
 
 
 @dataclass(frozen=True)
@@ -43,11 +51,13 @@ class Hit:
         return asdict(self)
 
 
-def open_backend(store: FeatureStore, backend: SearchBackend | None = None) -> SearchBackend:
-    """The store's search backend (default: Faiss), loaded if saved for the current
-    generation, else an exact one built in memory from the committed shards (a
-    reader never writes)."""
-    backend = backend if backend is not None else FaissBackend()
+def open_backend(store: FeatureStore, backend: SearchBackend | None = None,
+                 rerank: RerankSettings | None = None) -> SearchBackend:
+    """The store's search backend (default: the one its manifest records, see
+    :func:`~cbir_cli.search.backends.backend_for`), re-ranked with ``rerank`` when
+    given (:mod:`.rerank`), loaded if saved for the current generation, else an
+    exact one built in memory from the committed shards (a reader never writes)."""
+    backend = reranked(backend if backend is not None else backend_for(store), rerank)
     if not backend.load(store):
         backend.build(store, "flat", persist=False)
     return backend
@@ -63,24 +73,27 @@ class Searcher:
         self.device = device
         self.runtime = runtime  # model runtime when the embedder is loaded here: torch | onnx | auto
         self._embedder = embedder
-        self.rows: list[Row] = store.live_rows()
-        # id -> position in self.rows; built once, a search by id on a large index
-        # must not rebuild it.
-        self._position_by_id = {r.id: i for i, r in enumerate(self.rows)}
+        # Compact (arrays, not a Row object per row): ~70 MB at 1M rows, not ~700 MB.
+        # Indexing it gives Row objects; rows.position(id) is a binary search.
+        self.rows: RowTable = row_table(store)
+        self._allowed_cache: dict[str, np.ndarray | None] = {}
         if len(self.rows) != backend.count:
             raise CorruptStoreError(f"{store.root}: index has {backend.count} vectors but the store {len(self.rows)}")
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike[str] | None = None, device: str = "auto",
              embedder: Embedder | None = None, runtime: str = "auto",
-             backend: SearchBackend | None = None) -> Searcher:
+             backend: SearchBackend | None = None, rerank: RerankSettings | None = None) -> Searcher:
         """Open the index at ``index_dir`` (default: ``$CBIR_INDEX`` or the user data dir).
 
         If the saved index is stale (an indexing run committed since), an exact index
         is built in memory from the committed shards, so results always reflect the
         last committed state and never a partial one. ``embedder``: the model, already
         loaded (default: the store's own, loaded on first use); ``backend``: the search
-        backend to load or build (default: Faiss).
+        backend to load or build (default: the one the index records, Faiss or
+        Milvus); ``rerank``: re-rank its results with these settings (alpha-QE, DBA;
+        :mod:`.rerank`). The library's default is None, the plain ranking by cosine;
+        ``cbir query`` and ``cbir serve`` pass :class:`~.rerank.RerankSettings()`.
         """
         root = resolve_index_dir(index_dir)
         attempts = 3
@@ -88,7 +101,7 @@ class Searcher:
             store = None
             try:
                 store = FeatureStore.open(root)
-                return cls._open_store(store, device, embedder, runtime, backend)
+                return cls._open_store(store, device, embedder, runtime, backend, rerank)
             except CorruptStoreError:
                 # A writer committing (and deleting dropped shards, replacing the
                 # saved index) while we read looks like damage: retry on its new
@@ -99,12 +112,12 @@ class Searcher:
 
     @classmethod
     def _open_store(cls, store: FeatureStore, device: str, embedder: Embedder | None, runtime: str,
-                    backend: SearchBackend | None) -> Searcher:
+                    backend: SearchBackend | None, rerank: RerankSettings | None) -> Searcher:
         if store.count == 0:
             raise CbirError(f"{store.root}: the index is empty; add images to it first")
         if embedder is not None:
             check_fingerprint(store.fingerprint, embedder.fingerprint(), store.root)
-        return cls(store, open_backend(store, backend), device, embedder, runtime)
+        return cls(store, open_backend(store, backend, rerank), device, embedder, runtime)
 
     # -- model -------------------------------------------------------------
 
@@ -116,7 +129,8 @@ class Searcher:
 
             fp = self.store.fingerprint
             weights = self.store.manifest.get("weights_path")
-            self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime, descriptor_of(fp))
+            self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime,
+                                           descriptor=descriptor_of(fp), calibration=Calibration.from_fingerprint(fp))
             check_fingerprint(fp, self._embedder.fingerprint(), self.store.root)
         return self._embedder
 
@@ -127,6 +141,12 @@ class Searcher:
     @property
     def index_type(self) -> str:
         return self.backend.index_type
+
+    @property
+    def rerank(self) -> RerankSettings | None:
+        """The re-ranking this searcher was opened with (None: plain), so that a
+        reopened state (a server's reload) is searched the same way."""
+        return self.backend.settings if isinstance(self.backend, RerankingBackend) else None
 
     @property
     def model_name(self) -> str:
@@ -141,9 +161,14 @@ class Searcher:
 
     def row(self, image_id: int) -> Row:
         try:
-            return self.rows[self._position_by_id[image_id]]
+            return self.rows[self.rows.position(image_id)]
         except KeyError:
             raise CbirError(f"no image with id {image_id} in the index") from None
+
+    @cached_property
+    def folder(self) -> str:
+        """The folder that was indexed, as far as the rows tell (their deepest common folder)."""
+        return common_folder([r.path for r in self.rows])
 
     def path_of(self, image_id: int) -> Path:
         return Path(self.row(image_id).path)
@@ -155,9 +180,38 @@ class Searcher:
             raise CbirError(f"k must be between 1 and {MAX_K} (got {k})")
         return k
 
-    def search_vectors(self, queries: np.ndarray, k: int = 5) -> list[list[Hit]]:
+    def _allowed_ids(self, result_filter: ResultFilter) -> np.ndarray | None:
+        """Ids below the filter's folder, computed once per folder (this Searcher
+        sees one committed state, so they cannot change)."""
+        if result_filter.under is None:
+            return None
+        if result_filter.under not in self._allowed_cache:
+            if len(self._allowed_cache) >= ALLOWED_CACHE_ENTRIES:
+                self._allowed_cache.pop(next(iter(self._allowed_cache)))
+            self._allowed_cache[result_filter.under] = result_filter.allowed_ids(self.rows)
+        return self._allowed_cache[result_filter.under]
+
+    def _can_pass(self, result_filter: ResultFilter, allowed: np.ndarray | None) -> PassingCount | None:
+        """For a re-ranked list (scores need not decrease) with a minimum score: how
+        many results of each query can pass, from a raw range search (see
+        :func:`~.filters.filtered_search`); None where the scores come best first."""
+        min_score = result_filter.min_score
+        if min_score is None or not isinstance(self.backend, RerankingBackend):
+            return None
+        range_search = self.backend.range_search
+        return lambda queries: passing_counts(range_search, queries, min_score, allowed)
+
+    def search_vectors(self, queries: np.ndarray, k: int = 5,
+                       result_filter: ResultFilter | None = None) -> list[list[Hit]]:
+        """Top-k hits per query vector; ``result_filter``: only results below a
+        folder and/or at or above a score, still k of them when k qualify."""
         k = self._check_k(k)
-        scores, ids = self.backend.search(queries, min(k, self.count))
+        if result_filter is not None and result_filter.active:
+            allowed = self._allowed_ids(result_filter)
+            scores, ids = filtered_search(self.backend.search, queries, min(k, self.count), self.count,
+                                          result_filter, allowed, self._can_pass(result_filter, allowed))
+        else:
+            scores, ids = self.backend.search(queries, min(k, self.count))
         results = []
         for score_row, id_row in zip(scores, ids):
             hits = []
@@ -169,18 +223,39 @@ class Searcher:
             results.append(hits)
         return results
 
-    def search_images(self, images: Sequence[PILImage.Image], k: int = 5) -> list[list[Hit]]:
-        return self.search_vectors(embed_images(self.embedder, images), k)
+    def search_images(self, images: Sequence[PILImage.Image], k: int = 5, box: Box | None = None,
+                      result_filter: ResultFilter | None = None) -> list[list[Hit]]:
+        """Embed decoded images and search; ``box``: search with that region of each
+        (pixels of the image as given, or fractions)."""
+        if box is not None:
+            images = [box.crop(image) for image in images]
+        return self.search_vectors(embed_images(self.embedder, images), k, result_filter)
 
-    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 5) -> list[list[Hit]]:
+    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 5, box: Box | None = None,
+                     result_filter: ResultFilter | None = None) -> list[list[Hit]]:
         """Embed image files and search. An unreadable file raises ImageError naming it."""
-        images = [load_image(p, draft_size=self.embedder.config.draft_size) for p in paths]
-        return self.search_images(images, k)
+        # A region is cut from the full-size picture: a reduced (draft) JPEG decode
+        # would shift pixel coordinates and leave a small region too few pixels.
+        draft = None if box is not None else self.embedder.config.draft_size
+        images = [load_image(p, draft_size=draft) for p in paths]
+        return self.search_images(images, k, box, result_filter)
 
-    def search_ids(self, image_ids: Sequence[int], k: int = 5) -> list[list[Hit]]:
-        """Use indexed images as queries (their stored vectors; no model needed)."""
+    def search_ids(self, image_ids: Sequence[int], k: int = 5, box: Box | None = None,
+                   result_filter: ResultFilter | None = None) -> list[list[Hit]]:
+        """Use indexed images as queries: their stored vectors (no model needed), or
+        with a ``box``, that region of their files (embedded)."""
         import numpy as np
 
-        for image_id in image_ids:
-            self.row(image_id)  # unknown id -> CbirError naming it
-        return self.search_vectors(self.backend.vectors(np.asarray(image_ids, dtype=np.int64)), k)
+        rows = [self.row(image_id) for image_id in image_ids]  # unknown id -> CbirError naming it
+        if box is not None:
+            return self.search_paths([r.path for r in rows], k, box, result_filter)
+        return self.search_vectors(self.backend.vectors(np.asarray(image_ids, dtype=np.int64)), k, result_filter)
+
+    def id_of_path(self, path: str | os.PathLike[str]) -> int:
+        """The id of an indexed file, by its path (any spelling of it)."""
+        key = normalise_path(path)
+        for row in self.rows:
+            if row.path == key:
+                return row.id
+        raise CbirError(f"{display_path(path)}: not in the index {self.store.root} (index it first, or query "
+                        "with the image itself)")

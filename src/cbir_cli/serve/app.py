@@ -1,10 +1,14 @@
-"""``cbir serve``: the upload-and-search web page and its JSON API (Flask).
+"""``cbir serve``: the upload-and-search web page and its JSON API (Flask), served
+by waitress (:mod:`.http`).
 
 The app is made by :func:`create_app`, which opens the index and loads the model
-once, so every request reuses them. Files are only ever reached through an
+once, so every request reuses them; a new generation committed by ``cbir index``
+is picked up while serving (:mod:`.live`). Files are only ever reached through an
 integer id looked up in the index (``Searcher.row``): no request can name a path,
 so there is nothing to traverse and nothing to list. Every error, including
-Flask's own 404/405/413, is answered as JSON ``{"error": message}``.
+Flask's own 404/405/413 and an unexpected 500, is answered as JSON
+``{"error": message}``. Decoding (uploads, thumbnails) shares one memory budget
+(:class:`~cbir_cli.imageio.decode.DecodeBudget`).
 
 Flask is imported inside functions so that importing this module (and ``cbir
 --help``) stays cheap.
@@ -13,6 +17,7 @@ Flask is imported inside functions so that importing this module (and ``cbir
 from __future__ import annotations
 
 import ipaddress
+import logging
 import mimetypes
 import os
 import threading
@@ -21,13 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, ImageError
-from ..imageio.decode import decode_image, load_image
+from ..imageio.decode import DecodeBudget, DecodeBusy, decode_image, load_image, open_image_file
+from ..imageio.region import Box
 from ..models.protocol import embed_images
 from ..paths import display_path
+from ..search.filters import ResultFilter
+from .http import HttpServer
+from .live import LiveSearcher
 
 if TYPE_CHECKING:
     from flask import Flask, Response
-    from werkzeug.serving import BaseWSGIServer
 
     from ..search.rerank import RerankSettings
     from ..search.searcher import Hit, Searcher
@@ -39,6 +47,13 @@ MAX_K = 100
 DEFAULT_MAX_UPLOAD_MB = 20.0
 THUMBNAIL_SIZE = 256
 THUMBNAIL_CACHE_ENTRIES = 512  # ~10 KB each: a few MB at most
+# Decoded rasters of all concurrent uploads and thumbnails together: one image at
+# the per-image cap (imageio.decode.MAX_DECODE_BYTES) fits, so anything legal is
+# decoded, one huge image at a time. bench/serve_uploads.py: 8 concurrent 9400x9400
+# 16-bit PNG uploads keep the server's peak RSS below 1.5 GB with this.
+DECODE_BUDGET_BYTES = 400 * 1024 * 1024
+DECODE_WAIT_SECONDS = 60.0  # then 503: a request never waits for decodes forever
+log = logging.getLogger(__name__)
 
 
 class ApiError(CbirError):
@@ -62,13 +77,13 @@ class ThumbnailCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple[int, str], path: str | os.PathLike[str]) -> bytes:
+    def get(self, key: tuple[int, str], path: str | os.PathLike[str], budget: DecodeBudget | None = None) -> bytes:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
         # Made outside the lock: decoding a large photo must not block other thumbnails.
-        data = make_thumbnail(path, self.size)
+        data = make_thumbnail(path, self.size, budget)
         with self._lock:
             self._entries[key] = data
             self._entries.move_to_end(key)
@@ -77,11 +92,12 @@ class ThumbnailCache:
         return data
 
 
-def make_thumbnail(path: str | os.PathLike[str], size: int = THUMBNAIL_SIZE) -> bytes:
+def make_thumbnail(path: str | os.PathLike[str], size: int = THUMBNAIL_SIZE,
+                   budget: DecodeBudget | None = None) -> bytes:
     """A JPEG no larger than ``size`` x ``size`` (aspect kept). Raises ImageError."""
     import io
 
-    img = load_image(path, draft_size=size)
+    img = load_image(path, draft_size=size, budget=budget)
     img.thumbnail((size, size))
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=85)
@@ -110,6 +126,28 @@ def parse_id(raw: str | None) -> int:
         raise ApiError(f"id must be an integer (got {raw[:40]!r})", 400) from None
 
 
+def parse_narrowing(values: Any, searcher: Searcher) -> tuple[Box | None, ResultFilter]:
+    """The optional ``box`` (x0,y0,x1,y1: fractions or pixels), ``under`` (a folder,
+    absolute or relative to the indexed folder) and ``min_score`` fields."""
+    raw = values.get("min_score") or None
+    try:
+        min_score = float(raw) if raw is not None else None
+    except ValueError:
+        raise ApiError(f"min_score must be a number (got {raw[:40]!r})", 400) from None
+    box = Box.parse(values["box"]) if values.get("box") else None
+    return box, ResultFilter.make(values.get("under") or None, min_score, base=searcher.folder)
+
+
+def content_disposition(path: str) -> str:
+    """``inline`` with the file's name for the browser, whatever bytes it holds
+    (newlines, non-UTF-8...): an ASCII fallback plus the RFC 5987 ``filename*``."""
+    from urllib.parse import quote
+
+    name = os.fsencode(os.path.basename(path)).decode("utf-8", "replace")
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+    return f"inline; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
 def hit_json(hit: Hit) -> dict[str, Any]:
     return {"rank": hit.rank, "score": round(hit.score, 6), "id": hit.id, "name": os.path.basename(hit.path),
             "path": hit.path, "image_url": f"/api/images/{hit.id}", "thumbnail_url": f"/api/thumbnails/{hit.id}"}
@@ -126,10 +164,11 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     from werkzeug.exceptions import HTTPException
 
     if searcher is None:
-        from ..search.rerank import reranking_backend
+        from ..search.rerank import RerankSettings
         from ..search.searcher import Searcher
 
-        searcher = Searcher.open(index_dir, device=device, runtime=runtime, backend=reranking_backend(rerank))
+        searcher = Searcher.open(index_dir, device=device, runtime=runtime,
+                                 rerank=rerank if rerank is not None else RerankSettings())
     embedder = searcher.embedder  # load the model now (see docstring)
     # One throw-away inference: the first forward pass pays seconds of one-off set-up
     # (lazy imports, allocator, kernel selection) that should not land on a user.
@@ -138,11 +177,13 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     embed_images(embedder, [Image.new("RGB", (embedder.config.input_size,) * 2)])
     if max_upload_mb <= 0:
         raise CbirError(f"upload limit must be > 0 MB (got {max_upload_mb})")
+    live = LiveSearcher(searcher, device, runtime)
+    budget = DecodeBudget(DECODE_BUDGET_BYTES, DECODE_WAIT_SECONDS)
 
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
     app.json.sort_keys = False
-    app.extensions["cbir"] = searcher
+    app.extensions["cbir"] = live
     thumbnails = ThumbnailCache()
     # One query at a time through the model: a CPU model already uses every core,
     # and concurrent batches would only multiply peak memory.
@@ -158,6 +199,19 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     @app.errorhandler(CbirError)
     def _domain_error(exc: CbirError):
         return error(str(exc), 400)
+
+    @app.errorhandler(DecodeBusy)
+    def _busy(exc: DecodeBusy):
+        response, status = error(str(exc), 503)
+        response.headers["Retry-After"] = "5"
+        return response, status
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        if isinstance(exc, HTTPException):
+            return _http_error(exc)
+        log.exception("unexpected error answering %s", request.path)
+        return error(f"internal error ({type(exc).__name__}); see the server's log", 500)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -176,14 +230,15 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
-    def lookup(image_id: int):
+    def lookup(searcher: Searcher, image_id: int):
         try:
             return searcher.row(image_id)
         except CbirError:
             raise ApiError(f"no image with id {image_id} in the index", 404) from None
 
-    def results(query: dict[str, Any], k: int, hits: list[Hit]) -> Response:
-        return jsonify(query=query, k=k, count=searcher.count, results=[hit_json(h) for h in hits])
+    def results(searcher: Searcher, query: dict[str, Any], k: int, hits: list[Hit]) -> Response:
+        return jsonify(query=query, k=k, count=searcher.count, generation=searcher.store.generation,
+                       results=[hit_json(h) for h in hits])
 
     @app.get("/")
     def page():
@@ -191,16 +246,28 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
 
     @app.get("/api/health")
     def health():
-        return jsonify(status="ok", **searcher.info(), max_k=MAX_K, max_upload_mb=max_upload_mb)
+        searcher = live.current()
+        return jsonify(status="ok", **searcher.info(), generation=searcher.store.generation, reloads=live.reloads,
+                       reload_error=live.last_error, max_k=MAX_K, max_upload_mb=max_upload_mb)
 
     @app.get("/api/search")
     def search_by_id():
+        searcher = live.current()
         image_id = parse_id(request.args.get("id"))
         k = parse_k(request.args.get("k"))
-        row = lookup(image_id)
+        box, result_filter = parse_narrowing(request.args, searcher)
+        row = lookup(searcher, image_id)
+        image = None
+        if box is not None:  # a region of the indexed file: decoded in full, within the budget
+            try:
+                image = load_image(row.path, budget=budget)
+            except ImageError as exc:
+                raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
         with search_lock:
-            hits = searcher.search_ids([image_id], k)[0]
-        return results({"id": image_id, "name": os.path.basename(display_path(row.path))}, k, hits)
+            hits = (searcher.search_ids([image_id], k, result_filter=result_filter) if image is None
+                    else searcher.search_images([image], k, box, result_filter))[0]
+        return results(searcher, {"id": image_id, "name": os.path.basename(display_path(row.path)),
+                                  **({"box": box.text} if box else {})}, k, hits)
 
     @app.post("/api/search")
     def search_by_upload():
@@ -209,29 +276,37 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
         if upload is None:
             raise ApiError("missing multipart file field 'image'", 400)
         name = os.path.basename(upload.filename or "") or "upload"
+        searcher = live.current()
+        box, result_filter = parse_narrowing(request.form, searcher)
         try:
-            image = decode_image(upload.read(), name, draft_size=embedder.config.draft_size)
+            # A region is cut from the full-size picture (a draft decode shifts pixels).
+            image = decode_image(upload.read(), name, draft_size=None if box else searcher.embedder.config.draft_size,
+                                 budget=budget)
         except ImageError as exc:
             raise ApiError(f"{name}: {exc.reason}", 400) from None
         with search_lock:
-            hits = searcher.search_images([image], k)[0]
-        return results({"name": name}, k, hits)
+            hits = searcher.search_images([image], k, box, result_filter)[0]
+        return results(searcher, {"name": name, **({"box": box.text} if box else {})}, k, hits)
 
     @app.get("/api/images/<int:image_id>")
     def original(image_id: int):
-        path = lookup(image_id).path
-        if not os.path.isfile(path):
-            raise ApiError(f"image {image_id} is in the index but its file is gone", 404)
-        mimetype = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return send_file(path, mimetype=mimetype, conditional=True, max_age=3600)
+        row = lookup(live.current(), image_id)
+        try:
+            fh, _ = open_image_file(row.path)  # a regular file, size-capped: never a pipe or a device
+        except ImageError as exc:
+            raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
+        mimetype = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
+        response = send_file(fh, mimetype=mimetype, conditional=True, etag=row.sha256[:32], max_age=3600)
+        response.headers["Content-Disposition"] = content_disposition(row.path)
+        return response
 
     @app.get("/api/thumbnails/<int:image_id>")
     def thumbnail(image_id: int):
         import io
 
-        row = lookup(image_id)
+        row = lookup(live.current(), image_id)
         try:
-            data = thumbnails.get((image_id, row.sha256), row.path)
+            data = thumbnails.get((image_id, row.sha256), row.path, budget)
         except ImageError as exc:
             raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
         return send_file(io.BytesIO(data), mimetype="image/jpeg", max_age=3600)
@@ -248,25 +323,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_http_server(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> BaseWSGIServer:
-    """A threaded WSGI server bound to ``host:port`` (port 0 = any free port); call
-    ``serve_forever()`` on it. A port in use or an unknown host is a :class:`CbirError`."""
-    import socket
-
-    from werkzeug.serving import make_server
-
-    # We bind the socket ourselves: werkzeug reports a bind failure by printing and
-    # calling sys.exit, which would bypass the CLI's one-line error.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        listener = socket.create_server((host, port), family=family)
-    except OSError as exc:
-        raise CbirError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    with listener:  # make_server duplicates the descriptor
-        return make_server(host, port, app, threaded=True, fd=listener.fileno())
+def make_http_server(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> HttpServer:
+    """The production server (waitress, :mod:`.http`) bound to ``host:port`` (port 0 =
+    any free port); call ``serve_forever()`` on it. A port in use or an unknown host
+    is a :class:`CbirError`. Uploads over the app's limit are refused (413, JSON)
+    from their headers, before their body is read."""
+    return HttpServer(app, host, port, max_body_bytes=int(app.config.get("MAX_CONTENT_LENGTH") or 0))
 
 
-def server_url(server: BaseWSGIServer) -> str:
-    host = server.host
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{server.port}/"
+def server_url(server: HttpServer) -> str:
+    return server.url

@@ -15,30 +15,32 @@ never served.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError
 from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, bytes_sha256, json_bytes, npy_bytes
-from .manifest import FORMAT_VERSION, INDEX_DIR, MANIFEST, SHARDS_DIR, check_fingerprint, parse_manifest, read_manifest
+from .manifest import (
+    FORMAT_VERSION,
+    INDEX_DIR,
+    MANIFEST,
+    SHARDS_DIR,
+    Row,
+    check_fingerprint,
+    parse_manifest,
+    parse_rows,
+    read_manifest,
+    write_identity,
+)
+from .staging import remove_empty_runs, staged_leftovers
+from .validity import invalid_rows
 
 if TYPE_CHECKING:
     import numpy as np
-
-
-@dataclass(frozen=True)
-class Row:
-    """One stored image: a stable integer id (never reused), its path and content hash."""
-
-    id: int
-    path: str
-    sha256: str
-    size: int
 
 
 class FeatureStore:
@@ -52,6 +54,10 @@ class FeatureStore:
         # so a re-run that changes nothing keeps the generation (and the saved index).
         self._committed: dict[str, Any] | None = copy.deepcopy(manifest)
         self._rows_cache: dict[str, list[Row]] = {}
+        # The staging folder of the run writing now (:mod:`.staging`): not a leftover.
+        self.active_staging: Path | None = None
+        # Shards whose checksum was verified by a full read in this process.
+        self.verified: set[str] = set()
 
     # -- opening -----------------------------------------------------------
 
@@ -187,7 +193,9 @@ class FeatureStore:
         """:meth:`shard_file_problems` of every shard the manifest names."""
         return [p for shard in self.manifest["shards"] for p in self.shard_file_problems(shard)]
 
-    def shard_rows(self, shard: dict[str, Any]) -> list[Row]:
+    def shard_rows(self, shard: dict[str, Any], cache: bool = True) -> list[Row]:
+        """A shard's rows; ``cache=False`` (reading a large store once, compactly)
+        keeps no Row objects here."""
         name = shard["name"]
         rows = self._rows_cache.get(name)
         if rows is None:
@@ -196,12 +204,13 @@ class FeatureStore:
                 data = path.read_bytes()
                 if "rows_sha256" in shard and bytes_sha256(data) != shard["rows_sha256"]:
                     raise ValueError("checksum mismatch, damaged or replaced")
-                rows = [Row(**r) for r in json.loads(data.decode("ascii"))]
-            except (OSError, ValueError, TypeError) as exc:
+                rows = parse_rows(data)
+            except (OSError, ValueError) as exc:
                 raise CorruptStoreError(f"{path}: unreadable ({exc})") from None
             if len(rows) != shard["rows"]:
                 raise CorruptStoreError(f"{path}: {len(rows)} rows, manifest says {shard['rows']}")
-            self._rows_cache[name] = rows
+            if cache:
+                self._rows_cache[name] = rows
         return rows
 
     def live_rows(self) -> list[Row]:
@@ -231,12 +240,14 @@ class FeatureStore:
                 if bytes_sha256(data) != shard["sha256"]:
                     raise ValueError("checksum mismatch, damaged or replaced")
                 arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise CorruptStoreError(f"{path}: unreadable shard ({exc})") from None
         if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape != (shard["rows"], self.dim):
             raise CorruptStoreError(
                 f"{path}: shard has shape {arr.shape} {arr.dtype}, manifest says ({shard['rows']}, {self.dim}) float32"
             )
+        if not mmap:
+            self.verified.add(shard["name"])
         return arr
 
     def load_vectors(self, mmap: bool = False) -> np.ndarray:
@@ -256,7 +267,11 @@ class FeatureStore:
         return np.concatenate(parts, axis=0) if len(parts) > 1 else np.array(parts[0])
 
     def vectors_for(self, rows: Iterable[Row]) -> dict[int, np.ndarray]:
-        """Vectors of specific live rows by id (used to reuse a moved file's vector)."""
+        """Vectors of specific live rows by id, to reuse for a moved or copied file.
+
+        Only from shards whose checksum was verified in this process (read in full
+        now if not yet), and only valid vectors (:mod:`.validity`): a row missing from
+        the answer must be embedded again. A damaged shard is never a source."""
         import numpy as np
 
         wanted = {r.id for r in rows}
@@ -264,10 +279,16 @@ class FeatureStore:
         for shard in self.manifest["shards"]:
             ids = [r.id for r in self.shard_rows(shard)]
             hits = [i for i, rid in enumerate(ids) if rid in wanted]
-            if hits:
-                arr = self.read_shard(shard, mmap=True)
-                for i in hits:
-                    out[ids[i]] = np.array(arr[i])
+            if not hits:
+                continue
+            try:
+                arr = self.read_shard(shard, mmap=shard["name"] in self.verified)
+            except CorruptStoreError:
+                continue
+            picked = np.array(arr[hits], dtype=np.float32)
+            for i, vector, bad in zip(hits, picked, invalid_rows(picked)):
+                if not bad:
+                    out[ids[i]] = vector
         return out
 
     # -- writing -----------------------------------------------------------
@@ -275,29 +296,40 @@ class FeatureStore:
     def add_shard(self, vectors: np.ndarray, items: Sequence[tuple[str, str, int]]) -> list[Row]:
         """Write a new shard for ``items`` = (path, sha256, size), rows aligned with
         ``vectors``. Live rows with the same paths are tombstoned (replaced). The change
-        is durable only after :meth:`commit`.
-
-        The in-memory manifest changes in one assignment at the end, so a Ctrl-C
-        (KeyboardInterrupt) anywhere in here leaves it as it was and a retry cannot
-        register the shard twice."""
+        is durable only after :meth:`commit`."""
         import numpy as np
 
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(items), self.dim):
             raise ValueError(f"vectors shape {vectors.shape} does not match {len(items)} rows of dim {self.dim}")
-        if len({path for path, _, _ in items}) != len(items):
-            raise ValueError("a shard cannot hold the same path twice")
-        name = f"shard-{self.manifest['next_shard']:06d}"
-        first_id = int(self.manifest["next_id"])
-        rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
+        if invalid_rows(vectors).any():
+            # Every writer comes through here (or staging.write_part, which refuses
+            # the same): nothing can store a vector that would poison searches (see
+            # .validity); the transaction filters them out first.
+            raise ValueError(f"refusing to store {int(invalid_rows(vectors).sum())} invalid vector(s)")
+        name = self.next_shard_name()
         data = npy_bytes(vectors)
-        rows_data = json_bytes([asdict(r) for r in rows])
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.shards_dir / f"{name}.npy", data)
+        return self.register_shard(name, items, bytes_sha256(data), len(data))
+
+    def next_shard_name(self) -> str:
+        """The name the next shard gets (its files: :meth:`shard_paths`)."""
+        return f"shard-{self.manifest['next_shard']:06d}"
+
+    def register_shard(self, name: str, items: Sequence[tuple[str, str, int]], sha256: str,
+                       nbytes: int) -> list[Row]:
+        """Give ``items`` ids, write the rows file beside ``shards/<name>.npy`` (of that
+        sha256 and size), add the shard to the manifest (in one assignment, at the end)."""
+        if name != self.next_shard_name() or len({path for path, _, _ in items}) != len(items):
+            raise ValueError(f"shard {name}: not the next shard, or holds the same path twice")
+        first_id = int(self.manifest["next_id"])
+        rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
+        rows_data = json_bytes([asdict(r) for r in rows])
         atomic_write_bytes(self.shards_dir / f"{name}.rows.json", rows_data)
         self._rows_cache[name] = rows
         shards, _ = self._without_paths({r.path for r in rows})
-        shard = {"name": name, "rows": len(rows), "sha256": bytes_sha256(data), "bytes": len(data),
+        shard = {"name": name, "rows": len(rows), "sha256": sha256, "bytes": nbytes,
                  "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": []}
         skipped = {p: v for p, v in self.manifest["skipped"].items() if p not in {r.path for r in rows}}
         self.manifest = {**self.manifest, "shards": [*shards, shard], "next_shard": self.manifest["next_shard"] + 1,
@@ -358,6 +390,7 @@ class FeatureStore:
         }
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / MANIFEST, manifest)
+        write_identity(self.root, manifest)
         self.manifest = manifest
         self._committed = copy.deepcopy(manifest)
         self.collect_garbage()
@@ -365,7 +398,8 @@ class FeatureStore:
 
     def leftover_files(self) -> list[Path]:
         """Files the committed manifest does not name: shards of an interrupted or
-        dropped write, and temporaries of an interrupted atomic write. Harmless
+        dropped write, temporaries of an interrupted atomic write, and staged worker
+        shards of a run that is not this writer's :attr:`active_staging`. Harmless
         (never read) and removed by the next commit."""
         live = {s["name"] for s in self.manifest["shards"]}
         out = []
@@ -377,6 +411,7 @@ class FeatureStore:
         for folder in (self.root, self.root / INDEX_DIR):
             if folder.is_dir():
                 out.extend(p for p in folder.iterdir() if p.name.startswith(".") and TMP_MARK in p.name)
+        out.extend(staged_leftovers(self.root, self.active_staging))
         return sorted(out)
 
     def collect_garbage(self) -> list[Path]:
@@ -388,6 +423,7 @@ class FeatureStore:
                 deleted.append(path)
             except OSError:
                 pass
+        remove_empty_runs(self.root, self.active_staging)
         live = {s["name"] for s in self.manifest["shards"]}
         for name in list(self._rows_cache):
             if name not in live:

@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptStoreError
 from .feature_store import FeatureStore
 from .manifest import MANIFEST
+from .validity import invalid_rows
 
 if TYPE_CHECKING:
     import numpy as np
-
-# Stored vectors are L2-normalised by the embedder; anything else is damage.
-UNIT_NORM_TOLERANCE = 1e-3
 
 
 def shard_problems(store: FeatureStore, problems: list[str]) -> np.ndarray | None:
@@ -52,15 +50,11 @@ def shard_problems(store: FeatureStore, problems: list[str]) -> np.ndarray | Non
             if row.path in live_paths:
                 problems.append(f"{rows_path}: {row.path} is also live in {live_paths[row.path]}")
             live_paths[row.path] = name
-        if not np.isfinite(vectors).all():
-            problems.append(f"{vectors_path}: holds NaN or infinite values")
-        else:
-            norms = np.linalg.norm(vectors, axis=1)
-            off = int((np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).sum())
-            if off:
-                problems.append(f"{vectors_path}: {off} vector(s) are not unit length")
         keep = np.ones(shard["rows"], dtype=bool)
         keep[sorted(removed)] = False
+        off = int((invalid_rows(vectors) & keep).sum())  # a tombstoned row is never read
+        if off:
+            problems.append(f"{vectors_path}: {off} live vector(s) are not finite unit-length vectors")
         parts.append(vectors[keep])
     if len(live_paths) != manifest["count"] and len(problems) == before:
         problems.append(f"{store.root / MANIFEST}: count {manifest['count']} but {len(live_paths)} live rows")

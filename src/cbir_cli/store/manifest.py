@@ -5,32 +5,56 @@ writes manifests; everything else asks it.
 Layout of a store (index) folder::
 
     manifest.json                 # the commit point (written atomically, last)
+    store.json                    # the store's identity: its fingerprint (written at the
+                                  # first commit; what lets a lost manifest be recovered)
     .lock                         # the writer lock
     shards/shard-000001.npy       # float32 (n, dim)
     shards/shard-000001.rows.json # the n rows, same order: id, path, sha256, size
     index/index.faiss, index.json # the saved search index (derived from the shards)
+    staging/run-*/part-*.npy      # shards written by distributed workers, not yet adopted
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptStoreError, IndexNotFoundError, StoreMismatchError
+from ..fsutil import atomic_write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+IDENTITY = "store.json"
 LOCK_NAME = ".lock"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
-# The fingerprint keys that must agree for two sets of vectors to be comparable
-# ("descriptor": pooling/input/scales, absent in stores made before it existed).
-FINGERPRINT_KEYS = ("model", "weights", "dim", "preprocessing", "descriptor")
+STAGING_DIR = "staging"
+ROW_KEYS = {"id": int, "path": str, "sha256": str, "size": int}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One stored image: a stable integer id (never reused), its path and content hash."""
+
+    id: int
+    path: str
+    sha256: str
+    size: int
+
+
+# The fingerprint keys that must agree for two sets of vectors to be comparable.
+# descriptor: pooling/input/scales (absent in stores made before it existed = GAP of
+# the centre crop); precision/calibration: only int8 stores have them (absent =
+# fp32, as every store made before them), see cbir_cli.models.quantize.
+FINGERPRINT_KEYS = ("model", "weights", "dim", "preprocessing", "descriptor", "precision", "calibration")
 
 
 def _describe_fingerprint(fp: dict[str, Any]) -> str:
-    return f"model {fp.get('model')} (weights {fp.get('weights')}, dim {fp.get('dim')})"
+    precision = f", int8 calibration {fp.get('calibration')}" if fp.get("precision") == "int8" else ""
+    return f"model {fp.get('model')} (weights {fp.get('weights')}, dim {fp.get('dim')}{precision})"
 
 
 def check_fingerprint(stored: dict[str, Any], wanted: dict[str, Any], where: Path) -> None:
@@ -46,32 +70,76 @@ def check_fingerprint(stored: dict[str, Any], wanted: dict[str, Any], where: Pat
 MANIFEST_KEYS = {"format": int, "generation": int, "fingerprint": dict, "next_id": int, "next_shard": int,
                  "shards": list, "count": int, "skipped": dict}
 SHARD_KEYS = {"name": str, "rows": int, "sha256": str, "removed": list}
+OPTIONAL_SHARD_KEYS = {"bytes": int, "rows_bytes": int, "rows_sha256": str}
+# Shard names become file names: nothing but this shape may ever reach the file system.
+SHARD_NAME = re.compile(r"shard-[0-9]{6,}")
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON true is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is(value: Any, kind: type) -> bool:
+    return is_int(value) if kind is int else isinstance(value, kind)
+
+
+def fingerprint_shape_problems(fp: dict[str, Any]) -> list[str]:
+    """What a fingerprint needs for its vectors to be read at all: a model name and a
+    positive integer dimension (whether the model still exists is ``cbir check``'s)."""
+    problems = []
+    if not isinstance(fp.get("model"), str):
+        problems.append(f"fingerprint model {fp.get('model')!r} is not a name")
+    if not is_int(fp.get("dim")) or fp["dim"] < 1:
+        problems.append(f"fingerprint has no valid dim ({fp.get('dim')!r})")
+    return problems
+
+
+def _shard_problems(i: int, shard: Any) -> list[str]:
+    bad = [key for key, kind in SHARD_KEYS.items() if not isinstance(shard, dict) or not _is(shard.get(key), kind)]
+    if not bad:
+        bad = [key for key, kind in OPTIONAL_SHARD_KEYS.items() if key in shard and not _is(shard[key], kind)]
+    if bad:
+        return [f"manifest shard #{i}: key(s) {', '.join(bad)} missing or of the wrong type"]
+    if not SHARD_NAME.fullmatch(shard["name"]):
+        return [f"manifest shard #{i}: name {shard['name'][:40]!r} is not a shard name"]
+    removed = shard["removed"]
+    if shard["rows"] < 1 or len(set(removed)) != len(removed) or any(
+            not is_int(r) or not 0 <= r < shard["rows"] for r in removed):
+        return [f"manifest shard {shard['name']}: tombstones out of range or repeated"]
+    return []
 
 
 def manifest_problems(manifest: Any) -> list[str]:
     """Structural problems of a parsed manifest (wrong types, missing keys,
-    impossible counts); empty when it is well-formed."""
+    impossible counts); empty when it is well-formed, and then every value that
+    the store reads has the type it expects."""
     if not isinstance(manifest, dict):
         return ["manifest is not a JSON object"]
     if manifest.get("format") != FORMAT_VERSION:
         return [f"not a cbir manifest of format {FORMAT_VERSION} (format {manifest.get('format')!r})"]
     problems = [f"manifest key {key!r} missing or not {kind.__name__}"
-                for key, kind in MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
+                for key, kind in MANIFEST_KEYS.items() if not _is(manifest.get(key), kind)]
     if problems:
         return problems
+    problems += fingerprint_shape_problems(manifest["fingerprint"])
+    if manifest["next_id"] < 0 or manifest["next_shard"] < 1 or manifest["generation"] < 0:
+        problems.append("manifest next_id, next_shard or generation out of range")
+    if any(not isinstance(v, dict) or not isinstance(v.get("sha256"), str) or not isinstance(v.get("reason"), str)
+           for v in manifest["skipped"].values()):
+        problems.append("manifest skipped entries must each have a sha256 and a reason")
+    if "weights_path" in manifest and not isinstance(manifest["weights_path"], str):
+        problems.append("manifest weights_path is not a path")
     live = 0
+    names: set[str] = set()
     for i, shard in enumerate(manifest["shards"]):
-        bad = [key for key, kind in SHARD_KEYS.items() if not isinstance(shard, dict) or
-               not isinstance(shard.get(key), kind)]
-        if bad:
-            problems.append(f"manifest shard #{i}: key(s) {', '.join(bad)} missing or of the wrong type")
-            continue
-        removed = shard["removed"]
-        if len(set(removed)) != len(removed) or any(not isinstance(r, int) or not 0 <= r < shard["rows"]
-                                                    for r in removed):
-            problems.append(f"manifest shard {shard['name']}: tombstones out of range or repeated")
-            continue
-        live += shard["rows"] - len(removed)
+        shard_problems = _shard_problems(i, shard)
+        if not shard_problems and shard["name"] in names:
+            shard_problems = [f"manifest shard {shard['name']}: listed twice"]
+        problems += shard_problems
+        if not shard_problems:
+            names.add(shard["name"])
+            live += shard["rows"] - len(shard["removed"])
     if not problems and live != manifest["count"]:
         problems.append(f"manifest count {manifest['count']} but its shards hold {live} live rows")
     return problems
@@ -97,6 +165,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        lost = lost_manifest(root)
+        if lost:
+            raise CorruptStoreError(lost, remedy="recover") from None
         raise IndexNotFoundError(f"{root}: no index here (no {MANIFEST})") from None
     except OSError as exc:
         raise CorruptStoreError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
@@ -108,10 +179,70 @@ def inspect_manifest(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
     (``cbir check`` reports them all); the manifest is None when it is unusable."""
     path = root / MANIFEST
     if not path.is_file():
-        return None, [f"{path}: missing (no index here)"]
+        return None, [lost_manifest(root) or f"{path}: missing (no index here)"]
     try:
         manifest = json.loads(path.read_bytes().decode("ascii"))
     except (OSError, ValueError) as exc:
         return None, [f"{path}: unreadable ({exc})"]
     problems = [f"{path}: {p}" for p in manifest_problems(manifest)]
     return (None if problems else manifest), problems
+
+
+def parse_rows(data: bytes) -> list[Row]:
+    """A rows file's bytes -> its rows; ValueError says what is wrong."""
+    rows = json.loads(data.decode("ascii"))
+    if not isinstance(rows, list):
+        raise ValueError("not a JSON list of rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or set(row) != set(ROW_KEYS) or not all(
+                _is(row[key], kind) for key, kind in ROW_KEYS.items()):
+            raise ValueError(f"row #{i} is not {{id, path, sha256, size}} with the right types")
+    return [Row(**row) for row in rows]
+
+
+def write_identity(root: Path, manifest: dict[str, Any]) -> None:
+    """Write ``store.json`` (the fingerprint and weights file of the store's vectors)
+    unless it already says the same: written after the manifest at a commit, it
+    marks a store that has committed, so shards found without a manifest are known
+    to be a lost manifest's (recoverable), not an interrupted first run's leftovers."""
+    identity = {"format": FORMAT_VERSION, "fingerprint": manifest["fingerprint"]}
+    if manifest.get("weights_path"):
+        identity["weights_path"] = manifest["weights_path"]
+    if read_identity(root) != identity:
+        atomic_write_json(root / IDENTITY, identity)
+
+
+def read_identity(root: Path) -> dict[str, Any] | None:
+    """``store.json`` when present and well-formed, else None."""
+    try:
+        identity = json.loads((root / IDENTITY).read_bytes().decode("ascii"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(identity, dict) or not isinstance(identity.get("fingerprint"), dict)
+            or fingerprint_shape_problems(identity["fingerprint"])):
+        return None
+    return identity
+
+
+def shard_files(root: Path) -> list[Path]:
+    """The shard vector files in a store folder, whatever names them."""
+    folder = root / SHARDS_DIR
+    try:
+        return sorted(p for p in folder.iterdir() if SHARD_NAME.fullmatch(p.name.removesuffix(".npy"))
+                      and p.name.endswith(".npy"))
+    except OSError:
+        return []
+
+
+def lost_manifest(root: Path) -> str | None:
+    """When ``root`` has no manifest but did commit (its ``store.json`` says so) and
+    still holds shards: the message saying so. Such shards are never taken for an
+    interrupted first run's leftovers (and deleted): the manifest can be recovered
+    from them."""
+    if (root / MANIFEST).exists() or not (root / IDENTITY).exists():
+        return None
+    shards = shard_files(root)
+    if not shards:
+        return None
+    return (f"{root}: {len(shards)} shard file(s) but no {MANIFEST} (deleted or lost); "
+            "nothing was changed")

@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError, Interrupted
+from .adoption import adopt_part, staging_run
 from .feature_store import FeatureStore
 from .locking import writer_lock
-from .manifest import INDEX_DIR, MANIFEST, SHARDS_DIR
+from .manifest import IDENTITY, INDEX_DIR, MANIFEST, SHARDS_DIR, lost_manifest
+from .repair import drop_damaged_shards
+from .validity import INVALID_VECTOR, invalid_rows
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,7 +40,8 @@ Item = tuple[str, str, int]  # (path, sha256, size) of one image
 
 class WriteTransaction:
     """A writer's session on one store; see the module docstring. Implements the
-    pipeline's vector sink (:meth:`add`)."""
+    pipeline's vector sink (:meth:`add`; :meth:`staging` + :meth:`adopt` for shards
+    that distributed workers write themselves)."""
 
     def __init__(self, root: Path, rebuild: bool, shard_size: int) -> None:
         if shard_size < 1:
@@ -51,6 +55,9 @@ class WriteTransaction:
         self._vectors: list[np.ndarray] = []
         self._items: list[Item] = []
         self.written = 0  # rows written to shards by this transaction
+        self.repairs: list[str] = []  # one line per damaged shard dropped by begin()
+        # (path, reason) of files whose vectors were refused (see add()).
+        self.rejected: list[tuple[str, str]] = []
 
     # -- opening -------------------------------------------------------------
 
@@ -60,9 +67,15 @@ class WriteTransaction:
         there is none (or, for a rebuild, when it is too damaged to open)."""
         if not self._opened:
             self._opened = True
+            lost = lost_manifest(self.root)
+            if lost and not self.rebuild:
+                # Never start a new store over shards whose manifest was lost: that
+                # would delete them. They can be recovered (or rebuilt on purpose).
+                raise CorruptStoreError(lost, remedy="recover")
             if FeatureStore.exists(self.root):
                 try:
-                    self._existing = FeatureStore.open(self.root)
+                    # Files are checked (and damaged shards dropped) by begin().
+                    self._existing = FeatureStore.open(self.root, check_files=self.rebuild)
                 except CorruptStoreError:
                     if not self.rebuild:
                         raise
@@ -77,11 +90,15 @@ class WriteTransaction:
             if existing is not None:
                 self._store = existing.successor(fingerprint)
             else:
-                if FeatureStore.exists(self.root):
+                if FeatureStore.exists(self.root) or lost_manifest(self.root):
                     _remove_damaged(self.root)
                 self._store = FeatureStore.create(self.root, fingerprint)
         elif existing is not None:
             self._store = existing.for_fingerprint(fingerprint)
+            if self._store is existing:
+                # Verify what this run builds on; what is damaged is dropped and its
+                # images embedded again (the shards are the index's only source).
+                self.repairs = drop_damaged_shards(self._store)
         else:
             self._store = FeatureStore.create(self.root, fingerprint)
         return self._store
@@ -96,7 +113,21 @@ class WriteTransaction:
 
     def add(self, vectors: np.ndarray, items: Sequence[Item]) -> None:
         """Buffer vectors (rows aligned with ``items``); a full shard is written and
-        (unless rebuilding) committed."""
+        (unless rebuilding) committed. A row that is not a valid vector (see
+        :mod:`.validity`) is not stored: its file is recorded as skipped, with the
+        reason, in :attr:`rejected`."""
+        import numpy as np
+
+        vectors = np.asarray(vectors, dtype=np.float32)
+        bad = invalid_rows(vectors) if len(vectors) == len(items) else np.zeros(len(vectors), dtype=bool)
+        if bad.any():
+            for (path, sha, _), refused in zip(items, bad):
+                if refused:
+                    self.store.record_skipped(path, sha, INVALID_VECTOR)
+                    self.store.remove_paths([path])  # its old vector describes other content
+                    self.rejected.append((path, INVALID_VECTOR))
+            items = [item for item, refused in zip(items, bad) if not refused]
+            vectors = vectors[~bad]
         self._vectors.append(vectors)
         self._items.extend(items)
         if len(self._items) >= self.shard_size:
@@ -107,6 +138,22 @@ class WriteTransaction:
 
     def remove_paths(self, paths: Sequence[str]) -> int:
         return self.store.remove_paths(paths)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A run folder inside the store for workers to write parts into (see
+        :mod:`.staging`); removed when the block ends."""
+        with staging_run(self.store) as folder:
+            yield folder
+
+    def adopt(self, folder: Path, name: str) -> int:
+        """Make a part that a worker wrote into ``folder`` a shard of the store and
+        (unless rebuilding) commit; returns its rows."""
+        rows = adopt_part(self.store, folder, name)
+        self.written += len(rows)
+        if not self.rebuild:
+            self.store.commit()
+        return len(rows)
 
     def flush(self) -> None:
         """Write what is buffered as a shard and, unless rebuilding, commit."""
@@ -156,7 +203,7 @@ def write_transaction(root: str | Path, rebuild: bool = False, shard_size: int =
 
 def _remove_damaged(root: Path) -> None:
     """Delete a store too damaged to open, before a rebuild replaces it."""
-    for name in (MANIFEST, SHARDS_DIR, INDEX_DIR):
+    for name in (MANIFEST, IDENTITY, SHARDS_DIR, INDEX_DIR):
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)

@@ -1,12 +1,16 @@
 // The search page: upload (or drop) an image, or click a result, and show the
-// K nearest indexed images. Plain DOM, no build step. Names from the index are
-// inserted with textContent only, never as HTML.
+// K nearest indexed images. Drag on the query image to search with a region of
+// it; the rectangle can be moved and resized, and each change searches again.
+// Plain DOM, no build step. Names from the index are inserted with textContent
+// only, never as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let lastQuery = null; // {file} or {id}: re-run when K changes
+let lastQuery = null; // {file} or {id}: re-run when K, a filter or the region changes
 let queryUrl = null;  // object URL of the uploaded query, revoked when replaced
 let latest = 0;       // number of the newest search: older answers arriving late are dropped
+let box = null;       // the region, in fractions of the query image: {x0, y0, x1, y1}, or null
+const MIN_BOX = 0.03; // a smaller drag is a click, not a region
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -23,10 +27,22 @@ function readK() {
   return k;
 }
 
+// The optional parameters: region, folder, minimum score (as the API names them).
+function narrowing() {
+  const out = {};
+  if (box) out.box = [box.x0, box.y0, box.x1, box.y1].map((v) => v.toFixed(4)).join(",");
+  const under = $("under").value.trim();
+  if (under) out.under = under;
+  const minScore = $("min-score").value.trim();
+  if (minScore) out.min_score = minScore;
+  return out;
+}
+
 function showQuery(src, name) {
   $("query-img").src = src;
   $("query-name").textContent = name;
   $("query").hidden = false;
+  setBox(null);
 }
 
 async function callApi(url, options) {
@@ -96,13 +112,16 @@ async function run(query) {
   setStatus("searching…");
   try {
     let data;
+    const extra = narrowing();
     if (query.file) {
       const form = new FormData();
       form.append("image", query.file, query.file.name);
       form.append("k", String(k));
+      for (const [key, value] of Object.entries(extra)) form.append(key, value);
       data = await callApi("/api/search", { method: "POST", body: form });
     } else {
-      data = await callApi(`/api/search?id=${encodeURIComponent(query.id)}&k=${k}`);
+      const params = new URLSearchParams({ id: String(query.id), k: String(k), ...extra });
+      data = await callApi(`/api/search?${params}`);
     }
     if (mine === latest) renderResults(data);
   } catch (e) {
@@ -126,6 +145,94 @@ function searchById(id, name) {
   run({ id });
 }
 
+// ---------------------------------------------------------------- the region
+
+function setBox(next) {
+  box = next;
+  const el = $("box");
+  el.hidden = !box;
+  $("clear-box").hidden = !box;
+  if (box) {
+    el.style.left = `${box.x0 * 100}%`;
+    el.style.top = `${box.y0 * 100}%`;
+    el.style.width = `${(box.x1 - box.x0) * 100}%`;
+    el.style.height = `${(box.y1 - box.y0) * 100}%`;
+    const pct = (v) => `${Math.round(v * 100)}%`;
+    $("region").textContent = `region ${pct(box.x0)}–${pct(box.x1)} × ${pct(box.y0)}–${pct(box.y1)}`;
+  } else {
+    $("region").textContent = "Drag on the image to search with a region of it.";
+  }
+}
+
+const clamp = (v) => Math.min(1, Math.max(0, v));
+
+function pointerFraction(e) {
+  const rect = $("query-img").getBoundingClientRect();
+  return { x: clamp((e.clientX - rect.left) / rect.width), y: clamp((e.clientY - rect.top) / rect.height) };
+}
+
+// One drag at a time: "draw" a new rectangle, "move" it, or resize it by a corner.
+function setUpRegion() {
+  const frame = $("query-frame");
+  let drag = null;
+
+  frame.addEventListener("pointerdown", (e) => {
+    if (e.button !== 0) return;
+    e.preventDefault();
+    const at = pointerFraction(e);
+    const corner = e.target.dataset ? e.target.dataset.corner : undefined;
+    if (corner && box) {
+      drag = { mode: "resize", corner, start: { ...box } };
+    } else if (e.target === $("box") && box) {
+      drag = { mode: "move", from: at, start: { ...box } };
+    } else {
+      drag = { mode: "draw", from: at };
+      setBox({ x0: at.x, y0: at.y, x1: at.x, y1: at.y });
+    }
+    frame.setPointerCapture(e.pointerId);
+  });
+
+  frame.addEventListener("pointermove", (e) => {
+    if (!drag) return;
+    const at = pointerFraction(e);
+    if (drag.mode === "draw") {
+      setBox({ x0: Math.min(drag.from.x, at.x), y0: Math.min(drag.from.y, at.y),
+               x1: Math.max(drag.from.x, at.x), y1: Math.max(drag.from.y, at.y) });
+    } else if (drag.mode === "move") {
+      const w = drag.start.x1 - drag.start.x0, h = drag.start.y1 - drag.start.y0;
+      const x0 = Math.min(1 - w, Math.max(0, drag.start.x0 + at.x - drag.from.x));
+      const y0 = Math.min(1 - h, Math.max(0, drag.start.y0 + at.y - drag.from.y));
+      setBox({ x0, y0, x1: x0 + w, y1: y0 + h });
+    } else {
+      const b = { ...drag.start };
+      if (drag.corner.includes("w")) b.x0 = at.x; else b.x1 = at.x;
+      if (drag.corner.includes("n")) b.y0 = at.y; else b.y1 = at.y;
+      setBox({ x0: Math.min(b.x0, b.x1), y0: Math.min(b.y0, b.y1),
+               x1: Math.max(b.x0, b.x1), y1: Math.max(b.y0, b.y1) });
+    }
+  });
+
+  const finish = () => {
+    if (!drag) return;
+    const drawn = drag;
+    drag = null;
+    if (box && (box.x1 - box.x0 < MIN_BOX || box.y1 - box.y0 < MIN_BOX)) {
+      // Too small to be a region: a click. Keep the previous one when moving/resizing.
+      setBox(drawn.mode === "draw" ? null : drawn.start);
+      if (drawn.mode === "draw" && lastQuery) run(lastQuery);
+      return;
+    }
+    if (lastQuery) run(lastQuery);
+  };
+  frame.addEventListener("pointerup", finish);
+  frame.addEventListener("pointercancel", finish);
+
+  $("clear-box").addEventListener("click", () => {
+    setBox(null);
+    if (lastQuery) run(lastQuery);
+  });
+}
+
 async function loadHealth() {
   try {
     const info = await callApi("/api/health");
@@ -139,7 +246,9 @@ async function loadHealth() {
 function setUp() {
   const drop = $("dropzone");
   $("file").addEventListener("change", (e) => searchByFile(e.target.files[0]));
-  $("k").addEventListener("change", () => { if (lastQuery) run(lastQuery); });
+  for (const id of ["k", "under", "min-score"]) {
+    $(id).addEventListener("change", () => { if (lastQuery) run(lastQuery); });
+  }
   drop.addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
   });
@@ -153,6 +262,7 @@ function setUp() {
   // Dropping outside the zone must not navigate away from the page.
   window.addEventListener("dragover", (e) => e.preventDefault());
   window.addEventListener("drop", (e) => e.preventDefault());
+  setUpRegion();
   loadHealth();
 }
 

@@ -1,0 +1,134 @@
+"""``cbir dedup``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..search.dedup import threshold_help
+from .common import IndexDirOpt, JsonOpt, app, cli_errors, printable, stderr, stdout
+
+PROGRESS_FROM = 5000  # images; a smaller index is compared in seconds
+
+
+@app.command("dedup")
+def dedup_cmd(
+    index_dir: IndexDirOpt = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", min=0.0, max=1.0,
+        help="Cosine similarity at or above which two images are near-duplicates. Default: the threshold with the "
+             "best F1 at telling distorted copies from distinct images, measured per model and descriptor "
+             f"(python bench/dedup_threshold.py): {threshold_help()}.", show_default=False)] = None,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print one CSV row per image of each group.")] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write an HTML page (index.html) and "
+                                                   "groups.png of the groups, with thumbnails and scores, into "
+                                                   "this folder.", show_default=False)] = None,
+    move_to: Annotated[Optional[Path], typer.Option("--move-to", help="Move all but the best image of each group "
+                                                    "below this folder (outside the indexed one), keeping their "
+                                                    "paths relative to the indexed folder, and drop them from the "
+                                                    "index. Lists what it would do unless --yes. Nothing is ever "
+                                                    "deleted.", show_default=False)] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="With --move-to: really move.")] = False,
+) -> None:
+    """Find groups of near-duplicate images in the index (each sorted best first: the largest picture, then
+    the largest file), with the score of every pair; optionally move the duplicates aside."""
+    with cli_errors():
+        from ..errors import CbirError
+        from ..search.dedup import check_threshold, default_threshold
+        from ..search.searcher import Searcher
+
+        if as_json and as_csv:
+            raise CbirError("choose one of --json and --csv")
+        if yes and move_to is None:
+            raise CbirError("--yes confirms --move-to DIR; nothing to confirm")
+        searcher = Searcher.open(index_dir)
+        if threshold is None:
+            choice = default_threshold(searcher.store.fingerprint)
+            if choice.note:
+                stderr().print(f"note: {choice.note}", markup=False)
+            threshold = choice.threshold
+        check_threshold(threshold)
+        result = _find(searcher, threshold, progress=not (as_json or as_csv))
+        plan = None
+        if move_to is not None:
+            from ..pipeline.dedup_moves import apply_moves, plan_moves
+
+            plan = plan_moves(searcher, result, move_to)
+            if yes:
+                apply_moves(plan, searcher.store.root)
+        if report is not None:
+            from ..search.gallery import write_dedup_report
+
+            stderr().print(f"wrote {write_dedup_report(report, result)}", markup=False)
+        if as_json:
+            payload = result.as_dict()
+            if plan is not None:
+                payload["move"] = {**plan.as_dict(), "dry_run": not yes}
+            typer.echo(json.dumps(payload, indent=2))
+        elif as_csv:
+            _print_csv(result, plan)
+        else:
+            _print_groups(result)
+        if plan is not None and not as_json:
+            _print_moves(plan, yes)
+
+
+def _find(searcher, threshold: float, progress: bool):
+    from ..search.dedup import find_duplicates
+
+    if not progress or searcher.count < PROGRESS_FROM:
+        return find_duplicates(searcher, threshold)
+    from tqdm import tqdm
+
+    with tqdm(total=searcher.count, desc="comparing", unit="img") as bar:
+        return find_duplicates(searcher, threshold, on_progress=lambda done, _total: bar.update(done - bar.n))
+
+
+def _print_groups(result) -> None:
+    out = stdout()
+    for number, group in enumerate(result.groups, start=1):
+        out.print(f"group {number}: {len(group.members)} images", markup=False)
+        for i, m in enumerate(group.members):
+            size = f"{m.width}x{m.height}" if m.width else "unreadable"
+            head = "keep  " if i == 0 else f"{m.score_to_best:.4f}"
+            out.print(f"  {head}  {size:>11}  {m.bytes / 1024:>9,.0f} KiB  {printable(m.path)}", markup=False)
+    for note in result.notes:
+        stderr().print(f"note: {note}", markup=False)
+    stderr().print(f"{len(result.groups)} groups, {result.duplicates} duplicates "
+                   f"({result.duplicate_bytes / 2**20:,.1f} MiB) among {result.images:,} images at similarity "
+                   f">= {result.threshold:g} ({result.index_type} index, {result.seconds:.1f} s)", markup=False)
+
+
+def _print_csv(result, plan) -> None:
+    import csv
+    import sys
+
+    from ..paths import display_path
+
+    targets = {m.id: display_path(m.target) for m in (plan.moves if plan is not None else [])}
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["group", "rank", "keep", "id", "path", "width", "height", "bytes", "score_to_best", "move_to"])
+    for number, group in enumerate(result.groups, start=1):
+        for rank, m in enumerate(group.members, start=1):
+            writer.writerow([number, rank, int(rank == 1), m.id, display_path(m.path), m.width, m.height, m.bytes,
+                             f"{m.score_to_best:.6f}", targets.get(m.id, "")])
+
+
+def _print_moves(plan, yes: bool) -> None:
+    err = stderr()
+    done = plan.moved if yes else plan.moves
+    for move in done:
+        err.print(f"{'moved' if yes else 'would move'} {printable(move.source)} -> {printable(move.target)}",
+                  markup=False)
+    for path, reason in plan.skipped:
+        err.print(f"warning: kept {printable(path)}: {printable(reason)}", markup=False)
+    if yes:
+        err.print(f"moved {len(plan.moved)} files to {printable(plan.destination)} and dropped them from the "
+                  "index", markup=False)
+    else:
+        err.print(f"dry run: {len(plan.moves)} files would move to {printable(plan.destination)}; nothing was "
+                  "changed (add --yes to move them and drop them from the index)", markup=False)

@@ -1,0 +1,130 @@
+"""Repairing a store from what it holds: dropping damaged shards (a writer does it
+before building on a store, so their images are embedded again) and recovering a
+lost manifest from the shards, their rows files and ``store.json``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CorruptStoreError
+from ..fsutil import atomic_write_json, bytes_sha256
+from .feature_store import FeatureStore, _library_versions
+from .manifest import FORMAT_VERSION, MANIFEST, read_identity, shard_files
+from .validity import invalid_rows
+
+
+def drop_damaged_shards(store: FeatureStore) -> list[str]:
+    """Read every shard of ``store`` in full and verify it (files, sizes, checksums,
+    shape, valid vectors). A damaged shard is dropped from the (in-memory) manifest,
+    a shard with invalid vectors has those rows tombstoned; the caller's next commit
+    makes it durable and deletes the dropped files. Returns one line per repair."""
+    import numpy as np
+
+    notes: list[str] = []
+    kept: list[dict[str, Any]] = []
+    for shard in store.manifest["shards"]:
+        live = shard["rows"] - len(shard["removed"])
+        problems = store.shard_file_problems(shard)
+        vectors = None
+        if not problems:
+            try:
+                store.shard_rows(shard)
+                vectors = store.read_shard(shard, mmap=False)
+            except CorruptStoreError as exc:
+                problems = [exc.message]
+        if vectors is None:
+            notes.append(f"{problems[0]}; dropped it, its {live} image(s) will be embedded again")
+            continue
+        bad = set(np.flatnonzero(invalid_rows(vectors)).tolist()) - set(shard["removed"])
+        if bad:
+            notes.append(f"{store.shard_paths(shard)[0]}: {len(bad)} invalid vector(s); "
+                         "their images will be embedded again")
+            shard = {**shard, "removed": sorted(set(shard["removed"]) | bad)}
+            if len(shard["removed"]) == shard["rows"]:
+                continue
+        kept.append(shard)
+    if notes:
+        store.manifest = {**store.manifest, "shards": kept}
+    return notes
+
+
+@dataclass
+class Recovery:
+    """What :func:`recover_manifest` did."""
+
+    shards: int = 0
+    images: int = 0
+    duplicates: int = 0  # older rows of a path also stored later: tombstoned
+    dropped: list[str] = field(default_factory=list)  # shard files that could not be used, with why
+
+
+def recover_manifest(root: Path, generation: int = 0) -> Recovery:
+    """Write a manifest for the shards at ``root`` from their rows files and the
+    store's ``store.json`` (the fingerprint). Each shard must load as float32
+    (rows, dim) valid vectors aligned with its rows file, else it is left out (and
+    deleted by the next commit). A path stored more than once keeps its newest row
+    (the highest id: later writes replace earlier ones). What the lost manifest
+    knew beyond that -- tombstones of deleted files, skipped files -- is gone: the
+    next indexing run of the folder removes and skips them again. The writer lock
+    must be held. ``generation``: the manifest's, above any a reader may hold."""
+    import io
+
+    import numpy as np
+
+    from .manifest import parse_rows
+
+    identity = read_identity(root)
+    if identity is None:
+        raise CorruptStoreError(f"{root}: cannot recover the manifest: store.json, which names the model of "
+                                "the vectors, is missing or damaged")
+    dim = int(identity["fingerprint"]["dim"])
+    recovery = Recovery()
+    shards: list[dict[str, Any]] = []
+    newest: dict[str, tuple[int, int, int]] = {}  # path -> (id, shard position, row)
+    seen_ids: set[int] = set()
+    for vectors_path in shard_files(root):
+        name = vectors_path.name.removesuffix(".npy")
+        rows_path = vectors_path.with_name(f"{name}.rows.json")
+        try:
+            data, rows_data = vectors_path.read_bytes(), rows_path.read_bytes()
+            rows = parse_rows(rows_data)
+            vectors = np.load(io.BytesIO(data), allow_pickle=False)
+            if vectors.dtype != np.float32 or vectors.shape != (len(rows), dim) or not rows:
+                raise ValueError(f"shape {vectors.shape} {vectors.dtype}, expected ({len(rows)}, {dim}) float32")
+            if invalid_rows(vectors).any() or seen_ids & {r.id for r in rows} or len({r.id for r in rows}) < len(rows):
+                raise ValueError("invalid vectors or repeated ids")
+        except (OSError, ValueError, EOFError) as exc:
+            recovery.dropped.append(f"{vectors_path}: {exc}")
+            continue
+        seen_ids |= {r.id for r in rows}
+        for i, row in enumerate(rows):
+            if row.path not in newest or newest[row.path][0] < row.id:
+                newest[row.path] = (row.id, len(shards), i)
+        shards.append({"name": name, "rows": len(rows), "sha256": bytes_sha256(data), "bytes": len(data),
+                       "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": [],
+                       "_ids": [r.id for r in rows]})
+    keep = {(position, i) for _, position, i in newest.values()}
+    for position, shard in enumerate(shards):
+        shard["removed"] = [i for i in range(shard["rows"]) if (position, i) not in keep]
+        recovery.duplicates += len(shard["removed"])
+    shards = [s for s in shards if len(s["removed"]) < s["rows"]]
+    if not shards:
+        raise CorruptStoreError(f"{root}: cannot recover the manifest: no usable shard "
+                                f"({'; '.join(recovery.dropped) or 'none found'})")
+    now = time.time()
+    manifest = {
+        "format": FORMAT_VERSION, "generation": generation, "fingerprint": identity["fingerprint"],
+        "versions": _library_versions(), "created": now, "updated": now, "recovered": now,
+        "next_id": max(seen_ids) + 1,
+        "next_shard": max(int(s["name"].removeprefix("shard-")) for s in shards) + 1,
+        "shards": [{k: v for k, v in s.items() if k != "_ids"} for s in shards],
+        "count": len(newest), "skipped": {},
+    }
+    if identity.get("weights_path"):
+        manifest["weights_path"] = identity["weights_path"]
+    atomic_write_json(root / MANIFEST, manifest)
+    recovery.shards, recovery.images = len(shards), len(newest)
+    return recovery

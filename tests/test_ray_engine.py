@@ -1,0 +1,362 @@
+"""The Ray executor on a real Ray cluster on loopback (``ray start --head`` in its
+own process group, one per test session; skipped with the reason when the extra is
+missing): it lists, hashes and embeds like the local executor, into the same
+store, and a killed driver or worker resumes like a local run.
+
+Timing-free by design: the machine running this is shared and loaded, so
+start-up is retried and the kill waits for the first commit instead of a clock.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image
+from typer.testing import CliRunner
+
+from cbir_cli.cli import app
+from cbir_cli.errors import CbirError
+from cbir_cli.imageio.files import list_images
+from cbir_cli.pipeline.local import LocalExecutor
+from cbir_cli.pipeline.options import ExtractOptions
+from cbir_cli.pipeline.sync import sync_folder
+from cbir_cli.search.check import check_index
+from cbir_cli.store.feature_store import FeatureStore
+from tests.fakes import FakeEmbedder, PoisonEmbedder
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pyarrow") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is an optional extra: pip install 'cbir-cli[ray]'")
+# Generous: a loaded 2-core machine took up to 12 s for a Ray start in the research runs.
+START_TIMEOUT = 120.0
+RUN_TIMEOUT = 300.0
+ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_LOG_LEVEL": "ERROR"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop_group(head: subprocess.Popen) -> None:
+    """Stop only our cluster (`ray stop` would stop every Ray on the machine)."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _start_head(temp: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    head = subprocess.Popen(
+        [shutil.which("ray") or "ray", "start", "--head", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--block"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return head, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    _stop_group(head)
+    raise RuntimeError("ray start: the head's port never opened")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A loopback Ray cluster (2 CPUs) this test process is connected to, as a
+    driver; its address for drivers in other processes. Start-up is retried. (One
+    per session: this module is its only user; it ends with the module, so other
+    modules' tests never run beside a connected Ray driver.)"""
+    if not HAVE_RAY or shutil.which("ray") is None:
+        pytest.skip("Ray is an optional extra: pip install 'cbir-cli[ray]'")
+    from cbir_cli.pipeline.ray_session import connect, disconnect
+
+    os.environ.update(ENV)
+    pythonpath = os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    temp = tempfile.mkdtemp(prefix="cbray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    errors = []
+    for _ in range(3):
+        head = None
+        try:
+            head, address = _start_head(temp, env)
+            connect(address)  # itself retried: the raylet may register seconds after the port opens
+            break
+        except (RuntimeError, CbirError) as exc:
+            errors.append(str(exc))
+            if head is not None:
+                _stop_group(head)
+    else:
+        shutil.rmtree(temp, ignore_errors=True)
+        pytest.fail(f"could not start a loopback Ray cluster: {errors}")
+    yield address, env
+    disconnect()
+    _stop_group(head)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def ray_executor(**options):
+    from cbir_cli.pipeline.ray_executor import RayExecutor, RayOptions
+
+    return RayExecutor(ExtractOptions(**{"workers": 0, **options}), RayOptions("auto"))
+
+
+def write_tree(root: Path, n: int) -> Path:
+    """n images spread over nested folders, plus what the lister must handle: a
+    symlinked folder (not entered), a folder named like an image, a bad file."""
+    for i in range(n):
+        folder = root / ("" if i % 3 == 0 else f"sub{i % 3}") / ("deep" if i % 5 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        make_image(i).save(folder / f"img_{i:03d}.jpg", quality=90)
+    (root / "folder.jpg").mkdir()
+    (root / "not_an_image.png").write_bytes(b"this is text")
+    os.symlink(root / "sub1", root / "link_to_sub1")
+    return root
+
+
+def vectors_by_path(store: FeatureStore) -> dict[str, np.ndarray]:
+    return dict(zip([r.path for r in store.live_rows()], store.load_vectors()))
+
+
+def test_without_the_extra_the_ray_engine_is_one_line_naming_it(image_folder, tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
+    result = CliRunner().invoke(app, ["extract", str(image_folder(2)), "--out", str(tmp_path / "out"),
+                                      "--model", "test_tiny", "--engine", "ray"])
+    assert result.exit_code == 1
+    assert result.stderr == "error: the ray engine needs Ray Data, an optional extra: pip install 'cbir-cli[ray]'\n"
+    assert not (tmp_path / "out").exists()
+
+
+@needs_ray
+def test_listing_and_hashing_in_ray_tasks_match_the_local_executor(ray_cluster, tmp_path):
+    # Joining Ray left this process's SIGTERM handling alone (Ray installs its own;
+    # SIGTERM belongs to the store's write transaction).
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    root = write_tree(tmp_path / "tree", 14)
+    with ray_executor() as executor:
+        listed = executor.list_images(root)
+        assert listed == list_images(root)  # same files, same order, symlinked folder not entered
+        files = [*listed, root / "folder.jpg"]
+        assert sorted(executor.hash_files(files)) == sorted(LocalExecutor(ExtractOptions(workers=0)).hash_files(files))
+        for bad, local_error in ((tmp_path / "missing", "folder does not exist"),
+                                 (tmp_path / "tree" / "not_an_image.png", "not a folder")):
+            with pytest.raises(CbirError, match=local_error):
+                executor.list_images(bad)
+
+
+@needs_ray
+def test_decoding_is_never_fused_into_the_model_actor(ray_cluster, tmp_path):
+    import contextlib
+    import io
+
+    from cbir_cli.pipeline.executor import EmbedRequest
+    from cbir_cli.pipeline.ray_executor import model_plan
+
+    with ray_executor(batch_size=4, shard_size=8) as executor:
+        items = [(f"/x/{i}.jpg", f"{i:064x}", 1) for i in range(40)]
+        dataset = executor.pipeline(items, model_plan(EmbedRequest("test_tiny")), tmp_path)
+        plan = io.StringIO()
+        with contextlib.redirect_stdout(plan):
+            dataset.explain()
+    physical = plan.getvalue().split("Physical Plan (Optimized)")[-1]
+    assert "ActorPoolMapOperator[MapBatches(EmbedAndStage)]" in physical, physical
+    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in physical, physical
+
+
+@needs_ray
+def test_ray_extraction_equals_local_extraction_and_resyncs_incrementally(ray_cluster, tmp_path, tiny_embedder):
+    root = write_tree(tmp_path / "tree", 30)
+    options = {"batch_size": 4, "shard_size": 8}
+    local_skips: list[tuple[str, str]] = []
+    ray_skips: list[tuple[str, str]] = []
+    local = sync_folder(root, tmp_path / "local", embedder=tiny_embedder, options=ExtractOptions(workers=0, **options),
+                        on_skip=lambda p, r: local_skips.append((p, r)))
+    with ray_executor(**options) as executor:
+        summary = sync_folder(root, tmp_path / "ray", embedder=tiny_embedder, executor=executor,
+                              options=ExtractOptions(workers=0, **options),
+                              on_skip=lambda p, r: ray_skips.append((p, r)))
+    assert (summary.embedded, summary.skipped) == (local.embedded, local.skipped) == (30, 1)
+    assert ray_skips == local_skips  # the same one-line reason for the bad file
+    a, b = FeatureStore.open(tmp_path / "local"), FeatureStore.open(tmp_path / "ray")
+    assert [(r.id, r.path, r.sha256) for r in a.live_rows()] == [(r.id, r.path, r.sha256) for r in b.live_rows()]
+    cosines = (a.load_vectors() * b.load_vectors()).sum(axis=1)
+    assert cosines.min() >= 0.999, cosines.min()
+    assert check_index(tmp_path / "ray").ok and b.leftover_files() == []
+    assert not (tmp_path / "ray" / "staging").exists()
+
+    # Incremental, like a local run: only the changed and the new file are embedded.
+    make_image(100).save(root / "img_003.jpg", quality=90)
+    make_image(101).save(root / "sub1" / "new.jpg", quality=90)
+    (root / "sub2" / "img_002.jpg").unlink()
+    with ray_executor(**options) as executor:
+        again = sync_folder(root, tmp_path / "ray", embedder=tiny_embedder, executor=executor,
+                            options=ExtractOptions(workers=0, **options))
+    assert (again.embedded, again.added, again.updated, again.removed) == (2, 1, 1, 1)
+    assert FeatureStore.open(tmp_path / "ray").count == 30
+
+
+@needs_ray
+def test_vectors_the_store_refuses_are_skipped_files_as_in_the_local_engine(ray_cluster, image_folder, tmp_path):
+    folder = image_folder(12)
+    local_skips: list[tuple[str, str]] = []
+    ray_skips: list[tuple[str, str]] = []
+    sync_folder(folder, tmp_path / "local", embedder=PoisonEmbedder(), options=ExtractOptions(workers=0),
+                on_skip=lambda p, r: local_skips.append((p, r)))
+    with ray_executor() as executor:
+        sync_folder(folder, tmp_path / "ray", embedder=PoisonEmbedder(), executor=executor,
+                    options=ExtractOptions(workers=0), on_skip=lambda p, r: ray_skips.append((p, r)))
+    assert 0 < len(local_skips) < 12 and sorted(ray_skips) == sorted(local_skips)
+    a, b = FeatureStore.open(tmp_path / "local"), FeatureStore.open(tmp_path / "ray")
+    assert [r.path for r in a.live_rows()] == [r.path for r in b.live_rows()]
+    assert a.manifest["skipped"] == b.manifest["skipped"]
+
+
+def cli_extract(folder: Path, out: Path, address: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cbir_cli.cli", "extract", str(folder), "--out", str(out), "--model", "test_tiny",
+         "--engine", "ray", "--ray-address", address, "--batch-size", "2", "--shard-size", "2", "--json"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@needs_ray
+def test_a_driver_killed_mid_run_resumes_to_exactly_the_uninterrupted_result(ray_cluster, tmp_path, tiny_embedder):
+    address, env = ray_cluster
+    folder = tmp_path / "images"
+    folder.mkdir()
+    n = 160
+    for i in range(n):
+        make_image(i, size=(64, 48)).save(folder / f"img_{i:03d}.jpg", quality=90)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    out = tmp_path / "out"
+    reference = sync_folder(folder, tmp_path / "reference", embedder=tiny_embedder,
+                            options=ExtractOptions(workers=0, batch_size=2, shard_size=2))
+    assert (reference.store_count, reference.skipped) == (n, 1)
+
+    driver = cli_extract(folder, out, address, env)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (out / "manifest.json").exists():  # the first commit: the run is under way
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, "no commit in time"
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+    committed = FeatureStore.open(out).count
+    assert 0 < committed < n, committed  # killed mid-run
+
+    resumed = cli_extract(folder, out, address, env)
+    stdout, stderr = resumed.communicate(timeout=RUN_TIMEOUT)
+    assert resumed.returncode == 0, stderr
+    summary = json.loads(stdout)
+    # Committed files are never embedded again; nothing is stored twice.
+    assert (summary["embedded"], summary["unchanged"], summary["store_count"]) == (n - committed, committed, n)
+    # Ray's console noise is off: stderr holds our one warning line (the local
+    # engine's reason) and nothing else.
+    [(bad_path, reason)] = reference.skipped_files
+    assert stderr.splitlines() == [f"warning: skipped {bad_path}: {reason}"], stderr
+
+    a, b = FeatureStore.open(tmp_path / "reference"), FeatureStore.open(out)
+    assert [(r.id, r.path) for r in a.live_rows()] == [(r.id, r.path) for r in b.live_rows()]
+    assert (a.load_vectors() * b.load_vectors()).sum(axis=1).min() >= 0.999
+    assert b.manifest["skipped"] == a.manifest["skipped"]
+    assert check_index(out).ok and b.leftover_files() == [] and not (out / "staging").exists()
+
+
+CRASHING_DRIVER = """
+import sys
+from cbir_cli.errors import CbirError
+from cbir_cli.pipeline.options import ExtractOptions
+from cbir_cli.pipeline.ray_executor import RayExecutor, RayOptions
+from cbir_cli.pipeline.sync import sync_folder
+from tests.fakes import CrashingEmbedder, FakeEmbedder
+
+folder, out, address, crash_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+embedder = CrashingEmbedder(crash_at) if crash_at else FakeEmbedder()
+options = ExtractOptions(workers=0, batch_size=4, shard_size=4)
+try:
+    with RayExecutor(options, RayOptions(address)) as executor:
+        summary = sync_folder(folder, out, embedder=embedder, executor=executor, options=options)
+    print(summary.embedded)
+except CbirError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@needs_ray
+def test_a_worker_killed_mid_run_fails_in_one_line_and_the_rerun_resumes(ray_cluster, image_folder, tmp_path):
+    address, env = ray_cluster
+    folder = image_folder(24)
+    out = tmp_path / "out"
+
+    def run(crash_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", CRASHING_DRIVER, str(folder), str(out), address, str(crash_at)],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+    # The model actor dies on its third batch: with actor restarts on (Ray Data's
+    # default) this would retry the same batch forever; here it fails at once.
+    crashed = run(crash_at=3)
+    assert crashed.returncode == 1, crashed.stderr
+    assert crashed.stderr.startswith("error: a Ray worker was lost (") and len(crashed.stderr.splitlines()) == 1
+    assert "running the same command again resumes" in crashed.stderr
+    committed = FeatureStore.open(out).count if (out / "manifest.json").exists() else 0
+    assert committed in (0, 4, 8)  # at most the two parts written before the crash
+
+    resumed = run(crash_at=0)
+    assert resumed.returncode == 0, resumed.stderr
+    assert int(resumed.stdout) == 24 - committed
+    reference = sync_folder(folder, tmp_path / "reference", embedder=FakeEmbedder(),
+                            options=ExtractOptions(workers=0, batch_size=4, shard_size=4))
+    assert reference.store_count == FeatureStore.open(out).count == 24
+    np.testing.assert_allclose(FeatureStore.open(tmp_path / "reference").load_vectors(),
+                               FeatureStore.open(out).load_vectors(), atol=1e-6)
+
+
+@needs_ray
+def test_images_a_node_cannot_reach_stop_the_run_instead_of_being_recorded_as_bad(ray_cluster, tmp_path,
+                                                                                  tiny_embedder):
+    """On a cluster whose nodes do not all mount the images, every file would fail
+    with "file not found" and be remembered as a bad file: that is a setup error."""
+    from cbir_cli.pipeline.executor import EmbedRequest
+    from cbir_cli.store.transaction import write_transaction
+
+    failures: list[tuple[int, str]] = []
+    items = [(f"/no-such-mount/photos/img_{i}.jpg", f"{i:064x}", 1) for i in range(3)]
+    with write_transaction(tmp_path / "store") as txn:
+        txn.begin(tiny_embedder.fingerprint())
+        with ray_executor() as executor, pytest.raises(CbirError, match=r"^/no-such-mount/photos: not found on Ray "
+                                                                        r"node .*; the images' folder must be on "
+                                                                        r"storage every node mounts"):
+            executor.embed(items, EmbedRequest("test_tiny", device="cpu"), txn, lambda i, r: failures.append((i, r)))
+        assert failures == [] and txn.store.manifest["skipped"] == {}
+    assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+@needs_ray
+def test_a_cuda_request_on_a_cluster_without_gpus_is_one_line(ray_cluster, image_folder, tmp_path, tiny_embedder):
+    with ray_executor(device="cuda") as executor, pytest.raises(CbirError, match="the Ray cluster has no GPU"):
+        sync_folder(image_folder(2), tmp_path / "out", embedder=tiny_embedder, executor=executor)
+    assert not (tmp_path / "out" / "manifest.json").exists()
