@@ -37,11 +37,13 @@ from .registry import ModelConfig
 
 PRECISIONS = ("auto", "fp32", "int8")
 CALIBRATION_IMAGES = 320
-# Images per calibration run. The calibration graph (every tensor also reduced to
-# its min/max) needs ONNX Runtime's arena for a whole batch: peak RSS of
-# `cbir evaluate --precision int8` on Oxford-17 (MobileNetV2) was 3.5 GB at 32,
-# 1.0 GB at 8. MinMax ranges do not depend on the batching.
-CALIBRATION_BATCH = 8
+# Pixels per calibration run (8 images of 224 x 224). The calibration graph (every
+# tensor also reduced to its min/max) needs ONNX Runtime's arena for a whole batch:
+# peak RSS of `cbir evaluate --precision int8` on Oxford-17 (MobileNetV2, centre
+# crops) was 3.5 GB at 32 images, 1.0 GB at 8; whole images at two scales in
+# batches of 8 (up to 320 x 1280 px each) took 3.6 GB, hence a pixel budget: a
+# batch holds fewer of the larger inputs. MinMax ranges do not depend on the batching.
+CALIBRATION_PIXELS = 8 * 224 * 224
 # Everything that shapes the quantised graph besides its inputs (part of the id).
 QUANT_SETTINGS = {"format": "QOperator", "per_channel": True, "activations": "U8", "weights": "S8",
                   "method": "MinMax", "version": 1}
@@ -121,7 +123,8 @@ def _calibration_batches(calibration: Calibration, preprocess: Any, draft_size: 
     arrays (one per scale) of shapes that vary from image to image (full-image
     inputs keep their aspect ratio; see :mod:`.preprocess`), and the graph's height
     and width are dynamic, so arrays are grouped by shape and each batch holds one
-    shape -- never padded, as :mod:`.scales` never pads."""
+    shape -- never padded, as :mod:`.scales` never pads -- and at most
+    :data:`CALIBRATION_PIXELS` pixels (at least one array)."""
     import numpy as np
 
     groups: dict[tuple[int, ...], list[Any]] = {}
@@ -134,7 +137,7 @@ def _calibration_batches(calibration: Calibration, preprocess: Any, draft_size: 
         for array in pixels if isinstance(pixels, tuple) else (pixels,):
             group = groups.setdefault(np.shape(array), [])
             group.append(array)
-            if len(group) == CALIBRATION_BATCH:
+            if len(group) >= max(1, CALIBRATION_PIXELS // (array.shape[-2] * array.shape[-1])):
                 yield np.stack(group)
                 group.clear()
     for group in groups.values():
