@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features-dir", type=Path, default=None, help="feature cache (default: cbir evaluate's)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "int8"),
+                        help="the model's precision (default: what a new index of the model gets)")
     return parser.parse_args(argv)
 
 
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from cbir_cli.search.dedup import best_f1_threshold, descriptor_key, score_threshold
 
     started = time.perf_counter()
-    extract = ExtractOptions(workers=default_workers() if args.workers is None else args.workers, progress=True)
+    extract = ExtractOptions(workers=default_workers() if args.workers is None else args.workers, progress=True,
+                             precision=args.precision)
     options = EvaluationOptions(model=args.model, features_dir=args.features_dir, extract=extract)
     collection = copy_collection(args.root)
     cache_root = args.features_dir or default_features_root(collection)
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     twin_pairs = sum(len(t) - 1 for t in twins.values()) // 2
     print(f"\n{collection.root}: {n} images ({twin_pairs} same-picture pairs), {len(data.queries)} copies "
           f"({args.copies} originals x {len(DISTORTIONS)} distortions, seed {args.seed})")
-    print(f"model {model}, descriptor {descriptor}; {len(positive):,} duplicate pairs, "
+    precision = source.fingerprint.get("precision", "fp32")
+    print(f"model {model} ({precision}), descriptor {descriptor}; {len(positive):,} duplicate pairs, "
           f"{len(negative):,} distinct pairs")
     print(f"\nbest F1: threshold {best.threshold:g}  precision {best.precision:.4f}  recall {best.recall:.4f}  "
           f"F1 {best.f1:.4f}  ({best.true_pairs:,} duplicate pairs found, {best.false_pairs:,} distinct pairs "

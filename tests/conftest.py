@@ -79,6 +79,15 @@ def tiny_embedder():
     return load_embedder("test_tiny", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def tiny_crop_embedder():
+    """The test model with the legacy descriptor: centre crop, global average pooling."""
+    from cbir_cli.models.loading import load_embedder
+    from cbir_cli.models.registry import LEGACY_DESCRIPTOR
+
+    return load_embedder("test_tiny", device="cpu", descriptor=LEGACY_DESCRIPTOR)
+
+
 @pytest.fixture
 def index_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point $CBIR_INDEX at a fresh folder so no test touches the user's index."""

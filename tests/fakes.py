@@ -21,7 +21,7 @@ from cbir_cli.search.protocol import BackendCheck
 class FakeConfig:
     name: str = "fake"
     dim: int = 48
-    resize_size: int = 16
+    draft_size: int = 16
 
 
 def _thumbnail(img: Image.Image) -> np.ndarray:

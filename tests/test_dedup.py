@@ -25,6 +25,7 @@ from cbir_cli.search.dedup import (
     MEASURED_THRESHOLDS,
     best_f1_threshold,
     connected_groups,
+    default_descriptor_key,
     default_threshold,
     descriptor_key,
     find_duplicates,
@@ -32,8 +33,10 @@ from cbir_cli.search.dedup import (
 from cbir_cli.search.searcher import Searcher
 from tests.fakes import FakeBackend
 
-# The tiny random model: distinct synthetic images score <= ~0.90, these copies >= ~0.98.
-TINY_THRESHOLD = 0.95
+# The tiny random model with the default descriptor (GeM over whole images: a random
+# trunk's pooled channels are alike for every image): distinct synthetic images score
+# <= 0.9960, these copies >= 0.9987.
+TINY_THRESHOLD = 0.9975
 N_DISTINCT = 14
 ORIGINALS = (1, 4, 7, 10)
 
@@ -198,10 +201,17 @@ def test_default_threshold_is_looked_up_by_model_and_descriptor():
     choice = default_threshold(legacy)
     assert choice.measured is MEASURED_THRESHOLDS["mobilenet_v2", LEGACY_DESCRIPTOR] and choice.note is None
     gem = {**legacy, "descriptor": {"pooling": "gem", "gem_p": 3.0, "input": "full", "scales": [1.0, 1.4]}}
-    assert descriptor_key(gem) == "gem3-full-1+1.4"
-    other = default_threshold(gem)
-    assert other.measured is None and other.threshold == choice.threshold
-    assert "gem3-full-1+1.4" in other.note and "bench/dedup_threshold.py" in other.note
+    assert descriptor_key(gem) == "gem3-full-1+1.4" == default_descriptor_key()
+    default = default_threshold(gem)
+    assert default.measured is MEASURED_THRESHOLDS["mobilenet_v2", "gem3-full-1+1.4"] and default.note is None
+    assert default.threshold != choice.threshold  # measured again for the new descriptor
+    # Unmeasured: the same descriptor's measurement stands in, else the default descriptor's.
+    resnet = default_threshold({**gem, "model": "resnet50"})
+    assert resnet.measured is None and resnet.threshold == default.threshold
+    assert "resnet50" in resnet.note and "bench/dedup_threshold.py" in resnet.note
+    assert default_threshold({**legacy, "model": "resnet50"}).threshold == choice.threshold
+    mac = default_threshold({**legacy, "descriptor": {"pooling": "mac", "input": "crop", "scales": [1.0]}})
+    assert mac.measured is None and mac.threshold == default.threshold and "mac-crop-1" in mac.note
 
 
 def test_best_f1_threshold_separates_scores():

@@ -1,5 +1,6 @@
 """Fuzz every file the store reads (issue 10, item 4): the manifest, store.json, the
-rows files, the shards, the saved search index and its meta get truncated, random
+rows files, the shards, the saved search index and its meta, the DBA vectors
+re-ranking reads and their meta get truncated, random
 bytes, flipped bytes, wrong JSON types or are deleted, one file per case, seeded.
 
 Whatever the damage: no operation raises anything but a one-line CbirError,
@@ -21,6 +22,7 @@ from cbir_cli.errors import CbirError
 from cbir_cli.pipeline.options import ExtractOptions
 from cbir_cli.pipeline.sync import index_folder
 from cbir_cli.search.check import check_index
+from cbir_cli.search.rerank import RerankSettings
 from cbir_cli.search.searcher import Searcher
 
 OPTIONS = ExtractOptions(workers=0, batch_size=2, shard_size=2)
@@ -28,7 +30,8 @@ N_IMAGES = 3
 CASES = 200
 SEED = 10
 FILES = ["manifest.json", "store.json", "shards/shard-000001.npy", "shards/shard-000001.rows.json",
-         "shards/shard-000002.npy", "shards/shard-000002.rows.json", "index/index.json", "index/index.faiss"]
+         "shards/shard-000002.npy", "shards/shard-000002.rows.json", "index/index.json", "index/index.faiss",
+         "index/dba.json", "index/dba.npy", "index/dba-neighbours.npy"]  # DBA: re-ranking's vectors
 WRONG_VALUES = ["x", [], {}, None, 1.5, -1, True, 2**70, "../../etc/passwd", [1, "a"], {"a": None}]
 
 
@@ -106,10 +109,12 @@ class MemoEmbedder:
     def embed(self, batch):
         import numpy as np
 
-        keys = [np.asarray(row).tobytes() for row in batch]
+        rows = list(batch)  # arrays, or tuples of one array per scale (see models.scales)
+        keys = [tuple((np.shape(a), np.asarray(a).tobytes()) for a in (row if isinstance(row, tuple) else (row,)))
+                for row in rows]
         missing = [i for i, key in enumerate(keys) if key not in self.memo]
         if missing:
-            for i, vector in zip(missing, self.inner.embed(np.stack([np.asarray(batch[i]) for i in missing]))):
+            for i, vector in zip(missing, self.inner.embed([rows[i] for i in missing])):
                 self.memo[keys[i]] = vector
         return np.stack([self.memo[key] for key in keys])
 
@@ -155,7 +160,8 @@ def test_every_store_file_fuzzed_never_a_traceback_and_rebuild_always_repairs(pr
         if not report.ok:
             damaged = Path(name).name if not name.startswith("manifest") else ""
             assert any(damaged in p and str(index_dir) in p for p in report.problems), (where, report.problems)
-        opened = only_domain_errors(lambda d=index_dir: Searcher.open(d, embedder=tiny_embedder).search_ids([0], 2))
+        opened = only_domain_errors(lambda d=index_dir: Searcher.open(d, embedder=tiny_embedder,
+                                                                      rerank=RerankSettings()).search_ids([0], 2))
         repaired = only_domain_errors(lambda d=index_dir: index_folder(folder, d, embedder=tiny_embedder,
                                                                          options=OPTIONS))
         if repaired:

@@ -30,13 +30,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.fixture(params=DEVICES)
-def embedder(request, tiny_embedder):
-    """The tiny model on each available device (decoding follows the model)."""
+def embedder(request, tiny_crop_embedder):
+    """The tiny model with the centre-crop input (the one the device decoder makes)
+    on each available device (decoding follows the model)."""
     if request.param == "cpu":
-        return tiny_embedder
+        return tiny_crop_embedder
     from cbir_cli.models.loading import load_embedder
+    from cbir_cli.models.registry import LEGACY_DESCRIPTOR
 
-    return load_embedder("test_tiny", device=request.param)
+    return load_embedder("test_tiny", device=request.param, descriptor=LEGACY_DESCRIPTOR)
 
 
 # Mean absolute pixel difference (0-255) allowed between the decode paths. On the CPU

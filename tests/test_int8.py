@@ -112,3 +112,53 @@ def test_auto_keeps_an_existing_fp32_store_fp32(tmp_path, image_folder, cache, m
     assert summary.added == 1 and "precision" not in FeatureStore.open(tmp_path / "idx").fingerprint
     fresh = index_folder(folder, tmp_path / "new", "test_tiny", options=ExtractOptions(workers=0, device="cpu"))
     assert fresh.added == 5 and FeatureStore.open(tmp_path / "new").fingerprint["precision"] == "int8"
+
+
+def test_calibration_feeds_the_quantiser_what_the_embedder_runs_on(tmp_path, cache, monkeypatch):
+    """The default descriptor (whole images, two scales) gives each image arrays of
+    its own shapes: calibration must see every one of them, each batch of one shape
+    (the graph's height and width are dynamic; nothing padded), decoded with the
+    descriptor's JPEG draft size. Stacking whole images failed before (ragged)."""
+    import hashlib
+
+    from PIL import Image
+
+    from cbir_cli.models import quantize
+    from cbir_cli.models.loading import load_embedder
+    from cbir_cli.models.preprocess import image_preprocessor
+    from cbir_cli.models.registry import get_model_config
+
+    config = get_model_config("test_tiny")
+    assert config.descriptor.input == "full" and len(config.descriptor.scales) == 2
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = []
+    for i, size in enumerate([(160, 120), (120, 160), (200, 100), (160, 120), (90, 180)] * 3):
+        path = folder / f"{i:02d}.jpg"
+        make_image(i, size).save(path, quality=90)
+        images.append((str(path), hashlib.sha256(path.read_bytes()).hexdigest()))
+    calibration = Calibration(tuple(images))
+    preprocess = image_preprocessor(config)
+    batches = list(quantize._calibration_batches(calibration, preprocess, config.draft_size))
+    assert all(b.ndim == 4 and b.dtype == np.uint8 for b in batches)
+    assert all(len(b) == 1 or b[0].size <= 3 * quantize.CALIBRATION_PIXELS // len(b) for b in batches)
+    expected = []
+    for path, _ in images:
+        with Image.open(path) as img:
+            img.draft("RGB", (config.draft_size, config.draft_size))
+            expected.extend(preprocess(img.convert("RGB")))
+    assert len({b.shape[1:] for b in batches}) == len({a.shape for a in expected}) > 2
+    key = sorted((a.shape, a.tobytes()) for a in expected)
+    assert sorted((a.shape, a.tobytes()) for b in batches for a in b) == key
+    # The quantiser's reader decodes with the descriptor's draft size, not the crop's resize size.
+    drafts = []
+    real_batches = quantize._calibration_batches
+
+    def spy(calibration, preprocess, draft_size):
+        drafts.append(draft_size)
+        return real_batches(calibration, preprocess, draft_size)
+
+    monkeypatch.setattr(quantize, "_calibration_batches", spy)
+    embedder = load_embedder("test_tiny", device="cpu", runtime="auto", calibration=calibration)
+    assert drafts == [config.draft_size] and config.draft_size != config.resize_size
+    assert embedder.precision == "int8"

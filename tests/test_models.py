@@ -8,7 +8,7 @@ import torch
 
 from cbir_cli.errors import CbirError, WeightsUnavailableError
 from cbir_cli.models.loading import load_embedder, model_fingerprint
-from cbir_cli.models.registry import get_model_config, list_models
+from cbir_cli.models.registry import LEGACY_DESCRIPTOR, get_model_config, list_models
 from cbir_cli.models.torch_embedder import TorchEmbedder, build_backbone
 from tests.conftest import make_image
 
@@ -41,7 +41,7 @@ def test_embedder_normalisation_equals_torchvision_reference_transform():
     same model input as torchvision's ImageClassification transform."""
     from torchvision.models import get_weight
 
-    config = get_model_config("mobilenet_v2")
+    config = get_model_config("mobilenet_v2").with_descriptor(LEGACY_DESCRIPTOR)
     embedder = TorchEmbedder(config, torch.nn.Identity(), "x", "cpu")
     img = make_image(3, (333, 250))
     ours = (torch.from_numpy(embedder.preprocess(img))[None].float() - embedder._mean) / embedder._std
@@ -51,18 +51,26 @@ def test_embedder_normalisation_equals_torchvision_reference_transform():
     assert torch.mean(torch.abs(ours - reference)).item() < 0.02
 
 
-@pytest.mark.parametrize("name, dim", [("resnet50", 2048), ("mobilenet_v2", 1280)])
-def test_headless_backbones_output_pooled_features(name, dim, tmp_path):
+@pytest.mark.parametrize("name, dim, head", [("resnet50", 2048, "fc"), ("mobilenet_v2", 1280, "classifier")])
+def test_trunk_with_average_pooling_is_the_classifiers_own_pooled_features(name, dim, head, tmp_path):
+    """The legacy descriptor (GAP) must stay what the headless classifier computed:
+    indexes built before descriptors were configurable keep working."""
     from cbir_cli.models.registry import _BUILDERS
+    from cbir_cli.models.torch_embedder import pooling_module
 
-    state = _BUILDERS[name]().state_dict()  # a full classifier state dict, random weights
+    classifier = _BUILDERS[name]()
     path = tmp_path / f"{name}.pth"
-    torch.save(state, path)
+    torch.save(classifier.state_dict(), path)  # a full classifier state dict, random weights
     module, weights_id = build_backbone(get_model_config(name), weights=path)
     assert weights_id.startswith("file-sha256:")
+    setattr(classifier, head, torch.nn.Identity())
+    x = torch.randn(2, 3, 224, 288)
     with torch.inference_mode():
-        out = module(torch.randn(2, 3, 224, 224))
-    assert out.shape == (2, dim)
+        fmap = module.eval()(x)
+        pooled = pooling_module(LEGACY_DESCRIPTOR)(fmap)
+        reference = classifier.eval()(x)
+    assert fmap.shape == (2, dim, 7, 9) and pooled.shape == (2, dim)
+    torch.testing.assert_close(pooled, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_tiny_model_is_deterministic_and_unit_norm(tiny_embedder):
@@ -144,7 +152,7 @@ def test_preprocess_matches_torchvision_functional(name, size):
 
     from cbir_cli.models.preprocess import preprocess_image
 
-    config = get_model_config(name)
+    config = get_model_config(name).with_descriptor(LEGACY_DESCRIPTOR)
     img = make_image(7, size)
     reference = F.pil_to_tensor(F.center_crop(
         F.resize(img, config.resize_size, interpolation=InterpolationMode(config.interpolation), antialias=True),

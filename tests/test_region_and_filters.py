@@ -20,7 +20,7 @@ from cbir_cli.errors import CbirError
 from cbir_cli.imageio.region import Box
 from cbir_cli.pipeline.options import ExtractOptions
 from cbir_cli.pipeline.sync import index_folder
-from cbir_cli.search.filters import ResultFilter, filtered_search
+from cbir_cli.search.filters import ResultFilter, filtered_search, passing_counts
 from cbir_cli.search.queries import QueryRequest, answer_queries
 from cbir_cli.search.searcher import Searcher
 from tests.fakes import FakeBackend
@@ -129,22 +129,32 @@ def test_under_keeps_only_a_folder_and_still_returns_k(indexed):
 def test_min_score_keeps_only_scores_above_it(indexed):
     root, index_dir, _ = indexed
     query = str(root / "photos" / "a" / "img_001.jpg")
-    plain = query_json(query, "--index", str(index_dir), "-k", "12")[0]["results"]
+    plain = query_json(query, "--index", str(index_dir), "-k", "12", "--no-rerank")[0]["results"]
     cut = (plain[2]["score"] + plain[3]["score"]) / 2  # exactly three pass
-    kept = query_json(query, "--index", str(index_dir), "-k", "10", "--min-score", f"{cut:.6f}")[0]["results"]
+    kept = query_json(query, "--index", str(index_dir), "-k", "10", "--min-score", f"{cut:.6f}",
+                      "--no-rerank")[0]["results"]
     assert [h["id"] for h in kept] == [h["id"] for h in plain[:3]]
+    # Re-ranked (the default): the same three, in the re-ranked order (whose scores,
+    # cosines to the query, need not decrease: the cut cannot stop at the first low one).
+    reranked = query_json(query, "--index", str(index_dir), "-k", "10", "--min-score", f"{cut:.6f}")[0]["results"]
+    assert sorted(h["id"] for h in reranked) == sorted(h["id"] for h in plain[:3])
+    assert all(h["score"] >= cut for h in reranked)
+
+
+def random_backend(seed: int) -> tuple[FakeBackend, np.ndarray]:
+    """400 random unit vectors in the numpy fake backend, and the first as a query."""
+    x = np.random.default_rng(seed).standard_normal((400, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    backend = FakeBackend()
+    backend.add(np.arange(400), x)
+    return backend, x[:1]
 
 
 def test_filtered_search_searches_deeper_until_k_results_qualify():
     """The allowed images are the ones ranked last: a top-k-then-filter search would
     return nothing; the filtered search deepens until it has k, and they are the
     exact top k among the allowed ones."""
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((400, 16)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    backend = FakeBackend()
-    backend.add(np.arange(400), x)
-    query = x[:1]
+    backend, query = random_backend(1)
     order = backend.search(query, 400)[1][0]
     allowed = np.sort(order[-20:])  # the 20 least similar
     depths = []
@@ -160,6 +170,30 @@ def test_filtered_search_searches_deeper_until_k_results_qualify():
     depths.clear()
     _, ids = filtered_search(search, query, 5, 400, ResultFilter(min_score=0.99), None)
     assert ids[0].tolist() == [0, -1, -1, -1, -1] and depths == [5]
+
+
+def test_a_re_ranked_list_is_cut_by_the_minimum_score_without_stopping_at_a_low_score():
+    """A re-ranked list's scores (cosines to the query) need not decrease. Here the
+    top five by cosine come in reverse order behind the rest: a cut that stops at the
+    first score below the minimum would return none of them (what it did before
+    the cut knew of re-ranking); told how many can pass, it searches deeper."""
+    backend, query = random_backend(2)
+    scores, order = backend.search(query, 400)
+    minimum = float(scores[0, 4])  # exactly the top five pass
+    reranked = np.concatenate([order[0, 5:], order[0, :5][::-1]])  # the passing ones ranked last
+    cosine = dict(zip(order[0].tolist(), scores[0].tolist()))
+
+    def search(q, k):
+        ids = reranked[:k][None, :]
+        return np.array([[cosine[i] for i in ids[0]]], dtype=np.float32), ids
+
+    result = ResultFilter(min_score=minimum)
+    short = filtered_search(search, query, 5, 400, result, None)[1]
+    assert short[0].tolist() == [-1] * 5  # the last score of the first search is below the minimum
+    counted = filtered_search(search, query, 5, 400, result, None,
+                              lambda q: passing_counts(backend.range_search, q, minimum, None))[1]
+    assert counted[0].tolist() == order[0, :5][::-1].tolist()  # in the re-ranked order
+    assert passing_counts(backend.range_search, query, minimum, np.sort(order[0, :2])).tolist() == [2]
 
 
 def test_report_and_grid_show_the_query_and_its_results(indexed, tmp_path):

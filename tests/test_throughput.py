@@ -69,9 +69,11 @@ def test_read_chunks_in_order_with_failures(tmp_path, workers):
             make_image(i, (90, 80)).save(path, quality=90)
         paths.append(str(path))
     from cbir_cli.models.preprocess import image_preprocessor
-    from cbir_cli.models.registry import get_model_config
+    from cbir_cli.models.registry import LEGACY_DESCRIPTOR, get_model_config
 
-    dataset = ImageFolderDataset(paths, image_preprocessor(get_model_config("test_tiny")), 72)
+    # The centre crop: one shape, so each chunk's pixels are one stacked array.
+    config = get_model_config("test_tiny").with_descriptor(LEGACY_DESCRIPTOR)
+    dataset = ImageFolderDataset(paths, image_preprocessor(config), 72)
     chunks = list(read_chunks(dataset, chunk=5, workers=workers, window=3))
     assert [i for c in chunks for i in c.pixel_indices] == [i for i in range(37) if i % 10 != 3]
     assert [i for c, _ in zip(chunks, range(99)) for i, _ in c.failures] == [3, 13, 23, 33]
@@ -260,7 +262,10 @@ def test_real_photos_same_vectors_as_before(shared_dir):
 
     files = list_images(shared_dir / "datasets" / "oxford17flowers")[::43] + \
         list_images(shared_dir / "datasets" / "ukbench_mini")[::7]
-    embedder = load_embedder("mobilenet_v2", device="cpu", runtime="onnx", calibration=None)
+    from cbir_cli.models.registry import LEGACY_DESCRIPTOR
+
+    # The centre crop: what both the box-resampled CPU path and the device decoder make.
+    embedder = load_embedder("mobilenet_v2", device="cpu", runtime="onnx", descriptor=LEGACY_DESCRIPTOR)
     config = embedder.config
     images = [load_image(f, draft_size=config.resize_size) for f in files]
     reference = np.stack([TF.pil_to_tensor(TF.center_crop(TF.resize(img, config.resize_size, antialias=True),

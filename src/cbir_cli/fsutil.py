@@ -65,6 +65,20 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def read_json_meta(path: Path) -> Any | None:
+    """A small JSON file written by :func:`atomic_write_json` (a saved index's meta):
+    None when it does not exist, :class:`~cbir_cli.errors.CorruptStoreError` naming it
+    when it cannot be read or parsed."""
+    from .errors import CorruptStoreError
+
+    try:
+        return json.loads(path.read_text(encoding="ascii"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CorruptStoreError(f"{path}: unreadable ({exc})") from None
+
+
 def bytes_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

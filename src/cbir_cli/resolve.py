@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .models.registry import get_model_config
+from .models.registry import DescriptorSettings, get_model_config
 from .models.weights import torch_hub_checkpoint_dir, weights_downloadable
 from .paths import default_index_dir
 
@@ -67,3 +67,21 @@ def resolve_model(model: str | None, weights: str | os.PathLike[str] | None,
     choice = choose_default_model()
     return ModelChoice(choice.name, weights, choice.notice)
 
+
+def resolve_descriptor(requested: DescriptorSettings | None, model: str, existing: FeatureStore | None = None,
+                       rebuild: bool = False) -> tuple[DescriptorSettings, str | None]:
+    """The descriptor to embed with, and a notice when it is not the model's default.
+
+    The one asked for; else, growing an ``existing`` store, the one its vectors were
+    made with (a store made before descriptors were configurable records none: the
+    legacy GAP / centre crop); else -- a new store, or a rebuild -- the model's default."""
+    default = get_model_config(model).descriptor
+    if requested is not None:
+        return requested, None
+    if existing is not None and not rebuild and str(existing.fingerprint.get("model")) == model:
+        current = DescriptorSettings.from_fingerprint(existing.fingerprint.get("descriptor"))
+        if current != default:
+            return current, (f"note: {existing.root} holds {current.label()} vectors, so new images get the same; "
+                             f"rebuilding it moves it to the default, {default.label()}")
+        return current, None
+    return default, None

@@ -17,6 +17,7 @@ from ..errors import CbirError
 from ..evaluate.datasets import RELEVANCE_KINDS
 from ..models.loading import DEVICES, RUNTIMES
 from ..models.quantize import PRECISIONS
+from ..models.registry import INPUTS, POOLINGS
 from ..pipeline.options import DECODE_CHOICES
 from ..search.faiss_backend import INDEX_TYPES
 
@@ -43,6 +44,8 @@ Decode = _choices("Decode", DECODE_CHOICES)
 Precision = _choices("Precision", PRECISIONS)
 IndexType = _choices("IndexType", INDEX_TYPES)
 Relevance = _choices("Relevance", RELEVANCE_KINDS)
+Pooling = _choices("Pooling", POOLINGS)
+InputMode = _choices("InputMode", INPUTS)
 AUTO_DEVICE, AUTO_RUNTIME, AUTO_DECODE = Device("auto"), Runtime("auto"), Decode("auto")
 AUTO_PRECISION = Precision("auto")
 PRODUCT_RELEVANCE = Relevance("product")
@@ -206,6 +209,63 @@ PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="int8 = a m
                                                                      "folder; its vectors differ from fp32's); "
                                                                      "auto = what the index holds, else int8 for "
                                                                      "mobilenet_v2 on the CPU, fp32 otherwise.")]
+
+# The descriptor: how the model's last feature map becomes one vector. Unset options
+# keep the default (GeM p=3, full image, scales 1,1.4); an index that grows keeps
+# the descriptor it was built with unless one is given.
+PoolingOpt = Annotated[Optional[Pooling], typer.Option("--pooling", help="Pooling of the last feature map: gem "
+                                                       "(generalised mean, default), gap (average) or mac (max).",
+                                                       show_default=False)]
+GemPOpt = Annotated[Optional[float], typer.Option("--gem-p", min=1.0, max=16.0, help="GeM exponent (default 3).",
+                                                  show_default=False)]
+InputOpt = Annotated[Optional[InputMode], typer.Option("--input", help="full (whole image, aspect ratio kept, "
+                                                       "default) or crop (centre square, as ImageNet training).",
+                                                       show_default=False)]
+ScalesOpt = Annotated[Optional[str], typer.Option("--scales", help="Input scales, averaged (default 1,1.4: short "
+                                                  "side 224 and 320 for the ImageNet models).", show_default=False)]
+
+
+# Re-ranking: query time (alpha-QE, the raw top-1 kept first) and index time (DBA).
+RerankOpt = Annotated[bool, typer.Option("--rerank/--no-rerank", help="Re-rank: alpha query expansion with the "
+                                         "index's DBA vectors, the plain top-1 kept first.")]
+QeOpt = Annotated[int, typer.Option("--qe", min=0, max=100, help="Query expansion: neighbours added to the query "
+                                    "(0 = none).")]
+QeAlphaOpt = Annotated[float, typer.Option("--qe-alpha", min=0.0, max=16.0, help="Query expansion: neighbour weight "
+                                           "= similarity ** alpha.")]
+DbaOpt = Annotated[Optional[int], typer.Option("--dba", min=0, max=100, help="Database-side augmentation: "
+                                               "neighbours averaged into each indexed vector (0 = none). Default: "
+                                               "the index's own setting, else 3.", show_default=False)]
+DbaAlphaOpt = Annotated[Optional[float], typer.Option("--dba-alpha", min=0.0, max=16.0, help="DBA neighbour weight "
+                                                      "= similarity ** alpha (default 3).", show_default=False)]
+
+
+def rerank_choice(rerank: bool, qe: int, qe_alpha: float):
+    """The query-time re-ranking the options ask for."""
+    from ..search.rerank import NO_RERANKING, RerankSettings
+
+    return RerankSettings(qe_depth=qe, qe_alpha=qe_alpha) if rerank else NO_RERANKING
+
+
+def dba_choice(dba: int | None, dba_alpha: float | None):
+    """The DBA the options ask for, or None (an index keeps its own, else the default)."""
+    if dba is None and dba_alpha is None:
+        return None
+    from ..search.dba import DbaSettings
+
+    default = DbaSettings()
+    return DbaSettings(default.depth if dba is None else dba, default.alpha if dba_alpha is None else dba_alpha)
+
+
+def descriptor_choice(pooling, gem_p: float | None, input_mode, scales: str | None):
+    """The descriptor the options ask for (unset ones from the default), or None when
+    none is given (the library then keeps an index's own, else the default)."""
+    if pooling is None and gem_p is None and input_mode is None and scales is None:
+        return None
+    from ..models.registry import DEFAULT_DESCRIPTOR, parse_scales
+
+    return DEFAULT_DESCRIPTOR.with_options(pooling=pooling.value if pooling else None, gem_p=gem_p,
+                                           input=input_mode.value if input_mode else None,
+                                           scales=parse_scales(scales) if scales is not None else None)
 
 
 def extract_options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool,

@@ -15,17 +15,29 @@ from .common import (
     AUTO_PRECISION,
     PRODUCT_RELEVANCE,
     BatchOpt,
+    DbaAlphaOpt,
+    DbaOpt,
     DecodeOpt,
     DeviceOpt,
+    GemPOpt,
+    InputOpt,
     JsonOpt,
+    PoolingOpt,
     PrecisionOpt,
+    QeAlphaOpt,
+    QeOpt,
     Relevance,
+    RerankOpt,
+    ScalesOpt,
     WeightsOpt,
     WorkersOpt,
     _choices,
     app,
     cli_errors,
+    dba_choice,
+    descriptor_choice,
     extract_options,
+    rerank_choice,
     show_progress,
     stderr,
     stdout,
@@ -49,6 +61,17 @@ def evaluate_cmd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model for --features deep. Default: "
                                                  "resnet50, else installed mobilenet_v2.", show_default=False)] = None,
     weights: WeightsOpt = None,
+    pooling: PoolingOpt = None,
+    gem_p: GemPOpt = None,
+    input_mode: InputOpt = None,
+    scales: ScalesOpt = None,
+    rerank: RerankOpt = True,
+    qe: QeOpt = 3,
+    qe_alpha: QeAlphaOpt = 3.0,
+    dba: DbaOpt = None,
+    dba_alpha: DbaAlphaOpt = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Evaluate every descriptor / re-ranking variant of "
+                                          "the deep model side by side (one row each).")] = False,
     features: Annotated[str, typer.Option("--features", help="deep, hsv, hog, sift_bovw, a comma list, or all "
                                           "(side by side).")] = "deep",
     relevance: Annotated[Relevance, typer.Option("--relevance", help="sop: product (same class_id) or superclass "
@@ -86,10 +109,15 @@ def evaluate_cmd(
 
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
+            descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
+            rerank=rerank_choice(rerank, qe, qe_alpha), compare=compare,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
             extract=extract_options(batch_size, workers, 1024, device, progress=show_progress(as_json), decode=decode,
                                     precision=precision),
         )
+        dba_settings = dba_choice(dba, dba_alpha)
+        if dba_settings is not None:
+            options.dba = dba_settings
         if dataset.value == COPIES:
             _evaluate_copies(root, options, copies, seed, distortions, report, as_json)
             return
@@ -107,16 +135,9 @@ def evaluate_cmd(
             payload["report"] = str(report_path) if report_path else None
             typer.echo(json.dumps(payload, indent=2, allow_nan=False))
             return
-        from rich.table import Table
 
-        table = Table(title=f"{result.dataset}\nrelevance: {result.relevance_label}", title_justify="left")
-        table.add_column("metric")
-        for r in result.results:
-            table.add_column(r.label, justify="right")
-        for label, cells in result.table_rows():
-            table.add_row(label, *cells)
         out = stdout()
-        out.print(table)
+        out.print(results_table(result, f"{result.dataset}\nrelevance: {result.relevance_label}", "metric", compare))
         for note in sorted({n for r in result.results for n in r.metrics["notes"]}):
             out.print(f"note: {note}")
         out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB "
@@ -139,17 +160,33 @@ def _evaluate_copies(root: Path, options, count: int, seed: int, distortions: st
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return
-    from rich.table import Table
-
-    table = Table(title=f"{result.dataset}\nper distortion: top-1 / mAP (the original ranked first / mean "
-                  "1/rank)", title_justify="left")
-    table.add_column("distortion")
-    for r in result.results:
-        table.add_column(r.label, justify="right")
-    for label, cells in result.table_rows():
-        table.add_row(label, *cells)
+    title = (f"{result.dataset}\ntop-1: the original ranked first; mAP: mean 1/rank" if options.compare else
+             f"{result.dataset}\nper distortion: top-1 / mAP (the original ranked first / mean 1/rank)")
     out = stdout()
-    out.print(table)
+    out.print(results_table(result, title, "distortion", options.compare))
     for note in result.notes:
         out.print(f"note: {note}")
     out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")
+
+
+def results_table(result, title: str, first_column: str, compare: bool):
+    """The results as a table (one column per result, or with ``compare`` one row per
+    result), followed by each result's descriptor and re-ranking in words."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left")
+    if compare:
+        header, rows = result.compare_rows()
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+    else:
+        table.add_column(first_column)
+        for r in result.results:
+            table.add_column(r.label, justify="right")
+        for label, cells in result.table_rows():
+            table.add_row(label, *cells)
+    return Group(table, *(Text(f"{r.label}: {r.ranking}") for r in result.results))

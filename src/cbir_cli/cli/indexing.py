@@ -15,18 +15,26 @@ from .common import (
     AUTO_RUNTIME,
     REMEDIES,
     BatchOpt,
+    DbaAlphaOpt,
+    DbaOpt,
     DecodeOpt,
     DeviceOpt,
+    GemPOpt,
     IndexDirOpt,
     IndexType,
+    InputOpt,
     JsonOpt,
+    PoolingOpt,
     PrecisionOpt,
     RuntimeOpt,
+    ScalesOpt,
     ShardOpt,
     WeightsOpt,
     WorkersOpt,
     app,
     cli_errors,
+    dba_choice,
+    descriptor_choice,
     extract_options,
     notice,
     print_summary,
@@ -66,8 +74,15 @@ def index_cmd(
                                                            "50k images, then ivfpq). Default: the existing index's "
                                                            "type, else auto.", show_default=False)] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Embed everything again into a new index (after damage, or "
-                                                       "to switch --model); the previous index keeps serving until "
-                                                       "the new one is complete.")] = False,
+                                                       "to switch --model or the descriptor: without descriptor "
+                                                       "options it gets the default one); the previous index keeps "
+                                                       "serving until the new one is complete.")] = False,
+    pooling: PoolingOpt = None,
+    gem_p: GemPOpt = None,
+    input_mode: InputOpt = None,
+    scales: ScalesOpt = None,
+    dba: DbaOpt = None,
+    dba_alpha: DbaAlphaOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
@@ -97,16 +112,18 @@ def index_cmd(
         if folder is None:
             from ..search.backends import rebuild_backend as rebuild_search_backend
 
-            store = rebuild_search_backend(target, kind, spec)
-            stderr().print(f"re-populated the search backend of {target} from its {store.count} stored vectors",
-                           markup=False)
+            store = rebuild_search_backend(target, kind, spec, dba=dba_choice(dba, dba_alpha))
+            stderr().print(f"re-populated the search backend of {target} (and its DBA vectors) from its "
+                           f"{store.count} stored vectors", markup=False)
             return
         options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
                                   runtime=runtime, decode=decode, precision=precision)
         with executor_for(engine, ray_address, ray_actors, options) as executor:
             summary = index_folder(folder, target, model, weights, options, index_type=kind, rebuild=rebuild,
                                    on_skip=warn_skip, on_notice=notice, executor=executor, backend=spec,
-                                   rebuild_backend=rebuild_backend)
+                                   rebuild_backend=rebuild_backend,
+                                   descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
+                                   dba=dba_choice(dba, dba_alpha))
         print_summary(summary, target, as_json, "indexed")
 
 
@@ -120,6 +137,10 @@ def extract_cmd(
                                                       "only its weights are installed).",
                                                  show_default=False)] = None,
     weights: WeightsOpt = None,
+    pooling: PoolingOpt = None,
+    gem_p: GemPOpt = None,
+    input_mode: InputOpt = None,
+    scales: ScalesOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
@@ -138,9 +159,10 @@ def extract_cmd(
 
         options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
                                   runtime=runtime, decode=decode, precision=precision)
+        descriptor = descriptor_choice(pooling, gem_p, input_mode, scales)
         with executor_for(engine, ray_address, ray_actors, options) as executor:
             summary = extract_folder(folder, out, model, weights, options, on_skip=warn_skip, on_notice=notice,
-                                     executor=executor)
+                                     executor=executor, descriptor=descriptor)
         print_summary(summary, out, as_json, "extracted")
 
 

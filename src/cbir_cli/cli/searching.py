@@ -14,10 +14,14 @@ from .common import (
     DeviceOpt,
     IndexDirOpt,
     JsonOpt,
+    QeAlphaOpt,
+    QeOpt,
+    RerankOpt,
     RuntimeOpt,
     app,
     cli_errors,
     printable,
+    rerank_choice,
     stderr,
     stdout,
 )
@@ -54,10 +58,14 @@ def query_cmd(
     index_dir: IndexDirOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     runtime: RuntimeOpt = AUTO_RUNTIME,
+    rerank: RerankOpt = True,
+    qe: QeOpt = 3,
+    qe_alpha: QeAlphaOpt = 3.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the K indexed images most similar to each query (cosine similarity): image files, a region of
-    them (--box), or indexed images (--id, --path); optionally only below a folder or above a score."""
+    """Find the K indexed images most similar to each query: image files, a region of them (--box), or
+    indexed images (--id, --path); optionally only below a folder or above a score. Re-ranked (query
+    expansion, DBA; --no-rerank: plain); scores are cosine similarities."""
     with cli_errors():
         from ..imageio.region import Box
         from ..search.filters import ResultFilter
@@ -67,7 +75,8 @@ def query_cmd(
         request = QueryRequest(images or [], ids or [], paths or [], Box.parse(box) if box is not None else None,
                                ResultFilter.make(under, min_score))
         request.check()
-        searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value)
+        searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
+                                 rerank=rerank_choice(rerank, qe, qe_alpha))
         answers = answer_queries(searcher, request, k)
         written = _write_visuals(answers, report, grid)
         if as_json:
@@ -126,13 +135,16 @@ def serve_cmd(
     runtime: RuntimeOpt = AUTO_RUNTIME,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001,
                                                  help="Largest accepted upload, in MB.")] = 20.0,
+    rerank: RerankOpt = True,
+    qe: QeOpt = 3,
+    qe_alpha: QeAlphaOpt = 3.0,
 ) -> None:
     """Serve the search web page and JSON API over an index (model loaded once at start-up)."""
     with cli_errors():
         from ..serve.app import create_app, is_loopback, make_http_server, server_url
 
         app_ = create_app(index_dir=index_dir, device=device.value, max_upload_mb=max_upload_mb,
-                          runtime=runtime.value)
+                          runtime=runtime.value, rerank=rerank_choice(rerank, qe, qe_alpha))
         server = make_http_server(app_, host, port)
         searcher = app_.extensions["cbir"].current()
         err = stderr()

@@ -6,8 +6,9 @@ run end to end on any folder of images.
 2. queries: the distorted copies, made in memory and embedded with the same model;
    their vectors are cached too (keyed by the protocol, the originals' content and
    the model's fingerprint), so a re-run embeds nothing;
-3. ranking: each copy searches the gallery through a search backend (exact by
-   default), whole gallery up to :data:`~.run.FULL_RANKING_MAX` images;
+3. ranking: each copy searches the gallery through a search backend (exact, and
+   re-ranked as the options say), whole gallery up to
+   :data:`~.run.FULL_RANKING_MAX` images;
 4. scores: top-1 and mAP per distortion (:func:`.copies.score_copies`).
 """
 
@@ -27,6 +28,7 @@ from ..fsutil import atomic_write_bytes
 from ..imageio.decode import load_image
 from ..imageio.files import list_images
 from ..models.protocol import embed_images
+from .compare import model_descriptor, rank, ranking_backend
 from .copies import (
     DEFAULT_COUNT,
     DEFAULT_SEED,
@@ -83,13 +85,15 @@ class CopyProtocol:
 class CopyResult:
     feature: str
     label: str
+    ranking: str  # the descriptor and re-ranking, in words
     scores: CopyScores
     embedded: int  # gallery images embedded by this run
     copies_embedded: int
     seconds: dict[str, float]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"feature": self.feature, "label": self.label, **self.scores.as_dict(), "embedded": self.embedded,
+        return {"feature": self.feature, "label": self.label, "ranking": self.ranking, **self.scores.as_dict(),
+                "embedded": self.embedded,
                 "copies_embedded": self.copies_embedded,
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
@@ -112,6 +116,13 @@ class CopyEvaluation:
         rows.append(("mean", [f"{r.scores.mean_top1:.3f} / {r.scores.mean_map:.3f}" for r in self.results]))
         return rows
 
+    def compare_rows(self) -> tuple[list[str], list[list[str]]]:
+        """One row per result: mean top-1 and mAP, then the hardest distortions' top-1."""
+        hard = [k for k in ("crop_side50", "gray", "rot90", "text") if k in self.protocol.distortions]
+        rows = [[r.label, f"{r.scores.mean_top1:.3f}", f"{r.scores.mean_map:.3f}",
+                 *(f"{r.scores.top1[k]:.3f}" for k in hard)] for r in self.results]
+        return ["variant", "mean top-1", "mean mAP", *(f"{k} top-1" for k in hard)], rows
+
     def as_dict(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "originals": self.protocol.count, "seed": self.protocol.seed,
                 "distortions": list(self.protocol.distortions), "originals_with_twins": self.originals_with_twins,
@@ -133,14 +144,14 @@ def copy_collection(root: str | Path) -> LabelledCollection:
 def rank_queries(gallery: np.ndarray, queries: np.ndarray, depth: int,
                  backend: SearchBackend | None = None) -> np.ndarray:
     """(queries, depth) gallery indices, best first, -1 padded. ``backend``: an empty
-    search backend (default: exact search on Faiss)."""
+    search backend (default: exact search on Faiss; a re-ranking one re-ranks)."""
     import numpy as np
 
     from ..search.faiss_backend import FaissBackend
 
     backend = backend if backend is not None else FaissBackend()
     backend.add(np.arange(len(gallery), dtype=np.int64), gallery)
-    return backend.search(queries, depth)[1]
+    return rank(backend, queries, depth)
 
 
 def _copies_key(protocol: CopyProtocol, queries: Sequence[CopyQuery], paths: Sequence[str],
@@ -253,8 +264,8 @@ def evaluate_copies(root: str | Path, options: EvaluationOptions, protocol: Copy
     unreadable: list[tuple[str, str]] = []
     notes: list[str] = []
     twins: dict[int, Any] | None = None
-    for feature in options.features:
-        source = feature_source(feature, collection, cache_root, options, on_notice)
+    for variant in options.variants():
+        source = feature_source(variant.feature, collection, cache_root, options, on_notice, variant)
         feature_started = time.perf_counter()
         data = copy_vectors(collection, source, cache_root, protocol, options.extract)
         unreadable = data.gallery.unreadable
@@ -263,10 +274,12 @@ def evaluate_copies(root: str | Path, options: EvaluationOptions, protocol: Copy
             twins = twin_sets(gallery_paths, sorted({q.original for q in queries}))
         embedded_at = time.perf_counter()
         depth = len(gallery_paths) if len(gallery_paths) <= FULL_RANKING_MAX else COPY_DEPTH
-        ranked = rank_queries(data.gallery.vectors, data.copies, depth)
+        ranked = rank_queries(data.gallery.vectors, data.copies, depth, ranking_backend(variant))
         ranks = original_ranks(ranked, [q.original for q in queries], twins)
         scores = score_copies(ranks, [q.kind for q in queries])
-        results.append(CopyResult(feature, source.label, scores, data.gallery.embedded, data.copies_embedded,
+        ranking = variant.describe(model_descriptor(options.model, options.weights))
+        results.append(CopyResult(variant.feature, source.label, ranking, scores, data.gallery.embedded,
+                                  data.copies_embedded,
                                   {"features": embedded_at - feature_started,
                                    "search": time.perf_counter() - embedded_at}))
         if depth < len(gallery_paths):

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image as PILImage
 
+    from ..models.registry import DescriptorSettings
+
 NotifyCallback = Callable[[str], None]
 
 
@@ -70,16 +72,21 @@ class FeatureSource:
     request: EmbedRequest
 
 
-def deep_source(model: str, weights: Path | None, options: ExtractOptions, paths: Sequence[str] = ()) -> FeatureSource:
-    """A registry model; with int8 precision, calibrated on a seeded sample of ``paths``."""
+def deep_source(model: str, weights: Path | None, options: ExtractOptions, paths: Sequence[str] = (),
+                descriptor: DescriptorSettings | None = None, label: str | None = None) -> FeatureSource:
+    """A registry model with ``descriptor`` (default: the model's); with int8
+    precision, calibrated on a seeded sample of ``paths``."""
     calibration = None
     precision = default_precision(model, options.device, options.runtime) if options.precision == "auto" \
         else options.precision
     if precision == "int8":
         calibration = sample_calibration(paths, LocalExecutor(options).hash_files)
-    label = f"deep ({model}{', int8' if calibration else ''})"
-    return FeatureSource("deep", label, model_fingerprint(model, weights, calibration),
-                         EmbedRequest(model, weights, options.device, options.runtime, calibration=calibration))
+    label = label or f"deep ({model})"
+    if calibration is not None:
+        label = f"{label[:-1]}, int8)" if label.endswith(")") else f"{label} (int8)"
+    return FeatureSource("deep", label, model_fingerprint(model, weights, descriptor, calibration),
+                         EmbedRequest(model, weights, options.device, options.runtime, descriptor=descriptor,
+                                      calibration=calibration))
 
 
 def descriptor_source(name: str) -> FeatureSource:

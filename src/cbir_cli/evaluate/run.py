@@ -6,10 +6,11 @@ Pipeline, the same for every kind of feature (deep model or hand-crafted):
    keyed by content hash like ``cbir index``; see :mod:`.features`), so a re-run, or
    a run on a smaller ``--limit``/another split, never re-embeds what is on disk.
    Default location: ``<cache root>/evaluate/<dataset>/<feature>``.
-2. search: exact inner-product search of every image against all others
-   (:func:`cbir_cli.search.exact.exact_search`, chunked), ``depth + 1`` results per query,
-   then the query's own hit is removed *by index* (so duplicate images with equal
-   scores cannot push the wrong row out).
+2. search: exact inner-product search of every image against all others through a
+   search backend, ``depth + 1`` results per query, then the query's own hit is
+   removed *by index* (so duplicate images with equal scores cannot push the wrong
+   row out); with re-ranking (:mod:`cbir_cli.search.rerank`, on by default) the
+   query is kept out of its own expansion and ranking instead.
 3. metrics: :func:`cbir_cli.metrics.retrieval_metrics` over the ranked labels.
 """
 
@@ -25,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CbirError
 from ..pipeline.options import ExtractOptions
 from ..resolve import resolve_model
+from ..search.dba import DbaSettings
+from ..search.rerank import RerankSettings
+from .compare import Variant, compare_variants, model_descriptor, rank, ranking_backend
 from .datasets import RELEVANCE_KINDS, LabelledCollection
 from .features import (
     FeatureSource,
@@ -41,6 +45,7 @@ from .features import (
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..models.registry import DescriptorSettings
     from ..search.protocol import SearchBackend
 
 FEATURE_KINDS = ("deep", "hsv", "hog", "sift_bovw")
@@ -57,6 +62,7 @@ class EvaluationOptions:
     features: tuple[str, ...] = ("deep",)
     model: str | None = None  # None: the default model (ResNet-50, else installed MobileNetV2)
     weights: Path | None = None
+    descriptor: DescriptorSettings | None = None  # None: the model's default
     relevance: str = "product"
     recall_ks: tuple[int, ...] = (1, 10, 100, 1000)  # SOP-convention Recall@K
     k: int = 5  # the paper's P@K, IR-Recall@K and Top-K accuracy
@@ -66,6 +72,9 @@ class EvaluationOptions:
     bovw_vocab_size: int = 256
     bovw_fit_images: int = 500
     neighbours_kept: int = 10  # per query, for the report
+    rerank: RerankSettings = field(default_factory=RerankSettings)  # query time
+    dba: DbaSettings = field(default_factory=DbaSettings)  # index time (depth 0: none)
+    compare: bool = False  # every descriptor / re-ranking variant of compare_variants()
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.features if f not in FEATURE_KINDS]
@@ -80,6 +89,14 @@ class EvaluationOptions:
             raise CbirError(f"the ranking depth must be >= 1 (got {self.depth})")
         if self.bovw_vocab_size < 2 or self.bovw_fit_images < 1:
             raise CbirError("the BoVW vocabulary needs >= 2 words and >= 1 fit image")
+        if self.compare and self.features != ("deep",):
+            raise CbirError("the comparison covers the deep model's variants; evaluate other features on their own")
+
+    def variants(self) -> list[Variant]:
+        """The columns to evaluate: every feature with these options, or the comparison."""
+        if self.compare:
+            return compare_variants()
+        return [Variant(f, self.descriptor if f == "deep" else None, self.rerank, self.dba) for f in self.features]
 
 
 # ---------------------------------------------------------------------------
@@ -103,13 +120,18 @@ def drop_self_hits(indices: np.ndarray) -> np.ndarray:
 def rank_all_vs_all(vectors: np.ndarray, depth: int, backend: SearchBackend | None = None) -> np.ndarray:
     """Indices (n, depth) of each row's nearest other rows by inner product, best
     first; -1 pads where the gallery has fewer than ``depth`` others. ``backend``: an
-    empty search backend to rank with (default: exact search on Faiss, the oracle)."""
+    empty search backend to rank with (default: exact search on Faiss, the oracle);
+    a re-ranking one keeps each query out of its own expansion and ranking."""
     import numpy as np
 
     from ..search.faiss_backend import FaissBackend
+    from ..search.rerank import RerankingBackend
 
     backend = backend if backend is not None else FaissBackend()
-    backend.add(np.arange(len(vectors), dtype=np.int64), vectors)
+    ids = np.arange(len(vectors), dtype=np.int64)
+    backend.add(ids, vectors)
+    if isinstance(backend, RerankingBackend):
+        return rank(backend, vectors, depth, exclude=ids)
     _, indices = backend.search(vectors, depth + 1)
     return drop_self_hits(indices)
 
@@ -206,9 +228,10 @@ class FeatureResult:
     seconds: dict[str, float]
     collection: LabelledCollection  # the evaluated images (unreadable ones dropped)
     neighbours: np.ndarray  # (n, neighbours_kept) indices into `collection`, -1 pad
+    ranking: str = ""  # the descriptor and re-ranking, in words
 
     def as_dict(self) -> dict[str, Any]:
-        return {"feature": self.feature, "label": self.label, "metrics": self.metrics,
+        return {"feature": self.feature, "label": self.label, "ranking": self.ranking, "metrics": self.metrics,
                 "store": str(self.store_dir), "embedded": self.embedded, "cached": self.cached,
                 "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
@@ -232,11 +255,7 @@ class Evaluation:
     def table_rows(self) -> list[tuple[str, list[str]]]:
         """(label, one cell per feature) rows shared by the terminal table and the
         HTML report."""
-        def cell(value: Any) -> str:
-            if value is None:
-                return "-"
-            return f"{value:.4f}" if isinstance(value, float) else str(value)
-
+        cell = _cell
         rows = [(label, [cell(r.metrics.get(key)) for r in self.results]) for key, label in metric_rows(self.options)]
         rows = [row for row in rows if any(c != "-" for c in row[1])]
         rows += [
@@ -250,10 +269,25 @@ class Evaluation:
         ]
         return rows
 
+    def compare_rows(self) -> tuple[list[str], list[list[str]]]:
+        """One row per result (a comparison): the headline metrics as columns."""
+        keys = [("recall@1", "R@1"), ("map", "mAP"), ("map@r", "MAP@R"),
+                (f"precision@{self.options.k}", f"P@{self.options.k}"), ("ns_score", "N-S")]
+        keys = [(key, label) for key, label in keys if any(r.metrics.get(key) is not None for r in self.results)]
+        rows = [[r.label, *(_cell(r.metrics.get(key)) for key, _ in keys), f"{r.seconds['features']:.1f}"]
+                for r in self.results]
+        return ["variant", *(label for _, label in keys), "features s"], rows
+
     def as_dict(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "relevance": self.relevance, "relevance_label": self.relevance_label,
                 "results": [r.as_dict() for r in self.results], "seconds": round(self.seconds, 3),
                 "peak_rss_mb": round(self.peak_rss_mb, 1), "peak_rss_children_mb": round(self.peak_rss_children_mb, 1)}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def peak_rss_mb() -> tuple[float, float]:
@@ -273,12 +307,15 @@ def relevance_labels(collection: LabelledCollection, relevance: str) -> np.ndarr
 
 
 def feature_source(feature: str, collection: LabelledCollection, cache_root: Path, options: EvaluationOptions,
-                   on_notice: NotifyCallback | None) -> FeatureSource:
+                   on_notice: NotifyCallback | None, variant: Variant | None = None) -> FeatureSource:
+    """What computes ``feature`` (for deep: ``variant``'s descriptor, else the options')."""
     if feature == "deep":
         choice = resolve_model(options.model, options.weights)
         if choice.notice and on_notice:
             on_notice(choice.notice)
-        return deep_source(choice.name, choice.weights, options.extract, collection.paths)
+        descriptor = variant.descriptor if variant is not None else options.descriptor
+        label = variant.name if variant is not None and variant.name else None
+        return deep_source(choice.name, choice.weights, options.extract, collection.paths, descriptor, label)
     if feature == "sift_bovw":
         encoder = bovw_vocabulary(collection, cache_root, options.bovw_vocab_size, options.bovw_fit_images, on_notice)
         return bovw_source(encoder)
@@ -286,7 +323,7 @@ def feature_source(feature: str, collection: LabelledCollection, cache_root: Pat
 
 
 def evaluate_feature(collection: LabelledCollection, source: FeatureSource, cache_root: Path,
-                     options: EvaluationOptions) -> FeatureResult:
+                     options: EvaluationOptions, variant: Variant | None = None) -> FeatureResult:
     import numpy as np
 
     store_dir = cache_root / fingerprint_key(source.fingerprint)
@@ -298,7 +335,7 @@ def evaluate_feature(collection: LabelledCollection, source: FeatureSource, cach
     num_relevant_max = int(np.unique(labels, return_counts=True)[1].max()) - 1
     depth = default_depth(len(evaluated), num_relevant_max, options)
     started = time.perf_counter()
-    ranked = rank_all_vs_all(cached.vectors, depth)
+    ranked = rank_all_vs_all(cached.vectors, depth, ranking_backend(variant or Variant(source.feature)))
     searched = time.perf_counter()
     metrics = score_rankings(labels, ranked, options)
     scored = time.perf_counter()
@@ -318,11 +355,15 @@ def evaluate(collection: LabelledCollection, options: EvaluationOptions,
     relevance_labels(collection, options.relevance)  # fail before any embedding
     cache_root = Path(options.features_dir).expanduser() if options.features_dir else default_features_root(collection)
     results = []
-    for feature in options.features:
+    notified = False
+    for variant in options.variants():
         preparing = time.perf_counter()
-        source = feature_source(feature, collection, cache_root, options, on_notice)
+        source = feature_source(variant.feature, collection, cache_root, options,
+                                None if notified else on_notice, variant)
+        notified = notified or variant.feature == "deep"
         prepared = time.perf_counter() - preparing
-        result = evaluate_feature(collection, source, cache_root, options)
+        result = evaluate_feature(collection, source, cache_root, options, variant)
+        result.ranking = variant.describe(model_descriptor(options.model, options.weights))
         result.seconds["features"] += prepared  # e.g. fitting the BoVW vocabulary
         results.append(result)
     own, children = peak_rss_mb()

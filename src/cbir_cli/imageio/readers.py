@@ -55,16 +55,20 @@ class EncodedJpeg(NamedTuple):
     orientation: int  # EXIF orientation, 1 = upright
 
 
-def stack_pixels(images: Sequence[Any]) -> np.ndarray:
+def stack_pixels(images: Sequence[Any]) -> np.ndarray | list[Any]:
     """Stack uint8 (3, H, W) images (numpy arrays or CPU tensors) into one contiguous
-    (n, 3, H, W) array.
+    (n, 3, H, W) array -- or, when they differ in shape or are tuples (full-image and
+    multi-scale inputs), keep them as a list: the embedder groups them by shape.
 
     Through numpy: torch's strided uint8 copy (torch.stack of permuted views) is
     ~100x slower than numpy's on CPU (~270 ms vs ~1-3 ms for 32 images of 224 px),
     which made batching cost as much as decoding."""
     import numpy as np
 
-    return np.stack([np.asarray(t) for t in images])
+    arrays = [t if isinstance(t, tuple) else np.asarray(t) for t in images]
+    if any(isinstance(a, tuple) or a.shape != arrays[0].shape for a in arrays):
+        return arrays
+    return np.stack(arrays)
 
 
 class ReadChunk(NamedTuple):
@@ -72,7 +76,7 @@ class ReadChunk(NamedTuple):
     (numpy arrays: no torch needed on the CPU path)."""
 
     pixel_indices: list[int]
-    pixels: Any  # uint8 (n, 3, S, S) or None
+    pixels: Any  # uint8 (n, 3, S, S), a list of ragged inputs (see stack_pixels), or None
     jpeg_indices: list[int]
     jpeg_bytes: Any  # uint8: the JPEG files concatenated (one transfer, not n), or None
     jpeg_sizes: list[int]
@@ -106,7 +110,9 @@ def assemble_on_cpu(chunks: Sequence[ReadChunk]) -> tuple[list[int], Any, list[t
     import numpy as np
 
     parts = [c.pixels for c in chunks if c.pixels is not None]
-    if len(parts) > 1:
+    if any(isinstance(p, list) or p.shape[1:] != parts[0].shape[1:] for p in parts):
+        batch = [image for p in parts for image in p]  # ragged (see stack_pixels)
+    elif len(parts) > 1:
         batch = np.concatenate([np.asarray(p) for p in parts])
     else:
         batch = parts[0] if parts else None

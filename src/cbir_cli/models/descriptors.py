@@ -127,7 +127,7 @@ class DescriptorConfig:
 
     name: str
     dim: int
-    resize_size: int = HANDCRAFTED_DRAFT  # decoding may reduce an image to this short side
+    draft_size: int = HANDCRAFTED_DRAFT  # decoding may reduce an image to this short side
 
 
 def _describe_pixels(describe: Callable[[PILImage.Image], np.ndarray], img: PILImage.Image) -> np.ndarray:

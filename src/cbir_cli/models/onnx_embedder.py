@@ -4,9 +4,11 @@ On a 2-core CPU, ONNX Runtime runs MobileNetV2 about 2-3x faster than eager
 PyTorch (see ``bench/extract.py`` and the README's performance section), so it is
 the default runtime on CPU; CUDA keeps PyTorch (bf16 autocast).
 
-The exported graph contains the whole embedding: uint8 pixels in, mean/std
-normalisation, the headless backbone, flatten and L2 normalisation out, so one
-``session.run`` does what :meth:`TorchEmbedder.embed` does. The export is cached
+The exported graph contains the whole embedding of one input size: uint8 pixels
+in (batch, height and width dynamic), mean/std normalisation, the convolutional
+trunk, the descriptor's pooling and L2 normalisation out, so one ``session.run``
+does what :meth:`TorchEmbedder.embed` does for one group of same-shape images
+(multi-scale and mixed-size batches: :mod:`.scales`). The export is cached
 per model + weights identity + torch version and checked against PyTorch once,
 when it is made. An :class:`OnnxEmbedder` reports the same fingerprint as the
 PyTorch :class:`~cbir_cli.models.torch_embedder.TorchEmbedder` of the same model: the vectors are
@@ -30,7 +32,8 @@ from .preprocess import image_preprocessor
 from .protocol import EmbedderBase, model_fingerprint_of
 from .quantize import Calibration, quantize_onnx, quantized_path
 from .registry import ModelConfig
-from .torch_embedder import TorchEmbedder, build_backbone
+from .scales import embed_batch
+from .torch_embedder import TorchEmbedder, build_backbone, pooling_module
 from .weights import torch_hub_checkpoint_dir, weights_id_for
 
 if TYPE_CHECKING:
@@ -39,7 +42,8 @@ if TYPE_CHECKING:
     import torch
 
 # Bump when the exported graph changes (wrapper, opset), so old cache files are not reused.
-EXPORT_VERSION = 1
+# 2: trunk + descriptor pooling, dynamic height and width.
+EXPORT_VERSION = 2
 OPSET = 17
 # An export whose vectors disagree with PyTorch's by more than this is refused.
 MIN_EXPORT_COSINE = 0.999
@@ -79,21 +83,30 @@ def _embedding_graph(embedder: TorchEmbedder) -> torch.nn.Module:
         def __init__(self) -> None:
             super().__init__()
             # Exported in the default memory format: ONNX has no channels_last.
-            self.backbone = copy.deepcopy(embedder.module).to("cpu", memory_format=torch.contiguous_format)
+            self.trunk = copy.deepcopy(embedder.module).to("cpu", memory_format=torch.contiguous_format)
+            self.pool = pooling_module(embedder.config.descriptor)
             self.register_buffer("mean", embedder._mean.detach().cpu())
             self.register_buffer("std", embedder._std.detach().cpu())
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
             x = (pixels.float() - self.mean) / self.std
-            feats = self.backbone(x).flatten(1)
+            feats = self.pool(self.trunk(x)).flatten(1)
             return torch.nn.functional.normalize(feats, dim=1)
 
     return EmbeddingGraph().eval()
 
 
+def check_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """Input (height, width) pairs an export is checked on: the square input and a
+    full-image-like rectangle of another size (height and width are dynamic)."""
+    size = config.input_size
+    return [(size, size), (config.scaled(size * 1.4), config.scaled(size * 1.9))]
+
+
 def export_onnx(embedder: TorchEmbedder, path: Path) -> None:
-    """Export ``embedder`` (a PyTorch one on CPU) to ``path`` with a dynamic batch
-    axis, written atomically (a concurrent run never reads half a file)."""
+    """Export ``embedder`` (a PyTorch one on CPU) to ``path`` with dynamic batch,
+    height and width axes, written atomically (a concurrent run never reads half a
+    file)."""
     import warnings
 
     import torch
@@ -109,7 +122,8 @@ def export_onnx(embedder: TorchEmbedder, path: Path) -> None:
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 _embedding_graph(embedder), (example,), str(tmp), input_names=["pixels"],
-                output_names=["embedding"], dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+                output_names=["embedding"],
+                dynamic_axes={"pixels": {0: "batch", 2: "height", 3: "width"}, "embedding": {0: "batch"}},
                 opset_version=OPSET, dynamo=False,
             )
         atomic_write_bytes(path, tmp.read_bytes())
@@ -193,17 +207,25 @@ class OnnxEmbedder(EmbedderBase):
         """Refuse (and delete) an export whose vectors differ from PyTorch's."""
         import torch
 
-        size = self.config.input_size
-        pixels = torch.randint(0, 256, (2, 3, size, size), generator=torch.Generator().manual_seed(0),
-                               dtype=torch.uint8)
-        cosine = (self.embed(pixels) * reference.embed(pixels)).sum(axis=1).min()
+        generator = torch.Generator().manual_seed(0)
+        cosine = min(
+            float((self._run(pixels.numpy()) * reference.embed(pixels)).sum(axis=1).min())
+            for pixels in (torch.randint(0, 256, (2, 3, h, w), generator=generator, dtype=torch.uint8)
+                           for h, w in check_shapes(self.config))
+        )
         if not cosine >= MIN_EXPORT_COSINE:
             self.model_path.unlink(missing_ok=True)
             raise CbirError(f"ONNX export of {self.name} disagrees with PyTorch (cosine {cosine:.4f}); "
                             "use --runtime torch")
 
-    def embed(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        """uint8 (n, 3, H, W) -> float32 (n, dim), rows L2-normalised."""
+    def embed(self, batch: Any) -> np.ndarray:
+        """A batch of preprocessed images (a stacked uint8 (n, 3, H, W) array, or a
+        list of per-image inputs: see :mod:`.scales`) -> float32 (n, dim), rows
+        L2-normalised."""
+        return embed_batch(batch, self._run, self.dim)
+
+    def _run(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        """uint8 (n, 3, H, W), one shape -> float32 (n, dim): one session run."""
         import numpy as np
 
         pixels = batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch)

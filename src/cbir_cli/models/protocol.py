@@ -10,10 +10,11 @@ this protocol. Implementations: :class:`~cbir_cli.models.torch_embedder.TorchEmb
 The work is split in two so that it can be spread over processes:
 
 * ``preprocess(image) -> pixels`` runs where images are decoded (decoding worker
-  processes; it must be picklable) and returns a uint8 (3, H, W) array -- or, for a
-  descriptor, already the vector;
-* ``embed(batch) -> (n, dim) float32`` runs where the model lives, on a stacked
-  batch of those arrays.
+  processes; it must be picklable) and returns a uint8 (3, H, W) array, or a tuple
+  of them (one per scale) -- or, for a descriptor, already the vector;
+* ``embed(batch) -> (n, dim) float32`` runs where the model lives, on a batch of
+  those: a list, or stacked into one array when they are arrays of one shape (the
+  decoding workers stack what they can, :mod:`cbir_cli.imageio.readers`).
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ if TYPE_CHECKING:
 @runtime_checkable
 class Embedder(Protocol):
     """See the module docstring. ``config`` is the model's config: at least ``name``,
-    ``dim`` and ``resize_size`` (the smallest side decoding may reduce an image to)."""
+    ``dim`` and ``draft_size`` (the smallest side decoding may reduce an image to)."""
 
     config: Any
     preprocess: Callable[[PILImage.Image], Any]
 
     def fingerprint(self) -> dict[str, Any]:
         """What a store records to refuse vectors of another model: at least
-        ``model``, ``weights``, ``dim`` and ``preprocessing``."""
+        ``model``, ``weights``, ``dim`` and ``preprocessing`` (and ``descriptor``
+        unless it is the legacy one)."""
         ...
 
     def embed(self, batch: Any) -> np.ndarray:
@@ -50,12 +52,19 @@ def embed_images(embedder: Embedder, images: Sequence[PILImage.Image]) -> np.nda
 
     if not images:
         return np.zeros((0, int(embedder.config.dim)), dtype=np.float32)
-    return embedder.embed(np.stack([embedder.preprocess(img) for img in images]))
+    return embedder.embed([embedder.preprocess(img) for img in images])
 
 
 def model_fingerprint_of(config: Any, weights_id: str) -> dict[str, Any]:
-    """The fingerprint of a registry model's vectors (every runtime reports this one)."""
-    return {"model": config.name, "weights": weights_id, "dim": config.dim, "preprocessing": config.preprocessing()}
+    """The fingerprint of a registry model's vectors (every runtime reports this one).
+    The legacy descriptor (GAP, centre crop) adds no key, so stores made before
+    descriptors were configurable keep their fingerprint."""
+    fingerprint = {"model": config.name, "weights": weights_id, "dim": config.dim,
+                   "preprocessing": config.preprocessing()}
+    descriptor = config.descriptor.fingerprint()
+    if descriptor is not None:
+        fingerprint["descriptor"] = descriptor
+    return fingerprint
 
 
 class EmbedderBase:

@@ -37,11 +37,13 @@ from .registry import ModelConfig
 
 PRECISIONS = ("auto", "fp32", "int8")
 CALIBRATION_IMAGES = 320
-# Images per calibration run. The calibration graph (every tensor also reduced to
-# its min/max) needs ONNX Runtime's arena for a whole batch: peak RSS of
-# `cbir evaluate --precision int8` on Oxford-17 (MobileNetV2) was 3.5 GB at 32,
-# 1.0 GB at 8. MinMax ranges do not depend on the batching.
-CALIBRATION_BATCH = 8
+# Pixels per calibration run (8 images of 224 x 224). The calibration graph (every
+# tensor also reduced to its min/max) needs ONNX Runtime's arena for a whole batch:
+# peak RSS of `cbir evaluate --precision int8` on Oxford-17 (MobileNetV2, centre
+# crops) was 3.5 GB at 32 images, 1.0 GB at 8; whole images at two scales in
+# batches of 8 (up to 320 x 1280 px each) took 3.6 GB, hence a pixel budget: a
+# batch holds fewer of the larger inputs. MinMax ranges do not depend on the batching.
+CALIBRATION_PIXELS = 8 * 224 * 224
 # Everything that shapes the quantised graph besides its inputs (part of the id).
 QUANT_SETTINGS = {"format": "QOperator", "per_channel": True, "activations": "U8", "weights": "S8",
                   "method": "MinMax", "version": 1}
@@ -116,22 +118,31 @@ def _calibration_pixels(path: str, sha: str, preprocess: Any, draft_size: int) -
 
 
 def _calibration_batches(calibration: Calibration, preprocess: Any, draft_size: int) -> Iterator[Any]:
-    """uint8 batches of the calibration images, each checked against its recorded hash."""
+    """uint8 batches of the calibration images, each checked against its recorded
+    hash: exactly the arrays the embedder runs on. One image may give several
+    arrays (one per scale) of shapes that vary from image to image (full-image
+    inputs keep their aspect ratio; see :mod:`.preprocess`), and the graph's height
+    and width are dynamic, so arrays are grouped by shape and each batch holds one
+    shape -- never padded, as :mod:`.scales` never pads -- and at most
+    :data:`CALIBRATION_PIXELS` pixels (at least one array)."""
     import numpy as np
 
-    batch: list[Any] = []
+    groups: dict[tuple[int, ...], list[Any]] = {}
     usable = 0
     for path, sha in calibration.images:
         pixels = _calibration_pixels(path, sha, preprocess, draft_size)
         if pixels is None:
             continue
-        batch.append(pixels)
         usable += 1
-        if len(batch) == CALIBRATION_BATCH:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
+        for array in pixels if isinstance(pixels, tuple) else (pixels,):
+            group = groups.setdefault(np.shape(array), [])
+            group.append(array)
+            if len(group) >= max(1, CALIBRATION_PIXELS // (array.shape[-2] * array.shape[-1])):
+                yield np.stack(group)
+                group.clear()
+    for group in groups.values():
+        if group:
+            yield np.stack(group)
     if not usable:
         raise CbirError("none of the int8 calibration images could be decoded; rebuild the index")
 
@@ -144,7 +155,9 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: Calibration, con
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = _calibration_batches(calibration, preprocess, config.resize_size)
+            # Decoded like the images indexed (JPEG draft down to the descriptor's
+            # largest input), so the ranges are those of the pixels embedded.
+            self.batches = _calibration_batches(calibration, preprocess, config.draft_size)
 
         def get_next(self) -> dict[str, Any] | None:
             batch = next(self.batches, None)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..models.protocol import Embedder
+    from ..models.registry import DescriptorSettings
 
 # (index into the items, one-line reason) for a file that could not be embedded.
 FailureCallback = Callable[[int, str], None]
@@ -40,6 +41,7 @@ class EmbedRequest:
     device: str = "auto"
     runtime: str = "auto"
     embedder: Embedder | None = None
+    descriptor: DescriptorSettings | None = None  # None: the model's default
     calibration: Calibration | None = None  # an int8 model calibrated on these images
 
     def load(self) -> Embedder:
@@ -47,7 +49,8 @@ class EmbedRequest:
             return self.embedder
         from ..models.loading import load_embedder
 
-        return load_embedder(self.model, self.weights, self.device, self.runtime, self.calibration)
+        return load_embedder(self.model, self.weights, self.device, self.runtime, descriptor=self.descriptor,
+                             calibration=self.calibration)
 
 
 class VectorSink(Protocol):

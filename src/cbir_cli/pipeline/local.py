@@ -46,6 +46,10 @@ def resolve_decode(decode: str, embedder: Any) -> str:
         raise CbirError(f"unknown decode {decode!r}; choose one of: {', '.join(DECODE_CHOICES)}")
     if getattr(embedder, "device", None) is None:
         return "cpu"
+    if not getattr(embedder.config, "gpu_decodable", True):
+        # The device decoder resizes and centre-crops at one scale; full-image and
+        # multi-scale inputs are made on the CPU (models.preprocess).
+        return "cpu"
     if decode == "auto":
         return "gpu" if getattr(embedder, "on_cuda", False) else "cpu"
     return decode
@@ -86,7 +90,7 @@ def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptio
     """Yield (indices, uint8 batch or None, failures) in input order, each batch
     holding ``options.batch_size`` decoded images (fewer at the end). With GPU
     decoding the batch is already on the embedder's device."""
-    draft_size = embedder.config.resize_size
+    draft_size = embedder.config.draft_size
     decoder = None
     if resolve_decode(options.decode, embedder) == "gpu":
         dataset: ImageFolderDataset = EncodedJpegDataset(paths, embedder.preprocess, draft_size)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
 from ..imageio.files import ImageList, image_folder, is_image_name, iter_image_files, listing_error
-from ..imageio.readers import ImageFolderDataset
+from ..imageio.readers import ImageFolderDataset, stack_pixels
 from ..store.manifest import check_fingerprint
 from ..store.staging import write_part
 from .executor import EmbedRequest, FailureCallback, StagingSink, VectorSink
@@ -117,28 +117,66 @@ def hash_chunk(paths: list[str]) -> list[HashResult]:
 
 
 def decode_batch(batch: dict[str, np.ndarray], preprocess: Any, draft_size: int | None,
-                 pixel_shape: tuple[int, ...], pixel_dtype: str) -> dict[str, np.ndarray]:
+                 layout: PixelLayout) -> dict[str, np.ndarray]:
     """Decode + preprocess a batch of files; a file that fails keeps its row, with
-    zero pixels and its one-line reason. A file whose folder does not exist on this
+    no pixels and its one-line reason. A file whose folder does not exist on this
     node is not a bad file but a node without the shared storage: that is fatal
     (recording every image as bad would be worse than stopping)."""
     import numpy as np
 
     paths = [os.fsdecode(p) for p in batch["path"]]
     images = ImageFolderDataset(paths, preprocess, draft_size)
-    pixels = np.zeros((len(paths), *pixel_shape), dtype=pixel_dtype)
+    pixels = np.empty(len(paths), dtype=object)
+    shapes = np.zeros((len(paths), layout.parts * layout.ndim), dtype=np.int64)
     reasons = np.full(len(paths), "", dtype=object)
     fatal = np.full(len(paths), "", dtype=object)
     for j in range(len(paths)):
         _, result = images[j]
         if isinstance(result, str):
             reasons[j] = result
+            pixels[j] = np.zeros(0, dtype=layout.dtype)
             if not os.path.isdir(os.path.dirname(paths[j])):
                 fatal[:] = unreachable(os.path.dirname(paths[j]), "the images' folder")
         else:
-            pixels[j] = np.asarray(result)
+            pixels[j], shapes[j] = layout.pack(result)
     return {"i": batch["i"], "path": batch["path"], "sha256": batch["sha256"], "size": batch["size"],
-            "pixels": pixels, "reason": reasons, "fatal": fatal}
+            "pixels": pixels, "shapes": shapes, "reason": reasons, "fatal": fatal}
+
+
+@dataclass(frozen=True)
+class PixelLayout:
+    """One image's model input as a Ray Data row: full-image and multi-scale inputs
+    differ in shape from image to image (and are a tuple of ``parts`` arrays, one per
+    scale), so each row carries its arrays flattened into one 1-D array (a ragged
+    tensor column) plus their shapes; the actor unpacks them."""
+
+    parts: int
+    ndim: int
+    dtype: str
+
+    @classmethod
+    def of(cls, sample: Any) -> PixelLayout:
+        import numpy as np
+
+        arrays = [np.asarray(a) for a in (sample if isinstance(sample, tuple) else (sample,))]
+        return cls(len(arrays), arrays[0].ndim, str(arrays[0].dtype))
+
+    def pack(self, pixels: Any) -> tuple[np.ndarray, list[int]]:
+        import numpy as np
+
+        arrays = [np.asarray(a) for a in (pixels if isinstance(pixels, tuple) else (pixels,))]
+        return np.concatenate([a.ravel() for a in arrays]), [d for a in arrays for d in a.shape]
+
+    def unpack(self, flat: np.ndarray, shape: np.ndarray) -> Any:
+        import numpy as np
+
+        arrays, offset = [], 0
+        for part in range(self.parts):
+            dims = tuple(int(d) for d in shape[part * self.ndim:(part + 1) * self.ndim])
+            size = int(np.prod(dims))
+            arrays.append(np.asarray(flat[offset:offset + size], dtype=self.dtype).reshape(dims))
+            offset += size
+        return arrays[0] if self.parts == 1 else tuple(arrays)
 
 
 def unreachable(path: str, what: str) -> str:
@@ -152,8 +190,9 @@ class EmbedAndStage:
     """The model actor: loads the model once, embeds each call's images in model
     batches and writes them as one part into the store's staging ``folder``."""
 
-    def __init__(self, request: EmbedRequest, fingerprint: dict[str, Any], folder: str, batch_size: int) -> None:
-        self.folder, self.batch_size = folder, batch_size
+    def __init__(self, request: EmbedRequest, fingerprint: dict[str, Any], folder: str, batch_size: int,
+                 layout: PixelLayout) -> None:
+        self.folder, self.batch_size, self.layout = folder, batch_size, layout
         self.error: CbirError | None = None
         try:
             if not Path(folder).is_dir():
@@ -179,8 +218,9 @@ class EmbedAndStage:
                 raise CbirError(str(batch["fatal"][0]))
             good = np.flatnonzero(batch["reason"] == "")
             if len(good):
-                vectors = np.concatenate([self.embedder.embed(batch["pixels"][good[s:s + self.batch_size]])
-                                          for s in range(0, len(good), self.batch_size)])
+                vectors = np.concatenate([self.embedder.embed(stack_pixels(
+                    [self.layout.unpack(batch["pixels"][j], batch["shapes"][j]) for j in good[s:s + self.batch_size]]))
+                    for s in range(0, len(good), self.batch_size)])
                 # What the store refuses to hold is a skipped file, as in the local engine.
                 refused = invalid_rows(vectors)
                 out["reason"][good[refused]] = INVALID_VECTOR
@@ -207,14 +247,12 @@ class ModelPlan:
     fingerprint: dict[str, Any]
     preprocess: Any
     draft_size: int | None
-    pixel_shape: tuple[int, ...]
-    pixel_dtype: str
+    layout: PixelLayout
 
 
 def model_plan(request: EmbedRequest) -> ModelPlan:
     """Registry models are loaded by name on the workers (never pickled through the
     object store); an embedder object given by the caller is shipped as it is."""
-    import numpy as np
     from PIL import Image
 
     from ..models.loading import model_fingerprint
@@ -222,17 +260,20 @@ def model_plan(request: EmbedRequest) -> ModelPlan:
     from ..models.registry import get_model_config, model_names
 
     if request.embedder is None or request.model in model_names():
-        config = get_model_config(request.model)
+        if request.embedder is not None:
+            config, fingerprint = request.embedder.config, request.embedder.fingerprint()
+            request = replace(request, embedder=None, descriptor=config.descriptor,
+                              calibration=getattr(request.embedder, "calibration", None))
+        else:
+            config = get_model_config(request.model).with_descriptor(request.descriptor)
+            fingerprint = model_fingerprint(request.model, request.weights, request.descriptor, request.calibration)
         preprocess = image_preprocessor(config)
-        fingerprint = (request.embedder.fingerprint() if request.embedder is not None
-                       else model_fingerprint(request.model, request.weights))
-        request = replace(request, embedder=None)
     else:
         config, preprocess, fingerprint = request.embedder.config, request.embedder.preprocess, \
             request.embedder.fingerprint()
-    draft_size = getattr(config, "resize_size", None)
-    sample = np.asarray(preprocess(Image.new("RGB", (draft_size or 256, draft_size or 256))))
-    return ModelPlan(request, fingerprint, preprocess, draft_size, sample.shape, str(sample.dtype))
+    draft_size = getattr(config, "draft_size", None)
+    sample = preprocess(Image.new("RGB", (draft_size or 256, draft_size or 256)))
+    return ModelPlan(request, fingerprint, preprocess, draft_size, PixelLayout.of(sample))
 
 
 class RayExecutor:
@@ -362,15 +403,15 @@ class RayExecutor:
             "size": pa.array([size for _, _, size in items], pa.int64()),
         })
         ds = ray.data.from_arrow([table.slice(s, per_block) for s in range(0, len(items), per_block)])
-        decode = partial(decode_batch, preprocess=plan.preprocess, draft_size=plan.draft_size,
-                         pixel_shape=plan.pixel_shape, pixel_dtype=plan.pixel_dtype)
+        decode = partial(decode_batch, preprocess=plan.preprocess, draft_size=plan.draft_size, layout=plan.layout)
         with quiet_warnings():
             ds = ds.map_batches(decode, batch_size=self.options.batch_size, batch_format="numpy",
                                 num_cpus=DECODE_CPUS)
             return ds.map_batches(
                 EmbedAndStage, batch_size=self.options.shard_size, batch_format="numpy",
                 fn_constructor_kwargs={"request": plan.request, "fingerprint": plan.fingerprint,
-                                       "folder": str(folder), "batch_size": self.options.batch_size},
+                                       "folder": str(folder), "batch_size": self.options.batch_size,
+                                       "layout": plan.layout},
                 compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, **actor_resources)
 
     def _actors(self, resources: dict[str, float]) -> tuple[int, dict[str, float]]:

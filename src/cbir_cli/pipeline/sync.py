@@ -18,7 +18,7 @@ from ..imageio.files import is_under
 from ..models.loading import default_precision, model_fingerprint
 from ..models.quantize import Calibration, sample_calibration
 from ..paths import display_path
-from ..resolve import resolve_index_dir, resolve_model
+from ..resolve import resolve_descriptor, resolve_index_dir, resolve_model
 from ..store.feature_store import FeatureStore
 from ..store.transaction import WriteTransaction, write_transaction
 from .executor import EmbedRequest, Executor
@@ -31,7 +31,9 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..models.protocol import Embedder
+    from ..models.registry import DescriptorSettings
     from ..search.backends import BackendSpec
+    from ..search.dba import DbaSettings
 
 SkipCallback = Callable[[str, str], None]
 NoticeCallback = Callable[[str], None]
@@ -166,7 +168,8 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
                  embedder: Embedder | None, on_skip: SkipCallback | None, on_notice: NoticeCallback | None,
                  rebuild: bool, executor: Executor | None,
                  after_commit: Callable[[FeatureStore], None] | None = None,
-                 on_begin: Callable[[FeatureStore], None] | None = None) -> ExtractSummary:
+                 on_begin: Callable[[FeatureStore], None] | None = None,
+                 descriptor: DescriptorSettings | None = None) -> ExtractSummary:
     options = options or ExtractOptions()
     executor = executor or LocalExecutor(options)
     started = time.perf_counter()
@@ -190,12 +193,14 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
             request = EmbedRequest(embedder.config.name, weights, options.device, options.runtime, embedder)
         else:
             choice = resolve_model(model, weights, txn.existing)
-            if choice.notice and on_notice:
-                on_notice(choice.notice)
+            settings, descriptor_notice = resolve_descriptor(descriptor, choice.name, txn.existing, rebuild)
+            for notice in (choice.notice, descriptor_notice):
+                if notice and on_notice:
+                    on_notice(notice)
             calibration = choose_calibration(options, choice.name, txn.existing, rebuild, files, executor)
-            fingerprint = model_fingerprint(choice.name, choice.weights, calibration)
+            fingerprint = model_fingerprint(choice.name, choice.weights, settings, calibration)
             request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime,
-                                   calibration=calibration)
+                                   descriptor=settings, calibration=calibration)
         store = txn.begin(fingerprint)
         for repair in txn.repairs:
             if on_notice:
@@ -217,7 +222,7 @@ def sync_folder(root: str | os.PathLike[str], store_dir: str | os.PathLike[str],
                 weights: str | os.PathLike[str] | None = None, options: ExtractOptions | None = None,
                 embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
                 on_notice: NoticeCallback | None = None, rebuild: bool = False,
-                executor: Executor | None = None) -> ExtractSummary:
+                executor: Executor | None = None, descriptor: DescriptorSettings | None = None) -> ExtractSummary:
     """``cbir extract``: make the store at ``store_dir`` hold one vector per readable
     image below ``root``: embed new and changed files, drop deleted ones, keep the rest.
 
@@ -227,9 +232,11 @@ def sync_folder(root: str | os.PathLike[str], store_dir: str | os.PathLike[str],
     ``rebuild``: embed everything again into a new store that replaces the old one in
     a single commit at the end; an interrupted rebuild leaves the previous store
     untouched. ``executor``: how images become vectors (default: this machine).
+    ``descriptor``: pooling, input and scales (default: a growing store's own, else
+    the model's default; see :func:`cbir_cli.resolve.resolve_descriptor`).
     """
     return _sync_folder(root, Path(store_dir).expanduser(), model, weights, options, embedder, on_skip, on_notice,
-                        rebuild, executor)
+                        rebuild, executor, descriptor=descriptor)
 
 
 extract_folder = sync_folder
@@ -240,14 +247,17 @@ def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str]
                  options: ExtractOptions | None = None, index_type: str | None = None, rebuild: bool = False,
                  embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
                  on_notice: NoticeCallback | None = None, executor: Executor | None = None,
+                 descriptor: DescriptorSettings | None = None, dba: DbaSettings | None = None,
                  backend: BackendSpec | None = None, rebuild_backend: bool = False) -> ExtractSummary:
-    """``cbir index``: :func:`sync_folder`, then bring the search backend up to date
-    with the committed store, all in one write transaction. ``index_type``: see
-    :data:`cbir_cli.search.faiss_backend.INDEX_TYPES`; default: the saved index's
-    type, else auto. ``backend``: the search backend to use from now on (recorded
-    in the index; default: the recorded one, else Faiss); it is checked before any
-    work, so an unreachable or incompatible one writes nothing. ``rebuild_backend``:
-    re-populate it from the shards instead of updating it."""
+    """``cbir index``: :func:`sync_folder`, then bring the search backend and its DBA
+    vectors up to date with the committed store, all in one write transaction.
+    ``index_type``: see :data:`cbir_cli.search.faiss_backend.INDEX_TYPES`; default:
+    the saved index's type, else auto. ``dba``: database-side augmentation for
+    re-ranking (:mod:`cbir_cli.search.dba`); default: the saved one's, else on.
+    ``backend``: the search backend to use from now on (recorded in the index;
+    default: the recorded one, else Faiss); it is checked before any work, so an
+    unreachable or incompatible one writes nothing. ``rebuild_backend``:
+    re-populate it (and the DBA vectors) from the shards instead of updating it."""
     from ..search.backends import check_target, choose_spec, record_spec, refresh_backend
     from ..search.faiss_backend import resolve_index_type
 
@@ -260,7 +270,7 @@ def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str]
         record_spec(store, spec)
 
     def refresh(store: FeatureStore) -> None:
-        refresh_backend(store, index_type, rebuild=rebuild_backend)
+        refresh_backend(store, index_type, rebuild=rebuild_backend, dba=dba)
 
     return _sync_folder(root, resolve_index_dir(index_dir), model, weights, options, embedder, on_skip, on_notice,
-                        rebuild, executor, after_commit=refresh, on_begin=begin)
+                        rebuild, executor, after_commit=refresh, on_begin=begin, descriptor=descriptor)

@@ -24,6 +24,7 @@ from ..store.locking import writer_lock
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from .dba import DbaSettings
     from .protocol import SearchBackend
 
 BACKENDS = ("faiss", "milvus")
@@ -124,17 +125,24 @@ def opened(backend: SearchBackend) -> Iterator[SearchBackend]:
             close()
 
 
-def refresh_backend(store: FeatureStore, index_type: str | None, rebuild: bool = False) -> None:
-    """A writer, after its commit: bring the recorded backend up to date with the
-    store; ``rebuild``: re-populate it from the shards from scratch (same index
-    type unless ``index_type`` says otherwise)."""
+def refresh_backend(store: FeatureStore, index_type: str | None, rebuild: bool = False,
+                    dba: DbaSettings | None = None) -> bool:
+    """A writer, after its commit: bring the recorded backend and the DBA vectors
+    re-ranking uses (:mod:`.dba`, saved next to it) up to date with the store;
+    ``rebuild``: re-populate both from the shards from scratch (same index type
+    unless ``index_type`` says otherwise). ``dba``: the augmentation's settings
+    (default: the saved one's, else the default). Returns whether anything was
+    made again."""
+    from .rerank import RerankingBackend
+
     spec = recorded_spec(store)
     index_type = index_type or (spec.index_type if spec else None)
-    with opened(backend_for(store)) as backend:
+    with opened(backend_for(store)) as inner:
+        backend = RerankingBackend(inner, dba=dba)
         if rebuild:
-            backend.build(store, index_type or _saved_index_type(store, backend))
-        else:
-            backend.refresh(store, index_type)
+            backend.build(store, index_type or _saved_index_type(store, inner))
+            return True
+        return backend.refresh(store, index_type)
 
 
 def _saved_index_type(store: FeatureStore, backend: SearchBackend) -> str:
@@ -149,10 +157,11 @@ def _saved_index_type(store: FeatureStore, backend: SearchBackend) -> str:
 
 
 def rebuild_backend(index_dir: str | os.PathLike[str], index_type: str | None = None,
-                    backend: BackendSpec | None = None) -> FeatureStore:
+                    backend: BackendSpec | None = None, dba: DbaSettings | None = None) -> FeatureStore:
     """Re-populate the index's search backend from its shards (a lost or emptied
-    Milvus collection, a damaged Faiss file), re-embedding nothing. ``backend``:
-    switch the index to that backend first (recorded with one manifest commit)."""
+    Milvus collection, a damaged Faiss file) and its DBA vectors, re-embedding
+    nothing. ``backend``: switch the index to that backend first (recorded with
+    one manifest commit); ``dba``: see :func:`refresh_backend`."""
     root = Path(index_dir).expanduser()
     with writer_lock(root):
         store = FeatureStore.open(root)
@@ -162,5 +171,5 @@ def rebuild_backend(index_dir: str | os.PathLike[str], index_type: str | None = 
         check_target(spec, store)
         record_spec(store, spec)
         store.commit()
-        refresh_backend(store, index_type, rebuild=True)
+        refresh_backend(store, index_type, rebuild=True, dba=dba)
     return store

@@ -10,7 +10,8 @@ Reads everything the manifest names and checks, without changing anything:
   a weights file still present with the recorded hash;
 * the search backend the index records (if saved for the current generation):
   checksum, count, dim and the same vectors as the shards (Faiss); the collection
-  exists and holds exactly the store's live ids (Milvus).
+  exists and holds exactly the store's live ids (Milvus); the DBA vectors saved
+  next to it for re-ranking (:mod:`.dba`): checksums, the same live ids.
 
 A stale or missing search index and leftover files of an interrupted run are
 reported as notes, not problems: queries rebuild the index in memory, and the next
@@ -30,6 +31,7 @@ from ..store.feature_store import FeatureStore
 from ..store.integrity import shard_problems
 from ..store.manifest import MANIFEST, inspect_manifest
 from .backends import backend_for, opened
+from .rerank import RerankingBackend
 
 
 @dataclass
@@ -86,7 +88,7 @@ def check_index(index_dir: str | os.PathLike[str]) -> CheckReport:
     live_vectors = shard_problems(store, report.problems)
     if live_vectors is not None:
         try:
-            backend = backend_for(store)
+            backend = RerankingBackend(backend_for(store))
         except CbirError as exc:  # a recorded backend this installation cannot use
             report.problems.append(f"{manifest_path}: search backend: {exc.message}")
             return report

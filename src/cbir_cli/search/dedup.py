@@ -62,10 +62,16 @@ LEGACY_DESCRIPTOR = "gap-crop"
 MEASURED_THRESHOLDS: dict[tuple[str, str], MeasuredThreshold] = {
     # python bench/dedup_threshold.py --root ../shared/datasets/oxford17flowers --model mobilenet_v2
     # (1,360 images + 2,600 copies: 2,938 duplicate pairs, 4,457,182 distinct pairs).
+    # The descriptor before issue 11 (fp32, as indexes were then):
     ("mobilenet_v2", LEGACY_DESCRIPTOR): MeasuredThreshold(
         0.915, 0.839, 0.633, 0.722, "Oxford-17 copies, 200 originals x 13 distortions"),
+    # The default descriptor (GeM p=3, whole image, scales 1 and 1.4), int8 as new
+    # mobilenet_v2 indexes on the CPU are:
+    ("mobilenet_v2", "gem3-full-1+1.4"): MeasuredThreshold(
+        0.945, 0.838, 0.727, 0.778, "Oxford-17 copies, 200 originals x 13 distortions"),
 }
-FALLBACK = ("mobilenet_v2", LEGACY_DESCRIPTOR)
+# Stands in for a model without a measurement: its descriptor's, else the default's.
+FALLBACK_MODEL = "mobilenet_v2"
 
 
 def descriptor_key(fingerprint: dict[str, Any]) -> str:
@@ -98,11 +104,21 @@ def default_threshold(fingerprint: dict[str, Any]) -> ThresholdChoice:
     measured = MEASURED_THRESHOLDS.get(key)
     if measured is not None:
         return ThresholdChoice(measured.threshold, measured)
-    fallback = MEASURED_THRESHOLDS[FALLBACK]
+    fallback_key = (FALLBACK_MODEL, key[1])
+    if fallback_key not in MEASURED_THRESHOLDS:
+        fallback_key = (FALLBACK_MODEL, default_descriptor_key())
+    fallback = MEASURED_THRESHOLDS[fallback_key]
     return ThresholdChoice(fallback.threshold, None, (
         f"no duplicate threshold was measured for model {key[0]} with descriptor {key[1]}; using "
-        f"{fallback.threshold:g}, measured for {FALLBACK[0]} ({FALLBACK[1]}) -- measure it with "
+        f"{fallback.threshold:g}, measured for {fallback_key[0]} ({fallback_key[1]}) -- measure it with "
         f"bench/dedup_threshold.py --model {key[0]}"))
+
+
+def default_descriptor_key() -> str:
+    """:func:`descriptor_key` of the descriptor new indexes get."""
+    from ..models.registry import DEFAULT_DESCRIPTOR
+
+    return descriptor_key({"descriptor": DEFAULT_DESCRIPTOR.fingerprint()})
 
 
 def threshold_help() -> str:

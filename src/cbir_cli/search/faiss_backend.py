@@ -11,12 +11,11 @@ records the store generation it was built from and is rebuilt whenever stale.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, CorruptStoreError
-from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256
+from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256, read_json_meta
 from ..store.feature_store import FeatureStore
 from ..store.manifest import INDEX_DIR
 from ..store.vectors import ShardVectors, row_table
@@ -196,15 +195,12 @@ INDEX_META_KEYS = {"generation": int, "count": int, "index_type": str, "sha256":
 def read_index_meta(store: FeatureStore) -> dict[str, Any] | None:
     """The saved index's meta, None when there is none; CorruptStoreError naming the
     file when it is not a JSON object with the keys and types it must have."""
-    _, meta_file = index_paths(store)
-    try:
-        meta = json.loads(meta_file.read_text(encoding="ascii"))
-    except FileNotFoundError:
+    meta_file = index_paths(store)[1]
+    meta = read_json_meta(meta_file)
+    if meta is None:
         return None
-    except (OSError, ValueError) as exc:
-        raise CorruptStoreError(f"{meta_file}: unreadable ({exc})") from None
     if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)
-                                         for k, t in INDEX_META_KEYS.items()):
+                                         for k, t in INDEX_META_KEYS.items()) or meta["index_type"] not in INDEX_TYPES:
         raise CorruptStoreError(f"{meta_file}: not a search index description (damaged)")
     return meta
 
@@ -227,13 +223,13 @@ def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
     meta = read_index_meta(store)
     if meta is None or meta.get("generation") != store.generation:
         return None
-    index_file, _ = index_paths(store)
+    index_file, meta_file = index_paths(store)
     try:
         data = index_file.read_bytes()
     except OSError as exc:
         raise CorruptStoreError(f"{index_file}: unreadable ({exc})") from None
     if bytes_sha256(data) != meta.get("sha256"):
-        raise CorruptStoreError(f"{index_file}: checksum mismatch (damaged)")
+        raise CorruptStoreError(f"{index_file}: checksum mismatch (damaged, or {meta_file.name} is)")
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     if index.ntotal != store.count or index.d != store.dim:
         raise CorruptStoreError(

@@ -6,7 +6,10 @@ then filters could come back short. :func:`filtered_search` searches deeper
 instead: first as deep as the share of images that pass the folder filter
 suggests, then 4x deeper each time, until every query has K results that pass,
 its list falls below ``min_score`` (nothing deeper can pass), or the whole index
-was ranked.
+was ranked. A re-ranked list (:mod:`.rerank`) is filtered in its re-ranked order;
+its scores (cosines to the query) need not decrease, so the minimum score cannot
+end it early: it ends once it holds every result that can pass (counted by a
+range search of the raw vectors).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from ..store.feature_store import Row
 
 KnnSearch = Callable[["np.ndarray", int], tuple["np.ndarray", "np.ndarray"]]
+RangeSearch = Callable[["np.ndarray", float], tuple["np.ndarray", "np.ndarray", "np.ndarray"]]
+# Queries -> how many results each can have that pass the filter.
+PassingCount = Callable[["np.ndarray"], "np.ndarray"]
 GROWTH = 4
 
 
@@ -80,10 +86,13 @@ def first_depth(k: int, count: int, allowed: int | None) -> int:
 
 
 def filtered_search(search: KnnSearch, queries: np.ndarray, k: int, count: int, result_filter: ResultFilter,
-                    allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                    allowed: np.ndarray | None, can_pass: PassingCount | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k ``(scores, ids)`` per query among the results that pass the filter
     (``allowed``: its sorted ids below the folder, see :meth:`ResultFilter.allowed_ids`),
-    -1 / -inf padded where fewer pass. See the module docstring."""
+    -1 / -inf padded where fewer pass. See the module docstring. ``can_pass``: for
+    a ``search`` whose scores need not decrease (re-ranked), how many results of
+    each query pass the filter at most (:func:`passing_counts`); asked only for
+    queries still short after the first search."""
     import numpy as np
 
     out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
@@ -92,6 +101,7 @@ def filtered_search(search: KnnSearch, queries: np.ndarray, k: int, count: int, 
         return out_scores, out_ids
     depth = first_depth(k, count, None if allowed is None else len(allowed))
     pending = np.arange(len(queries))
+    limits: np.ndarray | None = None  # can_pass's answer, for every query
     while len(pending):
         scores, ids = search(queries[pending], depth)
         passing = ids >= 0
@@ -99,9 +109,18 @@ def filtered_search(search: KnnSearch, queries: np.ndarray, k: int, count: int, 
             passing &= np.isin(ids, allowed)
         if result_filter.min_score is not None:
             passing &= scores >= result_filter.min_score
-        enough = passing.sum(axis=1) >= k
-        # Scores come best first: once the last is below the minimum, deeper ones are too.
-        below = scores[:, -1] < (result_filter.min_score if result_filter.min_score is not None else -np.inf)
+        found = passing.sum(axis=1)
+        enough = found >= k
+        if result_filter.min_score is None:
+            below = np.zeros(len(pending), dtype=bool)
+        elif can_pass is None:
+            # Scores come best first: once the last is below the minimum, deeper ones are too.
+            below = scores[:, -1] < result_filter.min_score
+        else:
+            if limits is None and not enough.all():
+                limits = np.full(len(queries), count, dtype=np.int64)
+                limits[pending] = can_pass(queries[pending])
+            below = enough if limits is None else found >= limits[pending]
         done = enough | below | (depth >= count)
         for row in np.flatnonzero(done):
             keep = np.flatnonzero(passing[row])[:k]
@@ -110,3 +129,15 @@ def filtered_search(search: KnnSearch, queries: np.ndarray, k: int, count: int, 
         pending = pending[~done]
         depth = min(count, depth * GROWTH)
     return out_scores, out_ids
+
+
+def passing_counts(range_search: RangeSearch, queries: np.ndarray, min_score: float,
+                   allowed: np.ndarray | None) -> np.ndarray:
+    """How many indexed vectors score ``>= min_score`` against each query (and lie
+    below the folder: ``allowed``), from a range search of the raw vectors."""
+    import numpy as np
+
+    lims, _scores, ids = range_search(queries, min_score)
+    hits = np.ones(len(ids), dtype=np.int64) if allowed is None else np.isin(ids, allowed).astype(np.int64)
+    total = np.concatenate([[0], np.cumsum(hits)])
+    return total[np.asarray(lims[1:], dtype=np.int64)] - total[np.asarray(lims[:-1], dtype=np.int64)]

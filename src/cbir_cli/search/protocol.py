@@ -12,7 +12,9 @@ server); tests add a numpy fake.
 
 Array contract (as faiss): float32 (n, d) queries in; ``(scores, ids)`` out, each
 (nq, k), scores are inner products (= cosine for unit vectors), best first,
-``ids == -1`` with score ``-inf`` where fewer than k results exist. Range
+``ids == -1`` with score ``-inf`` where fewer than k results exist. (A re-ranking
+backend, :mod:`.rerank`, orders by its re-ranking: each score is still the
+result's inner product with the query, so scores need not decrease.) Range
 search answers Faiss's packed ``(lims, scores, ids)`` (see :mod:`.range`).
 """
 

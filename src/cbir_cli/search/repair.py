@@ -5,7 +5,8 @@
 * damaged shards are dropped (their images come back at the next indexing run of
   the folder, which embeds them again) and invalid vectors tombstoned;
 * leftovers of interrupted runs are deleted;
-* the saved search index is rebuilt from the shards when damaged, stale or missing.
+* the saved search index and its DBA vectors (re-ranking) are rebuilt from the
+  shards when damaged, stale or missing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..store.feature_store import FeatureStore
 from ..store.locking import writer_lock
 from ..store.manifest import inspect_manifest, read_identity, shard_files
 from ..store.repair import Recovery, drop_damaged_shards, recover_manifest
-from .backends import backend_for, opened
+from .backends import backend_for, refresh_backend
 from .faiss_backend import index_paths
 
 
@@ -67,9 +68,8 @@ def repair_index(index_dir: str | os.PathLike[str]) -> RepairReport:
         store.commit()
         if leftovers:
             report.repairs.append(f"deleted {len(leftovers)} leftover file(s) of interrupted runs")
-        if store.count:
-            with opened(backend_for(store)) as backend:
-                if backend.refresh(store):
-                    where = index_paths(store)[0] if backend.name == "faiss" else f"the {backend.name} backend"
-                    report.repairs.append(f"{where}: rebuilt the search index from the shards")
+        if store.count and refresh_backend(store, None):
+            name = backend_for(store).name
+            where = index_paths(store)[0] if name == "faiss" else f"the {name} backend"
+            report.repairs.append(f"{where}: rebuilt the search index or its DBA vectors from the shards")
     return report

@@ -25,7 +25,8 @@ from ..store.feature_store import FeatureStore, Row
 from ..store.manifest import check_fingerprint
 from ..store.vectors import RowTable, row_table
 from .backends import backend_for
-from .filters import ResultFilter, filtered_search
+from .filters import PassingCount, ResultFilter, filtered_search, passing_counts
+from .rerank import RerankingBackend, reranked
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from ..models.protocol import Embedder
     from .protocol import SearchBackend
+    from .rerank import RerankSettings
 
 MAX_K = 1000
 ALLOWED_CACHE_ENTRIES = 8  # folder filters remembered per Searcher
@@ -49,12 +51,13 @@ class Hit:
         return asdict(self)
 
 
-def open_backend(store: FeatureStore, backend: SearchBackend | None = None) -> SearchBackend:
+def open_backend(store: FeatureStore, backend: SearchBackend | None = None,
+                 rerank: RerankSettings | None = None) -> SearchBackend:
     """The store's search backend (default: the one its manifest records, see
-    :func:`~cbir_cli.search.backends.backend_for`), loaded if saved for the current
-    generation, else an exact one built in memory from the committed shards (a
-    reader never writes)."""
-    backend = backend if backend is not None else backend_for(store)
+    :func:`~cbir_cli.search.backends.backend_for`), re-ranked with ``rerank`` when
+    given (:mod:`.rerank`), loaded if saved for the current generation, else an
+    exact one built in memory from the committed shards (a reader never writes)."""
+    backend = reranked(backend if backend is not None else backend_for(store), rerank)
     if not backend.load(store):
         backend.build(store, "flat", persist=False)
     return backend
@@ -80,14 +83,17 @@ class Searcher:
     @classmethod
     def open(cls, index_dir: str | os.PathLike[str] | None = None, device: str = "auto",
              embedder: Embedder | None = None, runtime: str = "auto",
-             backend: SearchBackend | None = None) -> Searcher:
+             backend: SearchBackend | None = None, rerank: RerankSettings | None = None) -> Searcher:
         """Open the index at ``index_dir`` (default: ``$CBIR_INDEX`` or the user data dir).
 
         If the saved index is stale (an indexing run committed since), an exact index
         is built in memory from the committed shards, so results always reflect the
         last committed state and never a partial one. ``embedder``: the model, already
         loaded (default: the store's own, loaded on first use); ``backend``: the search
-        backend to load or build (default: Faiss).
+        backend to load or build (default: the one the index records, Faiss or
+        Milvus); ``rerank``: re-rank its results with these settings (alpha-QE, DBA;
+        :mod:`.rerank`). The library's default is None, the plain ranking by cosine;
+        ``cbir query`` and ``cbir serve`` pass :class:`~.rerank.RerankSettings()`.
         """
         root = resolve_index_dir(index_dir)
         attempts = 3
@@ -95,7 +101,7 @@ class Searcher:
             store = None
             try:
                 store = FeatureStore.open(root)
-                return cls._open_store(store, device, embedder, runtime, backend)
+                return cls._open_store(store, device, embedder, runtime, backend, rerank)
             except CorruptStoreError:
                 # A writer committing (and deleting dropped shards, replacing the
                 # saved index) while we read looks like damage: retry on its new
@@ -106,12 +112,12 @@ class Searcher:
 
     @classmethod
     def _open_store(cls, store: FeatureStore, device: str, embedder: Embedder | None, runtime: str,
-                    backend: SearchBackend | None) -> Searcher:
+                    backend: SearchBackend | None, rerank: RerankSettings | None) -> Searcher:
         if store.count == 0:
             raise CbirError(f"{store.root}: the index is empty; add images to it first")
         if embedder is not None:
             check_fingerprint(store.fingerprint, embedder.fingerprint(), store.root)
-        return cls(store, open_backend(store, backend), device, embedder, runtime)
+        return cls(store, open_backend(store, backend, rerank), device, embedder, runtime)
 
     # -- model -------------------------------------------------------------
 
@@ -119,12 +125,12 @@ class Searcher:
     def embedder(self) -> Embedder:
         """The model that made this store's vectors, loaded on first use."""
         if self._embedder is None:
-            from ..models.loading import load_embedder
+            from ..models.loading import descriptor_of, load_embedder
 
             fp = self.store.fingerprint
             weights = self.store.manifest.get("weights_path")
             self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime,
-                                           Calibration.from_fingerprint(fp))
+                                           descriptor=descriptor_of(fp), calibration=Calibration.from_fingerprint(fp))
             check_fingerprint(fp, self._embedder.fingerprint(), self.store.root)
         return self._embedder
 
@@ -135,6 +141,12 @@ class Searcher:
     @property
     def index_type(self) -> str:
         return self.backend.index_type
+
+    @property
+    def rerank(self) -> RerankSettings | None:
+        """The re-ranking this searcher was opened with (None: plain), so that a
+        reopened state (a server's reload) is searched the same way."""
+        return self.backend.settings if isinstance(self.backend, RerankingBackend) else None
 
     @property
     def model_name(self) -> str:
@@ -179,14 +191,25 @@ class Searcher:
             self._allowed_cache[result_filter.under] = result_filter.allowed_ids(self.rows)
         return self._allowed_cache[result_filter.under]
 
+    def _can_pass(self, result_filter: ResultFilter, allowed: np.ndarray | None) -> PassingCount | None:
+        """For a re-ranked list (scores need not decrease) with a minimum score: how
+        many results of each query can pass, from a raw range search (see
+        :func:`~.filters.filtered_search`); None where the scores come best first."""
+        min_score = result_filter.min_score
+        if min_score is None or not isinstance(self.backend, RerankingBackend):
+            return None
+        range_search = self.backend.range_search
+        return lambda queries: passing_counts(range_search, queries, min_score, allowed)
+
     def search_vectors(self, queries: np.ndarray, k: int = 5,
                        result_filter: ResultFilter | None = None) -> list[list[Hit]]:
         """Top-k hits per query vector; ``result_filter``: only results below a
         folder and/or at or above a score, still k of them when k qualify."""
         k = self._check_k(k)
         if result_filter is not None and result_filter.active:
+            allowed = self._allowed_ids(result_filter)
             scores, ids = filtered_search(self.backend.search, queries, min(k, self.count), self.count,
-                                          result_filter, self._allowed_ids(result_filter))
+                                          result_filter, allowed, self._can_pass(result_filter, allowed))
         else:
             scores, ids = self.backend.search(queries, min(k, self.count))
         results = []
@@ -213,7 +236,7 @@ class Searcher:
         """Embed image files and search. An unreadable file raises ImageError naming it."""
         # A region is cut from the full-size picture: a reduced (draft) JPEG decode
         # would shift pixel coordinates and leave a small region too few pixels.
-        draft = None if box is not None else self.embedder.config.resize_size
+        draft = None if box is not None else self.embedder.config.draft_size
         images = [load_image(p, draft_size=draft) for p in paths]
         return self.search_images(images, k, box, result_filter)
 

@@ -37,6 +37,7 @@ from .live import LiveSearcher
 if TYPE_CHECKING:
     from flask import Flask, Response
 
+    from ..search.rerank import RerankSettings
     from ..search.searcher import Hit, Searcher
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -153,17 +154,21 @@ def hit_json(hit: Hit) -> dict[str, Any]:
 
 
 def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[str] | None = None,
-               device: str = "auto", max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, runtime: str = "auto") -> Flask:
+               device: str = "auto", max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, runtime: str = "auto",
+               rerank: RerankSettings | None = None) -> Flask:
     """The web app over one index. Opens the index (unless ``searcher`` is given) and
     loads its model now, so a missing index or missing weights fail at start-up with
-    a :class:`CbirError`, not on the first request."""
+    a :class:`CbirError`, not on the first request. ``rerank``: how an opened index
+    is searched (default: re-ranked, :mod:`cbir_cli.search.rerank`)."""
     from flask import Flask, jsonify, request, send_file, send_from_directory
     from werkzeug.exceptions import HTTPException
 
     if searcher is None:
+        from ..search.rerank import RerankSettings
         from ..search.searcher import Searcher
 
-        searcher = Searcher.open(index_dir, device=device, runtime=runtime)
+        searcher = Searcher.open(index_dir, device=device, runtime=runtime,
+                                 rerank=rerank if rerank is not None else RerankSettings())
     embedder = searcher.embedder  # load the model now (see docstring)
     # One throw-away inference: the first forward pass pays seconds of one-off set-up
     # (lazy imports, allocator, kernel selection) that should not land on a user.
@@ -275,7 +280,7 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
         box, result_filter = parse_narrowing(request.form, searcher)
         try:
             # A region is cut from the full-size picture (a draft decode shifts pixels).
-            image = decode_image(upload.read(), name, draft_size=None if box else searcher.embedder.config.resize_size,
+            image = decode_image(upload.read(), name, draft_size=None if box else searcher.embedder.config.draft_size,
                                  budget=budget)
         except ImageError as exc:
             raise ApiError(f"{name}: {exc.reason}", 400) from None

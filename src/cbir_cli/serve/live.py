@@ -3,7 +3,8 @@ generation changes), the next request that notices opens the new state and swaps
 it in with one assignment. Requests already running keep the searcher they
 started with (rows, search index and vectors consistent with each other), so no
 request fails or mixes two states during a swap; until the new state is open,
-the previous one keeps serving."""
+the previous one keeps serving. The new state is searched as the old one was
+(the same re-ranking settings)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
+from ..search.dba import DBA_META
 from ..search.faiss_backend import INDEX_META
 from ..store.manifest import INDEX_DIR, MANIFEST, read_manifest
 
@@ -85,8 +87,10 @@ class LiveSearcher:
                 old.store.manifest.get("updated"):
             self._stamp = stamp
             return
-        meta = _read_json(self.root / INDEX_DIR / INDEX_META)
-        saved = isinstance(meta, dict) and meta.get("generation") == manifest["generation"]
+        # The writer saves the search index, then the DBA vectors re-ranking uses.
+        metas = [INDEX_META] + ([DBA_META] if old.rerank is not None and old.rerank.use_dba else [])
+        saved = all(isinstance(meta, dict) and meta.get("generation") == manifest["generation"]
+                    for meta in (_read_json(self.root / INDEX_DIR / name) for name in metas))
         if not saved:
             self._pending_since = self._pending_since or now
             if now - self._pending_since < SAVED_INDEX_GRACE:
@@ -94,7 +98,7 @@ class LiveSearcher:
         try:
             same_model = manifest.get("fingerprint") == old.store.fingerprint
             new = Searcher.open(self.root, device=self.device, runtime=self.runtime,
-                                embedder=old.embedder if same_model else None)
+                                embedder=old.embedder if same_model else None, rerank=old.rerank)
             if not same_model:
                 new.embedder  # noqa: B018 - load the new model here, not in a user's request
         except CbirError as exc:

@@ -46,9 +46,10 @@ class Row:
 
 
 # The fingerprint keys that must agree for two sets of vectors to be comparable.
-# precision/calibration: only int8 stores have them (absent = fp32, as every
-# store made before them), see cbir_cli.models.quantize.
-FINGERPRINT_KEYS = ("model", "weights", "dim", "preprocessing", "precision", "calibration")
+# descriptor: pooling/input/scales (absent in stores made before it existed = GAP of
+# the centre crop); precision/calibration: only int8 stores have them (absent =
+# fp32, as every store made before them), see cbir_cli.models.quantize.
+FINGERPRINT_KEYS = ("model", "weights", "dim", "preprocessing", "descriptor", "precision", "calibration")
 
 
 def _describe_fingerprint(fp: dict[str, Any]) -> str:
