@@ -18,8 +18,13 @@ For every (runtime, decode, workers) combination it prints:
 * ratio         - pipeline / model (1.0 = decoding fully hidden behind compute).
 
 Same model object, same batch size and the same torch/ORT thread count for both
-figures. Peak RSS (this process + worker children) is printed at the end. Needs no
-faiss: only the feature store is written, no search index.
+figures. ``--descriptor legacy`` (the default here) measures the centre-crop GAP
+input every figure of this script was first measured with, and the only input the
+GPU decoder serves; ``--descriptor default`` measures the product's default (full
+image at two scales, GeM): its model-only figure then embeds the images' own
+preprocessed inputs, decoded beforehand, since they differ in shape. Peak RSS
+(this process + worker children) is printed at the end. Needs no faiss: only the
+feature store is written, no search index.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", default="1", help="comma list of decoding worker process counts")
     p.add_argument("--decode", default="cpu", help="comma list of cpu, gpu (where JPEGs are decoded; ExtractOptions)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--descriptor", choices=("legacy", "default"), default="legacy",
+                   help="legacy: centre crop + GAP (one input shape); default: the product's default descriptor")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--repeat", type=int, default=2, help="best of R interleaved runs per row")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch / ORT intra-op threads")
@@ -127,15 +134,16 @@ def pick_images(args: argparse.Namespace, scratch: Path) -> Path:
 
 def load_torch_embedder(args: argparse.Namespace):
     from cbir_cli.models.loading import load_embedder, resolve_device
-    from cbir_cli.models.registry import HEADS, build_classifier, get_model_config
+    from cbir_cli.models.registry import HEADS, LEGACY_DESCRIPTOR, build_classifier, get_model_config
     from cbir_cli.models.torch_embedder import TorchEmbedder
 
     device = resolve_device(args.device)
+    descriptor = LEGACY_DESCRIPTOR if args.descriptor == "legacy" else None
     if not args.random_weights:
-        return load_embedder(args.model, device=device, runtime="torch")
+        return load_embedder(args.model, device=device, runtime="torch", descriptor=descriptor)
     from torch import nn
 
-    config = get_model_config(args.model)
+    config = get_model_config(args.model).with_descriptor(descriptor)
     module = build_classifier(config.name)
     if config.name in HEADS:
         setattr(module, HEADS[config.name], nn.Identity())
@@ -164,11 +172,14 @@ def make_embedder(runtime: str, torch_embedder, scratch: Path, threads: int, fol
     return OnnxEmbedder(fp32.config, fp32.weights_id, path, threads=threads, calibration=calibration)
 
 
-def model_only_rate(embedder, n_images: int, batch_size: int) -> tuple[float, float]:
+def model_only_rate(embedder, n_images: int, batch_size: int, folder: Path) -> tuple[float, float]:
     """(img/s, CPU core-ms per image) of ``embed`` alone on pre-made uint8 batches.
     Core-ms is this process's CPU time (all its threads: ORT's, torch's)."""
     import torch
 
+    descriptor = embedder.config.descriptor
+    if descriptor.input != "crop" or descriptor.scales != (1.0,):
+        return _model_only_rate_on_images(embedder, n_images, batch_size, folder)
     size = embedder.config.input_size
     batch = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
@@ -180,6 +191,24 @@ def model_only_rate(embedder, n_images: int, batch_size: int) -> tuple[float, fl
     for _ in range(batches):
         embedder.embed(batch)
     images = batches * batch_size
+    return images / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / images
+
+
+def _model_only_rate_on_images(embedder, n_images: int, batch_size: int, folder: Path) -> tuple[float, float]:
+    """``model_only_rate`` for inputs of many shapes (full image, several scales):
+    one batch of the folder's own preprocessed images, decoded beforehand, embedded
+    as many times as the pipeline's run embeds images."""
+    from cbir_cli.imageio.decode import load_image
+    from cbir_cli.imageio.files import list_images
+
+    files = list_images(folder)[:batch_size]
+    batch = [embedder.preprocess(load_image(f, draft_size=embedder.config.draft_size)) for f in files]
+    embedder.embed(batch)  # warm-up
+    batches = max(1, round(n_images / len(batch)))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        embedder.embed(batch)
+    images = batches * len(batch)
     return images / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / images
 
 
@@ -212,7 +241,7 @@ def decode_core_ms(embedder, folder: Path, limit: int = 200) -> float:
     from cbir_cli.imageio.readers import ImageFolderDataset
 
     files = [str(f) for f in list_images(folder)[:limit]]
-    dataset = ImageFolderDataset(files, embedder.preprocess, embedder.config.resize_size)
+    dataset = ImageFolderDataset(files, embedder.preprocess, embedder.config.draft_size)
     best = float("inf")
     for _ in range(2):
         started = time.process_time()
@@ -229,7 +258,7 @@ def decode_rates(embedder, folder: Path, limit: int = 200) -> tuple[float, float
 
     files = list_images(folder)[:limit]
     rates = []
-    for draft in (None, embedder.config.resize_size):
+    for draft in (None, embedder.config.draft_size):
         started = time.perf_counter()
         for f in files:
             embedder.preprocess(load_image(f, draft_size=draft))
@@ -260,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         n_images = len(list(folder.iterdir()))
         torch_embedder = load_torch_embedder(args)
         on_cpu = not torch_embedder.on_cuda
-        print(f"model {args.model} ({'random' if args.random_weights else 'pretrained'} weights), "
+        print(f"model {args.model} ({'random' if args.random_weights else 'pretrained'} weights, "
+              f"{torch_embedder.config.descriptor.label()}), "
               f"device {torch_embedder.device}, {n_images} images, batch {args.batch_size}, "
               f"{args.threads} threads, {cores} cores, torch {torch.__version__}", flush=True)
         combos = [(r, d, w) for r in runtimes for d in decodes for w in worker_counts]
@@ -272,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             # between runs; the figures of a row are always measured together.
             model_rates, model_ms, rates, pipeline_ms = [], [], [], []
             for _ in range(args.repeat):
-                rate, core_ms = model_only_rate(embedder, n_images, args.batch_size)
+                rate, core_ms = model_only_rate(embedder, n_images, args.batch_size, folder)
                 model_rates.append(rate)
                 model_ms.append(core_ms)
                 rate, core_ms = pipeline_rate(embedder, folder, scratch / "store", workers, args.batch_size,

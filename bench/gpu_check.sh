@@ -9,7 +9,10 @@
 #
 # It synthesises N_IMAGES (8000) JPEGs of 500x375 under /tmp, one process per core
 # (no dataset is copied), then runs bench/extract.py with ResNet-50 *random*
-# weights (no download; speed is the same), bf16 autocast, batch 256, and prints:
+# weights (no download; speed is the same), bf16 autocast, batch 256, and the
+# centre-crop GAP descriptor (bench/extract.py --descriptor legacy, its default: the
+# only input the GPU decoder serves; the default full-image two-scale descriptor is
+# decoded on the CPU even on CUDA), and prints:
 #   - model only img/s (pre-made uint8 batches on the GPU),
 #   - the product, `sync_folder` end to end (list + hash files, read, decode,
 #     resize/crop, model, shard writes), with --decode gpu (workers read bytes and
