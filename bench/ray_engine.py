@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     n1, n2 = (int(v) for v in args.sizes.split(","))
     folders = {n: subset(args.data, n) for n in (n1, n2)}
-    import torch  # noqa: F401 - the local engine's DataLoader imports it: not part of either figure
 
     table = []
     try:
