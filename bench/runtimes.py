@@ -9,7 +9,10 @@ static quantisation, QOperator) plus, for OpenVINO, the same calibration in QDQ
 format (the form OpenVINO turns into its own int8 kernels). For each runtime it
 prints model-only img/s and CPU core-ms per image on the same uint8 batches
 (interleaved, best of --repeat), and how close its vectors are to ONNX Runtime
-fp32 (cosine min / mean) over the embedded images.
+fp32 (cosine min / mean) over the embedded images. ``--descriptor legacy`` (the
+default here: what these figures were first measured with) embeds centre crops, one
+shape; ``--descriptor default`` the product's default (full image, two scales: many
+shapes, so ONNX Runtime only).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--descriptor", choices=("legacy", "default"), default="legacy",
+                   help="legacy: centre crop + GAP (one input shape); default: the product's default descriptor")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     return p.parse_args(argv)
@@ -72,22 +77,32 @@ def main(argv: list[str] | None = None) -> int:
     from cbir_cli.models.loading import load_embedder
     from cbir_cli.models.onnx_embedder import OnnxEmbedder
     from cbir_cli.models.quantize import sample_calibration
+    from cbir_cli.models.registry import LEGACY_DESCRIPTOR
     from cbir_cli.pipeline.local import LocalExecutor
     from cbir_cli.pipeline.options import ExtractOptions
 
     files = list_images(args.data)
     calibration = sample_calibration(files, LocalExecutor(ExtractOptions(workers=0)).hash_files)
-    fp32 = load_embedder(args.model, device="cpu", runtime="onnx")
-    int8 = load_embedder(args.model, device="cpu", runtime="onnx", calibration=calibration)
+    descriptor = LEGACY_DESCRIPTOR if args.descriptor == "legacy" else None
+    fp32 = load_embedder(args.model, device="cpu", runtime="onnx", descriptor=descriptor)
+    int8 = load_embedder(args.model, device="cpu", runtime="onnx", calibration=calibration, descriptor=descriptor)
     picks = np.random.default_rng(1).choice(len(files), size=min(args.images, len(files)), replace=False)
-    pixels = np.stack([fp32.preprocess(load_image(files[i], draft_size=fp32.config.resize_size)) for i in picks])
-    batches = [pixels[i:i + args.batch_size] for i in range(0, len(pixels), args.batch_size)]
+    pixels = [fp32.preprocess(load_image(files[i], draft_size=fp32.config.draft_size)) for i in picks]
+    # One input shape: uint8 batches as the pipeline stacks them; many: lists, as it groups them.
+    one_shape = fp32.config.gpu_decodable
+    batches = [np.stack(pixels[i:i + args.batch_size]) if one_shape else pixels[i:i + args.batch_size]
+               for i in range(0, len(pixels), args.batch_size)]
     runners = {"onnxruntime fp32": fp32.embed, "onnxruntime int8 (QOperator, product)": int8.embed}
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        print("openvino not installed: ONNX Runtime only (pip install openvino)")
+    usable = one_shape
+    if not one_shape:
+        print("inputs of many shapes: ONNX Runtime only (OpenVINO is measured with --descriptor legacy)")
     else:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            print("openvino not installed: ONNX Runtime only (pip install openvino)")
+            usable = False
+    if usable:
         qdq = Path(tempfile.mkdtemp()) / "qdq.onnx"
         quantize_qdq(fp32, calibration, qdq)
         runners["onnxruntime int8 (same calibration, QDQ)"] = OnnxEmbedder(fp32.config, fp32.weights_id, qdq).embed
@@ -125,7 +140,7 @@ def quantize_qdq(fp32, calibration, out: Path) -> None:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = _calibration_batches(calibration, fp32.preprocess, fp32.config.resize_size)
+            self.batches = _calibration_batches(calibration, fp32.preprocess, fp32.config.draft_size)
 
         def get_next(self):
             batch = next(self.batches, None)
