@@ -61,6 +61,16 @@ def test_query_refuses_what_is_not_a_regular_file_at_once(tmp_path, index_of_two
     assert result.stderr.strip() == f"error: {target}: not a regular file (pipe, socket or device)"
 
 
+def test_query_with_a_folder_is_one_line_not_a_traceback(tmp_path, index_of_two):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    result = run_cli_bounded(["query", str(folder), "--index", str(index_of_two)], tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip() == f"error: {folder}: a folder, not an image file"
+    with pytest.raises(ImageError, match=r"photos: a folder, not an image file$"):
+        read_image_bytes(folder)
+
+
 def test_the_same_reasons_on_every_path(tmp_path):
     missing, dangling = tmp_path / "missing.jpg", tmp_path / "dangling.jpg"
     dangling.symlink_to(tmp_path / "nowhere.jpg")

@@ -126,6 +126,21 @@ def test_under_keeps_only_a_folder_and_still_returns_k(indexed):
     assert sorted(names(all_b["results"])) == [f"img_{i:03d}.jpg" for i in range(6, 12)]
 
 
+def test_a_query_whose_filter_passes_nothing_says_so(indexed, tmp_path):
+    root, index_dir, _ = indexed
+    query = str(root / "photos" / "a" / "img_001.jpg")
+    elsewhere = tmp_path / "not-indexed"
+    result = CliRunner().invoke(app, ["query", query, "--index", str(index_dir), "--under", str(elsewhere)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert f"note: {query}: no result below --under / at or above --min-score" in result.stderr
+    # --json stays a plain list for programs (no hits), the note goes to stderr all the same.
+    result = CliRunner().invoke(app, ["query", query, "--index", str(index_dir), "--min-score", "1", "--json",
+                                      "--under", str(elsewhere)])
+    assert json.loads(result.stdout)[0]["results"] == []
+    assert "no result" in result.stderr
+
+
 def test_min_score_keeps_only_scores_above_it(indexed):
     root, index_dir, _ = indexed
     query = str(root / "photos" / "a" / "img_001.jpg")

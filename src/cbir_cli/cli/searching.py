@@ -85,6 +85,12 @@ def query_cmd(
             _print_answers(answers)
         for path in written:
             stderr().print(f"wrote {path}", markup=False)
+        # An empty answer is not an error, but it should never look like one that failed silently.
+        narrowed = request.result_filter is not None and request.result_filter.active
+        why = " below --under / at or above --min-score" if narrowed else ""
+        for answer in answers:
+            if not answer.hits:
+                stderr().print(f"note: {printable(answer.view.label)}: no result{why}", markup=False)
 
 
 def _write_visuals(answers, report: Path | None, grid: Path | None) -> list[Path]:

@@ -47,6 +47,7 @@ CHUNK_PIXELS = 1 << 20
 CHUNK_OVERHEAD_BYTES = CHUNK_PIXELS * 24
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 NOT_A_REGULAR_FILE = "not a regular file (pipe, socket or device)"
+IS_A_FOLDER = "a folder, not an image file"
 
 
 class DecodeBusy(CbirError):
@@ -106,17 +107,19 @@ def open_image_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTE
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
         raise ImageError(name, oserror_reason(exc, path)) from None
-    fh = open(fd, "rb")
     try:
         info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(name, IS_A_FOLDER)
         if not stat.S_ISREG(info.st_mode):
             raise ImageError(name, NOT_A_REGULAR_FILE)
         if info.st_size > max_bytes:
             raise ImageError(name, f"file too large ({_megabytes(info.st_size)}, limit {_megabytes(max_bytes)})")
     except BaseException:
-        fh.close()
+        os.close(fd)
         raise
-    return fh, info.st_size
+    # Only now: a file object over a folder's descriptor raises IsADirectoryError.
+    return open(fd, "rb"), info.st_size
 
 
 def read_image_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes:
