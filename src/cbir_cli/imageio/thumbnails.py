@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ImageError
-from .decode import load_image
+from .decode import DecodeBudget, load_image
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -30,12 +30,13 @@ WHITE = (255, 255, 255)
 MISSING = (200, 200, 200)
 
 
-def thumbnail(source: str | os.PathLike[str] | PILImage.Image, size: int) -> PILImage.Image:
+def thumbnail(source: str | os.PathLike[str] | PILImage.Image, size: int,
+              budget: DecodeBudget | None = None) -> PILImage.Image:
     """``source`` (a file, decoded with a JPEG draft near ``size``, or an image)
     shrunk to fit ``size`` x ``size``, aspect kept. A file that cannot be read
-    raises :class:`ImageError`."""
+    raises :class:`ImageError`; ``budget``: the memory its decoding shares (a server's)."""
     if isinstance(source, (str, os.PathLike)):
-        img = load_image(source, draft_size=size)
+        img = load_image(source, draft_size=size, budget=budget)
     else:
         img = source.copy()
     img.thumbnail((size, size))

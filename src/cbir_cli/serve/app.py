@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, ImageError
+from ..imageio import thumbnails
 from ..imageio.decode import DecodeBudget, DecodeBusy, decode_image, load_image, open_image_file
 from ..imageio.region import Box
 from ..models.protocol import embed_images
@@ -97,8 +98,7 @@ def make_thumbnail(path: str | os.PathLike[str], size: int = THUMBNAIL_SIZE,
     """A JPEG no larger than ``size`` x ``size`` (aspect kept). Raises ImageError."""
     import io
 
-    img = load_image(path, draft_size=size, budget=budget)
-    img.thumbnail((size, size))
+    img = thumbnails.thumbnail(path, size, budget)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=85)
     return out.getvalue()
