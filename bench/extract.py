@@ -134,19 +134,16 @@ def pick_images(args: argparse.Namespace, scratch: Path) -> Path:
 
 def load_torch_embedder(args: argparse.Namespace):
     from cbir_cli.models.loading import load_embedder, resolve_device
-    from cbir_cli.models.registry import HEADS, LEGACY_DESCRIPTOR, build_classifier, get_model_config
+    from cbir_cli.models.registry import LEGACY_DESCRIPTOR, build_classifier, get_model_config, trunk_of
     from cbir_cli.models.torch_embedder import TorchEmbedder
 
     device = resolve_device(args.device)
     descriptor = LEGACY_DESCRIPTOR if args.descriptor == "legacy" else None
     if not args.random_weights:
         return load_embedder(args.model, device=device, runtime="torch", descriptor=descriptor)
-    from torch import nn
-
     config = get_model_config(args.model).with_descriptor(descriptor)
-    module = build_classifier(config.name)
-    if config.name in HEADS:
-        setattr(module, HEADS[config.name], nn.Identity())
+    # The embedder runs the convolutional trunk and pools its feature map itself.
+    module = trunk_of(config.name, build_classifier(config.name))
     return TorchEmbedder(config, module.eval(), "random-bench", device)
 
 
