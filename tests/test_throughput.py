@@ -215,10 +215,13 @@ def test_verified_shard_reads_match_and_refuse_damage(tmp_path, monkeypatch, den
 # -- preprocessing: batched on the device, box-resampled on the CPU -------------------
 
 
-SIZES = [(333, 250), (250, 333), (300, 300), (640, 97), (257, 256), (500, 700), (160, 120), (90, 72)]
+# Distinct images, some of one shape (copied into the padded batch together), in no order.
+SIZES = [(333, 250), (250, 333), (300, 300), (333, 250), (640, 97), (257, 256), (500, 700), (160, 120),
+         (333, 250), (90, 72), (160, 120)]
 
 
-@pytest.mark.parametrize("group_bytes", [None, 1])
+# None: one group; 1: one image per group; the last: groups that split a run of equal shapes.
+@pytest.mark.parametrize("group_bytes", [None, 1, 2 * 3 * 333 * 250 * 4])
 def test_batched_resize_matches_torchvision_per_image(monkeypatch, group_bytes):
     import torch
     import torchvision.transforms.v2.functional as F

@@ -67,19 +67,21 @@ def resize_crop_batch(images: Sequence[torch.Tensor], resize_size: int, crop: in
         raise ValueError(f"batched resize supports {', '.join(SUPPORTS)}, not {interpolation!r}")
     device = images[0].device
     out = torch.empty((len(images), 3, crop, crop), dtype=torch.uint8, device=device)
-    # Groups of similar size (fewer padded pixels), each within GROUP_BYTES.
+    # Groups of similar size (fewer padded pixels), each within GROUP_BYTES; sorted by
+    # shape, so images of one shape are neighbours in their group. (The running
+    # maxima keep this linear: it runs on the main thread for every batch.)
     order = sorted(range(len(images)), key=lambda k: (images[k].shape[1], images[k].shape[2]))
     group: list[int] = []
-    for k in [*order, None]:
-        if k is not None:
-            grown = [*group, k]
-            height = max(images[i].shape[1] for i in grown)
-            width = max(images[i].shape[2] for i in grown)
-            if not group or len(grown) * 3 * height * width * 4 <= GROUP_BYTES:
-                group = grown
-                continue
+    height = width = 0
+    for k in order:
+        h, w = int(images[k].shape[1]), int(images[k].shape[2])
+        if group and (len(group) + 1) * 3 * max(height, h) * max(width, w) * 4 > GROUP_BYTES:
+            _resize_group(images, group, resize_size, crop, out)
+            group, height, width = [], 0, 0
+        group.append(k)
+        height, width = max(height, h), max(width, w)
+    if group:
         _resize_group(images, group, resize_size, crop, out)
-        group = [] if k is None else [k]
     return out
 
 
@@ -95,8 +97,14 @@ def _resize_group(images: Sequence[torch.Tensor], group: list[int], resize_size:
         if crop > min(new_w, new_h):
             raise ValueError(f"crop {crop} larger than resized image {new_w}x{new_h}")
     padded = torch.zeros((len(group), 3, max(heights), max(widths)), dtype=torch.float32, device=device)
-    for row, k in enumerate(group):
-        padded[row, :, :heights[row], :widths[row]] = images[k]
+    # One copy per run of equal shapes (neighbours: the group is sorted by shape), not
+    # one per image: per-image copies were most of this function's cost on the main
+    # thread (bench/gpu_check.sh's profile on an H100).
+    start = 0
+    for end in range(1, len(group) + 1):
+        if end == len(group) or (heights[end], widths[end]) != (heights[start], widths[start]):
+            padded[start:end, :, :heights[start], :widths[start]] = torch.stack([images[k] for k in group[start:end]])
+            start = end
 
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
