@@ -170,43 +170,35 @@ def make_embedder(runtime: str, torch_embedder, scratch: Path, threads: int, fol
 
 
 def model_only_rate(embedder, n_images: int, batch_size: int, folder: Path) -> tuple[float, float]:
-    """(img/s, CPU core-ms per image) of ``embed`` alone on pre-made uint8 batches.
-    Core-ms is this process's CPU time (all its threads: ORT's, torch's)."""
+    """(img/s, CPU core-ms per image) of ``embed`` alone on one pre-made batch, run as
+    many times as the pipeline's run embeds images. Core-ms is this process's CPU
+    time (all its threads: ORT's, torch's)."""
+    batch = premade_batch(embedder, batch_size, folder)
+    embedder.embed(batch)  # warm-up (allocations, cudnn/oneDNN kernel choice)
+    repeats = max(1, round(n_images / len(batch)))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        embedder.embed(batch)
+    images = repeats * len(batch)
+    return images / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / images
+
+
+def premade_batch(embedder, batch_size: int, folder: Path):
+    """Random uint8 pixels when every input has one shape (pinned on CUDA); else
+    (full image, several scales) the folder's own images, preprocessed beforehand,
+    as the list of per-image inputs the pipeline hands the model."""
     import torch
 
-    descriptor = embedder.config.descriptor
-    if descriptor.input != "crop" or descriptor.scales != (1.0,):
-        return _model_only_rate_on_images(embedder, n_images, batch_size, folder)
+    if not embedder.config.descriptor.one_input_shape:
+        from cbir_cli.imageio.decode import load_image
+        from cbir_cli.imageio.files import list_images
+
+        return [embedder.preprocess(load_image(f, draft_size=embedder.config.draft_size))
+                for f in list_images(folder)[:batch_size]]
     size = embedder.config.input_size
     batch = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
-    if embedder.on_cuda:
-        batch = batch.pin_memory()
-    embedder.embed(batch)  # warm-up (allocations, cudnn/oneDNN kernel choice)
-    batches = max(1, round(n_images / batch_size))
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-        embedder.embed(batch)
-    images = batches * batch_size
-    return images / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / images
-
-
-def _model_only_rate_on_images(embedder, n_images: int, batch_size: int, folder: Path) -> tuple[float, float]:
-    """``model_only_rate`` for inputs of many shapes (full image, several scales):
-    one batch of the folder's own preprocessed images, decoded beforehand, embedded
-    as many times as the pipeline's run embeds images."""
-    from cbir_cli.imageio.decode import load_image
-    from cbir_cli.imageio.files import list_images
-
-    files = list_images(folder)[:batch_size]
-    batch = [embedder.preprocess(load_image(f, draft_size=embedder.config.draft_size)) for f in files]
-    embedder.embed(batch)  # warm-up
-    batches = max(1, round(n_images / len(batch)))
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-        embedder.embed(batch)
-    images = batches * len(batch)
-    return images / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / images
+    return batch.pin_memory() if embedder.on_cuda else batch
 
 
 def cpu_seconds() -> float:

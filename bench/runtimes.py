@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     picks = np.random.default_rng(1).choice(len(files), size=min(args.images, len(files)), replace=False)
     pixels = [fp32.preprocess(load_image(files[i], draft_size=fp32.config.draft_size)) for i in picks]
     # One input shape: uint8 batches as the pipeline stacks them; many: lists, as it groups them.
-    one_shape = fp32.config.gpu_decodable
+    one_shape = fp32.config.descriptor.one_input_shape
     batches = [np.stack(pixels[i:i + args.batch_size]) if one_shape else pixels[i:i + args.batch_size]
                for i in range(0, len(pixels), args.batch_size)]
     runners = {"onnxruntime fp32": fp32.embed, "onnxruntime int8 (QOperator, product)": int8.embed}

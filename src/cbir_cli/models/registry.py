@@ -74,6 +74,12 @@ class DescriptorSettings:
     def is_legacy(self) -> bool:
         return self == LEGACY_DESCRIPTOR
 
+    @property
+    def one_input_shape(self) -> bool:
+        """Whether every image becomes one array of the same shape (a centre crop at
+        one scale), so that batches stack; otherwise inputs are lists (:mod:`.scales`)."""
+        return self.input == "crop" and self.scales == (1.0,)
+
     def fingerprint(self) -> dict[str, Any] | None:
         """What a store records (None for the legacy descriptor: old stores have no key)."""
         if self.is_legacy:
@@ -182,7 +188,7 @@ class ModelConfig:
     def gpu_decodable(self) -> bool:
         """Whether the device JPEG decoder reproduces this preprocessing (it resizes
         and centre-crops at one scale)."""
-        return self.descriptor.input == "crop" and self.descriptor.scales == (1.0,)
+        return self.descriptor.one_input_shape
 
 
 _REGISTRY: dict[str, ModelConfig] = {}
