@@ -342,3 +342,46 @@ def test_new_store_never_hands_a_pipe_to_the_readers(tmp_path, image_folder, tin
                           options=ExtractOptions(workers=2, batch_size=2),
                           on_skip=lambda p, r: skipped.append((Path(p).name, r)))
     assert summary.added == 3 and skipped == [("pipe.jpg", "not a regular file (pipe, socket or device)")]
+
+
+MMAPPED_GROWTH_CODE = """
+import ctypes, sys
+import numpy as np
+from cbir_cli.imageio.readers import ImageFolderDataset, read_chunks
+
+class MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                     "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo
+
+def mmapped_growth(_image):
+    # Bytes of fresh mmap regions that one 3 MB buffer (a large photo's pixels) takes.
+    before = libc.mallinfo2().hblkhd
+    pixels = np.ones(3 << 20, np.uint8)
+    return np.array([libc.mallinfo2().hblkhd - before], dtype=np.int64) + 0 * pixels[:1]
+
+dataset = ImageFolderDataset([sys.argv[1]], mmapped_growth, None)
+chunk, = read_chunks(dataset, chunk=1, workers=1, window=1)
+print(int(np.asarray(chunk.pixels)[0][0]))  # in a decoding worker
+# Then in this process, whose allocator settings are untouched (first: a freed
+# mmapped buffer raises glibc's threshold, and forked workers would inherit that).
+print(int(mmapped_growth(None)[0]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
+def test_decoding_workers_keep_freed_pixel_buffers(tmp_path):
+    """A worker serves a large photo's buffers from memory it keeps, not from fresh
+    mmap pages faulted in and unmapped per image (allocator.reuse_large_buffers).
+    Measured in a fresh interpreter, whose allocator has not adapted yet: the same
+    allocation there is mmapped, which shows the check can fail."""
+    image = tmp_path / "a.png"
+    make_image(0).save(image)
+    out = subprocess.run([sys.executable, "-c", MMAPPED_GROWTH_CODE, str(image)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    in_worker, in_main = (int(line) for line in out.stdout.split())
+    assert in_main >= 3 << 20
+    assert in_worker == 0

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import ImageError
 from ..paths import display_path
+from .allocator import reuse_large_buffers
 from .decode import decode_image, load_image
 from .lifetime import exit_with_parent
 
@@ -128,6 +129,7 @@ def _init_worker(dataset: ImageFolderDataset) -> None:
     global _WORKER_DATASET
     _WORKER_DATASET = dataset
     exit_with_parent()  # a SIGKILLed main process must not leave workers behind
+    reuse_large_buffers()  # one image's pixels are 0.2-2 MB: no fresh pages per image
     # Ctrl-C goes to the whole process group; only the main process should react
     # (it commits what it has and exits cleanly) ...
     signal.signal(signal.SIGINT, signal.SIG_IGN)
