@@ -17,14 +17,16 @@ For every (runtime, decode, workers) combination it prints:
   main process);
 * ratio         - pipeline / model (1.0 = decoding fully hidden behind compute).
 
-Same model object, same batch size and the same torch/ORT thread count for both
-figures. ``--descriptor legacy`` (the default here) measures the centre-crop GAP
-input every figure of this script was first measured with, and the only input the
-GPU decoder serves; ``--descriptor default`` measures the product's default (full
-image at two scales, GeM): its model-only figure then embeds the images' own
-preprocessed inputs, decoded beforehand, since they differ in shape. Peak RSS
-(this process + worker children) is printed at the end. Needs no faiss: only the
-feature store is written, no search index.
+Same model, same batch size and the same torch/ORT thread count for both figures;
+each pipeline run gets a fresh ONNX Runtime session of the same model file (as
+``cbir index`` loads one; see ``pipeline_embedder``). ``--descriptor legacy`` (the
+default here) measures the centre-crop GAP input every figure of this script was
+first measured with, and the only input the GPU decoder serves; ``--descriptor
+default`` measures the product's default (full image at two scales, GeM): its
+model-only figure then embeds the very batches the pipeline embeds, decoded
+beforehand, since their shapes differ. Peak RSS (this process + worker children) is
+printed at the end. Needs no faiss: only the feature store is written, no search
+index.
 """
 
 from __future__ import annotations
@@ -169,36 +171,41 @@ def make_embedder(runtime: str, torch_embedder, scratch: Path, threads: int, fol
     return OnnxEmbedder(fp32.config, fp32.weights_id, path, threads=threads, calibration=calibration)
 
 
-def model_only_rate(embedder, n_images: int, batch_size: int, folder: Path) -> tuple[float, float]:
-    """(img/s, CPU core-ms per image) of ``embed`` alone on one pre-made batch, run as
-    many times as the pipeline's run embeds images. Core-ms is this process's CPU
-    time (all its threads: ORT's, torch's)."""
-    batch = premade_batch(embedder, batch_size, folder)
-    embedder.embed(batch)  # warm-up (allocations, cudnn/oneDNN kernel choice)
-    repeats = max(1, round(n_images / len(batch)))
+def model_only_rate(embedder, n_images: int, batches: list) -> tuple[float, float]:
+    """(img/s, CPU core-ms per image) of ``embed`` alone on ``batches`` (see
+    :func:`premade_batches`), as many images as the pipeline's run embeds. Core-ms is
+    this process's CPU time (all its threads: ORT's, torch's)."""
+    embedder.embed(batches[0])  # warm-up (allocations, cudnn/oneDNN kernel choice)
+    repeats = max(1, round(n_images / sum(len(b) for b in batches)))
     started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(repeats):
-        embedder.embed(batch)
-    images = repeats * len(batch)
+        for batch in batches:
+            embedder.embed(batch)
+    images = repeats * sum(len(b) for b in batches)
     return images / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / images
 
 
-def premade_batch(embedder, batch_size: int, folder: Path):
-    """Random uint8 pixels when every input has one shape (pinned on CUDA); else
-    (full image, several scales) the folder's own images, preprocessed beforehand,
-    as the list of per-image inputs the pipeline hands the model."""
+def premade_batches(embedder, n_images: int, batch_size: int, folder: Path) -> list:
+    """When every input has one shape: one batch of random uint8 pixels (pinned on
+    CUDA), the cost of a batch does not depend on its pixels. Otherwise (full image,
+    several scales) exactly the batches the pipeline hands the model: the folder's
+    first ``n_images`` images, preprocessed beforehand, in file order, ``batch_size``
+    per batch -- the model runs once per input shape within a batch, so its cost
+    depends on which images share a batch (the first batch repeated measured 6 % less
+    model time than the pipeline's own batches on Oxford-17)."""
     import torch
 
     if not embedder.config.descriptor.one_input_shape:
         from cbir_cli.imageio.decode import load_image
         from cbir_cli.imageio.files import list_images
 
-        return [embedder.preprocess(load_image(f, draft_size=embedder.config.draft_size))
-                for f in list_images(folder)[:batch_size]]
+        inputs = [embedder.preprocess(load_image(f, draft_size=embedder.config.draft_size))
+                  for f in list_images(folder)[:n_images]]
+        return [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
     size = embedder.config.input_size
     batch = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
-    return batch.pin_memory() if embedder.on_cuda else batch
+    return [batch.pin_memory() if embedder.on_cuda else batch]
 
 
 def cpu_seconds() -> float:
@@ -284,18 +291,31 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.threads} threads, {cores} cores, torch {torch.__version__}", flush=True)
         combos = [(r, d, w) for r in runtimes for d in decodes for w in worker_counts]
         embedders = {r: make_embedder(r, torch_embedder, scratch, args.threads, folder) for r in runtimes}
+
+        def pipeline_embedder(runtime: str):
+            # A session that has not run yet, as `cbir index` has when its decoding
+            # workers start: forked from a process whose ORT arena is already grown,
+            # the main process pays a copy-on-write fault for every arena page it
+            # writes afterwards (measured: 2-3 core-ms per image, 10 % of the run).
+            if runtime == "torch":
+                return embedders[runtime]
+            return make_embedder(runtime, torch_embedder, scratch, args.threads, folder)
+
         decode_ms = [decode_core_ms(torch_embedder, folder)] if on_cpu else []
+        premade: dict[str, list] = {}
         for runtime, decode, workers in combos:
             embedder = embedders[runtime]
+            if runtime not in premade:
+                premade[runtime] = premade_batches(embedder, n_images, args.batch_size, folder)
             # Interleaved, best of --repeat: on a shared machine the load changes
             # between runs; the figures of a row are always measured together.
             model_rates, model_ms, rates, pipeline_ms = [], [], [], []
             for _ in range(args.repeat):
-                rate, core_ms = model_only_rate(embedder, n_images, args.batch_size, folder)
+                rate, core_ms = model_only_rate(embedder, n_images, premade[runtime])
                 model_rates.append(rate)
                 model_ms.append(core_ms)
-                rate, core_ms = pipeline_rate(embedder, folder, scratch / "store", workers, args.batch_size,
-                                              args.device, decode)
+                rate, core_ms = pipeline_rate(pipeline_embedder(runtime), folder, scratch / "store", workers,
+                                              args.batch_size, args.device, decode)
                 rates.append(rate)
                 pipeline_ms.append(core_ms)
                 if on_cpu:
