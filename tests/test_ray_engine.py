@@ -178,7 +178,7 @@ def test_decoding_is_never_fused_into_the_model_actor(ray_cluster, tmp_path):
 
     with ray_executor(batch_size=4, shard_size=8) as executor:
         items = [(f"/x/{i}.jpg", f"{i:064x}", 1) for i in range(40)]
-        dataset = executor.pipeline(items, model_plan(EmbedRequest("test_tiny")), tmp_path)
+        dataset = executor.pipeline(items, model_plan(EmbedRequest("test_tiny")), tmp_path, "float32")
         plan = io.StringIO()
         with contextlib.redirect_stdout(plan):
             dataset.explain()
