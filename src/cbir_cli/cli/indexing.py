@@ -204,8 +204,8 @@ def check_cmd(
             for note in report.notes:
                 err.print(f"note: {printable(note)}", markup=False)
             if report.ok:
-                err.print(f"ok {report.index}: {report.count} images in {report.shards} shards, model "
-                          f"{report.model} (dim {report.dim}), generation {report.generation}, "
+                err.print(f"ok {report.index}: {report.count} images in {report.shards} {report.shard_dtype} "
+                          f"shards, model {report.model} (dim {report.dim}), generation {report.generation}, "
                           f"search index {report.search_index}"
                           f"{'' if report.backend == 'faiss' else f' ({report.backend})'}", markup=False)
             else:
