@@ -178,7 +178,7 @@ def test_decoding_is_never_fused_into_the_model_actor(ray_cluster, tmp_path):
 
     with ray_executor(batch_size=4, shard_size=8) as executor:
         items = [(f"/x/{i}.jpg", f"{i:064x}", 1) for i in range(40)]
-        dataset = executor.pipeline(items, model_plan(EmbedRequest("test_tiny")), tmp_path)
+        dataset = executor.pipeline(items, model_plan(EmbedRequest("test_tiny")), tmp_path, "float32")
         plan = io.StringIO()
         with contextlib.redirect_stdout(plan):
             dataset.explain()
@@ -217,6 +217,26 @@ def test_ray_extraction_equals_local_extraction_and_resyncs_incrementally(ray_cl
                             options=ExtractOptions(workers=0, **options))
     assert (again.embedded, again.added, again.updated, again.removed) == (2, 1, 1, 1)
     assert FeatureStore.open(tmp_path / "ray").count == 30
+
+
+@needs_ray
+def test_ray_workers_write_float16_parts_into_a_float16_store(ray_cluster, image_folder, tmp_path, tiny_embedder):
+    """Workers write parts in the store's shard dtype (the driver adopts them
+    unread; a float32 part would be refused as damaged)."""
+    import numpy as np
+
+    folder = image_folder(10)
+    options = {"batch_size": 4, "shard_size": 4, "shard_dtype": "float16"}
+    sync_folder(folder, tmp_path / "local", embedder=tiny_embedder, options=ExtractOptions(workers=0, **options))
+    with ray_executor(**options) as executor:
+        sync_folder(folder, tmp_path / "ray", embedder=tiny_embedder, executor=executor,
+                    options=ExtractOptions(workers=0, **options))
+    a, b = FeatureStore.open(tmp_path / "local"), FeatureStore.open(tmp_path / "ray")
+    assert b.shard_dtype == "float16" and b.count == 10 and len(b.manifest["shards"]) > 1
+    assert {str(np.load(b.shard_paths(s)[0], mmap_mode="r").dtype) for s in b.manifest["shards"]} == {"float16"}
+    assert [r.path for r in a.live_rows()] == [r.path for r in b.live_rows()]
+    assert (a.load_vectors() * b.load_vectors()).sum(axis=1).min() >= 0.999
+    assert check_index(tmp_path / "ray").ok
 
 
 @needs_ray

@@ -17,6 +17,7 @@ REMEDIES = {
     "other-model": "use another index folder, the model and weights it was built with, or rebuild it",
     "weights-file": "or use a local state-dict file as the model's weights",
     "rebuild-backend": "re-populate the search backend from the index's stored vectors",
+    "shard-dtype": "rebuild the index from its images to change it, or keep the index's shard dtype",
 }
 
 

@@ -54,14 +54,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """A float32 array as the bytes of a ``.npy`` file (no pickles)."""
+def npy_bytes(array: np.ndarray, dtype: str = "float32") -> bytes:
+    """An array as the bytes of a ``.npy`` file of ``dtype`` (no pickles)."""
     import io
 
     import numpy as np
 
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(array, dtype=np.dtype(dtype)), allow_pickle=False)
     return buf.getvalue()
 
 

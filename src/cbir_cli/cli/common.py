@@ -20,6 +20,7 @@ from ..models.quantize import PRECISIONS
 from ..models.registry import INPUTS, POOLINGS
 from ..pipeline.options import DECODE_CHOICES
 from ..search.faiss_backend import INDEX_TYPES
+from ..store.shard_format import SHARD_DTYPES
 
 app = typer.Typer(
     name="cbir",
@@ -46,6 +47,7 @@ IndexType = _choices("IndexType", INDEX_TYPES)
 Relevance = _choices("Relevance", RELEVANCE_KINDS)
 Pooling = _choices("Pooling", POOLINGS)
 InputMode = _choices("InputMode", INPUTS)
+ShardDtype = _choices("ShardDtype", SHARD_DTYPES)
 AUTO_DEVICE, AUTO_RUNTIME, AUTO_DECODE = Device("auto"), Runtime("auto"), Decode("auto")
 AUTO_PRECISION = Precision("auto")
 PRODUCT_RELEVANCE = Relevance("product")
@@ -59,6 +61,8 @@ REMEDIES = {
     "other-model": "use another --index/--out folder, the same --model/--weights as before, or --rebuild",
     "weights-file": "or pass a local state dict with --weights FILE",
     "rebuild-backend": "repair with `cbir index --rebuild-backend` (no re-embedding)",
+    "shard-dtype": "leave out --shard-dtype to keep the index's, or change it with `cbir index FOLDER --rebuild "
+                   "--shard-dtype ...` (embeds everything again)",
 }
 
 
@@ -198,6 +202,10 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", min=0,
                                                    help="Decoding processes (0 = decode in the main process). "
                                                         "Default: cores - 1, at most 8.", show_default=False)]
 ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per .npy shard (the commit unit).")]
+ShardDtypeOpt = Annotated[Optional[ShardDtype], typer.Option(
+    "--shard-dtype", help="How shards keep vectors, chosen when the index is made: float16 = half the disk (vectors "
+                          "rounded to float16, read back as float32). Default: the index's own, float32 for a new "
+                          "one; changing it needs --rebuild.", show_default=False)]
 DecodeOpt = Annotated[Decode, typer.Option("--decode", help="Where JPEGs are decoded: cpu = Pillow in the --workers "
                                                             "processes; gpu = nvJPEG on the model's CUDA device, "
                                                             "workers only read files (other formats are still "
@@ -269,12 +277,14 @@ def descriptor_choice(pooling, gem_p: float | None, input_mode, scales: str | No
 
 
 def extract_options(batch_size: int, workers: int | None, shard_size: int, device: Device, progress: bool,
-             runtime: Runtime = AUTO_RUNTIME, decode: Decode = AUTO_DECODE, precision: Precision = AUTO_PRECISION):
+             runtime: Runtime = AUTO_RUNTIME, decode: Decode = AUTO_DECODE, precision: Precision = AUTO_PRECISION,
+             shard_dtype: ShardDtype | None = None):
     from ..pipeline.options import ExtractOptions, default_workers
 
     return ExtractOptions(batch_size=batch_size, workers=default_workers() if workers is None else workers,
                           shard_size=shard_size, device=device.value, progress=progress, runtime=runtime.value,
-                          decode=decode.value, precision=precision.value)
+                          decode=decode.value, precision=precision.value,
+                          shard_dtype=None if shard_dtype is None else shard_dtype.value)
 
 
 def print_summary(summary, target: Path, as_json: bool, what: str) -> None:

@@ -28,6 +28,7 @@ from .common import (
     PrecisionOpt,
     RuntimeOpt,
     ScalesOpt,
+    ShardDtypeOpt,
     ShardOpt,
     WeightsOpt,
     WorkersOpt,
@@ -87,6 +88,7 @@ def index_cmd(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     shard_size: ShardOpt = 1024,
+    shard_dtype: ShardDtypeOpt = None,
     runtime: RuntimeOpt = AUTO_RUNTIME,
     decode: DecodeOpt = AUTO_DECODE,
     precision: PrecisionOpt = AUTO_PRECISION,
@@ -117,7 +119,8 @@ def index_cmd(
                            f"{store.count} stored vectors", markup=False)
             return
         options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
-                                  runtime=runtime, decode=decode, precision=precision)
+                                  runtime=runtime, decode=decode, precision=precision,
+                                  shard_dtype=shard_dtype)
         with executor_for(engine, ray_address, ray_actors, options) as executor:
             summary = index_folder(folder, target, model, weights, options, index_type=kind, rebuild=rebuild,
                                    on_skip=warn_skip, on_notice=notice, executor=executor, backend=spec,
@@ -145,6 +148,7 @@ def extract_cmd(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     shard_size: ShardOpt = 1024,
+    shard_dtype: ShardDtypeOpt = None,
     runtime: RuntimeOpt = AUTO_RUNTIME,
     decode: DecodeOpt = AUTO_DECODE,
     precision: PrecisionOpt = AUTO_PRECISION,
@@ -158,7 +162,8 @@ def extract_cmd(
         from ..pipeline.sync import extract_folder
 
         options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
-                                  runtime=runtime, decode=decode, precision=precision)
+                                  runtime=runtime, decode=decode, precision=precision,
+                                  shard_dtype=shard_dtype)
         descriptor = descriptor_choice(pooling, gem_p, input_mode, scales)
         with executor_for(engine, ray_address, ray_actors, options) as executor:
             summary = extract_folder(folder, out, model, weights, options, on_skip=warn_skip, on_notice=notice,
@@ -199,8 +204,8 @@ def check_cmd(
             for note in report.notes:
                 err.print(f"note: {printable(note)}", markup=False)
             if report.ok:
-                err.print(f"ok {report.index}: {report.count} images in {report.shards} shards, model "
-                          f"{report.model} (dim {report.dim}), generation {report.generation}, "
+                err.print(f"ok {report.index}: {report.count} images in {report.shards} {report.shard_dtype} "
+                          f"shards, model {report.model} (dim {report.dim}), generation {report.generation}, "
                           f"search index {report.search_index}"
                           f"{'' if report.backend == 'faiss' else f' ({report.backend})'}", markup=False)
             else:

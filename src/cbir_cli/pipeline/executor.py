@@ -62,7 +62,11 @@ class VectorSink(Protocol):
 class StagingSink(VectorSink, Protocol):
     """A sink whose store distributed workers write shards into themselves (the
     write transaction; see :mod:`cbir_cli.store.staging`): a run folder inside the
-    store, then the driver adopts each part the workers wrote."""
+    store, then the driver adopts each part the workers wrote, in the store's
+    ``shard_dtype`` (float32 or float16: :mod:`cbir_cli.store.shard_format`)."""
+
+    @property
+    def shard_dtype(self) -> str: ...
 
     def staging(self) -> AbstractContextManager[Path]: ...
 

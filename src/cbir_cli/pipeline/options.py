@@ -9,6 +9,7 @@ from typing import Any
 from ..errors import CbirError
 from ..models.loading import DEVICES, RUNTIMES
 from ..models.quantize import PRECISIONS
+from ..store.shard_format import SHARD_DTYPES
 from ..store.transaction import DEFAULT_SHARD_SIZE
 
 # Where JPEGs are decoded: cpu (Pillow, in the workers), gpu (torchvision's
@@ -41,6 +42,9 @@ class ExtractOptions:
     # fp32 | int8 (ONNX Runtime on the CPU, cbir_cli.models.quantize) | auto: what
     # the store already holds, else models.loading.default_precision (int8 on the CPU).
     precision: str = "auto"
+    # float32 | float16 shards (cbir_cli.store.shard_format) for a new store or a
+    # rebuild; None: the store's own (float32 for a new one).
+    shard_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name, value in (("batch size", self.batch_size), ("shard size", self.shard_size)):
@@ -52,6 +56,8 @@ class ExtractOptions:
                                      ("precision", self.precision, PRECISIONS)):
             if value not in choices:
                 raise CbirError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        if self.shard_dtype is not None and self.shard_dtype not in SHARD_DTYPES:
+            raise CbirError(f"unknown shard dtype {self.shard_dtype!r}; choose one of: {', '.join(SHARD_DTYPES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise CbirError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
 

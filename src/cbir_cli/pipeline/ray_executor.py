@@ -191,8 +191,8 @@ class EmbedAndStage:
     batches and writes them as one part into the store's staging ``folder``."""
 
     def __init__(self, request: EmbedRequest, fingerprint: dict[str, Any], folder: str, batch_size: int,
-                 layout: PixelLayout) -> None:
-        self.folder, self.batch_size, self.layout = folder, batch_size, layout
+                 layout: PixelLayout, shard_dtype: str) -> None:
+        self.folder, self.batch_size, self.layout, self.shard_dtype = folder, batch_size, layout, shard_dtype
         self.error: CbirError | None = None
         try:
             if not Path(folder).is_dir():
@@ -228,7 +228,7 @@ class EmbedAndStage:
             if len(good):
                 items = [(os.fsdecode(batch["path"][j]), str(batch["sha256"][j]), int(batch["size"][j]))
                          for j in good]
-                out["part"][good] = write_part(self.folder, vectors, items)
+                out["part"][good] = write_part(self.folder, vectors, items, self.shard_dtype)
         except CbirError as exc:
             out["fatal"][:], out["remedy"][:] = exc.message, exc.remedy or ""
         except OSError as exc:  # the staging folder is on this node's storage, but not writable
@@ -364,7 +364,8 @@ class RayExecutor:
         bar = self._bar(len(items), f"embedding ({request.model}) on ray", "img")
         try:
             with staging_sink.staging() as folder, ray_errors():
-                for out in self.pipeline(items, plan, folder).iter_batches(batch_size=None, batch_format="numpy"):
+                job = self.pipeline(items, plan, folder, staging_sink.shard_dtype)
+                for out in job.iter_batches(batch_size=None, batch_format="numpy"):
                     if len(out["fatal"]) and out["fatal"][0]:
                         raise CbirError(str(out["fatal"][0]), str(out["remedy"][0]) or None)
                     for i, reason in zip(out["i"], out["reason"]):
@@ -381,7 +382,7 @@ class RayExecutor:
                 bar.close()
         return embedded
 
-    def pipeline(self, items: Sequence[Item], plan: ModelPlan, folder: Path) -> Any:
+    def pipeline(self, items: Sequence[Item], plan: ModelPlan, folder: Path, shard_dtype: str) -> Any:
         """The Ray Data job (lazy: nothing runs until it is iterated)."""
         from functools import partial
 
@@ -411,7 +412,7 @@ class RayExecutor:
                 EmbedAndStage, batch_size=self.options.shard_size, batch_format="numpy",
                 fn_constructor_kwargs={"request": plan.request, "fingerprint": plan.fingerprint,
                                        "folder": str(folder), "batch_size": self.options.batch_size,
-                                       "layout": plan.layout},
+                                       "layout": plan.layout, "shard_dtype": shard_dtype},
                 compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, **actor_resources)
 
     def _actors(self, resources: dict[str, float]) -> tuple[int, dict[str, float]]:

@@ -187,7 +187,8 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
         if on_skip:
             on_skip(display_path(path), reason)
 
-    with write_transaction(store_dir, rebuild=rebuild, shard_size=options.shard_size) as txn:
+    with write_transaction(store_dir, rebuild=rebuild, shard_size=options.shard_size,
+                           shard_dtype=options.shard_dtype) as txn:
         if embedder is not None:
             fingerprint = embedder.fingerprint()
             request = EmbedRequest(embedder.config.name, weights, options.device, options.runtime, embedder)

@@ -3,7 +3,7 @@
 Reads everything the manifest names and checks, without changing anything:
 
 * the manifest: well-formed, count == live rows, ids never reused;
-* every shard: present, the recorded size and sha256, float32 (rows, dim), finite
+* every shard: present, the recorded size and sha256, (rows, dim) of the store's shard dtype, finite
   unit-length vectors; its rows file: present, checksum, one row per vector;
 * ids: unique, below ``next_id``; live paths unique;
 * the model: known, same dimension and preprocessing as the registry now defines,
@@ -44,6 +44,7 @@ class CheckReport:
     generation: int = 0
     model: str | None = None
     dim: int | None = None
+    shard_dtype: str = "float32"  # how the shards keep vectors (store.shard_format)
     backend: str = "faiss"
     search_index: str = "missing"  # current | stale | missing
     problems: list[str] = field(default_factory=list)
@@ -77,6 +78,7 @@ def check_index(index_dir: str | os.PathLike[str]) -> CheckReport:
     store = FeatureStore(root, manifest)
     report.count, report.shards, report.generation = store.count, len(manifest["shards"]), store.generation
     report.model, report.dim = store.fingerprint.get("model"), store.fingerprint.get("dim")
+    report.shard_dtype = store.shard_dtype
     report.leftovers = [str(p) for p in store.leftover_files()]
     if report.leftovers:
         report.notes.append(f"{len(report.leftovers)} leftover file(s) of an interrupted run; "

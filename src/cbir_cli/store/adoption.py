@@ -30,9 +30,9 @@ def adopt_part(store: FeatureStore, folder: Path, name: str) -> list[Row]:
         del header
     except (OSError, ValueError) as exc:
         raise CorruptStoreError(f"{source}: unreadable staged part ({exc})") from None
-    if size != part.nbytes or dtype != np.float32 or shape != (len(part.items), store.dim):
+    if size != part.nbytes or dtype != np.dtype(store.shard_dtype) or shape != (len(part.items), store.dim):
         raise CorruptStoreError(f"{source}: staged part is {size} bytes of {shape} {dtype}, its items file says "
-                                f"{part.nbytes} bytes of ({len(part.items)}, {store.dim}) float32")
+                                f"{part.nbytes} bytes of ({len(part.items)}, {store.dim}) {store.shard_dtype}")
     shard = store.next_shard_name()
     store.shards_dir.mkdir(parents=True, exist_ok=True)
     os.replace(source, store.shards_dir / f"{shard}.npy")

@@ -1,5 +1,6 @@
-"""The feature store: ``.npy`` shards of float32 vectors, the rows they belong to,
-and a JSON manifest that is the single commit point (layout: :mod:`.manifest`).
+"""The feature store: ``.npy`` shards of vectors (float32, or float16 where the
+store was made so: :mod:`.shard_format`), the rows they belong to, and a JSON
+manifest that is the single commit point (layout: :mod:`.manifest`).
 
 Shards are immutable once written. Removing or replacing an image tombstones its
 row in the manifest; a shard whose rows are all gone is dropped. Every file is
@@ -36,6 +37,7 @@ from .manifest import (
     read_manifest,
     write_identity,
 )
+from .shard_format import DEFAULT_SHARD_DTYPE, MANIFEST_KEY, encode, read_shard_file, shard_dtype_of, to_float32
 from .staging import remove_empty_runs, staged_leftovers
 from .validity import invalid_rows
 
@@ -79,16 +81,19 @@ class FeatureStore:
         return store
 
     @classmethod
-    def create(cls, root: str | os.PathLike[str], fingerprint: dict[str, Any], generation: int = 0) -> FeatureStore:
+    def create(cls, root: str | os.PathLike[str], fingerprint: dict[str, Any], generation: int = 0,
+               shard_dtype: str = DEFAULT_SHARD_DTYPE) -> FeatureStore:
         """A new empty store, written by its first :meth:`commit` that has vectors to
         commit (a run that stores nothing leaves no manifest behind, so it pins no
         model). ``generation``: where a previous store (if any) stopped, so a search
-        index saved for it can never look current for the new one."""
+        index saved for it can never look current for the new one. ``shard_dtype``:
+        how its shards keep vectors (:mod:`.shard_format`)."""
         now = time.time()
         manifest = {
             "format": FORMAT_VERSION,
             "generation": generation,
             "fingerprint": fingerprint,
+            MANIFEST_KEY: shard_dtype,
             "versions": _library_versions(),
             "created": now,
             "updated": now,
@@ -107,16 +112,17 @@ class FeatureStore:
         """Whether a manifest of this store is on disk."""
         return self._committed is not None
 
-    def successor(self, fingerprint: dict[str, Any]) -> FeatureStore:
+    def successor(self, fingerprint: dict[str, Any], shard_dtype: str | None = None) -> FeatureStore:
         """An empty store to replace this one (a rebuild), not yet committed.
 
         Its shards get new names (numbering continues) and its manifest is written
         only by its first :meth:`commit`, which then also deletes this store's
         files: until that moment readers keep the complete previous index. Callers
-        must not commit it before it is complete."""
+        must not commit it before it is complete. ``shard_dtype``: its shards' (default:
+        this store's)."""
         fresh = dict(self.manifest)
         fresh.update({"fingerprint": fingerprint, "shards": [], "count": 0, "skipped": {},
-                      "created": time.time()})
+                      "created": time.time(), MANIFEST_KEY: shard_dtype or self.shard_dtype})
         fresh.pop("weights_path", None)
         store = type(self)(self.root, fresh)
         store._committed = self._committed
@@ -128,7 +134,7 @@ class FeatureStore:
         empty manifest left by an older version's failed first run) pins no model:
         a new store takes its place."""
         if self.count == 0 and not self.manifest["shards"] and self.fingerprint != fingerprint:
-            return type(self).create(self.root, fingerprint, self.generation)
+            return type(self).create(self.root, fingerprint, self.generation, self.shard_dtype)
         check_fingerprint(self.fingerprint, fingerprint, self.root)
         return self
 
@@ -161,6 +167,11 @@ class FeatureStore:
     @property
     def dim(self) -> int:
         return int(self.fingerprint["dim"])
+
+    @property
+    def shard_dtype(self) -> str:
+        """How the shards keep vectors: float32 or float16 (:mod:`.shard_format`)."""
+        return shard_dtype_of(self.manifest)
 
     @property
     def count(self) -> int:
@@ -225,27 +236,11 @@ class FeatureStore:
         return {r.path: r for r in self.live_rows()}
 
     def read_shard(self, shard: dict[str, Any], mmap: bool) -> np.ndarray:
-        """A shard's vectors. A full read is checked against the manifest's sha256
-        (a flipped bit must not be served); ``mmap`` (for a few rows) checks shape only."""
-        import io
-
-        import numpy as np
-
+        """A shard's vectors: a full read is checked against the manifest's sha256
+        (a flipped bit must not be served) and is float32; ``mmap`` (for a few rows)
+        checks shape and dtype only and maps the rows as stored (:attr:`shard_dtype`)."""
         path, _ = self.shard_paths(shard)
-        try:
-            if mmap:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            else:
-                data = path.read_bytes()
-                if bytes_sha256(data) != shard["sha256"]:
-                    raise ValueError("checksum mismatch, damaged or replaced")
-                arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise CorruptStoreError(f"{path}: unreadable shard ({exc})") from None
-        if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape != (shard["rows"], self.dim):
-            raise CorruptStoreError(
-                f"{path}: shard has shape {arr.shape} {arr.dtype}, manifest says ({shard['rows']}, {self.dim}) float32"
-            )
+        arr = read_shard_file(path, None if mmap else shard["sha256"], (shard["rows"], self.dim), self.shard_dtype)
         if not mmap:
             self.verified.add(shard["name"])
         return arr
@@ -261,7 +256,7 @@ class FeatureStore:
                 keep = np.ones(shard["rows"], dtype=bool)
                 keep[shard["removed"]] = False
                 arr = arr[keep]
-            parts.append(np.asarray(arr))
+            parts.append(to_float32(arr))
         if not parts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(parts, axis=0) if len(parts) > 1 else np.array(parts[0])
@@ -297,9 +292,7 @@ class FeatureStore:
         """Write a new shard for ``items`` = (path, sha256, size), rows aligned with
         ``vectors``. Live rows with the same paths are tombstoned (replaced). The change
         is durable only after :meth:`commit`."""
-        import numpy as np
-
-        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = encode(vectors, self.shard_dtype)  # checked as stored: float16 rounds
         if vectors.ndim != 2 or vectors.shape != (len(items), self.dim):
             raise ValueError(f"vectors shape {vectors.shape} does not match {len(items)} rows of dim {self.dim}")
         if invalid_rows(vectors).any():
@@ -308,7 +301,7 @@ class FeatureStore:
             # .validity); the transaction filters them out first.
             raise ValueError(f"refusing to store {int(invalid_rows(vectors).sum())} invalid vector(s)")
         name = self.next_shard_name()
-        data = npy_bytes(vectors)
+        data = npy_bytes(vectors, self.shard_dtype)
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.shards_dir / f"{name}.npy", data)
         return self.register_shard(name, items, bytes_sha256(data), len(data))

@@ -1,7 +1,8 @@
 """Reading a whole store back and checking that it agrees with its manifest:
-shards and rows files present with the recorded sizes and checksums, float32
-(rows, dim), finite unit-length vectors, ids unique and below ``next_id``, live
-paths unique, the count right. Used by ``cbir check``."""
+shards and rows files present with the recorded sizes and checksums, (rows, dim)
+of the store's shard dtype (read back as float32), finite unit-length vectors, ids
+unique and below ``next_id``, live paths unique, the count right. Used by
+``cbir check``."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Layout of a store (index) folder::
     store.json                    # the store's identity: its fingerprint (written at the
                                   # first commit; what lets a lost manifest be recovered)
     .lock                         # the writer lock
-    shards/shard-000001.npy       # float32 (n, dim)
+    shards/shard-000001.npy       # (n, dim), float32 or the store's shard_dtype (.shard_format)
     shards/shard-000001.rows.json # the n rows, same order: id, path, sha256, size
     index/index.faiss, index.json # the saved search index (derived from the shards)
     staging/run-*/part-*.npy      # shards written by distributed workers, not yet adopted
@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import CorruptStoreError, IndexNotFoundError, StoreMismatchError
 from ..fsutil import atomic_write_json
+from .shard_format import MANIFEST_KEY, dtype_problem
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -130,6 +131,8 @@ def manifest_problems(manifest: Any) -> list[str]:
         problems.append("manifest skipped entries must each have a sha256 and a reason")
     if "weights_path" in manifest and not isinstance(manifest["weights_path"], str):
         problems.append("manifest weights_path is not a path")
+    if dtype_problem(manifest):
+        problems.append(f"manifest {dtype_problem(manifest)}")
     live = 0
     names: set[str] = set()
     for i, shard in enumerate(manifest["shards"]):
@@ -201,11 +204,13 @@ def parse_rows(data: bytes) -> list[Row]:
 
 
 def write_identity(root: Path, manifest: dict[str, Any]) -> None:
-    """Write ``store.json`` (the fingerprint and weights file of the store's vectors)
+    """Write ``store.json`` (the fingerprint, shard dtype and weights file of the store's vectors)
     unless it already says the same: written after the manifest at a commit, it
     marks a store that has committed, so shards found without a manifest are known
     to be a lost manifest's (recoverable), not an interrupted first run's leftovers."""
     identity = {"format": FORMAT_VERSION, "fingerprint": manifest["fingerprint"]}
+    if MANIFEST_KEY in manifest:  # what a recovered manifest must say its shards are
+        identity[MANIFEST_KEY] = manifest[MANIFEST_KEY]
     if manifest.get("weights_path"):
         identity["weights_path"] = manifest["weights_path"]
     if read_identity(root) != identity:
@@ -219,7 +224,7 @@ def read_identity(root: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if (not isinstance(identity, dict) or not isinstance(identity.get("fingerprint"), dict)
-            or fingerprint_shape_problems(identity["fingerprint"])):
+            or fingerprint_shape_problems(identity["fingerprint"]) or dtype_problem(identity)):
         return None
     return identity
 

@@ -13,6 +13,7 @@ from ..errors import CorruptStoreError
 from ..fsutil import atomic_write_json, bytes_sha256
 from .feature_store import FeatureStore, _library_versions
 from .manifest import FORMAT_VERSION, MANIFEST, read_identity, shard_files
+from .shard_format import MANIFEST_KEY, shard_dtype_of
 from .validity import invalid_rows
 
 
@@ -63,8 +64,8 @@ class Recovery:
 
 def recover_manifest(root: Path, generation: int = 0) -> Recovery:
     """Write a manifest for the shards at ``root`` from their rows files and the
-    store's ``store.json`` (the fingerprint). Each shard must load as float32
-    (rows, dim) valid vectors aligned with its rows file, else it is left out (and
+    store's ``store.json`` (the fingerprint and shard dtype). Each shard must load
+    as (rows, dim) valid vectors of that dtype aligned with its rows file, else it is left out (and
     deleted by the next commit). A path stored more than once keeps its newest row
     (the highest id: later writes replace earlier ones). What the lost manifest
     knew beyond that -- tombstones of deleted files, skipped files -- is gone: the
@@ -81,6 +82,7 @@ def recover_manifest(root: Path, generation: int = 0) -> Recovery:
         raise CorruptStoreError(f"{root}: cannot recover the manifest: store.json, which names the model of "
                                 "the vectors, is missing or damaged")
     dim = int(identity["fingerprint"]["dim"])
+    dtype = shard_dtype_of(identity)
     recovery = Recovery()
     shards: list[dict[str, Any]] = []
     newest: dict[str, tuple[int, int, int]] = {}  # path -> (id, shard position, row)
@@ -92,8 +94,8 @@ def recover_manifest(root: Path, generation: int = 0) -> Recovery:
             data, rows_data = vectors_path.read_bytes(), rows_path.read_bytes()
             rows = parse_rows(rows_data)
             vectors = np.load(io.BytesIO(data), allow_pickle=False)
-            if vectors.dtype != np.float32 or vectors.shape != (len(rows), dim) or not rows:
-                raise ValueError(f"shape {vectors.shape} {vectors.dtype}, expected ({len(rows)}, {dim}) float32")
+            if vectors.dtype != np.dtype(dtype) or vectors.shape != (len(rows), dim) or not rows:
+                raise ValueError(f"shape {vectors.shape} {vectors.dtype}, expected ({len(rows)}, {dim}) {dtype}")
             if invalid_rows(vectors).any() or seen_ids & {r.id for r in rows} or len({r.id for r in rows}) < len(rows):
                 raise ValueError("invalid vectors or repeated ids")
         except (OSError, ValueError, EOFError) as exc:
@@ -123,6 +125,8 @@ def recover_manifest(root: Path, generation: int = 0) -> Recovery:
         "shards": [{k: v for k, v in s.items() if k != "_ids"} for s in shards],
         "count": len(newest), "skipped": {},
     }
+    if MANIFEST_KEY in identity:
+        manifest[MANIFEST_KEY] = identity[MANIFEST_KEY]
     if identity.get("weights_path"):
         manifest["weights_path"] = identity["weights_path"]
     atomic_write_json(root / MANIFEST, manifest)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptStoreError
 from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256, npy_bytes
 from .manifest import STAGING_DIR
+from .shard_format import DEFAULT_SHARD_DTYPE, encode
 from .validity import invalid_rows
 
 if TYPE_CHECKING:
@@ -53,18 +54,18 @@ class StagedPart:
     nbytes: int
 
 
-def write_part(folder: str | os.PathLike[str], vectors: np.ndarray, items: Sequence[Item]) -> str:
+def write_part(folder: str | os.PathLike[str], vectors: np.ndarray, items: Sequence[Item],
+               shard_dtype: str = DEFAULT_SHARD_DTYPE) -> str:
     """(Worker side.) Write ``vectors`` (rows aligned with ``items``) as a part in the
-    run folder ``folder``; returns its name for :func:`adopt_part`."""
-    import numpy as np
-
-    vectors = np.asarray(vectors, dtype=np.float32)
+    run folder ``folder``, in the store's ``shard_dtype``; returns its name for
+    :func:`adopt_part`."""
+    vectors = encode(vectors, shard_dtype)
     if vectors.ndim != 2 or len(vectors) != len(items):
         raise ValueError(f"vectors shape {vectors.shape} does not match {len(items)} rows")
     if invalid_rows(vectors).any():  # the rule FeatureStore.add_shard enforces (see .validity)
         raise ValueError(f"refusing to store {int(invalid_rows(vectors).sum())} invalid vector(s)")
     name = f"part-{uuid.uuid4().hex}"
-    data = npy_bytes(vectors)
+    data = npy_bytes(vectors, shard_dtype)
     folder = Path(folder)
     atomic_write_bytes(folder / f"{name}.npy", data)
     atomic_write_json(folder / f"{name}{ITEMS_SUFFIX}", {

@@ -29,6 +29,7 @@ from .feature_store import FeatureStore
 from .locking import writer_lock
 from .manifest import IDENTITY, INDEX_DIR, MANIFEST, SHARDS_DIR, lost_manifest
 from .repair import drop_damaged_shards
+from .shard_format import DEFAULT_SHARD_DTYPE, SHARD_DTYPES, check_requested_dtype
 from .validity import INVALID_VECTOR, invalid_rows
 
 if TYPE_CHECKING:
@@ -43,12 +44,15 @@ class WriteTransaction:
     pipeline's vector sink (:meth:`add`; :meth:`staging` + :meth:`adopt` for shards
     that distributed workers write themselves)."""
 
-    def __init__(self, root: Path, rebuild: bool, shard_size: int) -> None:
+    def __init__(self, root: Path, rebuild: bool, shard_size: int, shard_dtype: str | None = None) -> None:
         if shard_size < 1:
             raise ValueError(f"shard size must be >= 1 (got {shard_size})")
+        if shard_dtype is not None and shard_dtype not in SHARD_DTYPES:
+            raise ValueError(f"shard dtype must be one of {', '.join(SHARD_DTYPES)} (got {shard_dtype!r})")
         self.root = root
         self.rebuild = rebuild
         self.shard_size = shard_size
+        self.requested_dtype = shard_dtype  # None: the store's own (float32 for a new one)
         self._store: FeatureStore | None = None
         self._existing: FeatureStore | None = None
         self._opened = False
@@ -83,24 +87,27 @@ class WriteTransaction:
 
     def begin(self, fingerprint: dict[str, Any]) -> FeatureStore:
         """The store this transaction writes, for vectors of ``fingerprint``: the
-        existing one (refused when it holds another model's vectors), a successor
-        for a rebuild, or a new one."""
+        existing one (refused when it holds another model's vectors, or was asked for
+        shards of another dtype: see :mod:`.shard_format`), a successor for a
+        rebuild (in the requested shard dtype, else the existing store's), or a new one."""
         existing = self.existing
+        new_dtype = self.requested_dtype or DEFAULT_SHARD_DTYPE
         if self.rebuild:
             if existing is not None:
-                self._store = existing.successor(fingerprint)
+                self._store = existing.successor(fingerprint, self.requested_dtype)
             else:
                 if FeatureStore.exists(self.root) or lost_manifest(self.root):
                     _remove_damaged(self.root)
-                self._store = FeatureStore.create(self.root, fingerprint)
+                self._store = FeatureStore.create(self.root, fingerprint, shard_dtype=new_dtype)
         elif existing is not None:
             self._store = existing.for_fingerprint(fingerprint)
+            check_requested_dtype(self._store.shard_dtype, self.requested_dtype, self.root)
             if self._store is existing:
                 # Verify what this run builds on; what is damaged is dropped and its
                 # images embedded again (the shards are the index's only source).
                 self.repairs = drop_damaged_shards(self._store)
         else:
-            self._store = FeatureStore.create(self.root, fingerprint)
+            self._store = FeatureStore.create(self.root, fingerprint, shard_dtype=new_dtype)
         return self._store
 
     @property
@@ -108,6 +115,12 @@ class WriteTransaction:
         if self._store is None:
             raise RuntimeError("begin() the transaction first")
         return self._store
+
+    @property
+    def shard_dtype(self) -> str:
+        """The dtype shards of this store are written in (workers writing parts
+        for :meth:`adopt` write them so)."""
+        return self.store.shard_dtype
 
     # -- writing -------------------------------------------------------------
 
@@ -188,11 +201,14 @@ class WriteTransaction:
 
 @contextmanager
 def write_transaction(root: str | Path, rebuild: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
-                      noun: str = "images") -> Iterator[WriteTransaction]:
-    """See the module docstring. ``noun`` names the rows in the interrupt message."""
+                      noun: str = "images", shard_dtype: str | None = None) -> Iterator[WriteTransaction]:
+    """See the module docstring. ``noun`` names the rows in the interrupt message.
+    ``shard_dtype``: float32 or float16 shards for a new store or a rebuild; None
+    keeps the store's own (float32 for a new one). An existing store asked for
+    another dtype without a rebuild is refused (:mod:`.shard_format`)."""
     root = Path(root).expanduser()
     with writer_lock(root), terminate_as_interrupt():
-        txn = WriteTransaction(root, rebuild, shard_size)
+        txn = WriteTransaction(root, rebuild, shard_size, shard_dtype)
         try:
             yield txn
             if txn._store is not None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from ..errors import CorruptStoreError
 from .feature_store import FeatureStore, Row
+from .shard_format import item_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,7 +41,7 @@ class _MappedShard:
     with MADV_RANDOM), so after each read the mapping's pages are dropped again
     (MADV_DONTNEED; the page cache keeps them, the next read is as fast)."""
 
-    def __init__(self, path: str, offset: int, shape: tuple[int, ...]) -> None:
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
         import mmap
 
         import numpy as np
@@ -48,11 +49,12 @@ class _MappedShard:
         with open(path, "rb") as fh:
             self.mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         count = int(np.prod(shape))
-        self.offset, self.row_bytes = offset, int(shape[1]) * 4
-        self.array = np.frombuffer(self.mapped, dtype=np.float32, count=count, offset=offset).reshape(shape)
+        self.offset, self.row_bytes = offset, int(shape[1]) * item_size(dtype)
+        self.array = np.frombuffer(self.mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
         self._dontneed = getattr(mmap, "MADV_DONTNEED", None) if hasattr(self.mapped, "madvise") else None
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The rows as stored (the caller converts them)."""
         import mmap
 
         out = self.array[rows]
@@ -75,7 +77,8 @@ class ShardVectors:
     """The store's live vectors, by position (the order of ``store.live_rows()``),
     read on demand from the shards: only the rows asked for are read.
 
-    ``shard_vectors[positions]`` -> float32 (len(positions), dim).
+    ``shard_vectors[positions]`` -> float32 (len(positions), dim), whatever the
+    shards' dtype (:mod:`.shard_format`): only the rows read are converted.
 
     ``verified`` (building an index, which must never be made from damaged data):
     every shard's checksum is checked first, in blocks, and rows are then read
@@ -92,6 +95,7 @@ class ShardVectors:
         self._mapped: list[_MappedShard] = []  # not verified: for scattered reads
         self._live: list[np.ndarray] = []  # per shard: its live row numbers
         self._paths: list[str] = []
+        self._dtypes: list[np.dtype] = []  # per shard: as stored (checked against the manifest)
         starts = [0]
         for shard in store.manifest["shards"]:
             if verified:
@@ -100,8 +104,9 @@ class ShardVectors:
             path = str(store.shard_paths(shard)[0])
             self._offsets.append(int(checked.offset))
             if not verified:
-                self._mapped.append(_MappedShard(path, int(checked.offset), checked.shape))
+                self._mapped.append(_MappedShard(path, int(checked.offset), checked.shape, checked.dtype))
             self._paths.append(path)
+            self._dtypes.append(checked.dtype)
             live = np.setdiff1d(np.arange(shard["rows"]), np.asarray(shard["removed"], dtype=np.int64))
             self._live.append(live)
             starts.append(starts[-1] + len(live))
@@ -118,19 +123,20 @@ class ShardVectors:
         """Rows (sorted shard row numbers) of one shard with plain file reads: one
         read of the span they cover when they are dense (adding rows in order),
         one per row when they are scattered (a training sample), so neither reads
-        much more than it needs nor keeps any page of the file mapped."""
+        much more than it needs nor keeps any page of the file mapped. As stored."""
         import numpy as np
 
         first, last = int(rows.min()), int(rows.max())
-        row_bytes = self.dim * 4
+        dtype = self._dtypes[shard]
+        row_bytes = self.dim * item_size(dtype)
         start = self._offsets[shard]
         with open(self._paths[shard], "rb") as fh:
             if last - first + 1 <= DENSE_SPAN * len(rows):
                 data = os.pread(fh.fileno(), (last - first + 1) * row_bytes, start + first * row_bytes)
-                return np.frombuffer(data, dtype=np.float32).reshape(-1, self.dim)[rows - first]
-            out = np.empty((len(rows), self.dim), dtype=np.float32)
+                return np.frombuffer(data, dtype=dtype).reshape(-1, self.dim)[rows - first]
+            out = np.empty((len(rows), self.dim), dtype=dtype)
             for i, row in enumerate(rows.tolist()):
-                out[i] = np.frombuffer(os.pread(fh.fileno(), row_bytes, start + row * row_bytes), dtype=np.float32)
+                out[i] = np.frombuffer(os.pread(fh.fileno(), row_bytes, start + row * row_bytes), dtype=dtype)
             return out
 
     def __getitem__(self, positions: np.ndarray) -> np.ndarray:
@@ -144,6 +150,7 @@ class ShardVectors:
         for shard in np.unique(shard_of):
             sel = shard_of == shard
             rows = self._live[shard][positions[sel] - self._starts[shard]]
+            # Assigning into the float32 block converts float16 rows, these only.
             out[sel] = self._read_rows(shard, rows) if self.verified else self._mapped[shard].rows(rows)
         return out
 
