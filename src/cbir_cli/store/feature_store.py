@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError
 from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, bytes_sha256, json_bytes, npy_bytes
+from .live_paths import LivePaths
 from .manifest import (
     FORMAT_VERSION,
     INDEX_DIR,
@@ -56,6 +57,7 @@ class FeatureStore:
         # so a re-run that changes nothing keeps the generation (and the saved index).
         self._committed: dict[str, Any] | None = copy.deepcopy(manifest)
         self._rows_cache: dict[str, list[Row]] = {}
+        self._live_paths = LivePaths()
         # The staging folder of the run writing now (:mod:`.staging`): not a leftover.
         self.active_staging: Path | None = None
         # Shards whose checksum was verified by a full read in this process.
@@ -321,27 +323,29 @@ class FeatureStore:
         rows_data = json_bytes([asdict(r) for r in rows])
         atomic_write_bytes(self.shards_dir / f"{name}.rows.json", rows_data)
         self._rows_cache[name] = rows
-        shards, _ = self._without_paths({r.path for r in rows})
+        paths = {r.path for r in rows}
+        shards, _ = self._without_paths(paths)
         shard = {"name": name, "rows": len(rows), "sha256": sha256, "bytes": nbytes,
                  "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": []}
-        skipped = {p: v for p, v in self.manifest["skipped"].items() if p not in {r.path for r in rows}}
+        skipped = {p: v for p, v in self.manifest["skipped"].items() if p not in paths}
         self.manifest = {**self.manifest, "shards": [*shards, shard], "next_shard": self.manifest["next_shard"] + 1,
                          "next_id": first_id + len(rows), "skipped": skipped}
+        self._live_paths.moved(self.manifest["shards"], paths, (name, rows))
         return rows
 
     def _without_paths(self, targets: set[str]) -> tuple[list[dict[str, Any]], int]:
         """The manifest's shard list with the live rows of ``targets`` tombstoned
         (new dicts; the manifest is not touched) and how many rows that removed."""
+        hits_by_shard = self._live_paths.rows_of(self.manifest["shards"], self.shard_rows, targets)
         removed = 0
         shards = []
         for shard in self.manifest["shards"]:
-            gone = set(shard["removed"])
-            hits = {i for i, r in enumerate(self.shard_rows(shard)) if i not in gone and r.path in targets}
+            hits = hits_by_shard.get(shard["name"])
             if not hits:
                 shards.append(shard)
                 continue
             removed += len(hits)
-            gone |= hits
+            gone = set(shard["removed"]) | hits
             if len(gone) < shard["rows"]:
                 shards.append({**shard, "removed": sorted(gone)})
         return shards, removed
@@ -353,6 +357,7 @@ class FeatureStore:
             return 0
         shards, removed = self._without_paths(targets)
         self.manifest = {**self.manifest, "shards": shards}
+        self._live_paths.moved(shards, targets)
         return removed
 
     def record_skipped(self, path: str, sha256: str, reason: str) -> None:

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""The feature store's write and open paths at scale: does a new shard cost the same
+at 300k stored rows as at 10k, and how long does opening the store and reading its
+rows take?
+
+    python bench/store_scaling.py                       # 300k rows in 1,024-row shards (~1 min)
+    python bench/store_scaling.py --rows 1000000        # a million (~4 min, ~1 GB of rows files)
+
+Vectors are 4-d (the rows bookkeeping is what is measured here; shard bytes scale
+with the dimension and are measured by bench/query.py --million). Each shard is
+committed, as the write transaction does. Prints the milliseconds per shard
+(add + commit) in each tenth of the run -- flat means linear, rising means every
+shard pays for the rows already stored -- then open + read every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=300_000)
+    p.add_argument("--shard-rows", type=int, default=1024, help="rows per shard (cbir index --shard-size default)")
+    args = p.parse_args()
+
+    import numpy as np
+
+    from cbir_cli.store.feature_store import FeatureStore
+
+    scratch = Path(tempfile.mkdtemp(prefix="cbir-bench-store-"))
+    try:
+        store = FeatureStore.create(scratch / "idx", {"model": "bench", "weights": "w", "dim": 4,
+                                                      "preprocessing": {}})
+        rng = np.random.default_rng(0)
+        shards = args.rows // args.shard_rows
+        tenth = max(1, shards // 10)
+        started = last = time.perf_counter()
+        print(f"{shards} shards of {args.shard_rows} rows")
+        for k in range(shards):
+            v = rng.normal(size=(args.shard_rows, 4)).astype(np.float32)
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+            store.add_shard(v, [(f"/photos/d{k:05d}/img_{i:05d}.jpg", f"{k:032x}{i:032x}", 40_000)
+                                for i in range(args.shard_rows)])
+            store.commit()
+            if (k + 1) % tenth == 0:
+                now = time.perf_counter()
+                print(f"  {(k + 1) * args.shard_rows:>9,} rows stored: {(now - last) * 1000 / tenth:6.1f} ms per shard",
+                      flush=True)
+                last = now
+        print(f"written in {time.perf_counter() - started:.1f} s")
+        for _ in range(2):
+            t = time.perf_counter()
+            reopened = FeatureStore.open(scratch / "idx")
+            rows = reopened.live_rows()
+            print(f"open + read {len(rows):,} rows: {time.perf_counter() - t:.2f} s")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
