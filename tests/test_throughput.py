@@ -385,3 +385,72 @@ def test_decoding_workers_keep_freed_pixel_buffers(tmp_path):
     in_worker, in_main = (int(line) for line in out.stdout.split())
     assert in_main >= 3 << 20
     assert in_worker == 0
+
+
+# -- the store written on a thread of its own ------------------------------------
+
+
+class SlowSink:
+    """Records what reaches it, from which thread; its first write waits until the
+    model has been asked for batch ``wait_for_batch`` (a sink written on the main
+    thread blocks the main thread before it hands that batch to the model)."""
+
+    def __init__(self, embedder: fakes.FakeEmbedder, wait_for_batch: int, fail_at: int | None = None) -> None:
+        self.embedder, self.wait_for_batch, self.fail_at = embedder, wait_for_batch, fail_at
+        self.added: list[str] = []
+        self.threads: set[str] = set()
+        self.waited_ok: bool | None = None
+
+    def add(self, vectors, items) -> None:
+        self.threads.add(threading.current_thread().name)
+        if self.waited_ok is None:
+            deadline = time.monotonic() + 5
+            while self.embedder.batches < self.wait_for_batch and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.waited_ok = self.embedder.batches >= self.wait_for_batch
+        if self.fail_at is not None and len(self.added) >= self.fail_at:
+            raise OSError(28, "No space left on device")
+        assert len(vectors) == len(items)
+        self.added.extend(path for path, _, _ in items)
+
+
+def run_local(folder: Path, sink, on_failure=lambda i, reason: None):
+    from cbir_cli.pipeline.executor import EmbedRequest
+    from cbir_cli.pipeline.local import LocalExecutor
+    from cbir_cli.pipeline.options import ExtractOptions
+
+    paths = sorted(str(p) for p in folder.iterdir())
+    items = [(p, "", 0) for p in paths]
+    executor = LocalExecutor(ExtractOptions(workers=0, batch_size=2, progress=False))
+    return paths, executor.embed(items, EmbedRequest("fake", embedder=sink.embedder), sink, on_failure)
+
+
+def test_the_store_is_written_off_the_main_thread_while_batches_go_on(image_folder):
+    """Vectors arrive in order, on the writer thread, and a slow write does not stop
+    the main thread from handing the model its next batches."""
+    folder = image_folder(12)
+    sink = SlowSink(fakes.FakeEmbedder(), wait_for_batch=5)
+    paths, embedded = run_local(folder, sink)
+    assert sink.waited_ok is True  # the main thread went on while the first write waited
+    assert embedded == 12 and sink.added == paths
+    assert threading.main_thread().name not in sink.threads and len(sink.threads) == 1
+
+
+def test_a_failed_write_stops_the_run_and_is_raised(image_folder):
+    folder = image_folder(12)
+    sink = SlowSink(fakes.FakeEmbedder(), wait_for_batch=0, fail_at=4)
+    with pytest.raises(OSError, match="No space left"):
+        run_local(folder, sink)
+    assert len(sink.added) == 4  # nothing written after the failed write
+
+
+def test_failures_reach_the_callback_in_order_on_the_writer_thread(image_folder):
+    folder = image_folder(6)
+    (folder / "img_002.jpg").write_bytes(b"not a jpeg")
+    (folder / "img_005.jpg").write_bytes(b"")
+    seen: list[tuple[int, str]] = []
+    sink = SlowSink(fakes.FakeEmbedder(), wait_for_batch=0)
+    paths, embedded = run_local(folder, sink, lambda i, reason: seen.append((i, threading.current_thread().name)))
+    assert embedded == 4 and [i for i, _ in seen] == [2, 5]
+    assert all(name != threading.main_thread().name for _, name in seen)
+    assert sink.added == [p for k, p in enumerate(paths) if k not in (2, 5)]

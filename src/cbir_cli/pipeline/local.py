@@ -27,6 +27,7 @@ from ..imageio.readers import ImageFolderDataset, ReadChunk, assemble_on_cpu, re
 from .executor import EmbedRequest, FailureCallback, VectorSink
 from .options import DECODE_CHOICES, ExtractOptions
 from .plan import HashResult, Item, hash_one
+from .writer import BackgroundWriter
 
 if TYPE_CHECKING:
     import torch
@@ -139,9 +140,11 @@ class LocalExecutor:
     def embed(self, items: Sequence[Item], request: EmbedRequest, sink: VectorSink,
               on_failure: FailureCallback) -> int:
         """The model runs in its own thread, up to :data:`BATCHES_IN_FLIGHT` batches
-        behind the reader: while it embeds one batch, this thread assembles (and
-        with GPU decoding, decodes and resizes) the next ones, and vectors reach the
-        sink in order. ONNX Runtime and CUDA release the GIL while they work."""
+        behind the reader, and the store is written on another
+        (:class:`~.writer.BackgroundWriter`): while the model embeds one batch, this
+        thread assembles (and with GPU decoding, decodes and resizes) the next ones,
+        and vectors and failures reach the sink in order. ONNX Runtime, CUDA and file
+        writes release the GIL while they work."""
         from collections import deque
         from concurrent.futures import Future
 
@@ -153,15 +156,16 @@ class LocalExecutor:
             bar = tqdm(total=len(items), desc=f"embedding ({embedder.config.name})", unit="img")
         embedded = 0
         pending: deque[tuple[Future[Any], list[int]]] = deque()
+        writer = BackgroundWriter(sink, on_failure)
 
         def deliver() -> None:
             nonlocal embedded
             future, indices = pending[0]
             future.result()  # waiting may be interrupted: the batch stays pending
-            with signals_deferred():  # a batch is in the sink or still pending, never lost between
+            with signals_deferred():  # a batch is with the writer or still pending, never lost between
                 vectors = future.result()
                 pending.popleft()
-                sink.add(vectors, [items[i] for i in indices])
+                writer.add(vectors, [items[i] for i in indices])
             embedded += len(indices)
             if bar is not None:
                 bar.update(len(indices))
@@ -170,7 +174,7 @@ class LocalExecutor:
         try:
             for indices, batch, failed in iter_batches([p for p, _, _ in items], embedder, self.options):
                 for i, reason in failed:
-                    on_failure(i, reason)
+                    writer.failed(i, reason)
                 if bar is not None:
                     bar.update(len(failed))
                 if batch is not None:
@@ -179,13 +183,23 @@ class LocalExecutor:
                     deliver()
             while pending:
                 deliver()
+            with signals_deferred():
+                writer.drain()
         except BaseException:
             # Ctrl-C or an error: what the model finished still reaches the sink
-            # (and is committed); the batch it is working on is abandoned.
-            while pending and pending[0][0].done() and pending[0][0].exception() is None:
-                deliver()
+            # (and is committed by the caller); the batch it is working on is
+            # abandoned. The writer finishes what it was handed before this returns,
+            # whatever arrives meanwhile: the caller then writes to the store itself.
+            with signals_deferred():
+                try:
+                    while pending and pending[0][0].done() and pending[0][0].exception() is None:
+                        deliver()
+                    writer.drain()
+                except Exception:  # noqa: BLE001 - the error already on its way out wins
+                    pass
             raise
         finally:
+            writer.close()
             model.shutdown(wait=not pending, cancel_futures=True)
             if bar is not None:
                 bar.close()
