@@ -162,3 +162,16 @@ def test_calibration_feeds_the_quantiser_what_the_embedder_runs_on(tmp_path, cac
     embedder = load_embedder("test_tiny", device="cpu", runtime="auto", calibration=calibration)
     assert drafts == [config.draft_size] and config.draft_size != config.resize_size
     assert embedder.precision == "int8"
+
+
+def test_quantising_prints_no_onnxruntime_advice(tmp_path, image_folder, cache, caplog):
+    """`cbir index` on the CPU quantises on its first run: ORT's quantiser logs
+    advice through the root logger, which printed two WARNING:root lines."""
+    import logging
+
+    folder = image_folder(6)
+    handlers = list(logging.getLogger().handlers)
+    with caplog.at_level(logging.DEBUG):
+        index_folder(folder, tmp_path / "idx", "test_tiny", options=INT8)
+    assert not [r for r in caplog.records if "onnxruntime" in r.pathname]
+    assert logging.getLogger().handlers == handlers

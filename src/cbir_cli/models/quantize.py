@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,14 +170,38 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: Calibration, con
     previous = ort.get_default_logger_severity() if hasattr(ort, "get_default_logger_severity") else 2
     ort.set_default_logger_severity(3)  # one warning per unused initializer otherwise
     try:
-        quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        with _without_quantiser_advice():
+            quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QOperator,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         atomic_write_bytes(out_path, tmp.read_bytes())
     finally:
         ort.set_default_logger_severity(previous)
         tmp.unlink(missing_ok=True)
         for leftover in out_path.parent.glob(f"{tmp.name}*"):
             leftover.unlink(missing_ok=True)
+
+
+class _DropOnnxRuntimeRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+
+@contextmanager
+def _without_quantiser_advice() -> Iterator[None]:
+    """ONNX Runtime's quantiser advises "Please consider to run pre-processing before
+    quantization" through the root logger, twice per run -- nothing a user of
+    ``cbir index`` can act on -- and ``logging.warning`` would also install a stderr
+    handler on the root logger for the rest of the process (``basicConfig``). A
+    handler that writes nothing stands in while it runs, and its records are dropped."""
+    root = logging.getLogger()
+    stand_in, drop = logging.NullHandler(), _DropOnnxRuntimeRecords()
+    root.addHandler(stand_in)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        root.removeHandler(stand_in)
 
 
 def quantized_path(fp32_path: Path, calibration: Calibration) -> Path:
