@@ -94,11 +94,13 @@ def loop_rate(embedder: Any, folder: Path, batch_size: int, batched_resize: bool
 
 @contextmanager
 def stage_timers() -> Iterator[dict[str, float]]:
-    """Wall seconds per pipeline stage (main thread; the model's own thread apart),
-    by wrapping the functions that do each stage for the duration."""
+    """Wall seconds per pipeline stage (main thread; the model's and the writer's
+    own threads apart, the writer's shown as such), by wrapping the functions that
+    do each stage for the duration."""
     from cbir_cli.imageio.gpu_decode import DeviceJpegDecoder
     from cbir_cli.pipeline import local
     from cbir_cli.pipeline.statcache import StatCache
+    from cbir_cli.pipeline.writer import BackgroundWriter
     from cbir_cli.store.transaction import WriteTransaction
 
     totals: dict[str, float] = defaultdict(float)
@@ -134,7 +136,10 @@ def stage_timers() -> Iterator[dict[str, float]]:
     wrap(DeviceJpegDecoder, "_decode", "nvJPEG decode_jpeg calls")
     wrap(DeviceJpegDecoder, "resize_crop", "batched resize + crop")
     wrap(DeviceJpegDecoder, "assemble", "assemble a batch (decode + resize + stack)")
-    wrap(WriteTransaction, "add", "sink: shard writes + commits")
+    # The store is written on the writer thread (pipeline/writer.py): its time is not
+    # the main thread's; the main thread only waits when 4 writes are pending.
+    wrap(WriteTransaction, "add", "writer thread: shard writes + commits")
+    wrap(BackgroundWriter, "add", "hand vectors to the writer (waits if behind)")
     try:
         yield totals
     finally:
