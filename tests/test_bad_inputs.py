@@ -188,3 +188,41 @@ def test_unreadable_file_is_skipped_with_permission_denied(tmp_path, tiny_embedd
         locked.chmod(0o644)
     assert summary.skipped_files == [(str(locked), "permission denied")]
     assert summary.embedded == 1
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_committed(tmp_path, image_folder, monkeypatch):
+    """ENOSPC while writing a shard: no traceback, one line naming the file and what
+    the index keeps, no temporary left taking space; the next run completes."""
+    import errno
+
+    from cbir_cli import fsutil
+
+    folder = image_folder(8)
+    index = tmp_path / "index"
+    shard_writes = []
+    real_open = open
+
+    def open_until_full(path, *args, **kwargs):
+        if ".npy" in str(path) and "w" in (args[0] if args else kwargs.get("mode", "r")):
+            shard_writes.append(path)
+            if len(shard_writes) >= 3:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(fsutil, "open", open_until_full, raising=False)
+    args = ["index", str(folder), "--index", str(index), "--model", "test_tiny", "--workers", "0",
+            "--batch-size", "2", "--shard-size", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and result.exception is not None
+    assert isinstance(result.exception, SystemExit), result.exception  # a clean exit, not an error escaping
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert "shard-000003.npy: cannot write (No space left on device)" in errors[0]
+    assert "the index keeps the 4 images committed before; run the same command again to resume" in errors[0]
+    assert FeatureStore.open(index).count == 4 and check_index(index).ok
+    assert not [p for p in (index / "shards").iterdir() if ".tmp-" in p.name]
+
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert FeatureStore.open(index).count == 8

@@ -71,6 +71,12 @@ class CorruptStoreError(CbirError):
     remedy = "rebuild"
 
 
+class WriteError(CbirError, OSError):
+    """A file could not be written (disk full, read-only, no permission): one line
+    naming it. Still an :class:`OSError`, for code that tolerates failed writes (a
+    derived cache)."""
+
+
 class Interrupted(CbirError):
     """Ctrl-C or SIGTERM stopped a write; what was done is committed (or, for a
     rebuild, nothing changed) and running the same command again resumes."""

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import WriteError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -35,13 +37,22 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to ``.NAME.tmp-PID``, fsync, rename over ``path``, fsync the folder."""
+    """Write to ``.NAME.tmp-PID``, fsync, rename over ``path``, fsync the folder.
+    A failure (a full disk...) is a :class:`~cbir_cli.errors.WriteError` naming
+    ``path``, and the temporary is removed at once: it holds space the disk lacks."""
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise WriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
     fsync_dir(path.parent)
 
 

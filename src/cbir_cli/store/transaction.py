@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CorruptStoreError, Interrupted
+from ..errors import CorruptStoreError, Interrupted, WriteError
 from .adoption import adopt_part, staging_run
 from .feature_store import FeatureStore
 from .locking import writer_lock
@@ -184,6 +184,14 @@ class WriteTransaction:
         self.flush()
         return self.store.commit() if self.rebuild else False
 
+    def what_is_kept(self, noun: str) -> str:
+        """After a failed write: what the index still holds, and how to go on."""
+        if self.rebuild:
+            return "the previous index is unchanged; run the same command again to rebuild"
+        committed = self._store._committed if self._store is not None else None
+        count = committed["count"] if committed else 0
+        return f"the index keeps the {count} {noun} committed before; run the same command again to resume"
+
     def interrupted(self, noun: str) -> Interrupted:
         """Commit what is done (not for a rebuild: it keeps the previous index) and
         the error that says so."""
@@ -215,6 +223,8 @@ def write_transaction(root: str | Path, rebuild: bool = False, shard_size: int =
                 txn.commit()
         except KeyboardInterrupt:
             raise txn.interrupted(noun) from None
+        except WriteError as exc:
+            raise WriteError(f"{exc.message}; {txn.what_is_kept(noun)}") from None
 
 
 def _remove_damaged(root: Path) -> None:
