@@ -1,5 +1,7 @@
-"""Keeping freed pixel buffers in a decoding worker instead of returning them to the
-kernel after every image.
+"""glibc allocator settings (:func:`set_malloc_options`, the one place that calls
+``mallopt``; the web server bounds its threads' memory with it) and the decoding
+workers' policy: keep freed pixel buffers instead of returning them to the kernel
+after every image.
 
 glibc serves allocations above its mmap threshold (128 KiB at start) with fresh
 ``mmap`` pages and unmaps them on free; a decoded photo and its preprocessed scales
@@ -15,8 +17,9 @@ from __future__ import annotations
 import sys
 
 # mallopt parameter numbers (glibc malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 # Above any one image's buffers (a 4:1 panorama at 1.4 scale is ~2 MB), below what
 # would let one worker keep much: freed memory above 256 MiB at the heap top is
 # still returned.
@@ -24,16 +27,24 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 256 << 20
 
 
-def reuse_large_buffers() -> bool:
-    """Make this process's allocator keep freed large buffers for reuse. True when
-    applied (glibc on Linux); elsewhere a no-op that returns False."""
+def set_malloc_options(options: dict[int, int]) -> bool:
+    """``mallopt(parameter, value)`` for each item, in this process. True when all
+    were applied (glibc on Linux); elsewhere a no-op that returns False."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    applied = True
+    for parameter, value in options.items():  # every one, even after a refusal
+        applied = bool(mallopt(parameter, value)) and applied
+    return applied
+
+
+def reuse_large_buffers() -> bool:
+    """Make this process's allocator keep freed large buffers for reuse (see the
+    module docstring); True when applied."""
+    return set_malloc_options({M_MMAP_THRESHOLD: MMAP_THRESHOLD, M_TRIM_THRESHOLD: TRIM_THRESHOLD})

@@ -83,17 +83,9 @@ def _return_freed_memory() -> None:
     one huge upload kept ~16 decodes' worth of memory (3 GB peak in
     bench/serve_uploads.py, 1.1 GB with 2 arenas). Few arenas, and large blocks
     always mmapped (so freeing them returns them to the system), bound that."""
-    import ctypes
-    import ctypes.util
+    from ..imageio.allocator import M_ARENA_MAX, M_MMAP_THRESHOLD, set_malloc_options
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_arena_max, m_mmap_threshold = -8, -3
-    mallopt(m_arena_max, 2)
-    mallopt(m_mmap_threshold, 1 << 20)
+    set_malloc_options({M_ARENA_MAX: 2, M_MMAP_THRESHOLD: 1 << 20})
 
 
 def _raise_open_files_limit(wanted: int) -> None:
