@@ -201,7 +201,9 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", min=0,
                                                    help="Decoding processes (0 = decode in the main process). "
                                                         "Default: cores - 1, at most 8.", show_default=False)]
-ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Vectors per .npy shard (the commit unit).")]
+ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help=(
+    "Vectors per .npy shard, the commit unit (whole batches: a shard is written once at least this many "
+    "are buffered)."))]
 ShardDtypeOpt = Annotated[Optional[ShardDtype], typer.Option(
     "--shard-dtype", help="How shards keep vectors, chosen when the index is made: float16 = half the disk (vectors "
                           "rounded to float16, read back as float32). Default: the index's own, float32 for a new "

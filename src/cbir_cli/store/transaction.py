@@ -2,8 +2,9 @@
 
 ``with write_transaction(root) as txn:`` takes the writer lock, treats SIGTERM like
 Ctrl-C, opens the store (:meth:`WriteTransaction.begin` with the fingerprint of the
-vectors to come), buffers vectors into shards of ``shard_size`` rows and commits
-each shard as it fills, so an interrupted run loses at most one shard of work. On a
+vectors to come), buffers vectors until at least ``shard_size`` rows are waiting
+(whole batches: the buffer becomes one shard) and commits each shard as it is
+written, so an interrupted run loses at most one shard of work. On a
 normal exit everything is committed; on Ctrl-C or SIGTERM what is done is committed
 and :class:`~cbir_cli.errors.Interrupted` says how to resume. A rebuild writes a
 successor store whose manifest is committed once, at the end: until then readers
