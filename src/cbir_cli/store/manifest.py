@@ -131,8 +131,9 @@ def manifest_problems(manifest: Any) -> list[str]:
         problems.append("manifest skipped entries must each have a sha256 and a reason")
     if "weights_path" in manifest and not isinstance(manifest["weights_path"], str):
         problems.append("manifest weights_path is not a path")
-    if dtype_problem(manifest):
-        problems.append(f"manifest {dtype_problem(manifest)}")
+    dtype = dtype_problem(manifest)
+    if dtype:
+        problems.append(f"manifest {dtype}")
     live = 0
     names: set[str] = set()
     for i, shard in enumerate(manifest["shards"]):
