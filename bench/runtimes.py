@@ -12,7 +12,7 @@ prints model-only img/s and CPU core-ms per image on the same uint8 batches
 fp32 (cosine min / mean) over the embedded images. ``--descriptor legacy`` (the
 default here: what these figures were first measured with) embeds centre crops, one
 shape; ``--descriptor default`` the product's default (full image, two scales: many
-shapes, so ONNX Runtime only).
+shapes; every runtime gets the same per-shape groups).
 """
 
 from __future__ import annotations
@@ -51,21 +51,25 @@ def timed(run, batches) -> tuple[float, float]:
     return images / (time.perf_counter() - started), (time.process_time() - cpu) * 1000 / images
 
 
-def openvino_runner(path: Path, threads: int, precision: str | None = None):
+def openvino_runner(path: Path, threads: int, dim: int, precision: str | None = None):
     """``precision``: OpenVINO's inference precision hint (default: its own choice,
     bf16 on CPUs that have it, which changes fp32 vectors)."""
     import numpy as np
     import openvino as ov
+
+    from cbir_cli.models.scales import embed_batch
 
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": threads, **({"INFERENCE_PRECISION_HINT": precision} if precision else {})}
     compiled = core.compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
 
-    def run(batch):
+    def run_group(batch):
         return np.asarray(request.infer({0: batch})[compiled.output(0)], dtype=np.float32)
 
-    return run
+    # Many shapes (default descriptor): grouped by shape like the product's runtimes;
+    # the model's height and width are dynamic, so OpenVINO re-infers shapes per group.
+    return lambda batch: embed_batch(batch, run_group, dim)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,15 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     batches = [np.stack(pixels[i:i + args.batch_size]) if one_shape else pixels[i:i + args.batch_size]
                for i in range(0, len(pixels), args.batch_size)]
     runners = {"onnxruntime fp32": fp32.embed, "onnxruntime int8 (QOperator, product)": int8.embed}
-    usable = one_shape
-    if not one_shape:
-        print("inputs of many shapes: ONNX Runtime only (OpenVINO is measured with --descriptor legacy)")
-    else:
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            print("openvino not installed: ONNX Runtime only (pip install openvino)")
-            usable = False
+    usable = True
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        print("openvino not installed: ONNX Runtime only (pip install openvino)")
+        usable = False
     if usable:
         qdq = Path(tempfile.mkdtemp()) / "qdq.onnx"
         quantize_qdq(fp32, calibration, qdq)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                       ("openvino on the int8 QOperator model", int8.model_path, None),
                                       ("openvino int8 (same calibration, QDQ)", qdq, None)):
             try:
-                runners[name] = openvino_runner(path, args.threads, precision)
+                runners[name] = openvino_runner(path, args.threads, fp32.dim, precision)
             except Exception as exc:  # noqa: BLE001 - a model OpenVINO cannot convert is a result too
                 print(f"{name}: cannot be compiled ({str(exc).strip().splitlines()[-1][:200]})")
     reference = np.concatenate([fp32.embed(b) for b in batches])
