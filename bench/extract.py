@@ -14,7 +14,7 @@ For every (runtime, decode, workers) combination it prints:
   mode) in the decoding worker processes; ``--decode gpu``: workers only read the files,
   the main process decodes them with torchvision's ``decode_jpeg`` on the model's
   device and resizes/crops there (on a CPU model: torchvision's libjpeg, in the
-  main process);
+  main process); ``--decode nvimgcodec``: the same with nvImageCodec's batch decoder;
 * ratio         - pipeline / model (1.0 = decoding fully hidden behind compute).
 
 Same model, same batch size and the same torch/ORT thread count for both figures;
@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of torch, onnx, int8 (ONNX Runtime int8, calibrated on the images as "
                         "`cbir index --precision int8` does)")
     p.add_argument("--workers", default="1", help="comma list of decoding worker process counts")
-    p.add_argument("--decode", default="cpu", help="comma list of cpu, gpu (where JPEGs are decoded; ExtractOptions)")
+    p.add_argument("--decode", default="cpu",
+                   help="comma list of cpu, gpu, nvimgcodec (where JPEGs are decoded; ExtractOptions)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--descriptor", choices=("legacy", "default"), default="legacy",
                    help="legacy: centre crop + GAP (one input shape); default: the product's default descriptor")
@@ -417,6 +418,7 @@ def gpu_extras(args: argparse.Namespace, embedder, folder: Path, scratch: Path) 
     import gpu_parts
 
     lines = []
+    device_decodes = [d for d in args.decode.split(",") if d.strip() in ("gpu", "nvimgcodec")] or ["gpu"]
     if args.gpu_decode:
         bare = gpu_parts.bare_decode_rate(embedder, folder, args.batch_size)
         per_image = gpu_parts.loop_rate(embedder, folder, args.batch_size, batched_resize=False)
@@ -424,10 +426,16 @@ def gpu_extras(args: argparse.Namespace, embedder, folder: Path, scratch: Path) 
         lines += [f"bare batched decode_jpeg on the GPU, bytes in memory: {bare:.1f} img/s",
                   f"loop, bytes in memory -> GPU decode -> per-image resize -> model: {per_image:.1f} img/s",
                   f"loop, bytes in memory -> GPU decode -> batched resize -> model: {batched:.1f} img/s"]
+        if "nvimgcodec" in device_decodes:
+            bare = gpu_parts.bare_decode_rate(embedder, folder, args.batch_size, "nvimgcodec")
+            batched = gpu_parts.loop_rate(embedder, folder, args.batch_size, True, "nvimgcodec")
+            lines += [f"bare batched nvImageCodec decode on the GPU, bytes in memory: {bare:.1f} img/s",
+                      f"loop, bytes in memory -> nvImageCodec decode -> batched resize -> model: {batched:.1f} img/s"]
     if args.profile:
         workers = max(int(w) for w in args.workers.split(","))
-        lines += gpu_parts.profile_pipeline(embedder, folder, scratch / "store-profile", workers, args.batch_size,
-                                            args.device)
+        for decode in device_decodes:
+            lines += gpu_parts.profile_pipeline(embedder, folder, scratch / "store-profile", workers,
+                                                args.batch_size, args.device, decode)
     return lines
 
 

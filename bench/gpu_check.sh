@@ -17,20 +17,31 @@
 #   - the product, `sync_folder` end to end (list + hash files, read, decode,
 #     resize/crop, model, shard writes), with --decode gpu (workers read bytes and
 #     check headers, nvJPEG decode + batched resize in the main process, model in
-#     its own thread) and --decode cpu (Pillow in the workers), per WORKERS count,
-#   - bare batched decode_jpeg on in-memory bytes, and the in-memory loops
-#     decode -> resize (per image / batched) -> model,
-#   - a profile of one --decode gpu pass: main-thread wall seconds per stage and
-#     torch.profiler's top operators by GPU and by CPU time.
+#     its own thread), --decode nvimgcodec (the same with nvImageCodec's batch
+#     decoder; where it is installed) and --decode cpu (Pillow in the workers),
+#     per WORKERS count,
+#   - bare batched decode_jpeg (and nvImageCodec) on in-memory bytes, and the
+#     in-memory loops decode -> resize (per image / batched) -> model,
+#   - a profile of one pass per device decoder: main-thread wall seconds per stage
+#     and torch.profiler's top operators by GPU and by CPU time.
 # The compact table comes last. Full output also in /tmp/cbir_gpu_check.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 N_IMAGES="${N_IMAGES:-8000}"
 WORKERS="${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))}"
-DECODE="${DECODE:-gpu,cpu}"
 BATCH="${BATCH:-256}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# nvImageCodec (--decode nvimgcodec, the optional extra) on a machine without an
+# index: wheels carried in WHEELS (default .devcarry/wheels: nvidia-nvimgcodec-cu13
+# and nvidia-nvjpeg, `pip download --no-deps` them beforehand) are installed offline.
+WHEELS="${WHEELS:-.devcarry/wheels}"
+if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('nvidia') is None or u.find_spec('nvidia.nvimgcodec') is None)" 2>/dev/null \
+        && compgen -G "$WHEELS/*.whl" >/dev/null; then
+    python -m pip install -q --no-index --no-deps "$WHEELS"/*.whl || echo "note: carried wheels not installed"
+fi
+if python -c "import nvidia.nvimgcodec" 2>/dev/null; then DEFAULT_DECODE=gpu,nvimgcodec,cpu; else DEFAULT_DECODE=gpu,cpu; fi
+DECODE="${DECODE:-$DEFAULT_DECODE}"
 python - <<'PY'
 import importlib.util, sys
 missing = [m for m in ("torch", "torchvision", "numpy", "PIL", "filelock") if importlib.util.find_spec(m) is None]

@@ -1,11 +1,14 @@
 """The GPU reference figures of ``bench/extract.py`` (CUDA only; imported by it).
 
-* bare decode: batched ``decode_jpeg(device="cuda")`` of in-memory bytes, nothing else;
+* bare decode: batched ``decode_jpeg(device="cuda")`` of in-memory bytes, nothing
+  else; the same with nvImageCodec where it is installed (``--decode nvimgcodec``);
 * loops over in-memory bytes: nvJPEG decode -> resize/crop -> model, with a
   per-image resize (the 40-line loop of issue 14) and with the product's batched
-  resize (:func:`cbir_cli.imageio.batched_resize.resize_crop_batch`);
-* a profile of the product pipeline (``sync_folder --decode gpu``): where the main
-  thread's wall time goes, stage by stage, and torch.profiler's top operators.
+  resize (:func:`cbir_cli.imageio.batched_resize.resize_crop_batch`); the batched
+  one also with nvImageCodec;
+* a profile of the product pipeline (``sync_folder --decode gpu``, or
+  ``nvimgcodec``): where the main thread's wall time goes, stage by stage, and
+  torch.profiler's top operators.
 """
 
 from __future__ import annotations
@@ -40,6 +43,18 @@ def _decode(datas: list[Any], device: Any) -> list[Any]:
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
 
 
+def batch_decoder(library: str, device: Any) -> Callable[[list[Any]], list[Any]]:
+    """encoded uint8 tensors -> decoded (3, H, W) tensors, with ``library``
+    (torchvision or nvimgcodec: cbir_cli.imageio.gpu_decode.JPEG_LIBRARIES)."""
+    if library == "nvimgcodec":
+        import torch
+
+        from cbir_cli.imageio.nvimgcodec_decode import NvImageCodecJpegDecoder
+
+        return NvImageCodecJpegDecoder(torch.device(device))
+    return lambda datas: _decode(datas, device)
+
+
 def _synchronize() -> None:
     import torch
 
@@ -56,19 +71,21 @@ def _rate(run: Callable[[list[Any]], int], datas: list[Any], batch_size: int) ->
     return done / (time.perf_counter() - started)
 
 
-def bare_decode_rate(embedder: Any, folder: Path, batch_size: int) -> float:
+def bare_decode_rate(embedder: Any, folder: Path, batch_size: int, library: str = "torchvision") -> float:
     """img/s of batched GPU decoding alone, bytes already in memory."""
     datas = _encoded(jpeg_files(folder))
+    decode = batch_decoder(library, embedder.device)
 
     def run(items: list[Any]) -> int:
         for start in range(0, len(items), batch_size):
-            _decode(items[start:start + batch_size], embedder.device)
+            decode(items[start:start + batch_size])
         return len(items)
 
     return _rate(run, datas, batch_size)
 
 
-def loop_rate(embedder: Any, folder: Path, batch_size: int, batched_resize: bool) -> float:
+def loop_rate(embedder: Any, folder: Path, batch_size: int, batched_resize: bool,
+              library: str = "torchvision") -> float:
     """img/s of in-memory bytes -> GPU decode -> resize/crop -> model (no files, no store)."""
     import torch
     import torchvision.transforms.v2.functional as F
@@ -77,10 +94,11 @@ def loop_rate(embedder: Any, folder: Path, batch_size: int, batched_resize: bool
 
     config = embedder.config
     datas = _encoded(jpeg_files(folder))
+    decode = batch_decoder(library, embedder.device)
 
     def run(items: list[Any]) -> int:
         for start in range(0, len(items), batch_size):
-            images = _decode(items[start:start + batch_size], embedder.device)
+            images = decode(items[start:start + batch_size])
             if batched_resize:
                 batch = resize_crop_batch(images, config.resize_size, config.input_size, config.interpolation)
             else:
@@ -133,7 +151,7 @@ def stage_timers() -> Iterator[dict[str, float]]:
     patched.append((local, "read_chunks", original_read_chunks))
     local.read_chunks = timed_chunks
     wrap(StatCache, "hash_files", "list stat + hash files (before embedding)")
-    wrap(DeviceJpegDecoder, "_decode", "nvJPEG decode_jpeg calls")
+    wrap(DeviceJpegDecoder, "_decode", "device JPEG decoder calls")
     wrap(DeviceJpegDecoder, "resize_crop", "batched resize + crop")
     wrap(DeviceJpegDecoder, "assemble", "assemble a batch (decode + resize + stack)")
     # The store is written on the writer thread (pipeline/writer.py): its time is not
@@ -148,8 +166,9 @@ def stage_timers() -> Iterator[dict[str, float]]:
 
 
 def profile_pipeline(embedder: Any, folder: Path, store_dir: Path, workers: int, batch_size: int,
-                     device: str) -> list[str]:
-    """One ``sync_folder --decode gpu`` pass under the stage timers and torch.profiler."""
+                     device: str, decode: str = "gpu") -> list[str]:
+    """One ``sync_folder`` pass (``decode``: gpu or nvimgcodec) under the stage timers
+    and torch.profiler."""
     import shutil
 
     import torch
@@ -159,14 +178,14 @@ def profile_pipeline(embedder: Any, folder: Path, store_dir: Path, workers: int,
     from cbir_cli.pipeline.sync import sync_folder
 
     shutil.rmtree(store_dir, ignore_errors=True)
-    options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, decode="gpu")
+    options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, decode=decode)
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
     with stage_timers() as totals, profile(activities=activities) as prof:
         started = time.perf_counter()
         summary = sync_folder(folder, store_dir, embedder=embedder, options=options)
         _synchronize()
         wall = time.perf_counter() - started
-    lines = [f"profile: --decode gpu, {workers} workers, {summary.embedded} images in {wall:.2f}s under the "
+    lines = [f"profile: --decode {decode}, {workers} workers, {summary.embedded} images in {wall:.2f}s under the "
              f"profiler ({summary.embedded / wall:.0f} img/s); main-thread wall seconds per stage:"]
     for label, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {label:45s} {seconds:7.2f} s ({100 * seconds / wall:4.0f}%)")

@@ -1,9 +1,11 @@
-"""``--decode gpu``: JPEGs decoded by torchvision on the model's device.
+"""``--decode gpu`` and ``--decode nvimgcodec``: JPEGs decoded by torchvision or by
+nvImageCodec on the model's device.
 
 The device is a parameter of the path, so these tests run the same code with
-``decode_jpeg(..., device="cpu")`` (the tiny model on the CPU) and compare it with
-the Pillow path: pixels, vectors, EXIF orientation, bad files and ordering. Where a
-CUDA GPU is present they run again with the tiny model (and nvJPEG) on it.
+``decode_jpeg(..., device="cpu")`` or nvImageCodec's CPU backend (the tiny model on
+the CPU) and compare it with the Pillow path: pixels, vectors, EXIF orientation, bad
+files and ordering. Where a CUDA GPU is present they run again with the tiny model
+(and nvJPEG) on it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 
 from cbir_cli.errors import CbirError
 from cbir_cli.imageio.gpu_decode import device_jpeg
+from cbir_cli.imageio.nvimgcodec_decode import nvimgcodec_available
 from cbir_cli.pipeline.local import iter_batches, resolve_decode
 from cbir_cli.pipeline.options import ExtractOptions
 from cbir_cli.pipeline.sync import sync_folder
@@ -27,6 +30,16 @@ from cbir_cli.store.feature_store import FeatureStore
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="no CUDA GPU"))]
+
+
+# The decode choices that decode on the model's device (one library each).
+DEVICE_DECODES = ["gpu", pytest.param("nvimgcodec", marks=pytest.mark.skipif(
+    not nvimgcodec_available(), reason="nvImageCodec not installed (pip install 'cbir-cli[nvimgcodec]')"))]
+
+
+@pytest.fixture(params=DEVICE_DECODES)
+def device_decode(request) -> str:
+    return request.param
 
 
 @pytest.fixture(params=DEVICES)
@@ -62,15 +75,16 @@ def stored(store_dir: Path) -> tuple[list[str], np.ndarray]:
     return [Path(r.path).name for r in store.live_rows()], store.load_vectors()
 
 
-def sync_both(folder: Path, tmp_path: Path, embedder, **kwargs):
-    """Sync ``folder`` with each decode path into its own store."""
+def sync_both(folder: Path, tmp_path: Path, embedder, device_decode: str = "gpu", **kwargs):
+    """Sync ``folder`` with Pillow ("cpu") and with ``device_decode`` ("device"), each
+    into its own store."""
     out = {}
-    for decode in ("cpu", "gpu"):
+    for key, decode in (("cpu", "cpu"), ("device", device_decode)):
         skipped: list[tuple[str, str]] = []
         options = ExtractOptions(decode=decode, **{"batch_size": 16, "workers": 0, **kwargs})
-        summary = sync_folder(folder, tmp_path / f"store_{decode}", embedder=embedder, options=options,
+        summary = sync_folder(folder, tmp_path / f"store_{key}", embedder=embedder, options=options,
                               on_skip=lambda p, r, skipped=skipped: skipped.append((Path(p).name, r)))
-        out[decode] = (summary, skipped, *stored(tmp_path / f"store_{decode}"))
+        out[key] = (summary, skipped, *stored(tmp_path / f"store_{key}"))
     return out
 
 
@@ -84,10 +98,10 @@ def write_jpegs(folder: Path, sizes: list[tuple[int, int]]) -> list[str]:
     return paths
 
 
-def test_device_preprocessing_matches_pillow(tmp_path, embedder):
+def test_device_preprocessing_matches_pillow(tmp_path, embedder, device_decode):
     paths = write_jpegs(tmp_path / "images", SIZES)
     [(cpu_idx, cpu_pixels, cpu_failed)] = pixel_batches(paths, embedder, "cpu")
-    [(gpu_idx, gpu_pixels, gpu_failed)] = pixel_batches(paths, embedder, "gpu")
+    [(gpu_idx, gpu_pixels, gpu_failed)] = pixel_batches(paths, embedder, device_decode)
     assert cpu_idx == gpu_idx == list(range(len(SIZES)))
     assert cpu_failed == gpu_failed == []
     assert gpu_pixels.dtype == cpu_pixels.dtype and gpu_pixels.shape == cpu_pixels.shape == (len(SIZES), 3, 64, 64)
@@ -97,18 +111,18 @@ def test_device_preprocessing_matches_pillow(tmp_path, embedder):
     assert (gpu_pixels[0].float() - cpu_pixels[1].float()).abs().mean() > 20
 
 
-def test_same_vectors_either_path(tmp_path, embedder):
+def test_same_vectors_either_path(tmp_path, embedder, device_decode):
     # 333x251 and 640x480 are shrunk by Pillow's draft mode on the CPU path only.
     write_jpegs(tmp_path / "images", [*SIZES, (333, 251), (640, 480)])
-    both = sync_both(tmp_path / "images", tmp_path, embedder, batch_size=4)
+    both = sync_both(tmp_path / "images", tmp_path, embedder, device_decode, batch_size=4)
     names_cpu, vectors_cpu = both["cpu"][2:]
-    names_gpu, vectors_gpu = both["gpu"][2:]
+    names_gpu, vectors_gpu = both["device"][2:]
     assert names_gpu == names_cpu and len(names_cpu) == 6
     cosine = (vectors_cpu * vectors_gpu).sum(axis=1)
     assert cosine.min() >= 0.99, cosine
 
 
-def test_exif_orientation_applied(tmp_path, embedder):
+def test_exif_orientation_applied(tmp_path, embedder, device_decode):
     """All eight EXIF orientations come out upright, as Pillow's exif_transpose has them."""
     folder = tmp_path / "images"
     folder.mkdir()
@@ -120,7 +134,7 @@ def test_exif_orientation_applied(tmp_path, embedder):
         make_image(3, (200, 120)).save(path, quality=95, exif=exif)
         paths.append(str(path))
     [(_, cpu_pixels, _)] = pixel_batches(paths, embedder, "cpu")
-    [(_, gpu_pixels, _)] = pixel_batches(paths, embedder, "gpu")
+    [(_, gpu_pixels, _)] = pixel_batches(paths, embedder, device_decode)
     mean_abs = (gpu_pixels.float() - cpu_pixels.float()).abs().mean(dim=(1, 2, 3))
     assert mean_abs.max() < MAX_MEAN_ABS, mean_abs
     # The orientations do give different pixels, so ignoring one would be caught.
@@ -157,7 +171,7 @@ def oversized_header_jpeg(path: Path) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_bad_files_skipped_rows_keep_order(tmp_path, embedder, workers):
+def test_bad_files_skipped_rows_keep_order(tmp_path, embedder, device_decode, workers):
     folder = tmp_path / "images"
     write_jpegs(folder, SIZES * 2)
     corrupt_jpeg(folder / "img_002.jpg")  # in the middle of the first model batch
@@ -167,9 +181,9 @@ def test_bad_files_skipped_rows_keep_order(tmp_path, embedder, workers):
     make_image(50).save(folder / "img_004b.png")
     make_image(51).convert("CMYK").save(folder / "img_006b.jpg", quality=90)  # nvJPEG has no CMYK
 
-    both = sync_both(folder, tmp_path, embedder, batch_size=4, workers=workers)
+    both = sync_both(folder, tmp_path, embedder, device_decode, batch_size=4, workers=workers)
     cpu_summary, cpu_skipped, names_cpu, vectors_cpu = both["cpu"]
-    gpu_summary, gpu_skipped, names_gpu, vectors_gpu = both["gpu"]
+    gpu_summary, gpu_skipped, names_gpu, vectors_gpu = both["device"]
     # img_005's header claims 10000x10000: both paths decode it at 1/8 scale (JPEG
     # draft), as any large JPEG, instead of refusing it as a decompression bomb.
     bad = ["img_002.jpg", "img_003.jpg"]
@@ -186,6 +200,7 @@ def test_bad_files_skipped_rows_keep_order(tmp_path, embedder, workers):
 def test_decode_choice(embedder):
     assert resolve_decode("auto", embedder) == ("gpu" if embedder.on_cuda else "cpu")  # follows the model
     assert resolve_decode("gpu", embedder) == "gpu"
+    assert resolve_decode("nvimgcodec", embedder) == "nvimgcodec"
 
     class Descriptor:  # hand-crafted descriptors have no device: always Pillow
         on_cuda = False
@@ -223,7 +238,73 @@ def test_real_weights_same_vectors_on_ukbench(tmp_path, shared_dir):
     embedder = load_embedder("mobilenet_v2", device="cpu", runtime="auto")
     both = sync_both(folder, tmp_path, embedder, batch_size=32, workers=1)
     names_cpu, vectors_cpu = both["cpu"][2:]
-    names_gpu, vectors_gpu = both["gpu"][2:]
+    names_gpu, vectors_gpu = both["device"][2:]
     assert names_gpu == names_cpu and len(names_cpu) == 56
     cosine = (vectors_cpu * vectors_gpu).sum(axis=1)
     assert cosine.min() >= 0.99, dict(zip(names_gpu, cosine))
+
+
+@pytest.mark.skipif(not nvimgcodec_available(), reason="nvImageCodec not installed")
+def test_nvimgcodec_gives_torchvision_pixels_on_the_cpu(tmp_path):
+    """Its CPU backend and torchvision's CPU decoder are both libjpeg-turbo: the same
+    pixels, in the same (3, H, W) RGB layout, grey JPEGs as three equal channels."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from cbir_cli.imageio.nvimgcodec_decode import NvImageCodecJpegDecoder
+
+    encoded = []
+    for i, (mode, size, subsampling) in enumerate([("RGB", (160, 120), 2), ("RGB", (90, 131), 0),
+                                                   ("L", (120, 77), 0), ("RGB", (33, 200), 1)]):
+        buffer = io.BytesIO()
+        make_image(i, size).convert(mode).save(buffer, "JPEG", quality=90, subsampling=subsampling)
+        encoded.append(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8))
+    decoded = NvImageCodecJpegDecoder(torch.device("cpu"))(encoded)
+    for data, image in zip(encoded, decoded):
+        expected = decode_jpeg(data, mode=ImageReadMode.RGB)
+        assert image is not None and image.dtype == torch.uint8 and image.device.type == "cpu"
+        assert image.shape == expected.shape and torch.equal(image, expected)
+    assert torch.equal(decoded[2][0], decoded[2][1]) and torch.equal(decoded[2][0], decoded[2][2])
+    assert not torch.equal(decoded[0][0], decoded[0][2])  # colour kept: channels differ
+
+
+@pytest.mark.skipif(not nvimgcodec_available(), reason="nvImageCodec not installed")
+def test_nvimgcodec_returns_none_for_what_it_cannot_decode(tmp_path):
+    from cbir_cli.imageio.nvimgcodec_decode import NvImageCodecJpegDecoder
+
+    corrupt_jpeg(tmp_path / "corrupt.jpg")
+    write_jpegs(tmp_path, [(64, 48)])
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
+            for p in (tmp_path / "corrupt.jpg", tmp_path / "img_000.jpg")]
+    corrupt, good = NvImageCodecJpegDecoder(torch.device("cpu"))(data)
+    assert corrupt is None and good is not None and good.shape == (3, 48, 64)
+
+
+@pytest.mark.skipif(not nvimgcodec_available(), reason="nvImageCodec not installed")
+def test_nvimgcodec_import_is_quiet():
+    """Its import prints a paragraph per codec library it cannot load (JPEG 2000,
+    TIFF) straight to file descriptor 2: none of that may reach a user's terminal."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from cbir_cli.imageio.nvimgcodec_decode import NvImageCodecJpegDecoder; "
+            "NvImageCodecJpegDecoder(torch.device('cpu'))([]); import sys; print('after', file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "after\n"  # the descriptor works again after the import
+
+
+def test_nvimgcodec_missing_is_one_clear_line(tmp_path, image_folder, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cbir_cli.cli import app
+    from cbir_cli.imageio import nvimgcodec_decode
+
+    monkeypatch.setattr(nvimgcodec_decode, "nvimgcodec_available", lambda: False)
+    with pytest.raises(CbirError, match=r"pip install 'cbir-cli\[nvimgcodec\]'"):
+        ExtractOptions(decode="nvimgcodec")
+    folder = image_folder(3)
+    result = CliRunner().invoke(app, ["extract", str(folder), "--out", str(tmp_path / "out"), "--model", "test_tiny",
+                                      "--device", "cpu", "--decode", "nvimgcodec", "--workers", "0"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "nvimgcodec" in lines[0]
+    assert not (tmp_path / "out").exists()  # refused before any work

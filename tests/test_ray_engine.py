@@ -152,6 +152,21 @@ def test_without_the_extra_the_ray_engine_is_one_line_naming_it(image_folder, tm
 
 
 @needs_ray
+@pytest.mark.parametrize("decode", ["gpu", "nvimgcodec"])
+def test_decoding_on_the_models_device_is_refused_in_one_line(image_folder, tmp_path, decode, monkeypatch):
+    """Ray decodes in CPU tasks: a device decoder there would silently not be used."""
+    from cbir_cli.imageio import nvimgcodec_decode
+
+    monkeypatch.setattr(nvimgcodec_decode, "nvimgcodec_available", lambda: True)  # the refusal, not the extra
+    result = CliRunner().invoke(app, ["extract", str(image_folder(2)), "--out", str(tmp_path / "out"),
+                                      "--model", "test_tiny", "--engine", "ray", "--decode", decode])
+    assert result.exit_code == 1
+    assert result.stderr == (f"error: JPEG decoding on the model's device ({decode}) is not available with the ray "
+                             "engine: it decodes in CPU tasks\n")
+    assert not (tmp_path / "out").exists()
+
+
+@needs_ray
 def test_listing_and_hashing_in_ray_tasks_match_the_local_executor(ray_cluster, tmp_path):
     # Joining Ray left this process's SIGTERM handling alone (Ray installs its own;
     # SIGTERM belongs to the store's write transaction).

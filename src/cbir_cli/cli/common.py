@@ -211,8 +211,10 @@ ShardDtypeOpt = Annotated[Optional[ShardDtype], typer.Option(
 DecodeOpt = Annotated[Decode, typer.Option("--decode", help="Where JPEGs are decoded: cpu = Pillow in the --workers "
                                                             "processes; gpu = nvJPEG on the model's CUDA device, "
                                                             "workers only read files (other formats are still "
-                                                            "decoded on the CPU); auto = gpu when the model runs on "
-                                                            "CUDA, else cpu. Vectors are interchangeable.")]
+                                                            "decoded on the CPU); nvimgcodec = the same with "
+                                                            "nvImageCodec (pip install 'cbir-cli[nvimgcodec]'); "
+                                                            "auto = gpu when the model runs on CUDA, else cpu. "
+                                                            "Vectors are interchangeable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="int8 = a model quantised for the CPU (ONNX "
                                                                      "Runtime, calibrated on 320 images of the "

@@ -1,8 +1,8 @@
-"""Decoding JPEGs on the model's device (nvJPEG on CUDA, via torchvision): the
-workers only read the files and check their headers (:class:`EncodedJpegDataset`),
-the main process decodes a whole batch at once, turns it upright and resizes +
-centre-crops it there, all sizes together (:class:`DeviceJpegDecoder`,
-:mod:`.batched_resize`). Anything the device cannot
+"""Decoding JPEGs on the model's device (nvJPEG on CUDA, via torchvision or
+nvImageCodec: :mod:`.nvimgcodec_decode`): the workers only read the files and check
+their headers (:class:`EncodedJpegDataset`), the main process decodes a whole batch
+at once, turns it upright and resizes + centre-crops it there, all sizes together
+(:class:`DeviceJpegDecoder`, :mod:`.batched_resize`). Anything the device cannot
 take goes through the CPU path with the same verdicts."""
 
 from __future__ import annotations
@@ -13,11 +13,15 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ImageError
 from .batched_resize import SUPPORTS, resize_crop_batch
 from .decode import MAX_IMAGE_PIXELS, read_image_bytes
+from .nvimgcodec_decode import NvImageCodecJpegDecoder
 from .readers import EncodedJpeg, ImageFolderDataset, ReadChunk, pixels_or_reason, stack_rows
 
 if TYPE_CHECKING:
     import torch
 
+# The libraries that decode on the device: torchvision (nvJPEG on CUDA, libjpeg on
+# a CPU device) or nvImageCodec (optional extra; see its module).
+JPEG_LIBRARIES = ("torchvision", "nvimgcodec")
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 EXIF_ORIENTATION = 0x0112
@@ -97,19 +101,29 @@ class DeviceJpegDecoder:
     as the model's preprocessing does on the CPU (short side to ``resize_size``,
     same output-size rounding and filter with antialiasing, centre crop).
 
-    A batch is decoded in one ``decode_jpeg`` call (nvJPEG batches on CUDA). If that
+    A batch is decoded in one call of ``library`` (:data:`JPEG_LIBRARIES`). If that
     raises, its files are decoded one by one on the device, and a file that still
-    fails goes through the CPU path (:meth:`ImageFolderDataset.decode_on_cpu`): it is
-    decoded by Pillow after all, or skipped with exactly the CPU path's reason."""
+    fails (or that the library returns no image for) goes through the CPU path
+    (:meth:`ImageFolderDataset.decode_on_cpu`): it is decoded by Pillow after all, or
+    skipped with exactly the CPU path's reason."""
 
-    def __init__(self, dataset: ImageFolderDataset, config: Any, device: Any) -> None:
+    def __init__(self, dataset: ImageFolderDataset, config: Any, device: Any, library: str = "torchvision") -> None:
         import torch
 
+        if library not in JPEG_LIBRARIES:
+            raise ValueError(f"unknown JPEG library {library!r}; choose one of: {', '.join(JPEG_LIBRARIES)}")
         self.dataset = dataset
         self.config = config
         self.device = torch.device(device)
+        self.library = library
+        self._nvimgcodec = NvImageCodecJpegDecoder(self.device) if library == "nvimgcodec" else None
 
-    def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        if self._nvimgcodec is not None:
+            return self._nvimgcodec(data)
+        return list(self._decode_torchvision(data))
+
+    def _decode_torchvision(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
         import warnings
 
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -127,7 +141,7 @@ class DeviceJpegDecoder:
         import torch
 
         try:
-            images: list[torch.Tensor | None] = list(self._decode(list(data)))
+            images = self._decode(list(data))
         except Exception:  # noqa: BLE001 - one bad file fails the whole batch: find it
             images = []
             for one in data:

@@ -25,7 +25,7 @@ from ..imageio.files import list_images
 from ..imageio.gpu_decode import DeviceJpegDecoder, EncodedJpegDataset
 from ..imageio.readers import ImageFolderDataset, ReadChunk, assemble_on_cpu, read_chunks
 from .executor import EmbedRequest, FailureCallback, VectorSink
-from .options import DECODE_CHOICES, ExtractOptions
+from .options import DECODE_CHOICES, DEVICE_DECODE_LIBRARIES, ExtractOptions
 from .plan import HashResult, Item, hash_one
 from .writer import BackgroundWriter
 
@@ -38,9 +38,10 @@ Batch = tuple[list[int], "torch.Tensor | None", list[tuple[int, str]]]
 
 
 def resolve_decode(decode: str, embedder: Any) -> str:
-    """``cpu`` or ``gpu`` for this embedder. ``gpu`` means "decode JPEGs with
-    torchvision on the embedder's device": nvJPEG on CUDA; on a CPU model it is
-    torchvision's libjpeg in the main process (what the tests exercise). Embedders
+    """``cpu``, ``gpu`` or ``nvimgcodec`` for this embedder. ``gpu`` means "decode
+    JPEGs with torchvision on the embedder's device": nvJPEG on CUDA; on a CPU model
+    it is torchvision's libjpeg in the main process (what the tests exercise);
+    ``nvimgcodec`` the same with nvImageCodec (its CPU backend on a CPU model). Embedders
     without a device (hand-crafted descriptors, which run on PIL images in the
     workers) always decode on the CPU."""
     if decode not in DECODE_CHOICES:
@@ -93,9 +94,10 @@ def iter_batches(paths: Sequence[str], embedder: Embedder, options: ExtractOptio
     decoding the batch is already on the embedder's device."""
     draft_size = embedder.config.draft_size
     decoder = None
-    if resolve_decode(options.decode, embedder) == "gpu":
+    library = DEVICE_DECODE_LIBRARIES.get(resolve_decode(options.decode, embedder))
+    if library is not None:
         dataset: ImageFolderDataset = EncodedJpegDataset(paths, embedder.preprocess, draft_size)
-        decoder = DeviceJpegDecoder(dataset, embedder.config, embedder.device)
+        decoder = DeviceJpegDecoder(dataset, embedder.config, embedder.device, library)
     else:
         dataset = ImageFolderDataset(paths, embedder.preprocess, draft_size)
     chunk = min(options.batch_size, DECODE_CHUNK)

@@ -7,15 +7,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import CbirError
+from ..imageio.nvimgcodec_decode import require_nvimgcodec
 from ..models.loading import DEVICES, RUNTIMES
 from ..models.quantize import PRECISIONS
 from ..store.shard_format import SHARD_DTYPES
 from ..store.transaction import DEFAULT_SHARD_SIZE
 
 # Where JPEGs are decoded: cpu (Pillow, in the workers), gpu (torchvision's
-# decode_jpeg on the model's device, nvJPEG on CUDA) or auto (gpu when the model runs
-# on CUDA). See cbir_cli.pipeline.local.resolve_decode.
-DECODE_CHOICES = ("auto", "cpu", "gpu")
+# decode_jpeg on the model's device, nvJPEG on CUDA), nvimgcodec (nvImageCodec on the
+# model's device; optional extra) or auto (gpu when the model runs on CUDA). See
+# cbir_cli.pipeline.local.resolve_decode.
+DECODE_CHOICES = ("auto", "cpu", "gpu", "nvimgcodec")
+# The choices that decode on the model's device, and the library each uses
+# (cbir_cli.imageio.gpu_decode.DeviceJpegDecoder).
+DEVICE_DECODE_LIBRARIES = {"gpu": "torchvision", "nvimgcodec": "nvimgcodec"}
 # Executors: this machine (pipeline.local), or a Ray cluster (pipeline.ray_executor).
 ENGINES = ("local", "ray")
 
@@ -56,6 +61,8 @@ class ExtractOptions:
                                      ("precision", self.precision, PRECISIONS)):
             if value not in choices:
                 raise CbirError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        if self.decode == "nvimgcodec":
+            require_nvimgcodec()  # now, not after listing and hashing the folder
         if self.shard_dtype is not None and self.shard_dtype not in SHARD_DTYPES:
             raise CbirError(f"unknown shard dtype {self.shard_dtype!r}; choose one of: {', '.join(SHARD_DTYPES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):

@@ -44,7 +44,7 @@ from ..imageio.readers import ImageFolderDataset, stack_pixels
 from ..store.manifest import check_fingerprint
 from ..store.staging import write_part
 from .executor import EmbedRequest, FailureCallback, StagingSink, VectorSink
-from .options import ExtractOptions
+from .options import DEVICE_DECODE_LIBRARIES, ExtractOptions
 from .plan import HashResult, Item, hash_one
 from .ray_session import (
     alive_nodes,
@@ -286,8 +286,9 @@ class RayExecutor:
 
     def __init__(self, options: ExtractOptions, ray_options: RayOptions | None = None) -> None:
         require_ray()
-        if options.decode == "gpu":
-            raise CbirError("GPU JPEG decoding is not available with the ray engine: it decodes in CPU tasks")
+        if options.decode in DEVICE_DECODE_LIBRARIES:
+            raise CbirError(f"JPEG decoding on the model's device ({options.decode}) is not available with the ray "
+                            "engine: it decodes in CPU tasks")
         self.options = options
         self.ray_options = ray_options or RayOptions()
         self._owns_session: bool | None = None  # None: not connected yet
