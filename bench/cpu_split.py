@@ -27,8 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
+from extract import SHARED, decode_core_ms, model_only_rate, premade_batches  # bench/ is sys.path[0]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,9 +90,6 @@ def children_cpu() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO / "bench"))
-    from extract import decode_core_ms, model_only_rate, premade_batches
-
     from cbir_cli.imageio.files import list_images
     from cbir_cli.models.loading import load_embedder
     from cbir_cli.models.quantize import sample_calibration
