@@ -397,7 +397,7 @@ class Row:
 
     @staticmethod
     def header(on_cpu: bool) -> str:
-        text = (f"{'runtime':8s} {'decode':6s} {'workers':>7s} {'model img/s':>12s} {'pipeline img/s':>15s} "
+        text = (f"{'runtime':8s} {'decode':10s} {'workers':>7s} {'model img/s':>12s} {'pipeline img/s':>15s} "
                 f"{'ratio':>6s}")
         if on_cpu:
             text += (f" {'decode core-ms':>14s} {'model core-ms':>13s} {'pipe core-ms':>12s} {'ideal img/s':>11s} "
@@ -405,7 +405,7 @@ class Row:
         return text
 
     def table_line(self, on_cpu: bool) -> str:
-        text = (f"{self.runtime:8s} {self.decode:6s} {self.workers:>7d} {self.model_rate:12.1f} {self.rate:15.1f} "
+        text = (f"{self.runtime:8s} {self.decode:10s} {self.workers:>7d} {self.model_rate:12.1f} {self.rate:15.1f} "
                 f"{self.rate / self.model_rate:6.2f}")
         if on_cpu:
             text += (f" {self.decode_ms:14.2f} {self.model_ms:13.2f} {self.pipeline_ms:12.2f} {self.ideal:11.1f} "
