@@ -14,6 +14,7 @@ from ..paths import display_path
 from .allocator import reuse_large_buffers
 from .decode import decode_image, load_image
 from .lifetime import exit_with_parent
+from .pixel_slots import PixelSlots, SlotPixels
 
 if TYPE_CHECKING:
     import numpy as np
@@ -123,11 +124,13 @@ def assemble_on_cpu(chunks: Sequence[ReadChunk]) -> tuple[list[int], Any, list[t
 # -- worker processes --------------------------------------------------------
 
 _WORKER_DATASET: ImageFolderDataset | None = None
+_WORKER_SLOTS: PixelSlots | None = None
 
 
-def _init_worker(dataset: ImageFolderDataset) -> None:
-    global _WORKER_DATASET
+def _init_worker(dataset: ImageFolderDataset, slots: PixelSlots | None = None) -> None:
+    global _WORKER_DATASET, _WORKER_SLOTS
     _WORKER_DATASET = dataset
+    _WORKER_SLOTS = slots  # inherited through fork, never pickled
     exit_with_parent()  # a SIGKILLed main process must not leave workers behind
     reuse_large_buffers()  # one image's pixels are 0.2-2 MB: no fresh pages per image
     # Ctrl-C goes to the whole process group; only the main process should react
@@ -137,9 +140,17 @@ def _init_worker(dataset: ImageFolderDataset) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _read_range(bounds: tuple[int, int]) -> ReadChunk:
+def _read_range(task: tuple[int, int, int | None]) -> ReadChunk:
+    """A worker task: images ``start`` to ``stop``; their pixels go into shared
+    ``slot`` where there is one and they fit (:mod:`.pixel_slots`)."""
     assert _WORKER_DATASET is not None
-    return read_range(_WORKER_DATASET, *bounds)
+    start, stop, slot = task
+    chunk = read_range(_WORKER_DATASET, start, stop)
+    if slot is not None and _WORKER_SLOTS is not None and chunk.pixels is not None:
+        placed = _WORKER_SLOTS.put(slot, chunk.pixels)
+        if placed is not None:
+            return chunk._replace(pixels=placed)
+    return chunk
 
 
 def read_range(dataset: ImageFolderDataset, start: int, stop: int) -> ReadChunk:
@@ -147,13 +158,19 @@ def read_range(dataset: ImageFolderDataset, start: int, stop: int) -> ReadChunk:
     return collate_images([dataset[i] for i in range(start, stop)])
 
 
-def _pool_context() -> Any:
-    import multiprocessing
+def _forking() -> bool:
     import sys
 
-    # fork on Linux: the workers inherit the dataset (paths, preprocessing) instead
-    # of importing and unpickling it; elsewhere the platform's safe default.
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    return sys.platform.startswith("linux")
+
+
+def _pool_context() -> Any:
+    import multiprocessing
+
+    # fork on Linux: the workers inherit the dataset (paths, preprocessing) and the
+    # pixel slots instead of importing and unpickling them; elsewhere the
+    # platform's safe default (and pickled results).
+    return multiprocessing.get_context("fork" if _forking() else None)
 
 
 def read_chunks(dataset: ImageFolderDataset, chunk: int, workers: int, window: int) -> Iterator[ReadChunk]:
@@ -162,9 +179,9 @@ def read_chunks(dataset: ImageFolderDataset, chunk: int, workers: int, window: i
     flight (decoding runs ahead of the consumer, memory stays bounded).
 
     A plain process pool, not torch's DataLoader: the CPU path needs no torch at
-    all (importing it cost 3-7 s of a ``cbir index`` run on the 2-core machine),
-    and a chunk's arrays cross as one pickle (~3 copies of 150 KB per image, about
-    0.05 ms, against 2.5 ms to decode it)."""
+    all (importing it cost 3-7 s of a ``cbir index`` run on the 2-core machine).
+    A task's pixels come back through shared memory where the platform forks
+    (:mod:`.pixel_slots`), else pickled."""
     bounds = [(start, min(len(dataset), start + chunk)) for start in range(0, len(dataset), chunk)]
     if workers == 0:
         for start, stop in bounds:
@@ -173,19 +190,37 @@ def read_chunks(dataset: ImageFolderDataset, chunk: int, workers: int, window: i
     from collections import deque
     from concurrent.futures import Future, ProcessPoolExecutor
 
+    # One slot per task in flight, mapped before the pool forks its workers.
+    slots = PixelSlots(min(window, len(bounds))) if _forking() else None
+    free = list(range(slots.count)) if slots is not None else []
     pool = ProcessPoolExecutor(min(workers, len(bounds)), mp_context=_pool_context(), initializer=_init_worker,
-                               initargs=(dataset,))
+                               initargs=(dataset, slots))
+
+    def submit(start: int, stop: int) -> tuple[Future[ReadChunk], int | None]:
+        slot = free.pop() if free else None
+        return pool.submit(_read_range, (start, stop, slot)), slot
+
     try:
         tasks = iter(bounds)
         # range first: zip must not draw (and drop) one more task than the window.
-        pending: deque[Future[ReadChunk]] = deque(pool.submit(_read_range, b) for _, b in zip(range(window), tasks))
+        pending: deque[tuple[Future[ReadChunk], int | None]] = deque(
+            submit(*b) for _, b in zip(range(window), tasks))
         while pending:
-            result = pending.popleft().result()
+            future, slot = pending.popleft()
+            result = future.result()
+            if isinstance(result.pixels, SlotPixels):
+                assert slots is not None
+                result = result._replace(pixels=slots.take(result.pixels))
+            if slot is not None:
+                free.append(slot)  # copied out (or never used): the next task may write it
             following = next(tasks, None)
             if following is not None:
-                pending.append(pool.submit(_read_range, following))
+                pending.append(submit(*following))
             yield result
     finally:
         # Also on Ctrl-C or an error downstream: drop what was not started, wait
-        # for the few running tasks (tens of ms), leave no worker behind.
+        # for the few running tasks (tens of ms), leave no worker behind -- and
+        # none writing into the slots when they are unmapped.
         pool.shutdown(wait=True, cancel_futures=True)
+        if slots is not None:
+            slots.close()
