@@ -52,6 +52,10 @@ print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, cuda {
 assert torch.cuda.is_available(), "no CUDA device visible"
 PY
 if [ -n "${DATA:-}" ]; then SOURCE=(--data "$DATA" --limit 0); else SOURCE=(--synthesize "$N_IMAGES"); fi
+status=0
 timeout 170 python bench/extract.py "${SOURCE[@]}" --model resnet50 --random-weights \
     --runtime torch --device cuda --batch-size "$BATCH" --decode "$DECODE" --workers "$WORKERS" --repeat 1 \
-    --gpu-decode --profile --threads "$(nproc)" 2>&1 | tee /tmp/cbir_gpu_check.txt
+    --gpu-decode --profile --threads "$(nproc)" 2>&1 | tee /tmp/cbir_gpu_check.txt || status=$?
+# Where a runner collects files from $OUT: the full output, also after a timeout.
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then cp /tmp/cbir_gpu_check.txt "$OUT/"; fi
+exit "$status"
