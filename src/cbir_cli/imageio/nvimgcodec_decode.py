@@ -100,7 +100,8 @@ class NvImageCodecJpegDecoder:
             images = self._decoder.decode(encoded, params=self._params)
             return [None if image is None else torch.from_numpy(np.asarray(image.cpu())) for image in images]
         # Decoded in the order of the current stream; DLPack hands each image over
-        # without a copy, synchronised with that stream.
-        stream = torch.cuda.current_stream(self.device)
-        images = self._decoder.decode(encoded, params=self._params, cuda_stream=stream.cuda_stream)
-        return [None if image is None else torch.from_dlpack(image) for image in images]
+        # without a copy, synchronised with that stream (to_dlpack with the stream,
+        # as nvImageCodec's own torch sample does, not the __dlpack__ negotiation).
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        images = self._decoder.decode(encoded, params=self._params, cuda_stream=stream)
+        return [None if image is None else torch.from_dlpack(image.to_dlpack(stream)) for image in images]
