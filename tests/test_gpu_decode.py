@@ -308,3 +308,25 @@ def test_nvimgcodec_missing_is_one_clear_line(tmp_path, image_folder, monkeypatc
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "nvimgcodec" in lines[0]
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.skipif(not nvimgcodec_available(), reason="nvImageCodec not installed")
+def test_nvimgcodec_failing_as_a_whole_is_said_once_and_nothing_is_lost(tmp_path, tiny_crop_embedder, monkeypatch,
+                                                                        caplog):
+    """A bad file is None from nvImageCodec, so an exception is the decoder itself
+    failing: every file then quietly took the slow CPU path. It still does (nothing
+    lost, same vectors), but one warning says so."""
+    from cbir_cli.imageio.nvimgcodec_decode import NvImageCodecJpegDecoder
+
+    def broken(self, data):
+        raise RuntimeError("CUDA Runtime failure: '#35'")
+
+    monkeypatch.setattr(NvImageCodecJpegDecoder, "__call__", broken)
+    write_jpegs(tmp_path / "images", SIZES * 3)
+    with caplog.at_level("WARNING", logger="cbir_cli"):
+        both = sync_both(tmp_path / "images", tmp_path, tiny_crop_embedder, "nvimgcodec", batch_size=4)
+    assert both["device"][1] == [] and both["device"][2] == both["cpu"][2] and len(both["cpu"][2]) == 12
+    np.testing.assert_allclose(both["device"][3], both["cpu"][3], atol=1e-6)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["warning: nvImageCodec failed on a batch (CUDA Runtime failure: '#35'); its files are "
+                        "decoded on the CPU instead"]

@@ -7,6 +7,7 @@ take goes through the CPU path with the same verdicts."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,7 @@ class DeviceJpegDecoder:
         self.device = torch.device(device)
         self.library = library
         self._nvimgcodec = NvImageCodecJpegDecoder(self.device) if library == "nvimgcodec" else None
+        self._warned = False
 
     def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if self._nvimgcodec is not None:
@@ -142,7 +144,15 @@ class DeviceJpegDecoder:
 
         try:
             images = self._decode(list(data))
-        except Exception:  # noqa: BLE001 - one bad file fails the whole batch: find it
+        except Exception as exc:  # noqa: BLE001 - one bad file fails the whole batch: find it
+            if self._nvimgcodec is not None and not self._warned:
+                # nvImageCodec answers a bad file with None, not an exception: this is
+                # the decoder itself failing, and every file would quietly take the
+                # slow CPU path. Say so once.
+                self._warned = True
+                logging.getLogger(__name__).warning(
+                    "warning: nvImageCodec failed on a batch (%s); its files are decoded on the CPU instead",
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
             images = []
             for one in data:
                 try:
