@@ -116,7 +116,6 @@ class DeviceJpegDecoder:
         self.dataset = dataset
         self.config = config
         self.device = torch.device(device)
-        self.library = library
         self._nvimgcodec = NvImageCodecJpegDecoder(self.device) if library == "nvimgcodec" else None
         self._warned = False
 
