@@ -9,7 +9,7 @@ for the decoding workers, in core-ms per image, beside the same work done alone.
 core-s)); this script says what the pipeline spends beyond decode + model: the
 model's threads (ONNX Runtime's pool is native, so it shows as "native threads")
 against the model alone on the same batches, the workers (read, decode, resize,
-pickle, send) against decoding alone in this process, and the main process's own
+hand the pixels over) against decoding alone in this process, and the main process's own
 Python threads (result hand-over, batching, hashing, the store writer). Threads are
 sampled from /proc every 0.2 s (Linux only); their CPU is counted from the first
 sample, so a thread that lives less than 0.2 s may be missed.

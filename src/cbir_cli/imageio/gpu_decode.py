@@ -149,9 +149,10 @@ class DeviceJpegDecoder:
                 # the decoder itself failing, and every file would quietly take the
                 # slow CPU path. Say so once.
                 self._warned = True
+                message = str(exc).strip()
                 logging.getLogger(__name__).warning(
                     "warning: nvImageCodec failed on a batch (%s); its files are decoded on the CPU instead",
-                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+                    message.splitlines()[-1] if message else type(exc).__name__)
             images = []
             for one in data:
                 try:

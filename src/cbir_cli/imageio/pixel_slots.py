@@ -18,6 +18,7 @@ pickled, as before. Linux only (fork); elsewhere the results are pickled.
 
 from __future__ import annotations
 
+import math
 import mmap
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -84,10 +85,7 @@ class PixelSlots:
 
         def copy(placement: Placement) -> np.ndarray:
             offset, shape = placement
-            size = 1
-            for dim in shape:
-                size *= dim
-            return region[offset:offset + size].reshape(shape).copy()
+            return region[offset:offset + math.prod(shape)].reshape(shape).copy()
 
         if isinstance(placed.layout, tuple):
             return copy(placed.layout)
