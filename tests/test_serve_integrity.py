@@ -23,23 +23,28 @@ pytest.importorskip("flask")
 SECRET = b"root:x:0:0:root:/root:/bin/bash\n"
 
 
-@pytest.fixture
-def served(tmp_path, tiny_embedder):
-    """(Flask test client, images folder, index dir, {name: id}, a file outside)."""
+def indexed_app(tmp_path: Path, embedder, names: list[str]):
+    """``names`` (relative paths, seeded images) indexed in tmp_path/images: (app,
+    folder, index dir, searcher)."""
     from cbir_cli.search.searcher import Searcher
     from cbir_cli.serve.app import create_app
 
     folder, index_dir = tmp_path / "images", tmp_path / "index"
-    folder.mkdir()
-    for i in range(4):
-        make_image(i).save(folder / f"img_{i}.jpg", quality=90)
-    index_folder(folder, index_dir, embedder=tiny_embedder, options=ExtractOptions(workers=0))
-    searcher = Searcher.open(index_dir, embedder=tiny_embedder)
-    ids = {Path(r.path).name: r.id for r in searcher.rows}
+    for seed, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        make_image(seed).save(folder / name, quality=90)
+    index_folder(folder, index_dir, embedder=embedder, options=ExtractOptions(workers=0))
+    searcher = Searcher.open(index_dir, embedder=embedder)
+    return create_app(searcher), folder, index_dir, searcher
+
+
+@pytest.fixture
+def served(tmp_path, tiny_embedder):
+    """(Flask test client, images folder, index dir, {name: id}, a file outside)."""
+    app, folder, index_dir, searcher = indexed_app(tmp_path, tiny_embedder, [f"img_{i}.jpg" for i in range(4)])
     outside = tmp_path / "passwd"
     outside.write_bytes(SECRET)
-    app = create_app(searcher)
-    return app.test_client(), folder, index_dir, ids, outside
+    return app.test_client(), folder, index_dir, {Path(r.path).name: r.id for r in searcher.rows}, outside
 
 
 def assert_refused(response, status: int, *fragments: str) -> None:
@@ -81,20 +86,12 @@ def test_a_symlink_outside_to_an_identical_copy_is_still_refused(served, tmp_pat
 
 
 def test_a_folder_swapped_for_a_symlink_leading_outside_is_refused(tmp_path, tiny_embedder):
-    from cbir_cli.search.searcher import Searcher
-    from cbir_cli.serve.app import create_app
-
-    folder, index_dir = tmp_path / "images", tmp_path / "index"
-    (folder / "sub").mkdir(parents=True)
-    make_image(0).save(folder / "top.jpg", quality=90)
-    make_image(1).save(folder / "sub" / "x.jpg", quality=90)
-    index_folder(folder, index_dir, embedder=tiny_embedder, options=ExtractOptions(workers=0))
-    searcher = Searcher.open(index_dir, embedder=tiny_embedder)
+    app, folder, _, searcher = indexed_app(tmp_path, tiny_embedder, ["top.jpg", "sub/x.jpg"])
     image_id = next(r.id for r in searcher.rows if r.path.endswith("x.jpg"))
     elsewhere = tmp_path / "elsewhere"
     (folder / "sub").rename(elsewhere)  # the very same bytes, now outside
     (folder / "sub").symlink_to(elsewhere)
-    assert_refused(create_app(searcher).test_client().get(f"/api/images/{image_id}"), 404, "outside")
+    assert_refused(app.test_client().get(f"/api/images/{image_id}"), 404, "outside")
 
 
 @pytest.mark.parametrize("same_size", [False, True])
@@ -170,17 +167,8 @@ def test_a_name_that_is_not_utf8_is_given_losslessly_beside_its_display_form(tmp
     """Issue 20, item 7: byte 0xff showed as U+FFFD in `path` and in filename*, nothing more."""
     from urllib.parse import unquote_to_bytes
 
-    from cbir_cli.search.searcher import Searcher
-    from cbir_cli.serve.app import create_app
-
-    folder, index_dir = tmp_path / "images", tmp_path / "index"
-    folder.mkdir()
-    odd = folder / os.fsdecode(b"caf\xff.jpg")
-    make_image(1).save(odd, quality=90)
-    make_image(2).save(folder / "plain.jpg", quality=90)
-    index_folder(folder, index_dir, embedder=tiny_embedder, options=ExtractOptions(workers=0))
-    searcher = Searcher.open(index_dir, embedder=tiny_embedder)
-    client = create_app(searcher).test_client()
+    app, folder, _, searcher = indexed_app(tmp_path, tiny_embedder, [os.fsdecode(b"caf\xff.jpg"), "plain.jpg"])
+    odd, client = folder / os.fsdecode(b"caf\xff.jpg"), app.test_client()
     odd_id = next(r.id for r in searcher.rows if r.path == str(odd))
     results = client.get(f"/api/search?id={odd_id}&k=2").get_json()["results"]
     hit = next(h for h in results if h["id"] == odd_id)
