@@ -104,3 +104,17 @@ def test_every_writer_path_repairs_before_writing(image_folder, tmp_path, tiny_e
         txn.add(vector, [("/elsewhere/x.jpg", "0" * 64, 1)])
     ids = all_ids(index_dir)
     assert len(ids) == len(set(ids)) == 4 and max(ids) == 3
+
+
+def test_a_wrong_recorded_max_id_is_found_and_corrected(image_folder, tmp_path, tiny_embedder):
+    folder, index_dir = image_folder(4), tmp_path / "index"
+    index_folder(folder, index_dir, embedder=tiny_embedder, options=OPTIONS)
+    manifest_path = index_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"][0]["max_id"] = 10**6
+    manifest_path.write_text(json.dumps(manifest))
+    problems = check_index(index_dir).problems
+    assert any("the manifest says 1000000" in p for p in problems), problems
+    assert cli("check", "--index", str(index_dir), "--repair").exit_code == 0
+    assert check_index(index_dir).ok
+    assert json.loads(manifest_path.read_text())["next_id"] == 4  # the rows are the truth, not the key

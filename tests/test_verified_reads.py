@@ -120,3 +120,14 @@ def test_an_unwritable_record_is_ignored(tmp_path, hashes, monkeypatch):
     assert verdicts.verify_file(path, digest, "meta.json")
     with pytest.raises(CorruptStoreError, match="checksum mismatch"):
         verdicts.verify_file(path, "0" * 64, "meta.json")
+
+
+def test_serve_falls_back_to_the_plain_ranking_too(image_folder, tmp_path, hashes, caplog):
+    from cbir_cli.serve.app import create_app
+
+    folder, index_dir = image_folder(6), tmp_path / "idx"
+    index_folder(folder, index_dir, model="test_tiny")
+    flip(index_dir / "index" / "dba.npy")
+    served = create_app(index_dir=index_dir, device="cpu").extensions["cbir"].current()
+    assert served.backend.plain_only and served.backend.augmentation is None
+    assert [r.getMessage() for r in caplog.records if "dba.npy" in r.getMessage()]

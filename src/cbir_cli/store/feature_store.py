@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError
 from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, bytes_sha256, json_bytes, npy_bytes
-from .ids import lowered_next_id, next_id_floor
+from .ids import repaired_ids
 from .live_paths import LivePaths
 from .manifest import (
     FORMAT_VERSION,
@@ -342,14 +342,12 @@ class FeatureStore:
         return rows
 
     def ensure_next_id(self) -> str | None:
-        """Raise ``next_id`` above every stored id (:mod:`.ids`), once per store object,
-        before ids are given out; returns what was repaired, or None."""
-        floor = -1 if self._ids_checked else next_id_floor(self.manifest["shards"], self.shard_rows)
-        self._ids_checked = True
-        if self.manifest["next_id"] >= floor:
+        """Raise ``next_id`` above every stored id (:func:`.ids.repaired_ids`), once per
+        store object, before ids are given out; returns what was repaired, or None."""
+        if self._ids_checked:
             return None
-        note = lowered_next_id(self.root / MANIFEST, self.manifest["next_id"], floor - 1, raised_to=floor)
-        self.manifest = {**self.manifest, "next_id": floor}
+        self._ids_checked = True
+        self.manifest, note = repaired_ids(self.manifest, self.shard_rows, self.root / MANIFEST)
         return note
 
     def _without_paths(self, targets: set[str]) -> tuple[list[dict[str, Any]], int]:

@@ -22,11 +22,26 @@ from .manifest import Row
 RowsOf = Callable[[dict[str, Any]], Sequence[Row]]
 
 
-def next_id_floor(shards: list[dict[str, Any]], rows_of: RowsOf) -> int:
-    """1 + the highest id of any row the shards hold (removed ones included), 0
-    when they hold none: the lowest ``next_id`` that reuses no id. Reads each
-    shard's rows (``rows_of``: checked against the manifest's checksum)."""
-    return 1 + max((max(r.id for r in rows_of(shard)) for shard in shards), default=-1)
+def repaired_ids(manifest: dict[str, Any], rows_of: RowsOf, manifest_path: Path) -> tuple[dict[str, Any], str | None]:
+    """``manifest`` with ``next_id`` raised to 1 + the highest id of any row its shards
+    hold (removed ones included) where it is not above it, and each shard's recorded
+    ``max_id`` set to its rows' where it differs; and one line saying what was
+    repaired (None, and the same manifest, when nothing was). Reads each shard's rows
+    (``rows_of``: checked against the manifest's checksum)."""
+    shards, notes, highest = [], [], -1
+    for shard in manifest["shards"]:
+        top = max(r.id for r in rows_of(shard))
+        highest = max(highest, top)
+        if shard.get("max_id", top) != top:
+            notes.append(f"{manifest_path}: shard {shard['name']} recorded max_id {shard['max_id']}, "
+                         f"its rows' highest id is {top}; corrected")
+            shard = {**shard, "max_id": top}
+        shards.append(shard)
+    if manifest["next_id"] <= highest:
+        notes.insert(0, lowered_next_id(manifest_path, manifest["next_id"], highest, raised_to=highest + 1))
+    if not notes:
+        return manifest, None
+    return {**manifest, "shards": shards, "next_id": max(manifest["next_id"], highest + 1)}, "; ".join(notes)
 
 
 def lowered_next_id(manifest_path: Path, next_id: int, highest: int, raised_to: int | None = None) -> str:
