@@ -5,7 +5,8 @@ Reads everything the manifest names and checks, without changing anything:
 * the manifest: well-formed, count == live rows, ids never reused;
 * every shard: present, the recorded size and sha256, (rows, dim) of the store's shard dtype, finite
   unit-length vectors; its rows file: present, checksum, one row per vector;
-* ids: unique, below ``next_id``; live paths unique;
+* ids: unique, below ``next_id`` (from the manifest's ``max_id`` keys alone, and
+  from the rows); live paths unique;
 * the model: known, same dimension and preprocessing as the registry now defines,
   a weights file still present with the recorded hash;
 * the search backend the index records (if saved for the current generation):
