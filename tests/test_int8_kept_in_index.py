@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 from conftest import make_image
 
 from cbir_cli.errors import CbirError
-from cbir_cli.models.int8_store import INT8_DIR
+from cbir_cli.models.int8_store import INT8_DIR, damaged_int8_models
 from cbir_cli.models.quantize import Calibration
 from cbir_cli.pipeline.options import ExtractOptions
 from cbir_cli.pipeline.sync import index_folder
@@ -88,9 +88,17 @@ def test_an_index_without_its_model_gains_it_at_its_next_write(tmp_path, int8_in
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
     _cold_cache(tmp_path, monkeypatch, "another-machine")
+    assert damaged_int8_models(index) and "checksum mismatch" in damaged_int8_models(index)[0]
     with caplog.at_level(logging.WARNING), pytest.raises(CbirError, match="calibration image unreadable"):
         Searcher.open(index).embedder  # noqa: B018 - loading is the point
     assert "damaged" in caplog.text
+    # Where the model cache still has it, the next write puts a good copy back.
+    monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
+    index_folder(folder, index, "test_tiny", options=INT8)
+    assert damaged_int8_models(index) == []
+    grown = _results(index, queries)  # without the photo it dropped
+    _cold_cache(tmp_path, monkeypatch, "a-third-machine")
+    assert _results(index, queries) == grown
 
 
 def test_a_rebuild_keeps_only_the_model_it_needs(tmp_path, int8_index, image_folder):

@@ -75,8 +75,6 @@ def keep_int8_model(index_dir: str | os.PathLike[str], key: str, source: Path, c
     """Copy the int8 model at ``source`` into the index (atomically; model first,
     then its sidecar, so a reader never accepts half a file)."""
     model, meta = _paths(index_dir, key)
-    if find_int8_model(index_dir, key) is not None:
-        return
     model.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = source.read_bytes()
@@ -86,6 +84,25 @@ def keep_int8_model(index_dir: str | os.PathLike[str], key: str, source: Path, c
     record: dict[str, Any] = {"sha256": bytes_sha256(data), "size": len(data), "calibration": calibration.id,
                               "quantisation": QUANT_SETTINGS}
     atomic_write_json(meta, record)
+
+
+def damaged_int8_models(index_dir: str | os.PathLike[str]) -> list[str]:
+    """One line per int8 model in the index whose file does not match its sidecar
+    (for ``cbir check``; an index without int8 models has none)."""
+    folder = Path(index_dir) / INT8_DIR
+    if not folder.is_dir():
+        return []
+    problems = []
+    for meta in sorted(folder.glob("model-*.json")):
+        model = meta.with_suffix(".onnx")
+        try:
+            ok = file_sha256(model) == json.loads(meta.read_text(encoding="ascii")).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            problems.append(f"{model}: int8 model damaged or missing (checksum mismatch); "
+                            "`cbir index` writes it again from the model cache or the calibration photos")
+    return problems
 
 
 def prune_int8_models(index_dir: str | os.PathLike[str], keep: str | None) -> None:

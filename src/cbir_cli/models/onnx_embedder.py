@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,7 +264,9 @@ def keep_int8_in_index(config: ModelConfig, weights: str | os.PathLike[str] | No
     """Make the index at ``index_dir`` hold its int8 model (see :mod:`.int8_store`);
     returns the model's key."""
     key = int8_model_key(config, weights_id_for(config, weights), calibration)
-    keep_int8_model(index_dir, key, int8_model_path(config, weights, calibration), calibration)
+    if find_int8_model(index_dir, key) is None:
+        from_elsewhere = replace(calibration, index_dir=None)  # the cache, else the photos
+        keep_int8_model(index_dir, key, int8_model_path(config, weights, from_elsewhere), calibration)
     return key
 
 
