@@ -130,8 +130,10 @@ class Searcher:
 
             fp = self.store.fingerprint
             weights = self.store.manifest.get("weights_path")
+            # The store's folder: an int8 index keeps its quantised model there.
+            calibration = Calibration.from_fingerprint(fp, self.store.root)
             self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime,
-                                           descriptor=descriptor_of(fp), calibration=Calibration.from_fingerprint(fp))
+                                           descriptor=descriptor_of(fp), calibration=calibration)
             check_fingerprint(fp, self._embedder.fingerprint(), self.store.root)
         return self._embedder
 
