@@ -112,3 +112,17 @@ def test_a_rebuild_keeps_only_the_model_it_needs(tmp_path, int8_index, image_fol
                  options=ExtractOptions(workers=0, device="cpu", precision="fp32"))
     assert not list((index / INT8_DIR).iterdir())
     np.testing.assert_equal(FeatureStore.open(index).fingerprint.get("precision", "fp32"), "fp32")
+
+
+def test_check_reports_a_damaged_int8_model_in_the_index(int8_index):
+    from cbir_cli.search.check import check_index
+
+    _, index, _, _ = int8_index
+    assert check_index(index).ok
+    model = next((index / INT8_DIR).glob("*.onnx"))
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    report = check_index(index)
+    assert not report.ok
+    assert any(str(model) in p and "int8 model damaged" in p for p in report.problems)

@@ -8,7 +8,8 @@ Reads everything the manifest names and checks, without changing anything:
 * ids: unique, below ``next_id`` (from the manifest's ``max_id`` keys alone, and
   from the rows); live paths unique;
 * the model: known, same dimension and preprocessing as the registry now defines,
-  a weights file still present with the recorded hash;
+  a weights file still present with the recorded hash; an int8 index's own copy of
+  its quantised model matches its recorded checksum;
 * the search backend the index records (if saved for the current generation):
   checksum, count, dim and the same vectors as the shards (Faiss); the collection
   exists and holds exactly the store's live ids (Milvus); the DBA vectors saved
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CbirError
+from ..models.int8_store import damaged_int8_models
 from ..models.loading import fingerprint_problems
 from ..store.feature_store import FeatureStore
 from ..store.integrity import shard_problems
@@ -85,6 +87,7 @@ def check_index(index_dir: str | os.PathLike[str]) -> CheckReport:
         report.notes.append(f"{len(report.leftovers)} leftover file(s) of an interrupted run; "
                             "the next `cbir index` deletes them")
     report.problems.extend(fingerprint_problems(store.fingerprint, manifest.get("weights_path"), manifest_path))
+    report.problems.extend(damaged_int8_models(root))
     if not isinstance(report.dim, int) or report.dim < 1:
         report.problems.append(f"{manifest_path}: fingerprint has no valid dim ({report.dim!r})")
         return report
