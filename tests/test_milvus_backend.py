@@ -6,11 +6,13 @@ written to the store."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -229,22 +231,28 @@ time.sleep(120)
 """
 
 
+@contextlib.contextmanager
+def held_by_another_process(db: Path) -> Iterator[subprocess.Popen]:
+    """A process holding the Milvus Lite database ``db`` open (like `cbir serve`)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_lite_database_open_in_another_process_says_one_process_at_a_time(image_folder, tmp_path):
     folder = image_folder(3)
     target = tmp_path / "index"
     index(folder, target, "--backend", "milvus")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(target / "milvus.db")], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with held_by_another_process(target / "milvus.db") as holder:
         result = runner.invoke(app, ["query", str(folder / "img_000.jpg"), "--index", str(target)])
         assert result.exit_code == 1
         assert f"open in another process (pid {holder.pid}: " in result.stderr  # which one, so it can be stopped
         assert "Milvus Lite allows one process per database file" in result.stderr
         assert len(result.stderr.splitlines()) == 1
-    finally:
-        holder.kill()
-        holder.wait()
     deadline = time.monotonic() + 30  # the lock goes with the process
     while True:
         result = runner.invoke(app, ["query", str(folder / "img_000.jpg"), "--index", str(target), "--json"])
@@ -260,10 +268,7 @@ def test_check_says_a_lite_database_held_by_another_process_is_in_use_not_damage
     folder = image_folder(3)
     target = tmp_path / "index"
     index(folder, target, "--backend", "milvus")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(target / "milvus.db")], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with held_by_another_process(target / "milvus.db") as holder:
         report = check_index(target)
         assert report.ok and report.repair is None and report.search_index == "in use", report
         [note] = report.notes
@@ -271,9 +276,6 @@ def test_check_says_a_lite_database_held_by_another_process_is_in_use_not_damage
         result = runner.invoke(app, ["check", "--index", str(target)])
         assert result.exit_code == 0, result.output
         assert "rebuild-backend" not in result.stderr and "problem" not in result.stderr
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def damage_lite_collection(db: Path) -> list[Path]:

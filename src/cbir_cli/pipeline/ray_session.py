@@ -153,8 +153,15 @@ def _watch_local_instance() -> None:
     processes = getattr(node, "all_processes", None)
     if not supported() or not isinstance(processes, dict):
         return
-    pids = {kind: [info.process.pid for info in infos] for kind, infos in processes.items()}
-    _reaper = Reaper([pid for group in pids.values() for pid in group], pids.get("raylet", []))
+    def pids(infos: Any) -> list[int]:  # Ray's ProcessInfo records, each with its Popen
+        found = (getattr(getattr(info, "process", None), "pid", None) for info in infos)
+        return [pid for pid in found if isinstance(pid, int)]
+
+    try:
+        _reaper = Reaper([pid for infos in processes.values() for pid in pids(infos)],
+                         pids(processes.get("raylet", [])))
+    except OSError:  # no watchdog: the instance still ends with a clean exit, as before
+        _reaper = None
 
 
 def disconnect() -> None:
