@@ -49,7 +49,7 @@ class CheckReport:
     dim: int | None = None
     shard_dtype: str = "float32"  # how the shards keep vectors (store.shard_format)
     backend: str = "faiss"
-    search_index: str = "missing"  # current | stale | missing
+    search_index: str = "missing"  # current | stale | missing | in use (held by another process: not checked)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
