@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import CountingExecutor
 
 from cbir_cli.imageio.files import LocalFolderSource, list_images, open_source
 from cbir_cli.pipeline.local import LocalExecutor
@@ -22,14 +23,9 @@ from cbir_cli.store.feature_store import FeatureStore
 OPTIONS = ExtractOptions(workers=0)
 
 
-class CountingExecutor(LocalExecutor):
-    def __init__(self) -> None:
-        super().__init__(OPTIONS)
-        self.hashed: list[str] = []
-
-    def hash_files(self, paths):
-        self.hashed += [str(p) for p in paths]
-        return super().hash_files(paths)
+def counting_executor() -> CountingExecutor:
+    """The local executor (decoding in this process), recording what it hashes."""
+    return CountingExecutor(LocalExecutor(OPTIONS))
 
 
 def settled(folder: Path) -> None:
@@ -64,7 +60,7 @@ def test_a_format_1_stat_cache_is_read_without_rehashing(image_folder, tiny_embe
         st = os.stat(row.path)
         old["entries"][row.path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, row.sha256]
     (store_dir / STAT_CACHE).write_text(json.dumps(old))
-    executor = CountingExecutor()
+    executor = counting_executor()
     summary = sync_folder(folder, store_dir, embedder=tiny_embedder, executor=executor)
     assert executor.hashed == [] and summary.unchanged == 5
 
@@ -84,7 +80,7 @@ def test_file_url_indexes_like_the_folder_keyed_by_uri(image_folder, tiny_embedd
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     assert all(r.path.startswith(f"file://{folder}/") for r in _rows(tmp_path / "url")[0])
-    executor = CountingExecutor()
+    executor = counting_executor()
     again = sync_folder(uri, tmp_path / "url", embedder=tiny_embedder, executor=executor)
     assert executor.hashed == [] and again.unchanged == 5
     (folder / "img_001.jpg").unlink()

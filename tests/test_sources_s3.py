@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, make_image
+from fakes import CountingExecutor
 from typer.testing import CliRunner
 
 pytest.importorskip("s3fs", reason="the s3 extra (fsspec + s3fs) is not installed")
@@ -137,16 +138,9 @@ def test_index_from_s3_equals_the_local_folder(bucket, image_folder, tiny_embedd
     assert {r.path for r in rows} == {bucket.uri(f"photos/img_{i:03d}.jpg") for i in range(10)}
 
 
-class CountingExecutor(LocalExecutor):
-    """The local executor, counting what it was asked to read."""
-
-    def __init__(self) -> None:
-        super().__init__(OPTIONS)
-        self.hashed: list[str] = []
-
-    def hash_files(self, paths):
-        self.hashed += [str(p) for p in paths]
-        return super().hash_files(paths)
+def counting_executor() -> CountingExecutor:
+    """The local executor (decoding in this process), recording what it hashes."""
+    return CountingExecutor(LocalExecutor(OPTIONS))
 
 
 def test_rerun_unchanged_overwrite_and_delete(bucket, tiny_embedder, tmp_path):
@@ -156,14 +150,14 @@ def test_rerun_unchanged_overwrite_and_delete(bucket, tiny_embedder, tmp_path):
     assert sync_folder(bucket.uri("p"), store_dir, embedder=tiny_embedder, options=OPTIONS).added == 6
 
     # Unchanged: the listing's ETag/size/mtime match the stat cache; no object is read.
-    executor = CountingExecutor()
+    executor = counting_executor()
     again = sync_folder(bucket.uri("p"), store_dir, embedder=tiny_embedder, executor=executor)
     assert (again.embedded, again.unchanged, again.removed) == (0, 6, 0) and executor.hashed == []
 
     # Overwritten (same size class, new content: a new ETag) -> re-embedded; deleted -> dropped.
     bucket.put_image("p/img_1.jpg", 101)
     bucket.delete("p/img_2.jpg")
-    executor = CountingExecutor()
+    executor = counting_executor()
     changed = sync_folder(bucket.uri("p"), store_dir, embedder=tiny_embedder, executor=executor)
     assert executor.hashed == [bucket.uri("p/img_1.jpg")]
     assert (changed.embedded, changed.updated, changed.removed, changed.unchanged) == (1, 1, 1, 4)
