@@ -6,8 +6,9 @@
     python bench/scale.py --sizes 100000 --dim 64 --keep /tmp/scale-stores
 
 For each size it writes a synthetic store through the store's public write API
-(``FeatureStore.create`` + ``add_shard`` in big shards, random unit vectors, fake
-paths and sha256: nothing on disk but the store) and saves its search index as
+(``FeatureStore.create`` + ``add_shard`` in 1,024-row shards, as ``cbir index``
+writes them; random unit vectors, fake paths and sha256: nothing on disk but the
+store; one commit at the end) and saves its search index as
 ``cbir index`` does (``refresh_backend``, index type ``auto``: IVF-PQ above 50k
 rows). Then, each step in a FRESH subprocess so its peak RSS (ru_maxrss) is its
 own, in this order (each step sees the previous one's state):
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000,10000000", help="comma list of collection sizes (rows)")
     p.add_argument("--dim", type=int, default=32, help="vector dimension (see above for what scales with it)")
-    p.add_argument("--shard-rows", type=int, default=100_000, help="rows per generated shard (big: fast to write)")
+    p.add_argument("--shard-rows", type=int, default=1024, help="rows per generated shard (cbir index writes 1,024)")
     p.add_argument("--dba", action="store_true", help="include DBA in the update's index upkeep (slow: "
                    "it searches every vector today)")
     p.add_argument("--keep", type=Path, help="write the stores here and keep them (default: a temp folder, removed)")

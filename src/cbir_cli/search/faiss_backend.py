@@ -37,6 +37,7 @@ from .saved_index import (  # noqa: F401 (re-exported)
     INDEX_META,
     build_labelled,
     build_store_index,
+    first_ids_of,
     index_paths,
     label_positions,
     load_index,
@@ -87,6 +88,7 @@ class FaissBackend:
         # Whether the index's labels are row ids (a saved IVF index), not positions.
         self.id_labels = False
         self.tombstones = 0  # entries of removed rows the index still holds (see .index_upkeep)
+        self._rows: Any = None  # the store's RowTable, while the index is its
 
     @property
     def count(self) -> int:
@@ -124,7 +126,8 @@ class FaissBackend:
                 updated = None
             if updated is not None:
                 index, id_labels, tombstones = updated
-                self._use(store, index, resolve_index_type(index_type, store.count), id_labels, tombstones)
+                first_ids = first_ids_of(read_index_meta(store) or {})
+                self._use(store, index, resolve_index_type(index_type, store.count), id_labels, tombstones, first_ids)
                 return True
         if (meta is None or meta.get("generation") != store.generation or meta.get("index_type") != index_type
                 or not saved_index_intact(store, meta)):
@@ -140,8 +143,10 @@ class FaissBackend:
         return True
 
     def _use(self, store: FeatureStore, index: faiss.Index, kind: str, id_labels: bool = False,
-             tombstones: int = 0) -> None:
-        ids = row_table(store).ids
+             tombstones: int = 0, first_ids: dict[str, int] | None = None) -> None:
+        # Kept: the Searcher shares this table (row_table's cache holds it weakly).
+        self._rows = row_table(store, first_ids)
+        ids = self._rows.ids
         if len(ids) != index.ntotal - tombstones:
             raise CorruptStoreError(f"{store.root}: index has {index.ntotal} vectors but the store {len(ids)}")
         self.index, self.index_type, self.ids = index, kind, ids

@@ -115,11 +115,11 @@ def read_saved_index(store: FeatureStore, meta: dict[str, Any]) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def load_saved(store: FeatureStore) -> tuple[faiss.Index, str, bool, int] | None:
+def load_saved(store: FeatureStore) -> tuple[faiss.Index, str, bool, int, dict[str, int] | None] | None:
     """The saved index, its kind (flat | hnsw | ivfpq), whether its labels are row
-    ids and how many of its entries are tombstones, if it matches the store's
-    committed state, else None (stale or missing). A damaged index file raises:
-    it is never served."""
+    ids, how many of its entries are tombstones and each shard's first row id
+    (:func:`first_ids_of`), if it matches the store's committed state, else None
+    (stale or missing). A damaged index file raises: it is never served."""
     meta = read_index_meta(store)
     if meta is None or meta.get("generation") != store.generation:
         return None
@@ -130,13 +130,26 @@ def load_saved(store: FeatureStore) -> tuple[faiss.Index, str, bool, int] | None
                                 f"store has {store.count} of dim {store.dim}")
     # The concrete kind (``auto`` and a too-small ``ivfpq`` are really flat, say).
     kind = resolve_index_type(str(meta.get("index_type", "flat")), store.count)
-    return index, kind, meta.get("labels") == "ids", tombstones
+    return index, kind, meta.get("labels") == "ids", tombstones, first_ids_of(meta)
+
+
+def first_ids_of(meta: dict[str, Any]) -> dict[str, int] | None:
+    """Each covered shard's first row id, from the meta's coverage (None without
+    one): what lets a reader know the row ids without reading every rows file
+    (:class:`~cbir_cli.store.vectors.RowTable`)."""
+    coverage = meta.get("coverage")
+    if not isinstance(coverage, list):
+        return None
+    try:
+        return {str(name): int(first_id) for name, _, first_id, _ in coverage}
+    except (TypeError, ValueError):
+        return None
 
 
 def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
     """:func:`load_saved` without the labels flag."""
     loaded = load_saved(store)
-    return None if loaded is None else loaded[:2]
+    return None if loaded is None else (loaded[0], loaded[1])
 
 
 def build_labelled(store: FeatureStore, index_type: str) -> tuple[faiss.Index, bool]:
