@@ -150,3 +150,19 @@ def test_a_damaged_saved_index_is_rebuilt_not_updated(tmp_path):
     fresh.build(store, "flat", persist=False)
     queries = structured(20, 3)
     np.testing.assert_array_equal(backend.search(queries, 10)[1], fresh.search(queries, 10)[1])
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivfpq"])
+def test_a_shard_whose_rows_are_all_removed_leaves_the_index(tmp_path, index_type):
+    store = store_of_vectors(tmp_path / "store", structured(6000, 1))
+    FaissBackend().refresh(store, index_type)
+    dropped = store.manifest["shards"][1]["name"]
+    store.remove_paths([f"/img/{i:05d}.jpg" for i in range(500, 1000)])  # the second shard, whole
+    store.commit()
+    assert dropped not in {s["name"] for s in store.manifest["shards"]}
+    incremental, oracle = FaissBackend(), _oracle(store)
+    assert incremental.refresh(store, index_type)
+    assert read_index_meta(store)["generation"] == store.generation
+    queries = structured(40, 5)
+    assert not set(incremental.search(queries, 50)[1].ravel().tolist()) & set(range(500, 1000))
+    assert recall(incremental, oracle, queries) >= (1.0 if index_type == "flat" else 0.9)
