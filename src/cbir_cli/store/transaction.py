@@ -4,8 +4,9 @@
 Ctrl-C, opens the store (:meth:`WriteTransaction.begin` with the fingerprint of the
 vectors to come), buffers vectors until at least ``shard_size`` rows are waiting
 (whole batches: the buffer becomes one shard) and commits each shard as it is
-written, so an interrupted run loses at most one shard of work. On a
-normal exit everything is committed; on Ctrl-C or SIGTERM what is done is committed
+written (a log entry of that shard: :mod:`.commit_log`), so an interrupted run loses
+at most one shard of work. On a normal exit everything is committed and checkpointed
+(``manifest.json`` then holds the whole state); on Ctrl-C or SIGTERM what is done is committed
 and :class:`~cbir_cli.errors.Interrupted` says how to resume. A rebuild writes a
 successor store whose manifest is committed once, at the end: until then readers
 keep the previous index, and an interrupted rebuild changes nothing.
@@ -104,6 +105,7 @@ class WriteTransaction:
             self._store = existing.for_fingerprint(fingerprint)
             check_requested_dtype(self._store.shard_dtype, self.requested_dtype, self.root)
             if self._store is existing:
+                existing.collect_garbage()  # a killed run's leftovers (and uncommitted log entries)
                 # Verify what this run builds on; what is damaged is dropped and its
                 # images embedded again (the shards are the index's only source).
                 self.repairs = drop_damaged_shards(self._store)
@@ -185,16 +187,16 @@ class WriteTransaction:
             self.store.commit()
 
     def commit(self) -> bool:
-        """Write what is buffered and commit (also a rebuild's single commit)."""
+        """Write what is buffered and commit (also a rebuild's single commit), then
+        checkpoint: the end of a run leaves ``manifest.json`` complete."""
         self.flush()
-        return self.store.commit() if self.rebuild else False
+        return self.store.checkpoint()
 
     def what_is_kept(self, noun: str) -> str:
         """After a failed write: what the index still holds, and how to go on."""
         if self.rebuild:
             return "the previous index is unchanged; run the same command again to rebuild"
-        committed = self._store._committed if self._store is not None else None
-        count = committed["count"] if committed else 0
+        count = self._store.committed_count if self._store is not None else 0
         return f"the index keeps the {count} {noun} committed before; run the same command again to resume"
 
     def interrupted(self, noun: str) -> Interrupted:
@@ -208,6 +210,7 @@ class WriteTransaction:
         # Every row written so far is complete. A second Ctrl-C during this flush
         # still leaves the last committed state intact.
         self.flush()
+        self.store.checkpoint()
         return Interrupted(f"interrupted: {self.written} {noun} committed to {self.root}; "
                            "run the same command again to resume")
 
