@@ -10,7 +10,8 @@ Vectors are 4-d (the rows bookkeeping is what is measured here; shard bytes scal
 with the dimension and are measured by bench/query.py --million). Each shard is
 committed, as the write transaction does. Prints the milliseconds per shard
 (add + commit) in each tenth of the run -- flat means linear, rising means every
-shard pays for the rows already stored -- then open + read every row.
+shard pays for the rows already stored -- then open + read every row, and a
+writer's lookups with and without the row catalog.
 """
 
 from __future__ import annotations
@@ -58,8 +59,31 @@ def main() -> None:
             reopened = FeatureStore.open(scratch / "idx")
             rows = reopened.live_rows()
             print(f"open + read {len(rows):,} rows: {time.perf_counter() - t:.2f} s")
+        catalog_figures(scratch / "idx", shards)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def catalog_figures(root: Path, shards: int) -> None:
+    """A writer's run that replaces 1,000 stored paths and looks 1,000 contents up
+    (pipeline/sync.py's reuse): with the in-memory index of live paths (every rows
+    file read), then with the row catalog (store/row_catalog.py): its first build,
+    then a later run that finds it current. Nothing is committed."""
+    from cbir_cli.store.feature_store import FeatureStore
+
+    paths = [f"/photos/d{k:05d}/img_{i:05d}.jpg" for k in range(0, shards, max(1, shards // 100)) for i in range(10)]
+    shas = [f"{k:032x}{i:032x}" for k in range(0, shards, max(1, shards // 100)) for i in range(10)]
+    for label, catalog in (("in-memory index", False), ("row catalog, first build", True),
+                           ("row catalog, current", True)):
+        t = time.perf_counter()
+        store = FeatureStore.open(root)
+        if catalog:
+            store.attach_catalog()
+        found = store.rows_by_sha(shas)
+        removed = store.remove_paths(paths)
+        store.release()
+        print(f"writer open + {len(paths):,} path and {len(found):,} content lookups ({label}): "
+              f"{time.perf_counter() - t:.2f} s (removed {removed:,})")
 
 
 if __name__ == "__main__":

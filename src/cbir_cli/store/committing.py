@@ -1,9 +1,12 @@
-"""The writing end of :class:`~.feature_store.FeatureStore`: commits (a log entry
-of what changed, or a checkpoint: :mod:`.commit_log`) and garbage collection."""
+"""The writing end of :class:`~.feature_store.FeatureStore`: changing its shard
+list (tombstones, drops, repairs: each recorded in :class:`.commit_log.Changes`),
+committing (a log entry of what changed, or a checkpoint: :mod:`.commit_log`) and
+garbage collection."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +16,9 @@ from .garbage import collect_garbage, leftover_files
 from .manifest import FORMAT_VERSION, MANIFEST, library_versions, write_identity
 
 if TYPE_CHECKING:
+    from .live_paths import LivePaths
     from .manifest import Row
+    from .row_catalog import RowCatalog
 
 
 class Committing:
@@ -29,7 +34,13 @@ class Committing:
     _committed_count: int
     _rows_cache: dict[str, list[Row]]
     log_ignored: list[str] | None
+    _live_paths: LivePaths | RowCatalog
     active_staging: Path | None
+    _known: list[dict[str, Any]]
+    _positions: dict[str, int] | None
+
+    def shard_rows(self, shard: dict[str, Any], cache: bool = True) -> list[Row]:
+        raise NotImplementedError
 
     @property
     def generation(self) -> int:
@@ -40,7 +51,78 @@ class Committing:
         return int(self.manifest["count"])
 
     def positions(self) -> dict[str, int]:
-        raise NotImplementedError
+        """Shard name -> its index in ``manifest["shards"]`` (kept in step by the
+        methods that change the list)."""
+        if self.manifest["shards"] is not self._known:
+            self.set_shards(self.manifest["shards"])
+        if self._positions is None:
+            self._positions = {s["name"]: i for i, s in enumerate(self.manifest["shards"])}
+        return self._positions
+
+    def _set(self, shards: list[dict[str, Any]], **top: Any) -> None:
+        self.manifest = {**self.manifest, "shards": shards, **top}
+        self._known = shards
+
+    def set_shards(self, shards: list[dict[str, Any]]) -> None:
+        """Replace the shard list (repairs: dropping damaged shards, correcting
+        entries): the entries that are not the same objects are recorded as changed,
+        the names no longer there as dropped; ``count`` is recounted."""
+        old = {s["name"]: s for s in self._known}
+        for shard in shards:
+            if old.pop(shard["name"], None) is not shard:
+                self._changes.changed(shard["name"])
+        for name in old:
+            self._changes.drop(name)
+        self._set(list(shards), count=sum(s["rows"] - len(s["removed"]) for s in shards))
+        self._positions = None
+        self._live_paths.invalidate()
+
+    def _tombstone(self, hits: dict[str, set[int]]) -> int:
+        """Tombstone rows (shard name -> row numbers); a shard left with no live row
+        is dropped. Returns how many live rows that removed."""
+        if not hits:
+            return 0
+        positions = self.positions()
+        shards = list(self.manifest["shards"])
+        removed, drop = 0, set()
+        for name, rows in hits.items():
+            shard = shards[positions[name]]
+            gone = set(shard["removed"]) | rows
+            removed += len(gone) - len(shard["removed"])
+            if len(gone) >= shard["rows"]:
+                drop.add(name)
+                self._changes.drop(name)
+            else:
+                shards[positions[name]] = {**shard, "removed": sorted(gone)}
+                self._changes.changed(name)
+        if drop:
+            shards = [s for s in shards if s["name"] not in drop]
+            self._positions = None
+        self._set(shards, count=self.count - removed)
+        return removed
+
+    def remove_paths(self, paths: Iterable[str]) -> int:
+        """Tombstone the live rows of ``paths``; returns how many were removed."""
+        targets = set(paths)
+        if not targets:
+            return 0
+        self.positions()  # the shard list reconciled first (the index of live paths follows it)
+        removed = self._tombstone(self._live_paths.rows_of(self.manifest["shards"], self.shard_rows, targets))
+        self._live_paths.moved(targets)
+        return removed
+
+    def record_skipped(self, path: str, sha256: str, reason: str) -> None:
+        """Remember a file that could not be embedded, so an unchanged copy is not
+        decoded again on the next run (it is reported as skipped again)."""
+        entry = {"sha256": sha256, "reason": reason}
+        if self.manifest["skipped"].get(path) != entry:
+            self.manifest["skipped"][path] = entry
+            self._changes.skip(path, entry)
+
+    def forget_skipped(self, paths: Iterable[str]) -> None:
+        for p in paths:
+            if self.manifest["skipped"].pop(p, None) is not None:
+                self._changes.unskip(p)
 
     @property
     def committed(self) -> bool:
@@ -81,6 +163,7 @@ class Committing:
             self._top = top
         self._changes = Changes()
         self._committed_count = self.count
+        self._live_paths.committed(self.manifest)
         return True
 
     def checkpoint(self) -> bool:

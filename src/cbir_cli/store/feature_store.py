@@ -25,7 +25,6 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +43,7 @@ from .manifest import (
     library_versions,
     parse_rows,
 )
+from .row_catalog import RowCatalog
 from .shard_format import DEFAULT_SHARD_DTYPE, MANIFEST_KEY, encode, read_shard_file, shard_dtype_of, to_float32
 from .validity import invalid_rows
 
@@ -76,7 +76,9 @@ class FeatureStore(Committing):
         self._rewrite = False  # the next commit must write a whole checkpoint (a rebuild's first)
         self.last_commit_bytes = 0  # what the last commit wrote (log entry or checkpoint)
         self._rows_cache: dict[str, list[Row]] = {}
-        self._live_paths = LivePaths()
+        # Where each live path's row is: in memory, or the on-disk catalog once a
+        # writer attaches it (:meth:`attach_catalog`).
+        self._live_paths: LivePaths | RowCatalog = LivePaths()
         # The staging folder of the run writing now (:mod:`.staging`): not a leftover.
         self.active_staging: Path | None = None
         # Shards whose checksum was verified by a full read in this process.
@@ -249,6 +251,26 @@ class FeatureStore(Committing):
     def rows_by_path(self) -> dict[str, Row]:
         return {r.path: r for r in self.live_rows()}
 
+    def rows_by_sha(self, shas: Iterable[str]) -> dict[str, Row]:
+        """sha256 -> a live row of that content, for each of ``shas`` stored (from
+        the row catalog where attached: no read of every rows file)."""
+        self.positions()
+        return self._live_paths.rows_by_sha(self.manifest["shards"], self.shard_rows, shas)
+
+    def attach_catalog(self) -> None:
+        """Find rows through the on-disk row catalog (:mod:`.row_catalog`) from now
+        on (a writer, on a committed store, before changing it)."""
+        if self.committed and not self._changes and isinstance(self._live_paths, LivePaths):
+            catalog = RowCatalog.attach(self.root, self.manifest)
+            if catalog is not None:
+                catalog.build(self.manifest, self.shard_rows)  # O(rows) once, when it is stale
+                self._live_paths = catalog
+
+    def release(self) -> None:
+        """Close the row catalog (uncommitted changes in it roll back)."""
+        self._live_paths.close()
+        self._live_paths = LivePaths()
+
     def read_shard(self, shard: dict[str, Any], mmap: bool) -> np.ndarray:
         """A shard's vectors: a full read is checked against the manifest's sha256
         (a flipped bit must not be served) and is float32; ``mmap`` (for a few rows)
@@ -283,11 +305,16 @@ class FeatureStore(Committing):
         the answer must be embedded again. A damaged shard is never a source."""
         import numpy as np
 
-        wanted = {r.id for r in rows}
+        wanted = {r.path: r.id for r in rows}
+        found: dict[str, list[int]] = {}
+        for name, row in self._live_paths.locate(self.manifest["shards"], self.shard_rows, wanted).values():
+            found.setdefault(name, []).append(row)
         out: dict[int, np.ndarray] = {}
-        for shard in self.manifest["shards"]:
+        positions = self.positions()
+        for name, rows_hit in found.items():
+            shard = self.manifest["shards"][positions[name]]
             ids = [r.id for r in self.shard_rows(shard)]
-            hits = [i for i, rid in enumerate(ids) if rid in wanted]
+            hits = sorted(i for i in rows_hit if ids[i] in wanted.values())
             if not hits:
                 continue
             try:
@@ -333,7 +360,7 @@ class FeatureStore(Committing):
         self.ensure_next_id()
         first_id = int(self.manifest["next_id"])
         rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
-        rows_data = json_bytes([asdict(r) for r in rows])
+        rows_data = json_bytes([{"id": r.id, "path": r.path, "sha256": r.sha256, "size": r.size} for r in rows])
         atomic_write_bytes(self.shards_dir / f"{name}.rows.json", rows_data)
         self._rows_cache[name] = rows
         paths = {r.path for r in rows}
@@ -364,77 +391,3 @@ class FeatureStore(Committing):
             self.set_shards(repaired["shards"])
             self.manifest["next_id"] = repaired["next_id"]
         return note
-
-    def positions(self) -> dict[str, int]:
-        """Shard name -> its index in ``manifest["shards"]`` (kept in step by the
-        methods that change the list)."""
-        if self.manifest["shards"] is not self._known:
-            self.set_shards(self.manifest["shards"])
-        if self._positions is None:
-            self._positions = {s["name"]: i for i, s in enumerate(self.manifest["shards"])}
-        return self._positions
-
-    def _set(self, shards: list[dict[str, Any]], **top: Any) -> None:
-        self.manifest = {**self.manifest, "shards": shards, **top}
-        self._known = shards
-
-    def set_shards(self, shards: list[dict[str, Any]]) -> None:
-        """Replace the shard list (repairs: dropping damaged shards, correcting
-        entries): the entries that are not the same objects are recorded as changed,
-        the names no longer there as dropped; ``count`` is recounted."""
-        old = {s["name"]: s for s in self._known}
-        for shard in shards:
-            if old.pop(shard["name"], None) is not shard:
-                self._changes.changed(shard["name"])
-        for name in old:
-            self._changes.drop(name)
-        self._set(list(shards), count=sum(s["rows"] - len(s["removed"]) for s in shards))
-        self._positions = None
-        self._live_paths.invalidate()
-
-    def _tombstone(self, hits: dict[str, set[int]]) -> int:
-        """Tombstone rows (shard name -> row numbers); a shard left with no live row
-        is dropped. Returns how many live rows that removed."""
-        if not hits:
-            return 0
-        positions = self.positions()
-        shards = list(self.manifest["shards"])
-        removed, drop = 0, set()
-        for name, rows in hits.items():
-            shard = shards[positions[name]]
-            gone = set(shard["removed"]) | rows
-            removed += len(gone) - len(shard["removed"])
-            if len(gone) >= shard["rows"]:
-                drop.add(name)
-                self._changes.drop(name)
-            else:
-                shards[positions[name]] = {**shard, "removed": sorted(gone)}
-                self._changes.changed(name)
-        if drop:
-            shards = [s for s in shards if s["name"] not in drop]
-            self._positions = None
-        self._set(shards, count=self.count - removed)
-        return removed
-
-    def remove_paths(self, paths: Iterable[str]) -> int:
-        """Tombstone the live rows of ``paths``; returns how many were removed."""
-        targets = set(paths)
-        if not targets:
-            return 0
-        self.positions()  # the shard list reconciled first (the index of live paths follows it)
-        removed = self._tombstone(self._live_paths.rows_of(self.manifest["shards"], self.shard_rows, targets))
-        self._live_paths.moved(targets)
-        return removed
-
-    def record_skipped(self, path: str, sha256: str, reason: str) -> None:
-        """Remember a file that could not be embedded, so an unchanged copy is not
-        decoded again on the next run (it is reported as skipped again)."""
-        entry = {"sha256": sha256, "reason": reason}
-        if self.manifest["skipped"].get(path) != entry:
-            self.manifest["skipped"][path] = entry
-            self._changes.skip(path, entry)
-
-    def forget_skipped(self, paths: Iterable[str]) -> None:
-        for p in paths:
-            if self.manifest["skipped"].pop(p, None) is not None:
-                self._changes.unskip(p)

@@ -40,6 +40,31 @@ class LivePaths:
                 hits.setdefault(found[0], set()).add(found[1])
         return hits
 
+    def locate(self, shards: Sequence[Shard], shard_rows: Callable[[Shard], list[Row]],
+               paths: Iterable[str]) -> dict[str, tuple[str, int]]:
+        """path -> (shard name, row number) of the live rows of ``paths``."""
+        if self._where is None:
+            self._build(shards, shard_rows)
+        assert self._where is not None
+        return {p: self._where[p] for p in paths if p in self._where}
+
+    def rows_by_sha(self, shards: Sequence[Shard], shard_rows: Callable[[Shard], list[Row]],
+                    shas: Iterable[str]) -> dict[str, Row]:
+        """sha256 -> a live row of that content (a scan of every live row)."""
+        wanted = set(shas)
+        out: dict[str, Row] = {}
+        for shard in shards:
+            removed = set(shard["removed"])
+            out.update((r.sha256, r) for i, r in enumerate(shard_rows(shard))
+                       if r.sha256 in wanted and i not in removed)
+        return out
+
+    def committed(self, manifest: dict[str, Any]) -> None:
+        """(The on-disk :class:`~.row_catalog.RowCatalog` commits here; nothing to do.)"""
+
+    def close(self) -> None:
+        """(Idem.)"""
+
     def moved(self, gone: Iterable[str], added: tuple[str, list[Row]] | None = None) -> None:
         """Record a change just made to the store: ``gone`` paths lost their live
         row, ``added`` = (shard name, its rows) are new."""

@@ -9,6 +9,7 @@ Layout of a store (index) folder::
     store.json                    # the store's identity: its fingerprint (written at the
                                   # first commit; what lets a lost manifest be recovered)
     .lock                         # the writer lock
+    rows.sqlite                   # the row catalog, derived: path -> id, shard, row (.row_catalog)
     shards/shard-000001.npy       # (n, dim), float32 or the store's shard_dtype (.shard_format)
     shards/shard-000001.rows.json # the n rows, same order: id, path, sha256, size
     index/index.faiss, index.json # the saved search index (derived from the shards)

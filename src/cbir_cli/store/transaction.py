@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError, Interrupted, WriteError
 from .adoption import adopt_part, staging_run
+from .commit_log import LOG_DIR
 from .feature_store import FeatureStore
 from .locking import writer_lock
 from .manifest import IDENTITY, INDEX_DIR, MANIFEST, SHARDS_DIR, lost_manifest
 from .repair import drop_damaged_shards
+from .row_catalog import CATALOG
 from .shard_format import DEFAULT_SHARD_DTYPE, SHARD_DTYPES, check_requested_dtype
 from .validity import INVALID_VECTOR, invalid_rows
 
@@ -105,6 +107,7 @@ class WriteTransaction:
             self._store = existing.for_fingerprint(fingerprint)
             check_requested_dtype(self._store.shard_dtype, self.requested_dtype, self.root)
             if self._store is existing:
+                existing.attach_catalog()  # rows found without reading every rows file
                 existing.collect_garbage()  # a killed run's leftovers (and uncommitted log entries)
                 # Verify what this run builds on; what is damaged is dropped and its
                 # images embedded again (the shards are the index's only source).
@@ -233,11 +236,14 @@ def write_transaction(root: str | Path, rebuild: bool = False, shard_size: int =
             raise txn.interrupted(noun) from None
         except WriteError as exc:
             raise WriteError(f"{exc.message}; {txn.what_is_kept(noun)}") from None
+        finally:
+            if txn._store is not None:
+                txn._store.release()
 
 
 def _remove_damaged(root: Path) -> None:
     """Delete a store too damaged to open, before a rebuild replaces it."""
-    for name in (MANIFEST, IDENTITY, SHARDS_DIR, INDEX_DIR):
+    for name in (MANIFEST, IDENTITY, SHARDS_DIR, INDEX_DIR, LOG_DIR, CATALOG, f"{CATALOG}-wal", f"{CATALOG}-shm"):
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)
