@@ -262,9 +262,14 @@ class FeatureStore(Committing):
         on (a writer, on a committed store, before changing it)."""
         if self.committed and not self._changes and isinstance(self._live_paths, LivePaths):
             catalog = RowCatalog.attach(self.root, self.manifest)
-            if catalog is not None:
+            if catalog is None:
+                return
+            try:
                 catalog.build(self.manifest, self.shard_rows)  # O(rows) once, when it is stale
-                self._live_paths = catalog
+            except CorruptStoreError:
+                catalog.close()  # a damaged rows file: the writer's repair comes first; next run builds it
+                return
+            self._live_paths = catalog
 
     def release(self) -> None:
         """Close the row catalog (uncommitted changes in it roll back)."""
