@@ -73,8 +73,9 @@ def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: E
     # or stored under an older spelling of the same path) reuse that vector.
     # Only verified, valid vectors are reused (FeatureStore.vectors_for); a file
     # whose stored vector is not one of them is embedded again.
-    by_sha = {r.sha256: r for r in store.live_rows()}
     renamed = [item for _, item in plan.renamed]
+    # From the store's row catalog: no read of every stored row.
+    by_sha = store.rows_by_sha(sha for _, sha, _ in plan.todo + renamed)
     vectors = store.vectors_for(by_sha[sha] for _, sha, _ in plan.todo + renamed if sha in by_sha)
     reusable = {sha for sha, row in by_sha.items() if row.id in vectors}
     reuse = [item for item in plan.todo if item[1] in reusable]

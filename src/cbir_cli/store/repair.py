@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import CorruptStoreError
 from ..fsutil import atomic_write_json, bytes_sha256
+from .commit_log import log_generations, prune
 from .feature_store import FeatureStore
 from .manifest import FORMAT_VERSION, MANIFEST, library_versions, read_identity, shard_files
 from .shard_format import MANIFEST_KEY, shard_dtype_of
@@ -48,7 +49,7 @@ def drop_damaged_shards(store: FeatureStore) -> list[str]:
                 continue
         kept.append(shard)
     if notes:
-        store.manifest = {**store.manifest, "shards": kept}
+        store.set_shards(kept)
     return notes
 
 
@@ -129,6 +130,9 @@ def recover_manifest(root: Path, generation: int = 0) -> Recovery:
         manifest[MANIFEST_KEY] = identity[MANIFEST_KEY]
     if identity.get("weights_path"):
         manifest["weights_path"] = identity["weights_path"]
+    # Above every log entry: those followed the lost checkpoint, not this one.
+    manifest["generation"] = max([generation, *(g + 1 for g in log_generations(root))])
     atomic_write_json(root / MANIFEST, manifest)
+    prune(log_generations(root).values())
     recovery.shards, recovery.images = len(shards), len(newest)
     return recovery
