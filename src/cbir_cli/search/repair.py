@@ -65,7 +65,7 @@ def repair_index(index_dir: str | os.PathLike[str]) -> RepairReport:
             report.repairs += [f"{dropped}: left out" for dropped in report.recovered.dropped]
         store = FeatureStore.open(root, check_files=False)
         report.repairs += drop_damaged_shards(store)
-        lowered = store.ensure_next_id()
+        lowered = store.ensure_next_id(every_row=True)
         if lowered:
             report.repairs.append(lowered)
         leftovers = store.leftover_files()

@@ -341,13 +341,15 @@ class FeatureStore:
         self._live_paths.moved(self.manifest["shards"], paths, (name, rows))
         return rows
 
-    def ensure_next_id(self) -> str | None:
+    def ensure_next_id(self, every_row: bool = False) -> str | None:
         """Raise ``next_id`` above every stored id (:func:`.ids.repaired_ids`), once per
-        store object, before ids are given out; returns what was repaired, or None."""
+        store object, before ids are given out; returns what was repaired, or None.
+        ``every_row``: read every rows file (a repair); a writer reads only those of
+        shards whose recorded ``max_id`` is missing or not below ``next_id``."""
         if self._ids_checked:
             return None
         self._ids_checked = True
-        self.manifest, note = repaired_ids(self.manifest, self.shard_rows, self.root / MANIFEST)
+        self.manifest, note = repaired_ids(self.manifest, self.shard_rows, self.root / MANIFEST, not every_row)
         return note
 
     def _without_paths(self, targets: set[str]) -> tuple[list[dict[str, Any]], int]:
