@@ -81,3 +81,32 @@ def test_the_model_mismatch_error_names_rebuild(tmp_path):
                                  "--workers", "0"])
     assert result.exit_code == 1 and "--rebuild" in result.stderr and len(result.stderr.splitlines()) == 1
     assert Path(index).exists()
+
+
+def test_json_paths_that_are_not_utf8_come_with_their_exact_bytes(tmp_path):
+    """A name with byte 0xff shows as U+FFFD in `path`; `path_bytes` (percent-encoded)
+    gives the real path back, in `cbir query --json` and `cbir dedup --json`."""
+    import json
+    import os
+    from urllib.parse import unquote_to_bytes
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    odd = folder / os.fsdecode(b"caf\xff.jpg")
+    make_image(3).save(odd)
+    make_image(3).save(folder / "copy.jpg")  # a duplicate of it
+    make_image(5).save(folder / "other.jpg")
+    index = tmp_path / "index"
+    assert runner.invoke(app, ["index", str(folder), "--index", str(index), "--model", "test_tiny",
+                               "--workers", "0"]).exit_code == 0
+    result = runner.invoke(app, ["query", str(folder / "copy.jpg"), "-k", "3", "--index", str(index), "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)[0]["results"]
+    odd_hit = next(h for h in hits if "path_bytes" in h)
+    assert odd_hit["path"].endswith("caf\ufffd.jpg") and unquote_to_bytes(odd_hit["path_bytes"]) == os.fsencode(odd)
+    assert all("path_bytes" not in h for h in hits if h is not odd_hit)  # only where the display form lost bytes
+    result = runner.invoke(app, ["dedup", "--index", str(index), "--json"])
+    assert result.exit_code == 0, result.output
+    members = [m for g in json.loads(result.stdout)["groups"] for m in g["members"]]
+    odd_member = next(m for m in members if "path_bytes" in m)
+    assert unquote_to_bytes(odd_member["path_bytes"]) == os.fsencode(odd)

@@ -161,7 +161,8 @@ def corrupt_jpeg(path: Path) -> None:
 
 
 def oversized_header_jpeg(path: Path) -> None:
-    """A small JPEG whose SOF header claims 10000x10000 pixels (over MAX_IMAGE_PIXELS)."""
+    """A small JPEG whose SOF header claims 10000x10000 pixels (over MAX_IMAGE_PIXELS,
+    and far more than its data can hold)."""
     buffer = io.BytesIO()
     make_image(98, (64, 48)).save(buffer, "JPEG", quality=90)
     data = bytearray(buffer.getvalue())
@@ -184,12 +185,13 @@ def test_bad_files_skipped_rows_keep_order(tmp_path, embedder, device_decode, wo
     both = sync_both(folder, tmp_path, embedder, device_decode, batch_size=4, workers=workers)
     cpu_summary, cpu_skipped, names_cpu, vectors_cpu = both["cpu"]
     gpu_summary, gpu_skipped, names_gpu, vectors_gpu = both["device"]
-    # img_005's header claims 10000x10000: both paths decode it at 1/8 scale (JPEG
-    # draft), as any large JPEG, instead of refusing it as a decompression bomb.
-    bad = ["img_002.jpg", "img_003.jpg"]
+    # img_005's header claims 10000x10000 on 64x48 pixels' data: both paths refuse it
+    # as corrupt (issue 20; it used to be decoded at 1/8 scale, grey where data was missing).
+    bad = ["img_002.jpg", "img_003.jpg", "img_005.jpg"]
     assert [name for name, _ in gpu_skipped] == bad
     assert gpu_skipped == cpu_skipped  # same files, same reasons
     assert "truncated" in gpu_skipped[1][1]
+    assert "truncated or corrupt JPEG data: declares 10000x10000" in gpu_skipped[2][1]
     expected = sorted(f.name for f in folder.iterdir() if f.name not in bad)
     assert names_gpu == names_cpu == expected
     assert gpu_summary.embedded == cpu_summary.embedded == len(expected)

@@ -68,6 +68,7 @@ def test_int8_vectors_differ_from_fp32_but_rank_alike(tmp_path, image_folder, ca
 def test_cleared_cache_recalibrates_from_the_recorded_images(tmp_path, image_folder, cache):
     folder = image_folder(10)
     index_folder(folder, tmp_path / "idx", "test_tiny", options=INT8)
+    shutil.rmtree(tmp_path / "idx" / "int8")  # as an index made before it kept its model (issue 20)
     files = sorted(folder.iterdir())
     before = Searcher.open(tmp_path / "idx").embedder.embed_images([make_image(5)])
     shutil.rmtree(cache)

@@ -6,11 +6,13 @@ written to the store."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -229,21 +231,28 @@ time.sleep(120)
 """
 
 
+@contextlib.contextmanager
+def held_by_another_process(db: Path) -> Iterator[subprocess.Popen]:
+    """A process holding the Milvus Lite database ``db`` open (like `cbir serve`)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_lite_database_open_in_another_process_says_one_process_at_a_time(image_folder, tmp_path):
     folder = image_folder(3)
     target = tmp_path / "index"
     index(folder, target, "--backend", "milvus")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(target / "milvus.db")], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with held_by_another_process(target / "milvus.db") as holder:
         result = runner.invoke(app, ["query", str(folder / "img_000.jpg"), "--index", str(target)])
         assert result.exit_code == 1
-        assert "open in another process; Milvus Lite allows one process per database file" in result.stderr
+        assert f"open in another process (pid {holder.pid}: " in result.stderr  # which one, so it can be stopped
+        assert "Milvus Lite allows one process per database file" in result.stderr
         assert len(result.stderr.splitlines()) == 1
-    finally:
-        holder.kill()
-        holder.wait()
     deadline = time.monotonic() + 30  # the lock goes with the process
     while True:
         result = runner.invoke(app, ["query", str(folder / "img_000.jpg"), "--index", str(target), "--json"])
@@ -251,6 +260,86 @@ def test_a_lite_database_open_in_another_process_says_one_process_at_a_time(imag
             break
         time.sleep(0.2)
     assert result.exit_code == 0, result.output
+
+
+def test_check_says_a_lite_database_held_by_another_process_is_in_use_not_damaged(image_folder, tmp_path):
+    """A lock is not damage: no problem, no advice to rebuild the backend; the
+    holder is named by pid."""
+    folder = image_folder(3)
+    target = tmp_path / "index"
+    index(folder, target, "--backend", "milvus")
+    with held_by_another_process(target / "milvus.db") as holder:
+        report = check_index(target)
+        assert report.ok and report.repair is None and report.search_index == "in use", report
+        [note] = report.notes
+        assert f"is open in another process (pid {holder.pid}: " in note and "not checked" in note
+        result = runner.invoke(app, ["check", "--index", str(target)])
+        assert result.exit_code == 0, result.output
+        assert "rebuild-backend" not in result.stderr and "problem" not in result.stderr
+
+
+def damage_lite_collection(db: Path) -> list[Path]:
+    """Random bytes over the collection's data and index files, sizes kept."""
+    rng = np.random.default_rng(7)
+    damaged = sorted(db.glob("collections/*/partitions/_default/data/*.parquet"))
+    damaged += sorted(db.glob("collections/*/partitions/_default/indexes/*.idx"))
+    for path in damaged:
+        path.write_bytes(rng.bytes(path.stat().st_size))
+    return damaged
+
+
+@pytest.mark.parametrize("remedy", [["index", "--rebuild-backend"], ["check", "--repair"]])
+def test_a_damaged_lite_database_is_repaired_the_way_check_advises(image_folder, tmp_path, tiny_embedder, remedy):
+    """The rebuild never reads the damaged collection: it is set aside (kept, not
+    deleted) and the collection made again from the shards."""
+    folder = image_folder(6)
+    target = tmp_path / "index"
+    index(folder, target, "--backend", "milvus")
+    assert len(damage_lite_collection(target / "milvus.db")) == 2
+
+    report = check_index(target)
+    assert not report.ok and report.repair == "rebuild-backend", report
+    assert "Parquet" in report.problems[0]
+    shards_before = sorted((target / "shards").iterdir())
+
+    result = runner.invoke(app, [*remedy, "--index", str(target)])
+    assert result.exit_code == 0, result.output
+    assert sorted((target / "shards").iterdir()) == shards_before  # nothing re-embedded
+    report = check_index(target)
+    assert report.ok and report.search_index == "current", report
+    [aside] = (target / "milvus.db.damaged").iterdir()  # the damaged copy, for whoever wants to look
+    assert any(str(aside.parent) in note for note in report.notes), report.notes
+    searcher = Searcher.open(target, embedder=tiny_embedder)
+    try:
+        assert searcher.backend.name == "milvus"
+        assert searcher.search_paths([folder / "img_004.jpg"], k=1)[0][0].path == str(folder / "img_004.jpg")
+    finally:
+        searcher.backend.close()
+
+
+def test_a_lite_database_still_failing_without_the_collection_is_set_aside_whole(tmp_path, monkeypatch):
+    """Damage outside the collection's folder: the whole database goes aside, and
+    the collection is made again in a new one."""
+    from cbir_cli.search.milvus_client import LiteDamagedError
+
+    store, x = synthetic_store(tmp_path / "store", n=300)
+    backend = milvus()(str(tmp_path / "m.db"), "cbir_whole")
+    backend.build(store, "flat")
+    backend.close()
+    real_exists, failures = type(backend)._exists, iter(range(2))
+
+    def damaged_twice(self):
+        if next(failures, None) is not None:
+            raise LiteDamagedError("unreadable")
+        return real_exists(self)
+
+    monkeypatch.setattr(type(backend), "_exists", damaged_twice)
+    try:
+        backend.build(store, "flat")
+        assert backend.search(x[:1], 1)[1][0, 0] == 0
+    finally:
+        backend.close()
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "m.db.damaged").iterdir()) == ["cbir_whole", "m.db"]
 
 
 def test_without_the_extra_the_milvus_backend_is_one_line_naming_it(image_folder, tmp_path, monkeypatch):

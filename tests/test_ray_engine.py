@@ -9,6 +9,7 @@ start-up is retried and the kill waits for the first commit instead of a clock.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -395,3 +396,79 @@ def test_a_cuda_request_on_a_cluster_without_gpus_is_one_line(ray_cluster, image
     with ray_executor(device="cuda") as executor, pytest.raises(CbirError, match="the Ray cluster has no GPU"):
         sync_folder(image_folder(2), tmp_path / "out", embedder=tiny_embedder, executor=executor)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, start time, name) of every process, from /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_bytes()
+            except OSError:
+                continue
+            comm, fields = stat[stat.index(b"(") + 1:stat.rindex(b")")], stat.rsplit(b")", 1)[1].split()
+            table[int(name)] = (int(fields[1]), int(fields[19]), comm.decode(errors="replace"))
+    return table
+
+
+def _descendants(root: int) -> dict[int, tuple[int, str]]:
+    """(start time, name) of every process below ``root``: pid and start time
+    together name a process, so a recycled pid is never mistaken for it."""
+    table, found, frontier = _process_table(), {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, started, name) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = (started, name)
+                frontier.append(pid)
+    return found
+
+
+def _alive(processes: dict[int, tuple[int, str]]) -> dict[int, str]:
+    table = _process_table()
+    return {pid: name for pid, (started, name) in processes.items() if pid in table and table[pid][1] == started}
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_a_killed_driver_leaves_none_of_its_private_ray_instance_running(tmp_path):
+    """`--ray-address local`, driver SIGKILLed mid-run: every process of the Ray
+    instance it started (its agents included) is gone soon after, and nothing
+    else was touched (only that run's process tree is looked at)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(160):
+        make_image(i, size=(64, 48)).save(folder / f"img_{i:03d}.jpg", quality=90)
+    out = tmp_path / "out"
+    pythonpath = os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, **ENV, "PYTHONPATH": pythonpath}
+    env.pop("RAY_ADDRESS", None)
+    driver = cli_extract(folder, out, "local", env)
+    ray_processes: dict[int, tuple[int, str]] = {}
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        # The first commit: Ray is up, its agents and workers running.
+        while not (out / "manifest.json").exists():
+            assert driver.poll() is None, driver.communicate()
+            assert time.monotonic() < deadline, "no commit in time"
+            time.sleep(0.05)
+        ray_processes = _descendants(driver.pid)
+        names = {name for _, name in ray_processes.values()}
+        assert {"raylet", "ray::DashboardA", "ray::RuntimeEnv"} <= names, names  # comm is cut at 15 chars
+        driver.send_signal(signal.SIGKILL)
+        driver.communicate()
+        # Ray's own fate-sharing leaves the agents for its ~60 s publish timeout;
+        # well under that, everything must be gone.
+        deadline = time.monotonic() + 30.0
+        while _alive(ray_processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _alive(ray_processes) == {}
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+        for pid in _alive(ray_processes):  # do not leak them into the next tests
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -247,8 +247,8 @@ def test_query_and_serve_re_rank_by_default_and_can_be_told_not_to(image_folder,
         assert hits[0]["path"].endswith("img_004.jpg") and len(hits) == 3, flags
 
 
-def test_a_damaged_augmentation_is_refused_by_readers_and_remade_by_the_next_index_run(image_folder, tmp_path):
-    from cbir_cli.errors import CorruptStoreError
+def test_a_damaged_augmentation_is_refused_by_readers_and_remade_by_the_next_index_run(image_folder, tmp_path,
+                                                                                      caplog):
     from cbir_cli.pipeline.sync import index_folder
     from cbir_cli.search.searcher import Searcher
     from cbir_cli.store.feature_store import FeatureStore
@@ -257,8 +257,11 @@ def test_a_damaged_augmentation_is_refused_by_readers_and_remade_by_the_next_ind
     index_folder(folder, tmp_path / "idx", model="test_tiny")
     vectors_file, _, _ = dba_paths(FeatureStore.open(tmp_path / "idx"))
     vectors_file.write_bytes(vectors_file.read_bytes()[:-64])  # truncated
-    with pytest.raises(CorruptStoreError, match=r"dba\.npy: damaged"):
-        Searcher.open(tmp_path / "idx", device="cpu", rerank=RerankSettings())
+    # Never used: the plain ranking is served, with one warning saying how to repair.
+    damaged = Searcher.open(tmp_path / "idx", device="cpu", rerank=RerankSettings())
+    assert damaged.backend.plain_only and damaged.backend.augmentation is None
+    messages = [r.getMessage() for r in caplog.records if "dba.npy" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].endswith("`cbir check --repair`")
     index_folder(folder, tmp_path / "idx", model="test_tiny")  # nothing new to embed: repairs it
     searcher = Searcher.open(tmp_path / "idx", device="cpu", rerank=RerankSettings())
     assert searcher.backend.augmentation is not None and searcher.backend.augmentation.count == 6

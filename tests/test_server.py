@@ -268,6 +268,31 @@ def test_wrong_method_is_405_json(client, method, url):
     assert_error(getattr(client, method)(url), 405, f"method {method.upper()} not allowed")
 
 
+def test_options_is_405_json_with_allow_not_an_empty_200(client):
+    for url, allowed in [("/api/search", {"GET", "HEAD", "POST"}), ("/api/images/0", {"GET", "HEAD"}),
+                         ("/static/app.js", {"GET", "HEAD"}), ("/", {"GET", "HEAD"})]:
+        response = client.options(url)
+        assert_error(response, 405, "method OPTIONS not allowed")
+        assert set(response.headers["Allow"].split(", ")) == allowed
+    assert "POST" in client.delete("/api/search").headers["Allow"]  # every 405 says what is allowed
+
+
+def test_a_form_of_50000_parts_is_refused_for_its_parts_not_its_size(client):
+    """3.4 MB (under the 20 MB limit) in 50,000 tiny fields: Werkzeug's form-parts limit."""
+    body = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nxxxxxxxxxxxxxxxxxx\r\n"
+                    for _ in range(50_000)) + b"--b--\r\n"
+    assert 3_000_000 < len(body) < 4_000_000
+    response = client.post("/api/search", data=body, content_type="multipart/form-data; boundary=b")
+    message = assert_error(response, 413, "too many parts", "limit 1000")
+    assert "MB" not in message
+
+
+def test_a_form_field_over_werkzeugs_limit_is_named_as_such(client):
+    response = client.post("/api/search", data={"k": "3", "box": "1" * 600_000, "image": (io.BytesIO(b"x"), "q.jpg")},
+                           content_type="multipart/form-data")
+    assert_error(response, 413, "form field", "500 KB")
+
+
 def test_create_app_on_a_missing_index_is_a_domain_error(tmp_path):
     with pytest.raises(CbirError, match="no index here"):
         create_app(index_dir=tmp_path / "none")

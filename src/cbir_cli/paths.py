@@ -53,6 +53,28 @@ def display_path(path: str | os.PathLike[str]) -> str:
     return os.fsencode(path).decode("utf-8", errors="replace")
 
 
+def lossless_path(path: str | os.PathLike[str]) -> str | None:
+    """The exact bytes of a path that :func:`display_path` cannot show (it is not
+    valid UTF-8), percent-encoded (RFC 3986, ``/`` kept; decode with
+    ``urllib.parse.unquote_to_bytes``); None when the display form is exact."""
+    from urllib.parse import quote_from_bytes
+
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return quote_from_bytes(raw, safe="/")
+    return None
+
+
+def json_path(path: str | os.PathLike[str], key: str = "path") -> dict[str, str]:
+    """``{key: display form}``, plus ``{key}_bytes`` (:func:`lossless_path`) when the
+    display form lost bytes: how JSON output names a file, so a client can always
+    recover the real path."""
+    raw = lossless_path(path)
+    return {key: display_path(path), **({f"{key}_bytes": raw} if raw is not None else {})}
+
+
 def common_folder(paths: list[str]) -> str:
     """The deepest folder holding every one of ``paths`` (of an index: the folder
     that was indexed, as far as its rows tell). ``paths`` must not be empty."""

@@ -46,6 +46,12 @@ CHUNK_PIXELS = 1 << 20
 # Transient bytes of converting one chunk (float64 copies of a 16-bit band and RGB).
 CHUNK_OVERHEAD_BYTES = CHUNK_PIXELS * 24
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# Start-of-frame markers of Huffman-coded, non-hierarchical JPEGs (baseline,
+# extended, progressive, lossless). Each codes every 8x8 block of a component with
+# at least one bit (its DC Huffman code), so a file with fewer bytes than that
+# cannot hold the pixels its header declares. Arithmetic coding can go below one
+# bit a block: those files are not checked.
+HUFFMAN_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3})
 NOT_A_REGULAR_FILE = "not a regular file (pipe, socket or device)"
 IS_A_FOLDER = "a folder, not an image file"
 
@@ -173,6 +179,8 @@ def decode_image(data: bytes, name: str = "<upload>", draft_size: int | None = N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            if img.format == "JPEG" and (short := jpeg_data_too_short(data, img)):
+                raise ImageError(name, short)
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             (w, h), needed = img.size, raster_bytes(img.mode, img.size)
@@ -199,6 +207,46 @@ def decode_image(data: bytes, name: str = "<upload>", draft_size: int | None = N
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = str(exc) or type(exc).__name__
         raise ImageError(name, f"cannot decode: {reason}") from None
+
+
+def _start_of_frame(data: bytes) -> int | None:
+    """The SOFn marker byte of a JPEG's frame header (None if not found before the scan)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        elif marker in (0xDA, 0xD9):  # start of scan / end of image: no frame header before
+            return None
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
+def jpeg_data_too_short(data: bytes, img: PILImage.Image) -> str | None:
+    """Why a JPEG cannot hold the pixels its header declares, or None. A header
+    patched to 65000x65000 on a few KB of data otherwise decodes "successfully"
+    (libjpeg fills what is missing with grey) into a raster of hundreds of MB.
+    The bound is exact, not a guess: at least one bit per 8x8 block of the
+    largest component (see :data:`HUFFMAN_SOF_MARKERS`). A genuine photo has
+    ~100 bits per block, so a truncated one keeps Pillow's own verdict."""
+    import math
+
+    w, h = img.size
+    layers = getattr(img, "layer", None) or [("", 1, 1, 0)]
+    if not (w and h) or _start_of_frame(data) not in HUFFMAN_SOF_MARKERS:
+        return None
+    h_max, v_max = max(layer[1] for layer in layers) or 1, max(layer[2] for layer in layers) or 1
+    blocks = max(math.ceil(math.ceil(w * hc / h_max) / 8) * math.ceil(math.ceil(h * vc / v_max) / 8)
+                 for _, hc, vc, _ in layers)
+    if len(data) * 8 >= blocks:
+        return None
+    return (f"truncated or corrupt JPEG data: declares {w}x{h} pixels, which need at least "
+            f"{_megabytes(blocks // 8)}, but the file has {len(data):,} bytes")
 
 
 def _decode_upright_rgb(img: PILImage.Image, needed: int, draft_size: int | None) -> PILImage.Image:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ImageError
 from .batched_resize import SUPPORTS, resize_crop_batch
-from .decode import MAX_IMAGE_PIXELS, read_image_bytes
+from .decode import MAX_IMAGE_PIXELS, jpeg_data_too_short, read_image_bytes
 from .nvimgcodec_decode import NvImageCodecJpegDecoder
 from .readers import EncodedJpeg, ImageFolderDataset, ReadChunk, pixels_or_reason, stack_rows
 
@@ -34,7 +34,8 @@ def device_jpeg(data: bytes) -> EncodedJpeg | None:
     It needs JPEG magic bytes, a header Pillow parses (only the header: cheap),
     colour RGB/YCbCr or grey, no more pixels than ``MAX_IMAGE_PIXELS`` and the
     end-of-image marker last. Everything else (PNG, CMYK JPEGs, oversized or broken
-    headers, truncated files, data after the image) takes the CPU path, which
+    headers, truncated files, data after the image, a header declaring more
+    pixels than the data can hold) takes the CPU path, which
     decodes it or refuses it with the usual reason: the decompression-bomb rule is
     the same on both paths, and so is the verdict on a truncated file, which nvJPEG
     would decode without complaint (grey where data is missing).
@@ -53,7 +54,8 @@ def device_jpeg(data: bytes) -> EncodedJpeg | None:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
-                if img.format != "JPEG" or img.mode not in ("RGB", "L") or width * height > MAX_IMAGE_PIXELS:
+                if img.format != "JPEG" or img.mode not in ("RGB", "L") or width * height > MAX_IMAGE_PIXELS \
+                        or jpeg_data_too_short(data, img):
                     return None
                 orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - whatever it is, the CPU path decodes it or says why

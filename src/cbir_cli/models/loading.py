@@ -125,6 +125,16 @@ def model_fingerprint(name: str, weights: str | os.PathLike[str] | None = None,
     return fingerprint
 
 
+def keep_int8_model(name: str, weights: str | os.PathLike[str] | None, descriptor: DescriptorSettings | None,
+                    calibration: Calibration, index_dir: str | os.PathLike[str]) -> str:
+    """Make the index at ``index_dir`` hold a checksummed copy of the int8 model of
+    ``calibration`` (quantised first if need be), so that it never needs its photos
+    again; returns the model's key (see :mod:`.int8_store`)."""
+    from .onnx_embedder import keep_int8_in_index
+
+    return keep_int8_in_index(get_model_config(name).with_descriptor(descriptor), weights, calibration, index_dir)
+
+
 def descriptor_of(fingerprint: dict[str, Any]) -> DescriptorSettings:
     """The descriptor settings a store's fingerprint records (none recorded: the
     legacy GAP / centre crop of stores made before they were configurable)."""

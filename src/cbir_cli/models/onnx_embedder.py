@@ -22,12 +22,14 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
 from ..fsutil import atomic_write_bytes
 from ..paths import cache_root
+from .int8_store import find_int8_model, int8_model_key, keep_int8_model
 from .preprocess import image_preprocessor
 from .protocol import EmbedderBase, model_fingerprint_of
 from .quantize import Calibration, quantize_onnx, quantized_path
@@ -235,25 +237,52 @@ class OnnxEmbedder(EmbedderBase):
         return out.astype(np.float32, copy=False)
 
 
+def _official_weights_present(config: ModelConfig, weights: str | os.PathLike[str] | None) -> bool:
+    return weights is not None or not config.weights_file or \
+        (torch_hub_checkpoint_dir() / config.weights_file).is_file()
+
+
+def int8_model_path(config: ModelConfig, weights: str | os.PathLike[str] | None, calibration: Calibration,
+                    cache_dir: Path | None = None) -> Path:
+    """The int8 model of ``calibration``: the index's checksummed copy when it has
+    one (no photos, cache or weights needed), else the cached one, else quantised
+    now from the fp32 export and the calibration images (and cached)."""
+    weights_id = weights_id_for(config, weights)
+    if calibration.index_dir is not None:
+        kept = find_int8_model(calibration.index_dir, int8_model_key(config, weights_id, calibration))
+        if kept is not None:
+            return kept
+    int8_path = quantized_path(cached_export_path(config, weights_id, cache_dir), calibration)
+    if not (int8_path.is_file() and _official_weights_present(config, weights)):
+        fp32 = load_onnx_embedder(config, weights, cache_dir)
+        quantize_onnx(fp32.model_path, int8_path, calibration, config, fp32.preprocess)
+    return int8_path
+
+
+def keep_int8_in_index(config: ModelConfig, weights: str | os.PathLike[str] | None, calibration: Calibration,
+                       index_dir: str | os.PathLike[str]) -> str:
+    """Make the index at ``index_dir`` hold its int8 model (see :mod:`.int8_store`);
+    returns the model's key."""
+    key = int8_model_key(config, weights_id_for(config, weights), calibration)
+    if find_int8_model(index_dir, key) is None:
+        from_elsewhere = replace(calibration, index_dir=None)  # the cache, else the photos
+        keep_int8_model(index_dir, key, int8_model_path(config, weights, from_elsewhere), calibration)
+    return key
+
+
 def load_onnx_embedder(config: ModelConfig, weights: str | os.PathLike[str] | None = None,
                        cache_dir: Path | None = None, calibration: Calibration | None = None) -> OnnxEmbedder:
     """The ONNX embedder of a registered model. A cached export is used without
     building the PyTorch model, but only while the weights it was made from are
     still installed (so a missing-weights error is never masked by the cache).
 
-    ``calibration``: the int8 model quantised on these images (made once from the
-    fp32 export and cached beside it; see :mod:`.quantize`)."""
+    ``calibration``: the int8 model quantised on these images (see :func:`int8_model_path`)."""
     weights_id = weights_id_for(config, weights)
-    path = cached_export_path(config, weights_id, cache_dir)
-    official_present = weights is not None or not config.weights_file or \
-        (torch_hub_checkpoint_dir() / config.weights_file).is_file()
     if calibration is not None:
-        int8_path = quantized_path(path, calibration)
-        if not (int8_path.is_file() and official_present):
-            fp32 = load_onnx_embedder(config, weights, cache_dir)
-            quantize_onnx(fp32.model_path, int8_path, calibration, config, fp32.preprocess)
-        return OnnxEmbedder(config, weights_id, int8_path, calibration=calibration)
-    if path.is_file() and official_present:
+        return OnnxEmbedder(config, weights_id, int8_model_path(config, weights, calibration, cache_dir),
+                            calibration=calibration)
+    path = cached_export_path(config, weights_id, cache_dir)
+    if path.is_file() and _official_weights_present(config, weights):
         return OnnxEmbedder(config, weights_id, path)
     # Seconds of silence on a first run otherwise (the CLI shows INFO as a note).
     logging.getLogger(__name__).info("note: preparing %s for ONNX Runtime (a one-off export, ~10 s; cached in %s)",

@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +53,11 @@ QUANT_SETTINGS = {"format": "QOperator", "per_channel": True, "activations": "U8
 
 @dataclass(frozen=True)
 class Calibration:
-    """The images an int8 model was calibrated on: (path, sha256) pairs."""
+    """The images an int8 model was calibrated on: (path, sha256) pairs, and the
+    index that keeps a copy of the model (:mod:`.int8_store`; not part of the identity)."""
 
     images: tuple[tuple[str, str], ...]
+    index_dir: str | None = field(default=None, compare=False)
 
     @property
     def id(self) -> str:
@@ -67,14 +69,16 @@ class Calibration:
         return {"precision": "int8", "calibration": self.id, "calibration_images": [list(i) for i in self.images]}
 
     @classmethod
-    def from_fingerprint(cls, fingerprint: dict[str, Any]) -> Calibration | None:
-        """The calibration an int8 store was built with; None for fp32 stores."""
+    def from_fingerprint(cls, fingerprint: dict[str, Any],
+                         index_dir: str | os.PathLike[str] | None = None) -> Calibration | None:
+        """The calibration an int8 store was built with; None for fp32 stores.
+        ``index_dir``: the store's folder, where its int8 model is kept."""
         if fingerprint.get("precision", "fp32") != "int8":
             return None
         images = fingerprint.get("calibration_images")
         if not isinstance(images, list) or not images:
             raise CbirError("the index says int8 but does not list its calibration images; rebuild it")
-        return cls(tuple((str(p), str(s)) for p, s in images))
+        return cls(tuple((str(p), str(s)) for p, s in images), None if index_dir is None else str(index_dir))
 
 
 def sample_calibration(paths: Sequence[str | os.PathLike[str]],
@@ -106,7 +110,8 @@ def _calibration_pixels(path: str, sha: str, preprocess: Any, draft_size: int) -
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError:
-        raise CbirError(f"{path}: int8 calibration image unreadable; rebuild the index to calibrate again") from None
+        raise CbirError(f"{path}: int8 calibration image unreadable, and neither the index nor the model cache "
+                        "holds the int8 model; rebuild the index to calibrate again") from None
     if hashlib.sha256(data).hexdigest() != sha:
         raise CbirError(f"{path}: changed since it calibrated this index's int8 model; "
                         "rebuild the index to calibrate again")

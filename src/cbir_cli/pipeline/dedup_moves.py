@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
-from ..paths import common_folder, display_path, normalise_path
+from ..paths import common_folder, display_path, json_path, normalise_path
 from ..store.transaction import write_transaction
 from .plan import hash_file
 
@@ -45,8 +45,8 @@ class Move:
     keep_sha256: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "from": display_path(self.source), "to": display_path(self.target),
-                "keep": display_path(self.keep)}
+        return {"id": self.id, **json_path(self.source, "from"), **json_path(self.target, "to"),
+                **json_path(self.keep, "keep")}
 
 
 @dataclass
@@ -61,7 +61,7 @@ class MovePlan:
     def as_dict(self) -> dict[str, Any]:
         return {"base": display_path(self.base), "destination": display_path(self.destination),
                 "moves": [m.as_dict() for m in self.moves], "moved": [m.as_dict() for m in self.moved],
-                "skipped": [{"path": display_path(p), "reason": r} for p, r in self.skipped]}
+                "skipped": [{**json_path(p), "reason": r} for p, r in self.skipped]}
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from ..errors import ImageError
 from ..imageio.decode import open_image_file, oserror_reason
@@ -25,11 +25,16 @@ def hash_file(path: Path | str) -> tuple[str, int]:
     of hanging the run); :class:`ImageError` says why not."""
     fh, _ = open_image_file(path)
     with fh:
-        digest = hashlib.sha256()
-        size = 0
-        while block := fh.read(1 << 20):
-            digest.update(block)
-            size += len(block)
+        return hash_open_file(fh)
+
+
+def hash_open_file(fh: BinaryIO) -> tuple[str, int]:
+    """sha256 and size of what is left to read in an open file (read in 1 MB blocks)."""
+    digest = hashlib.sha256()
+    size = 0
+    while block := fh.read(1 << 20):
+        digest.update(block)
+        size += len(block)
     return digest.hexdigest(), size
 
 

@@ -7,7 +7,8 @@ one started with ``ray start`` -- else a private local one for the run), ``local
 (always a private local one), ``host:port`` (a cluster's GCS) or
 ``ray://host:10001`` (Ray Client, a remote cluster). A local instance is started
 with ``address="local"`` explicitly: a bare ``ray.init()`` silently attaches to
-whatever cluster ``/tmp/ray`` last recorded.
+whatever cluster ``/tmp/ray`` last recorded; it is watched by
+:mod:`.ray_reaper` so that none of it outlives this process, even a SIGKILLed one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import CbirError
+from .ray_reaper import Reaper, supported
+
+_reaper: Reaper | None = None  # the watchdog of the private local instance this process started
 
 RAY_EXTRA = "pip install 'cbir-cli[ray]'"
 START_ATTEMPTS = 3
@@ -125,6 +129,8 @@ def connect(address: str = "auto") -> bool:
     for attempt in range(START_ATTEMPTS):
         try:
             _init(ray, address)
+            if address == "local":
+                _watch_local_instance()
             _quiet_data_context()
             return True
         except Exception as exc:  # noqa: BLE001 - ConnectionError, RpcError (deadline exceeded), RuntimeError...
@@ -136,10 +142,36 @@ def connect(address: str = "auto") -> bool:
     raise CbirError(f"could not {where} after {START_ATTEMPTS} attempts ({_first_line(last)})")
 
 
+def _watch_local_instance() -> None:
+    """Start the watchdog of the instance ``ray.init`` just started here (its
+    processes, from Ray's node record; without one, Ray's own fate-sharing is
+    all there is)."""
+    global _reaper
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None)
+    if not supported() or not isinstance(processes, dict):
+        return
+    def pids(infos: Any) -> list[int]:  # Ray's ProcessInfo records, each with its Popen
+        found = (getattr(getattr(info, "process", None), "pid", None) for info in infos)
+        return [pid for pid in found if isinstance(pid, int)]
+
+    try:
+        _reaper = Reaper([pid for infos in processes.values() for pid in pids(infos)],
+                         pids(processes.get("raylet", [])))
+    except OSError:  # no watchdog: the instance still ends with a clean exit, as before
+        _reaper = None
+
+
 def disconnect() -> None:
     import ray
 
+    global _reaper
     ray.shutdown()
+    if _reaper is not None:
+        _reaper.release()
+        _reaper = None
 
 
 @contextlib.contextmanager

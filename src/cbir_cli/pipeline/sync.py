@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import CbirError
 from ..imageio.files import is_under
-from ..models.loading import default_precision, model_fingerprint
+from ..models.int8_store import prune_int8_models
+from ..models.loading import default_precision, keep_int8_model, model_fingerprint
 from ..models.quantize import Calibration, sample_calibration
 from ..paths import display_path
 from ..resolve import resolve_descriptor, resolve_index_dir, resolve_model
@@ -154,13 +157,35 @@ def choose_calibration(options: ExtractOptions, model: str, existing: FeatureSto
     if options.precision == "fp32" or model in DESCRIPTORS:
         return None
     same_model = existing is not None and existing.fingerprint.get("model") == model
-    stored = Calibration.from_fingerprint(existing.fingerprint) if same_model and existing is not None else None
+    stored = Calibration.from_fingerprint(existing.fingerprint, existing.root) \
+        if same_model and existing is not None else None
     if options.precision == "auto" and stored is None and (
             same_model or default_precision(model, options.device, options.runtime) == "fp32"):
         return None
     if stored is not None and not rebuild:
         return stored
     return sample_calibration(files, executor.hash_files)
+
+
+def begin_int8(txn: WriteTransaction, request: EmbedRequest, rebuild: bool,
+               on_notice: NoticeCallback | None) -> str | None:
+    """Put the int8 model into the index before anything is embedded with it (so an
+    index never needs its photos again: :mod:`cbir_cli.models.int8_store`), and
+    return the key of the model the index needs ("" for an fp32 index; None when
+    unknown). An index made before it kept its model gains it here, at its first
+    write; if its calibration photos are gone and the model cache is cold, that
+    is a warning: the run goes on and fails only if it has something to embed."""
+    if request.calibration is None:
+        return ""
+    try:
+        return keep_int8_model(request.model, request.weights, request.descriptor, request.calibration,
+                               txn.root)
+    except CbirError as exc:
+        if txn.existing is None or rebuild:
+            raise
+        if on_notice:
+            on_notice(f"warning: {exc.message}")
+        return None
 
 
 def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | None,
@@ -199,10 +224,13 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
                 if notice and on_notice:
                     on_notice(notice)
             calibration = choose_calibration(options, choice.name, txn.existing, rebuild, files, executor)
+            if calibration is not None:  # the index will keep its int8 model (see begin_int8 below)
+                calibration = replace(calibration, index_dir=str(store_dir))
             fingerprint = model_fingerprint(choice.name, choice.weights, settings, calibration)
             request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime,
                                    descriptor=settings, calibration=calibration)
         store = txn.begin(fingerprint)
+        int8_model = None if embedder is not None else begin_int8(txn, request, rebuild, on_notice)
         for repair in txn.repairs:
             if on_notice:
                 on_notice(f"repaired: {repair}")
@@ -212,6 +240,8 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
             store.manifest["weights_path"] = str(Path(request.weights).expanduser().absolute())
         sync_files(txn, root_path, files, request, executor, summary, skip)
         txn.commit()
+        if int8_model is not None and store.committed:
+            prune_int8_models(store_dir, int8_model or None)
         summary.store_count = store.count
         if after_commit is not None and store.committed:
             after_commit(store)

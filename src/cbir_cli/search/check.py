@@ -5,9 +5,11 @@ Reads everything the manifest names and checks, without changing anything:
 * the manifest: well-formed, count == live rows, ids never reused;
 * every shard: present, the recorded size and sha256, (rows, dim) of the store's shard dtype, finite
   unit-length vectors; its rows file: present, checksum, one row per vector;
-* ids: unique, below ``next_id``; live paths unique;
+* ids: unique, below ``next_id`` (from the manifest's ``max_id`` keys alone, and
+  from the rows); live paths unique;
 * the model: known, same dimension and preprocessing as the registry now defines,
-  a weights file still present with the recorded hash;
+  a weights file still present with the recorded hash; an int8 index's own copy of
+  its quantised model matches its recorded checksum;
 * the search backend the index records (if saved for the current generation):
   checksum, count, dim and the same vectors as the shards (Faiss); the collection
   exists and holds exactly the store's live ids (Milvus); the DBA vectors saved
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CbirError
+from ..models.int8_store import damaged_int8_models
 from ..models.loading import fingerprint_problems
 from ..store.feature_store import FeatureStore
 from ..store.integrity import shard_problems
@@ -46,7 +49,7 @@ class CheckReport:
     dim: int | None = None
     shard_dtype: str = "float32"  # how the shards keep vectors (store.shard_format)
     backend: str = "faiss"
-    search_index: str = "missing"  # current | stale | missing
+    search_index: str = "missing"  # current | stale | missing | in use (held by another process: not checked)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
@@ -84,6 +87,7 @@ def check_index(index_dir: str | os.PathLike[str]) -> CheckReport:
         report.notes.append(f"{len(report.leftovers)} leftover file(s) of an interrupted run; "
                             "the next `cbir index` deletes them")
     report.problems.extend(fingerprint_problems(store.fingerprint, manifest.get("weights_path"), manifest_path))
+    report.problems.extend(damaged_int8_models(root))
     if not isinstance(report.dim, int) or report.dim < 1:
         report.problems.append(f"{manifest_path}: fingerprint has no valid dim ({report.dim!r})")
         return report

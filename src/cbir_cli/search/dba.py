@@ -32,6 +32,7 @@ from ..fsutil import (
     read_json_meta,
 )
 from ..store.manifest import INDEX_DIR
+from ..store.verdicts import file_stamp, verify_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -296,11 +297,11 @@ def augmentation_intact(store: FeatureStore) -> bool:
     """Whether the saved augmentation's files still have the checksums its meta
     recorded (what a writer checks before it keeps or updates them)."""
     meta = read_dba_meta(store)
-    vectors_file, neighbours_file, _ = dba_paths(store)
+    vectors_file, neighbours_file, meta_file = dba_paths(store)
     try:
-        return meta is not None and file_sha256(vectors_file) == meta["sha256"] and \
-            file_sha256(neighbours_file) == meta["neighbours_sha256"]
-    except OSError:
+        return meta is not None and bool(verify_file(vectors_file, meta["sha256"], meta_file.name)) and \
+            bool(verify_file(neighbours_file, meta["neighbours_sha256"], meta_file.name))
+    except CorruptStoreError:
         return False
 
 
@@ -364,9 +365,9 @@ def load_augmentation(store: FeatureStore, settings: DbaSettings | None = None,
                       any_generation: bool = False) -> Augmentation | None:
     """The saved augmentation if it is current (the store's generation, and
     ``settings`` when given), else None; ``any_generation``: also a stale one (the
-    starting point of an update). Sizes are checked, and the neighbour lists' checksum
-    (they name the ids a search returns); the vectors' checksum by
-    :func:`check_augmentation` and writers, since readers memory-map them."""
+    starting point of an update). Sizes and both files' checksums are checked: the
+    memory-mapped vectors' once per change of the file
+    (:func:`~cbir_cli.store.verdicts.verify_file`), not per open."""
     import io
 
     import numpy as np
@@ -382,7 +383,10 @@ def load_augmentation(store: FeatureStore, settings: DbaSettings | None = None,
     for path in (vectors_file, neighbours_file):
         try:
             if path == vectors_file:
+                verified = verify_file(path, meta["sha256"], meta_file.name)
                 arrays.append(np.load(path, mmap_mode="r"))
+                if file_stamp(path) != verified:  # replaced between the check and the mapping
+                    raise CorruptStoreError(f"{path}: changed while it was opened")
                 continue
             data = path.read_bytes()
             if bytes_sha256(data) != meta["neighbours_sha256"]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
 from ..imageio.header import image_size
-from ..paths import display_path
+from ..paths import json_path
 from ..store.vectors import ShardVectors
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class Member:
         return self.width * self.height
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": display_path(self.path), "width": self.width, "height": self.height,
+        return {"id": self.id, **json_path(self.path), "width": self.width, "height": self.height,
                 "bytes": self.bytes, "score_to_best": round(self.score_to_best, 6)}
 
 

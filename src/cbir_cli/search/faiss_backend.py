@@ -19,6 +19,7 @@ from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256, read_j
 from ..store.feature_store import FeatureStore
 from ..store.manifest import INDEX_DIR
 from ..store.vectors import ShardVectors, row_table
+from ..store.verdicts import file_stamp, verify_file
 from .exact import as_queries, empty_results, rerank
 from .protocol import BackendCheck
 
@@ -207,16 +208,18 @@ def read_index_meta(store: FeatureStore) -> dict[str, Any] | None:
 
 def saved_index_intact(store: FeatureStore, meta: dict[str, Any]) -> bool:
     """Whether the saved index file still has the checksum its meta recorded."""
+    index_file, meta_file = index_paths(store)
     try:
-        return bytes_sha256(index_paths(store)[0].read_bytes()) == meta["sha256"]
-    except OSError:
+        return bool(verify_file(index_file, meta["sha256"], meta_file.name))
+    except CorruptStoreError:
         return False
 
 
-def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
+def load_index(store: FeatureStore, rehash: bool = False) -> tuple[faiss.Index, str] | None:
     """The saved index and its kind (flat | hnsw | ivfpq) if it matches the store's
     committed state, else None (stale or missing). A damaged index file raises: it
-    is never served."""
+    is never served. Its checksum is verified once per change of the file
+    (:func:`~cbir_cli.store.verdicts.verify_file`); ``rehash`` (``cbir check``): now."""
     import faiss
     import numpy as np
 
@@ -224,12 +227,15 @@ def load_index(store: FeatureStore) -> tuple[faiss.Index, str] | None:
     if meta is None or meta.get("generation") != store.generation:
         return None
     index_file, meta_file = index_paths(store)
+    verified = None if rehash else verify_file(index_file, meta["sha256"], meta_file.name)
     try:
         data = index_file.read_bytes()
     except OSError as exc:
         raise CorruptStoreError(f"{index_file}: unreadable ({exc})") from None
-    if bytes_sha256(data) != meta.get("sha256"):
+    if verified is None and bytes_sha256(data) != meta["sha256"]:
         raise CorruptStoreError(f"{index_file}: checksum mismatch (damaged, or {meta_file.name} is)")
+    if verified is not None and file_stamp(index_file) != verified:  # replaced between the check and the read
+        raise CorruptStoreError(f"{index_file}: changed while it was read")
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     if index.ntotal != store.count or index.d != store.dim:
         raise CorruptStoreError(
@@ -413,7 +419,7 @@ class FaissBackend:
                 report.notes.append("no saved search index; queries build one in memory "
                                     "(`cbir index FOLDER` saves it)")
                 return report
-            loaded = load_index(store)
+            loaded = load_index(store, rehash=True)
         except CorruptStoreError as exc:
             report.problems.append(exc.message)
             return report

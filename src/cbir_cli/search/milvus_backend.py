@@ -12,6 +12,13 @@ like the Faiss backend does for a stale saved index. ``check`` compares the
 collection's ids and count with the store; :meth:`build` re-populates a lost or
 empty collection from the shards, without re-embedding anything.
 
+Milvus Lite specifics. A database that opens but cannot read its collections
+(damaged files) makes a writer set the collection -- or, if the database still
+fails, the whole database -- aside into ``<database>.damaged/`` and make it again
+from the shards: a rebuild never needs to read what it replaces. A database open
+in another process (one process at a time) is busy, not damaged: ``check`` says
+which process holds it and reports no problem.
+
 Index types: ``auto`` = HNSW (M=32, efConstruction=40, search ef = max(64, k))
 up to :data:`AUTO_HNSW_MAX` vectors, IVF_PQ above (servers only); ``flat`` = FLAT,
 ``hnsw`` = HNSW, ``ivfpq`` = IVF_PQ. Milvus Lite builds only FLAT, HNSW, IVF_FLAT
@@ -32,7 +39,16 @@ from ..store.manifest import FINGERPRINT_KEYS, INDEX_DIR
 from ..store.vectors import ShardVectors
 from .exact import as_queries, empty_results
 from .faiss_backend import FaissBackend, ivf_lists
-from .milvus_client import import_pymilvus, is_lite, milvus_errors, open_client, release_lite
+from .milvus_client import (
+    LiteDamagedError,
+    LiteInUseError,
+    import_pymilvus,
+    is_lite,
+    milvus_errors,
+    open_client,
+    release_lite,
+    set_aside_lite,
+)
 from .protocol import BackendCheck
 
 if TYPE_CHECKING:
@@ -111,22 +127,46 @@ class MilvusBackend:
 
     def _exists(self) -> bool:
         """Whether the collection exists; if so it is loaded (searchable), which a
-        Milvus Lite database reopened by a new process is not."""
-        with milvus_errors(self.where):
-            client = self.client()
-            if not client.has_collection(self.collection):
-                return False
-            if not self._loaded:
-                state = client.get_load_state(self.collection).get("state")
-                if getattr(state, "name", str(state)) != "Loaded":
-                    client.load_collection(self.collection)
-                self._loaded = True
+        Milvus Lite database reopened by a new process is not. A Lite database that
+        opens but fails here is damaged (:class:`LiteDamagedError`)."""
+        client = self.client()
+        try:
+            with milvus_errors(self.where):
+                if not client.has_collection(self.collection):
+                    return False
+                if not self._loaded:
+                    state = client.get_load_state(self.collection).get("state")
+                    if getattr(state, "name", str(state)) != "Loaded":
+                        client.load_collection(self.collection)
+                    self._loaded = True
+        except CbirError as exc:
+            if self.lite:
+                raise LiteDamagedError(exc.message) from None
+            raise
         return True
+
+    def _exists_for_writer(self) -> bool:
+        """:meth:`_exists` for a writer about to (re)make the collection from the
+        shards: a damaged Lite collection is set aside first, then the whole
+        database if that was not enough (never read, never deleted)."""
+        for collection in (self.collection, None):
+            try:
+                return self._exists()
+            except LiteDamagedError:
+                self.close()
+                if collection is None or (Path(self.uri) / "collections" / collection).exists():
+                    set_aside_lite(self.uri, collection)
+        return self._exists()
 
     def check_target(self, fingerprint: dict[str, Any]) -> None:
         """Before a writer does any work: Milvus is reachable and the collection, if it
-        exists, holds vectors comparable with ``fingerprint``."""
-        if self._exists():
+        exists, holds vectors comparable with ``fingerprint`` (a damaged Lite one
+        is replaced by the writer: nothing in it to compare)."""
+        try:
+            exists = self._exists()
+        except LiteDamagedError:
+            return
+        if exists:
             self._check_compatible(fingerprint)
 
     def _check_compatible(self, fingerprint: dict[str, Any]) -> None:
@@ -180,7 +220,7 @@ class MilvusBackend:
             self.index_type = "flat (in memory; the Milvus collection is stale)"
             return
         kind = milvus_index_type(index_type, store.count, self.lite)
-        if self._exists():
+        if self._exists_for_writer():
             self._check_compatible(store.fingerprint)
             with milvus_errors(self.where):
                 self.client().drop_collection(self.collection)
@@ -196,7 +236,7 @@ class MilvusBackend:
         meta = self.read_meta(store)
         index_type = index_type or (meta or {}).get("index_type") or "auto"
         kind = milvus_index_type(index_type, store.count, self.lite)
-        if not self._exists() or meta is None or meta.get("milvus_index") != kind:
+        if not self._exists_for_writer() or meta is None or meta.get("milvus_index") != kind:
             self.build(store, index_type)
             return True
         self._check_compatible(store.fingerprint)
@@ -287,12 +327,20 @@ class MilvusBackend:
 
         report = BackendCheck(repair="rebuild-backend")
         meta = self.read_meta(store)
+        aside = Path(f"{self.uri}.damaged")
+        if self.lite and aside.is_dir() and any(aside.iterdir()):
+            report.notes.append(f"{aside}: damaged Milvus Lite data set aside by a rebuild; delete it when no "
+                                "longer needed")
         try:
             if not self._exists():
                 report.problems.append(f"{self.where} is missing")
                 return report
             self._check_compatible(store.fingerprint)
             have = self._collection_ids()
+        except LiteInUseError as exc:  # busy, not damaged
+            report.state = "in use"
+            report.notes.append(f"{exc.in_use}; not checked (check again once it is closed)")
+            return report
         except CbirError as exc:
             report.problems.append(exc.message)
             return report

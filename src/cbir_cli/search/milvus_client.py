@@ -73,11 +73,29 @@ def open_client(uri: str) -> Any:
         return pymilvus.MilvusClient(uri, token=os.environ.get("MILVUS_TOKEN", ""), timeout=CONNECT_TIMEOUT)
     except pymilvus.MilvusException as exc:
         if is_lite(uri) and lite_locked(uri):
-            raise CbirError(f"{uri}: this Milvus Lite database is open in another process; Milvus Lite allows one "
-                            "process per database file at a time (stop the other one, such as a search server on "
-                            "this index, or serve the file with `milvus-lite server` and use its http:// "
-                            "address)") from None
+            raise LiteInUseError(uri, lite_holder(uri)) from None
         raise CbirError(f"cannot reach Milvus at {uri} ({message_of(exc)})") from None
+
+
+class LiteInUseError(CbirError):
+    """Another process holds the Milvus Lite database: it is busy, not damaged."""
+
+    def __init__(self, uri: str, holder: str) -> None:
+        self.in_use = f"{uri}: this Milvus Lite database is open in {holder}"
+        super().__init__(f"{self.in_use}; Milvus Lite allows one process per database file at a time (stop the "
+                         "other one, such as a search server on this index, or serve the file with `milvus-lite "
+                         "server` and use its http:// address)")
+
+
+class LiteDamagedError(CbirError):
+    """A Milvus Lite database opened, then failed to read its collections (damaged
+    files): a writer sets it aside and makes the collection again from the shards."""
+
+    remedy = "rebuild-backend"
+
+
+def _lock_file(uri: str) -> Path:
+    return Path(uri) / "LOCK"
 
 
 def lite_locked(uri: str) -> bool:
@@ -85,7 +103,7 @@ def lite_locked(uri: str) -> bool:
     database folder) on this database."""
     import fcntl
 
-    lock = Path(uri) / "LOCK"
+    lock = _lock_file(uri)
     if not lock.is_file():
         return False
     try:
@@ -95,6 +113,41 @@ def lite_locked(uri: str) -> bool:
     except OSError:
         return True
     return False
+
+
+def lite_holder(uri: str) -> str:
+    """Which process holds a Lite database's lock, in words: ``another process (pid
+    N: its command line)`` from ``/proc/locks`` (Linux), or just ``another process``."""
+    try:
+        st = os.stat(_lock_file(uri))
+        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            pids = [int(f[4]) for f in (line.split() for line in locks)
+                    if len(f) > 5 and f[1] == "FLOCK" and f[5] == device and f[4].isdigit()]
+        pid = next(p for p in pids if p != os.getpid())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (OSError, StopIteration, ValueError):
+        return "another process"
+    return f"another process (pid {pid}: {command[:120]})" if command else f"another process (pid {pid})"
+
+
+def set_aside_lite(uri: str, collection: str | None) -> Path:
+    """Move a damaged Lite collection's folder (``collection``), or the whole
+    database (None), into ``<database>.damaged/`` -- kept for whoever wants to look,
+    out of the way of a new one. The database must not be open in this process.
+    Returns where it went."""
+    import time
+
+    source = Path(uri) / "collections" / collection if collection else Path(uri)
+    aside = Path(f"{uri}.damaged")
+    aside.mkdir(exist_ok=True)
+    target = aside / f"{source.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    try:
+        source.rename(target)
+    except OSError as exc:
+        raise CbirError(f"{source}: damaged, and cannot be moved aside to {target} ({exc.strerror})") from None
+    return target
 
 
 def release_lite(uri: str) -> None:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class BackendCheck:
     """What ``cbir check`` learns of a backend's saved state."""
 
-    state: str = "missing"  # current | stale | missing
+    state: str = "missing"  # current | stale | missing | in use (held by another process: not checked)
     problems: list[str] = field(default_factory=list)  # damage: the index must be rebuilt
     notes: list[str] = field(default_factory=list)  # worth knowing, harmless
     # The remedy key (cbir_cli.errors.REMEDIES) for ``problems``; None: rebuild the index.

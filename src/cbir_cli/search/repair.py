@@ -4,6 +4,7 @@
   ``store.json`` (:func:`cbir_cli.store.repair.recover_manifest`);
 * damaged shards are dropped (their images come back at the next indexing run of
   the folder, which embeds them again) and invalid vectors tombstoned;
+* a lowered ``next_id`` is raised above every stored id (ids are never reused);
 * leftovers of interrupted runs are deleted;
 * the saved search index and its DBA vectors (re-ranking) are rebuilt from the
   shards when damaged, stale or missing.
@@ -64,6 +65,9 @@ def repair_index(index_dir: str | os.PathLike[str]) -> RepairReport:
             report.repairs += [f"{dropped}: left out" for dropped in report.recovered.dropped]
         store = FeatureStore.open(root, check_files=False)
         report.repairs += drop_damaged_shards(store)
+        lowered = store.ensure_next_id(every_row=True)
+        if lowered:
+            report.repairs.append(lowered)
         leftovers = store.leftover_files()
         store.commit()
         if leftovers:

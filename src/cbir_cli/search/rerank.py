@@ -24,10 +24,11 @@ decrease. :meth:`RerankingBackend.rank` returns the re-ranking scores instead.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import CbirError
+from ..errors import CbirError, CorruptStoreError
 from .dba import (
     Augmentation,
     DbaSettings,
@@ -59,6 +60,7 @@ SHORTLIST_MIN = 20
 # A reader computes a missing or stale augmentation in memory up to this many
 # vectors (seconds); above, it searches without DBA until `cbir index` saves one.
 IN_MEMORY_MAX = 50_000
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,8 @@ class RerankingBackend:
     augmentation: Augmentation | None = None
     #: Why no augmentation is used although one was asked for (for ``info``), or None.
     dba_note: str | None = None
+    #: Set when the saved DBA files are damaged: the plain ranking is served instead.
+    plain_only: bool = False
 
     @property
     def name(self) -> str:
@@ -269,13 +273,20 @@ class RerankingBackend:
         return True
 
     def _load_augmentation(self, store: FeatureStore) -> None:
-        self.augmentation, self.dba_note = None, None
+        self.augmentation, self.dba_note, self.plain_only = None, None, False
         if not self.settings.use_dba:
             return
-        settings = self._settings_for(store)
-        if not settings.enabled:
+        try:
+            settings = self._settings_for(store)
+            if not settings.enabled:
+                return
+            self.augmentation = load_augmentation(store, settings)
+        except CorruptStoreError as exc:
+            # Derived data only: the plain ranking (from the verified shards) is still
+            # right, re-ranking with damaged vectors would silently reorder results.
+            self.plain_only, self.dba_note = True, "DBA vectors damaged: not re-ranked"
+            log.warning("warning: %s; results are not re-ranked: repair with `cbir check --repair`", exc.message)
             return
-        self.augmentation = load_augmentation(store, settings)
         if self.augmentation is None:
             if store.count <= IN_MEMORY_MAX:
                 self.augmentation = augment(self.inner, self._live_ids(store), settings)
@@ -310,7 +321,8 @@ class RerankingBackend:
 
         queries = np.asarray(queries, dtype=np.float32)
         queries = as_queries(queries, queries.shape[-1])
-        return rerank_search(self.inner, self.augmentation, self.settings, queries, k, exclude)
+        settings = NO_RERANKING if self.plain_only else self.settings
+        return rerank_search(self.inner, self.augmentation, settings, queries, k, exclude)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Re-ranked top-k ``(cosine to the query, ids)``: see the module docstring."""

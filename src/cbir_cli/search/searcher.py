@@ -19,7 +19,7 @@ from ..imageio.decode import load_image
 from ..imageio.region import Box
 from ..models.protocol import embed_images
 from ..models.quantize import Calibration
-from ..paths import common_folder, display_path, normalise_path
+from ..paths import common_folder, display_path, json_path, normalise_path
 from ..resolve import resolve_index_dir
 from ..store.feature_store import FeatureStore, Row
 from ..store.manifest import check_fingerprint
@@ -45,10 +45,11 @@ class Hit:
     rank: int
     score: float
     id: int
-    path: str
+    path: str  # as stored: printable() / display_path() to show it, json_path() for JSON
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """For JSON: the path printable, with its exact bytes when that lost some."""
+        return {**asdict(self), **json_path(self.path)}
 
 
 def open_backend(store: FeatureStore, backend: SearchBackend | None = None,
@@ -129,8 +130,10 @@ class Searcher:
 
             fp = self.store.fingerprint
             weights = self.store.manifest.get("weights_path")
+            # The store's folder: an int8 index keeps its quantised model there.
+            calibration = Calibration.from_fingerprint(fp, self.store.root)
             self._embedder = load_embedder(fp["model"], weights, self.device, self.runtime,
-                                           descriptor=descriptor_of(fp), calibration=Calibration.from_fingerprint(fp))
+                                           descriptor=descriptor_of(fp), calibration=calibration)
             check_fingerprint(fp, self._embedder.fingerprint(), self.store.root)
         return self._embedder
 
@@ -219,7 +222,7 @@ class Searcher:
                 if image_id < 0:
                     continue
                 row = self.row(int(image_id))
-                hits.append(Hit(len(hits) + 1, float(score), row.id, display_path(row.path)))
+                hits.append(Hit(len(hits) + 1, float(score), row.id, row.path))
             results.append(hits)
         return results
 

@@ -5,8 +5,10 @@ The app is made by :func:`create_app`, which opens the index and loads the model
 once, so every request reuses them; a new generation committed by ``cbir index``
 is picked up while serving (:mod:`.live`). Files are only ever reached through an
 integer id looked up in the index (``Searcher.row``): no request can name a path,
-so there is nothing to traverse and nothing to list. Every error, including
-Flask's own 404/405/413 and an unexpected 500, is answered as JSON
+so there is nothing to traverse and nothing to list; and a file is only sent,
+thumbnailed or decoded while it is still the image that was indexed
+(:mod:`cbir_cli.pipeline.indexed_files`). Every error, including Flask's own
+404/405/413, an OPTIONS request and an unexpected 500, is answered as JSON
 ``{"error": message}``. Decoding (uploads, thumbnails) shares one memory budget
 (:class:`~cbir_cli.imageio.decode.DecodeBudget`).
 
@@ -23,14 +25,15 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CbirError, ImageError
 from ..imageio import thumbnails
-from ..imageio.decode import DecodeBudget, DecodeBusy, decode_image, load_image, open_image_file
+from ..imageio.decode import DecodeBudget, DecodeBusy, decode_image
 from ..imageio.region import Box
 from ..models.protocol import embed_images
-from ..paths import display_path
+from ..paths import display_path, json_path, lossless_path
+from ..pipeline.indexed_files import IndexedFiles, NotTheIndexedFile
 from ..search.filters import ResultFilter
 from .http import HttpServer
 from .live import LiveSearcher
@@ -46,6 +49,9 @@ DEFAULT_K = 10
 # The page shows a grid of thumbnails; more than this is a scraping job, not a search.
 MAX_K = 100
 DEFAULT_MAX_UPLOAD_MB = 20.0
+# The search form has at most 5 fields; Werkzeug's own limits, named in the 413s.
+MAX_FORM_PARTS = 1000
+MAX_FORM_FIELD_BYTES = 500_000
 THUMBNAIL_SIZE = 256
 THUMBNAIL_CACHE_ENTRIES = 512  # ~10 KB each: a few MB at most
 # Decoded rasters of all concurrent uploads and thumbnails together: one image at
@@ -78,13 +84,16 @@ class ThumbnailCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple[int, str], path: str | os.PathLike[str], budget: DecodeBudget | None = None) -> bytes:
+    def get(self, key: tuple[int, str], source: str | os.PathLike[str] | BinaryIO,
+            budget: DecodeBudget | None = None) -> bytes:
+        """The thumbnail of ``key``, made from ``source`` (an image file, or one
+        already open) only when it is not cached."""
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
         # Made outside the lock: decoding a large photo must not block other thumbnails.
-        data = make_thumbnail(path, self.size, budget)
+        data = make_thumbnail(source, self.size, budget)
         with self._lock:
             self._entries[key] = data
             self._entries.move_to_end(key)
@@ -93,12 +102,16 @@ class ThumbnailCache:
         return data
 
 
-def make_thumbnail(path: str | os.PathLike[str], size: int = THUMBNAIL_SIZE,
+def make_thumbnail(source: str | os.PathLike[str] | BinaryIO, size: int = THUMBNAIL_SIZE,
                    budget: DecodeBudget | None = None) -> bytes:
-    """A JPEG no larger than ``size`` x ``size`` (aspect kept). Raises ImageError."""
+    """A JPEG no larger than ``size`` x ``size`` (aspect kept) of an image file
+    (a path, or a file already open and checked). Raises ImageError."""
     import io
 
-    img = thumbnails.thumbnail(path, size, budget)
+    if isinstance(source, (str, os.PathLike)):
+        img = thumbnails.thumbnail(source, size, budget)
+    else:
+        img = thumbnails.thumbnail(decode_image(read_checked(source), "indexed image", size, budget), size)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=85)
     return out.getvalue()
@@ -138,6 +151,16 @@ def parse_narrowing(values: Any, searcher: Searcher) -> tuple[Box | None, Result
     return box, ResultFilter.make(values.get("under") or None, min_score, base=searcher.folder)
 
 
+def read_checked(fh: BinaryIO) -> bytes:
+    """All of an opened (checked, size-capped) indexed file."""
+    from ..errors import ImageError
+
+    try:
+        return fh.read()
+    except OSError as exc:
+        raise ImageError("indexed image", exc.strerror or str(exc)) from None
+
+
 def content_disposition(path: str) -> str:
     """``inline`` with the file's name for the browser, whatever bytes it holds
     (newlines, non-UTF-8...): an ASCII fallback plus the RFC 5987 ``filename*``."""
@@ -149,8 +172,26 @@ def content_disposition(path: str) -> str:
 
 
 def hit_json(hit: Hit) -> dict[str, Any]:
-    return {"rank": hit.rank, "score": round(hit.score, 6), "id": hit.id, "name": os.path.basename(hit.path),
-            "path": hit.path, "image_url": f"/api/images/{hit.id}", "thumbnail_url": f"/api/thumbnails/{hit.id}"}
+    return {"rank": hit.rank, "score": round(hit.score, 6), "id": hit.id,
+            "name": os.path.basename(display_path(hit.path)), **json_path(hit.path),
+            "image_url": f"/api/images/{hit.id}", "thumbnail_url": f"/api/thumbnails/{hit.id}"}
+
+
+def too_large_reason(exc: Exception, content_length: int | None, max_upload_mb: float) -> str:
+    """Why Werkzeug refused a request body (its 413 carries no reason): the whole
+    body over the upload limit, or one of its form limits, told by where it was raised."""
+    from werkzeug.sansio.multipart import MultipartDecoder
+
+    if content_length is not None and content_length > max_upload_mb * 1024 * 1024:
+        return f"upload too large (limit {max_upload_mb:g} MB)"
+    import traceback
+
+    raised_in = {frame.f_code for frame, _ in traceback.walk_tb(exc.__traceback__)}
+    if MultipartDecoder.next_event.__code__ in raised_in:
+        return f"too many parts in the multipart form (limit {MAX_FORM_PARTS})"
+    if content_length is not None:
+        return f"a form field other than the image is too large (limit {MAX_FORM_FIELD_BYTES // 1000} KB)"
+    return f"upload too large (limit {max_upload_mb:g} MB)"
 
 
 def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[str] | None = None,
@@ -161,7 +202,7 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     a :class:`CbirError`, not on the first request. ``rerank``: how an opened index
     is searched (default: re-ranked, :mod:`cbir_cli.search.rerank`)."""
     from flask import Flask, jsonify, request, send_file, send_from_directory
-    from werkzeug.exceptions import HTTPException
+    from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
     if searcher is None:
         from ..search.rerank import RerankSettings
@@ -182,9 +223,11 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
 
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    app.config.update(MAX_FORM_PARTS=MAX_FORM_PARTS, MAX_FORM_MEMORY_SIZE=MAX_FORM_FIELD_BYTES)
     app.json.sort_keys = False
     app.extensions["cbir"] = live
     thumbnails = ThumbnailCache()
+    files = app.extensions["cbir-files"] = IndexedFiles()
     # One query at a time through the model: a CPU model already uses every core,
     # and concurrent batches would only multiply peak memory.
     search_lock = threading.Lock()
@@ -199,6 +242,10 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     @app.errorhandler(CbirError)
     def _domain_error(exc: CbirError):
         return error(str(exc), 400)
+
+    @app.errorhandler(NotTheIndexedFile)
+    def _not_indexed(exc: NotTheIndexedFile):
+        return error(str(exc), 410 if exc.changed else 404)
 
     @app.errorhandler(DecodeBusy)
     def _busy(exc: DecodeBusy):
@@ -216,12 +263,24 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         if exc.code == 413:
-            return error(f"upload too large (limit {max_upload_mb:g} MB)", 413)
+            return error(too_large_reason(exc, request.content_length, max_upload_mb), 413)
         if exc.code == 404:
             return error(f"not found: {request.path}", 404)
         if exc.code == 405:
-            return error(f"method {request.method} not allowed for {request.path}", 405)
+            response, status = error(f"method {request.method} not allowed for {request.path}", 405)
+            if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+                response.headers["Allow"] = ", ".join(exc.valid_methods)
+            return response, status
         return error(exc.description or exc.name, exc.code or 500)
+
+    @app.before_request
+    def _no_automatic_options() -> None:
+        # Flask answers OPTIONS itself (200, empty HTML) on every route, even on the
+        # static one made before any config could turn that off: the API has no
+        # OPTIONS (no CORS), so it is a wrong method like any other.
+        adapter = app.create_url_adapter(request)
+        if request.method == "OPTIONS" and request.url_rule is not None and adapter is not None:
+            raise MethodNotAllowed(valid_methods=sorted(set(adapter.allowed_methods()) - {"OPTIONS"}))
 
     @app.after_request
     def _headers(response: Response) -> Response:
@@ -260,7 +319,8 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
         image = None
         if box is not None:  # a region of the indexed file: decoded in full, within the budget
             try:
-                image = load_image(row.path, budget=budget)
+                with files.open(searcher, row) as fh:
+                    image = decode_image(read_checked(fh), f"image {image_id}", budget=budget)
             except ImageError as exc:
                 raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
         with search_lock:
@@ -290,23 +350,26 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
 
     @app.get("/api/images/<int:image_id>")
     def original(image_id: int):
-        row = lookup(live.current(), image_id)
-        try:
-            fh, _ = open_image_file(row.path)  # a regular file, size-capped: never a pipe or a device
-        except ImageError as exc:
-            raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
+        searcher = live.current()
+        row = lookup(searcher, image_id)
+        fh = files.open(searcher, row)  # still the indexed image; sent from this very descriptor
         mimetype = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
         response = send_file(fh, mimetype=mimetype, conditional=True, etag=row.sha256[:32], max_age=3600)
         response.headers["Content-Disposition"] = content_disposition(row.path)
+        raw_name = lossless_path(os.path.basename(row.path))
+        if raw_name is not None:  # filename* shows U+FFFD for the bytes that are not UTF-8
+            response.headers["X-Filename-Bytes"] = raw_name
         return response
 
     @app.get("/api/thumbnails/<int:image_id>")
     def thumbnail(image_id: int):
         import io
 
-        row = lookup(live.current(), image_id)
+        searcher = live.current()
+        row = lookup(searcher, image_id)
         try:
-            data = thumbnails.get((image_id, row.sha256), row.path, budget)
+            with files.open(searcher, row) as fh:  # checked on every request, cached or not
+                data = thumbnails.get((image_id, row.sha256), fh, budget)
         except ImageError as exc:
             raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
         return send_file(io.BytesIO(data), mimetype="image/jpeg", max_age=3600)

@@ -15,6 +15,7 @@ never served.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError
 from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, bytes_sha256, json_bytes, npy_bytes
+from .ids import repaired_ids
 from .live_paths import LivePaths
 from .manifest import (
     FORMAT_VERSION,
@@ -33,6 +35,7 @@ from .manifest import (
     SHARDS_DIR,
     Row,
     check_fingerprint,
+    library_versions,
     parse_manifest,
     parse_rows,
     read_manifest,
@@ -62,6 +65,7 @@ class FeatureStore:
         self.active_staging: Path | None = None
         # Shards whose checksum was verified by a full read in this process.
         self.verified: set[str] = set()
+        self._ids_checked = False  # ensure_next_id() ran
 
     # -- opening -----------------------------------------------------------
 
@@ -96,7 +100,7 @@ class FeatureStore:
             "generation": generation,
             "fingerprint": fingerprint,
             MANIFEST_KEY: shard_dtype,
-            "versions": _library_versions(),
+            "versions": library_versions(),
             "created": now,
             "updated": now,
             "next_id": 0,
@@ -122,6 +126,8 @@ class FeatureStore:
         files: until that moment readers keep the complete previous index. Callers
         must not commit it before it is complete. ``shard_dtype``: its shards' (default:
         this store's)."""
+        with contextlib.suppress(CorruptStoreError):  # a damaged rows file: the rebuild replaces it
+            self.ensure_next_id()  # the successor's ids continue above every stored one
         fresh = dict(self.manifest)
         fresh.update({"fingerprint": fingerprint, "shards": [], "count": 0, "skipped": {},
                       "created": time.time(), MANIFEST_KEY: shard_dtype or self.shard_dtype})
@@ -318,6 +324,7 @@ class FeatureStore:
         sha256 and size), add the shard to the manifest (in one assignment, at the end)."""
         if name != self.next_shard_name() or len({path for path, _, _ in items}) != len(items):
             raise ValueError(f"shard {name}: not the next shard, or holds the same path twice")
+        self.ensure_next_id()
         first_id = int(self.manifest["next_id"])
         rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
         rows_data = json_bytes([asdict(r) for r in rows])
@@ -326,12 +333,24 @@ class FeatureStore:
         paths = {r.path for r in rows}
         shards, _ = self._without_paths(paths)
         shard = {"name": name, "rows": len(rows), "sha256": sha256, "bytes": nbytes,
-                 "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": []}
+                 "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": [],
+                 "max_id": rows[-1].id}
         skipped = {p: v for p, v in self.manifest["skipped"].items() if p not in paths}
         self.manifest = {**self.manifest, "shards": [*shards, shard], "next_shard": self.manifest["next_shard"] + 1,
                          "next_id": first_id + len(rows), "skipped": skipped}
         self._live_paths.moved(self.manifest["shards"], paths, (name, rows))
         return rows
+
+    def ensure_next_id(self, every_row: bool = False) -> str | None:
+        """Raise ``next_id`` above every stored id (:func:`.ids.repaired_ids`), once per
+        store object, before ids are given out; returns what was repaired, or None.
+        ``every_row``: read every rows file (a repair); a writer reads only those of
+        shards whose recorded ``max_id`` is missing or not below ``next_id``."""
+        if self._ids_checked:
+            return None
+        self._ids_checked = True
+        self.manifest, note = repaired_ids(self.manifest, self.shard_rows, self.root / MANIFEST, not every_row)
+        return note
 
     def _without_paths(self, targets: set[str]) -> tuple[list[dict[str, Any]], int]:
         """The manifest's shard list with the live rows of ``targets`` tombstoned
@@ -384,7 +403,7 @@ class FeatureStore:
             "generation": self.generation + 1,
             "updated": time.time(),
             "count": sum(s["rows"] - len(s["removed"]) for s in self.manifest["shards"]),
-            "versions": _library_versions(),
+            "versions": library_versions(),
         }
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / MANIFEST, manifest)
@@ -428,15 +447,3 @@ class FeatureStore:
                 del self._rows_cache[name]
         return deleted
 
-
-def _library_versions() -> dict[str, str]:
-    """Versions of what made the vectors, recorded in the manifest at each commit."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("cbir-cli", "torch", "torchvision", "faiss-cpu", "numpy", "pillow"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out

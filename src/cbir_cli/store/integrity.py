@@ -1,8 +1,9 @@
 """Reading a whole store back and checking that it agrees with its manifest:
 shards and rows files present with the recorded sizes and checksums, (rows, dim)
 of the store's shard dtype (read back as float32), finite unit-length vectors, ids
-unique and below ``next_id``, live paths unique, the count right. Used by
-``cbir check``."""
+unique and below ``next_id`` (:mod:`.ids`: from the manifest's ``max_id`` keys
+first, each checked against its rows), live paths unique, the count right. Used
+by ``cbir check``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptStoreError
 from .feature_store import FeatureStore
+from .ids import lowered_next_id, recorded_next_id_problem
 from .manifest import MANIFEST
 from .validity import invalid_rows
 
@@ -23,6 +25,9 @@ def shard_problems(store: FeatureStore, problems: list[str]) -> np.ndarray | Non
 
     manifest = store.manifest
     before = len(problems)
+    lowered = recorded_next_id_problem(manifest, store.root / MANIFEST)
+    if lowered:
+        problems.append(lowered)
     seen_ids: set[int] = set()
     live_paths: dict[str, str] = {}
     parts = []
@@ -42,9 +47,12 @@ def shard_problems(store: FeatureStore, problems: list[str]) -> np.ndarray | Non
             problems.append(exc.message)
             continue
         removed = set(shard["removed"])
+        highest = max(row.id for row in rows)
+        if shard.get("max_id", highest) != highest:
+            problems.append(f"{rows_path}: highest id {highest}, the manifest says {shard['max_id']}")
         for i, row in enumerate(rows):
-            if row.id in seen_ids or not 0 <= row.id < manifest["next_id"]:
-                problems.append(f"{rows_path}: id {row.id} repeated or not below next_id {manifest['next_id']}")
+            if row.id in seen_ids or row.id < 0:
+                problems.append(f"{rows_path}: id {row.id} repeated or negative")
             seen_ids.add(row.id)
             if i in removed:
                 continue
@@ -57,6 +65,9 @@ def shard_problems(store: FeatureStore, problems: list[str]) -> np.ndarray | Non
         if off:
             problems.append(f"{vectors_path}: {off} live vector(s) are not finite unit-length vectors")
         parts.append(vectors[keep])
+    highest = max(seen_ids, default=-1)
+    if highest >= manifest["next_id"] and not lowered:
+        problems.append(lowered_next_id(store.root / MANIFEST, manifest["next_id"], highest))
     if len(live_paths) != manifest["count"] and len(problems) == before:
         problems.append(f"{store.root / MANIFEST}: count {manifest['count']} but {len(live_paths)} live rows")
     if len(problems) > before:

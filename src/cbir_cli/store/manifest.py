@@ -68,10 +68,25 @@ def check_fingerprint(stored: dict[str, Any], wanted: dict[str, Any], where: Pat
             )
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of what made the vectors, recorded in the manifest at each commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("cbir-cli", "torch", "torchvision", "faiss-cpu", "numpy", "pillow"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 MANIFEST_KEYS = {"format": int, "generation": int, "fingerprint": dict, "next_id": int, "next_shard": int,
                  "shards": list, "count": int, "skipped": dict}
 SHARD_KEYS = {"name": str, "rows": int, "sha256": str, "removed": list}
-OPTIONAL_SHARD_KEYS = {"bytes": int, "rows_bytes": int, "rows_sha256": str}
+# max_id: the highest id of the shard's rows (shards written before it existed lack it;
+# see .ids).
+OPTIONAL_SHARD_KEYS = {"bytes": int, "rows_bytes": int, "rows_sha256": str, "max_id": int}
 # Shard names become file names: nothing but this shape may ever reach the file system.
 SHARD_NAME = re.compile(r"shard-[0-9]{6,}")
 

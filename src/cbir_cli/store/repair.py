@@ -11,8 +11,8 @@ from typing import Any
 
 from ..errors import CorruptStoreError
 from ..fsutil import atomic_write_json, bytes_sha256
-from .feature_store import FeatureStore, _library_versions
-from .manifest import FORMAT_VERSION, MANIFEST, read_identity, shard_files
+from .feature_store import FeatureStore
+from .manifest import FORMAT_VERSION, MANIFEST, library_versions, read_identity, shard_files
 from .shard_format import MANIFEST_KEY, shard_dtype_of
 from .validity import invalid_rows
 
@@ -107,7 +107,7 @@ def recover_manifest(root: Path, generation: int = 0) -> Recovery:
                 newest[row.path] = (row.id, len(shards), i)
         shards.append({"name": name, "rows": len(rows), "sha256": bytes_sha256(data), "bytes": len(data),
                        "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": [],
-                       "_ids": [r.id for r in rows]})
+                       "max_id": max(r.id for r in rows), "_ids": [r.id for r in rows]})
     keep = {(position, i) for _, position, i in newest.values()}
     for position, shard in enumerate(shards):
         shard["removed"] = [i for i in range(shard["rows"]) if (position, i) not in keep]
@@ -119,7 +119,7 @@ def recover_manifest(root: Path, generation: int = 0) -> Recovery:
     now = time.time()
     manifest = {
         "format": FORMAT_VERSION, "generation": generation, "fingerprint": identity["fingerprint"],
-        "versions": _library_versions(), "created": now, "updated": now, "recovered": now,
+        "versions": library_versions(), "created": now, "updated": now, "recovered": now,
         "next_id": max(seen_ids) + 1,
         "next_shard": max(int(s["name"].removeprefix("shard-")) for s in shards) + 1,
         "shards": [{k: v for k, v in s.items() if k != "_ids"} for s in shards],

@@ -60,7 +60,7 @@ class WriteTransaction:
         self._vectors: list[np.ndarray] = []
         self._items: list[Item] = []
         self.written = 0  # rows written to shards by this transaction
-        self.repairs: list[str] = []  # one line per damaged shard dropped by begin()
+        self.repairs: list[str] = []  # one line per repair made by begin()
         # (path, reason) of files whose vectors were refused (see add()).
         self.rejected: list[tuple[str, str]] = []
 
@@ -107,6 +107,10 @@ class WriteTransaction:
                 # Verify what this run builds on; what is damaged is dropped and its
                 # images embedded again (the shards are the index's only source).
                 self.repairs = drop_damaged_shards(self._store)
+            # Before any id is given out: never reuse one (see .ids).
+            lowered = self._store.ensure_next_id()
+            if lowered:
+                self.repairs.append(lowered)
         else:
             self._store = FeatureStore.create(self.root, fingerprint, shard_dtype=new_dtype)
         return self._store

@@ -1,0 +1,89 @@
+"""Checksums of the large derived files a reader loads (the saved search index,
+the DBA vectors), verified once per change of the file instead of once per open.
+
+A one-shot ``cbir query`` is a new process each time, so the verdict must outlive
+the process: ``verified.json`` beside the files remembers, per file name, the
+sha256 the file had when its ``(size, mtime_ns, ctime_ns, inode)`` stamp was what
+it is now (the rule of :mod:`cbir_cli.pipeline.statcache` for images). Any write,
+``touch``, rename over it or restore changes the stamp, and the file is hashed
+again. A verdict is only kept when the file was last changed more than
+:data:`RACY_SECONDS` before hashing began (a write in the same timestamp tick
+could otherwise go unseen) and the stamp did not change while it was hashed.
+
+The record is best effort: written atomically, ignored when missing, unreadable
+or unwritable (a read-only index is hashed on every open, as before). It holds
+hashes only, never a verdict about what they should be: the caller's meta file
+says that. ``cbir check`` does not use it: it hashes everything itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from ..errors import CorruptStoreError
+from ..fsutil import atomic_write_json, file_sha256
+
+VERDICTS = "verified.json"
+FORMAT = 1
+RACY_SECONDS = 2.0
+
+Stamp = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
+
+
+def stamp_of(st: os.stat_result) -> Stamp:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def file_stamp(path: Path) -> Stamp:
+    """The file's stamp; :class:`CorruptStoreError` when it cannot be read."""
+    try:
+        return stamp_of(os.stat(path))
+    except OSError as exc:
+        raise CorruptStoreError(f"{path}: unreadable ({exc.strerror or exc})") from None
+
+
+def _entries(record: Path) -> dict[str, list[object]]:
+    try:
+        data = json.loads(record.read_bytes())
+        if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("files"), dict):
+            return data["files"]
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def _remember(record: Path, name: str, stamp: Stamp, sha256: str) -> None:
+    entries = {k: v for k, v in _entries(record).items() if (record.parent / k).exists()}
+    entries[name] = [*stamp, sha256]
+    try:
+        atomic_write_json(record, {"format": FORMAT, "files": entries})
+    except OSError:
+        pass  # a read-only index: verified again at the next open
+
+
+def verify_file(path: Path, sha256: str, described_by: str) -> Stamp:
+    """Check that ``path`` has the ``sha256`` its meta file ``described_by`` recorded,
+    hashing it only when no verdict for its current stamp is remembered (see the
+    module docstring). Returns the stamp verified (a caller that reads the file by
+    name afterwards compares it to be sure it read the file verified);
+    :class:`CorruptStoreError` when it does not match or cannot be read."""
+    stamp = file_stamp(path)
+    record = path.parent / VERDICTS
+    known = _entries(record).get(path.name)
+    if isinstance(known, list) and len(known) == 5 and tuple(known[:4]) == stamp:
+        actual = known[4]
+    else:
+        started_ns = time.time_ns()
+        try:
+            actual = file_sha256(path)
+        except OSError as exc:
+            raise CorruptStoreError(f"{path}: unreadable ({exc.strerror or exc})") from None
+        settled = max(stamp[1], stamp[2]) < started_ns - int(RACY_SECONDS * 1e9)
+        if settled and file_stamp(path) == stamp:
+            _remember(record, path.name, stamp, actual)
+    if actual != sha256:
+        raise CorruptStoreError(f"{path}: checksum mismatch (damaged, or {described_by} is)")
+    return stamp
