@@ -69,7 +69,7 @@ def repair_index(index_dir: str | os.PathLike[str]) -> RepairReport:
         store = FeatureStore.open(root, check_files=False)
         report.repairs += [line.replace("; ignored (never committed)", "; dropped (never committed)")
                            for line in store.log_ignored or []]
-        report.repairs += drop_damaged_shards(store)
+        report.repairs += drop_damaged_shards(store, rehash=True)
         lowered = store.ensure_next_id(every_row=True)
         if lowered:
             report.repairs.append(lowered)
