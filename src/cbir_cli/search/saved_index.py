@@ -36,6 +36,34 @@ if TYPE_CHECKING:
 INDEX_FILE = "index.faiss"
 INDEX_META = "index.json"
 INDEX_META_KEYS = {"generation": int, "count": int, "index_type": str, "sha256": str, "dim": int}
+# Written since incremental upkeep (absent in older metas: such an index is rebuilt once).
+OPTIONAL_INDEX_META_KEYS = {"trained_count": int, "tombstones": int, "labels": str, "coverage": list}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coverage_ok(coverage: list[Any]) -> bool:
+    """Each entry: [shard name, rows, first row id, removed row numbers]."""
+    return all(isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and _is_int(e[1]) and _is_int(e[2])
+               and isinstance(e[3], list) and all(_is_int(r) and 0 <= r < e[1] for r in e[3]) for e in coverage)
+
+
+def meta_problem(meta: Any) -> bool:
+    """Whether a parsed index meta lacks a key, or has a value of the wrong type or
+    shape, that a reader or the upkeep uses (it is then damaged: rebuilt, never used)."""
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)
+                                         for k, t in INDEX_META_KEYS.items()):
+        return True
+    if meta["index_type"] not in INDEX_TYPES:
+        return True
+    for key, kind in OPTIONAL_INDEX_META_KEYS.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kind) or isinstance(value, bool) or
+                            (kind is int and value < 0)):
+            return True
+    return "coverage" in meta and not _coverage_ok(meta["coverage"])
 
 
 def index_paths(store: FeatureStore) -> tuple[Path, Path]:
@@ -87,8 +115,7 @@ def read_index_meta(store: FeatureStore) -> dict[str, Any] | None:
     meta = read_json_meta(meta_file)
     if meta is None:
         return None
-    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)
-                                         for k, t in INDEX_META_KEYS.items()) or meta["index_type"] not in INDEX_TYPES:
+    if meta_problem(meta):
         raise CorruptStoreError(f"{meta_file}: not a search index description (damaged)")
     return meta
 
