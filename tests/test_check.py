@@ -95,7 +95,10 @@ def test_damage_is_reported_one_line_each_and_opening_fails_loudly(built, damage
     assert as_json["ok"] is False and as_json["problems"] == report.problems and as_json["repair"] == REPAIR
 
     with pytest.raises(CorruptStoreError):
-        Searcher.open(built, embedder=tiny_embedder)
+        # Opening checks files and sizes; a rows file is read (checksum-verified)
+        # when a result first names one of its rows: either way nothing is served.
+        searcher = Searcher.open(built, embedder=tiny_embedder)
+        searcher.search_paths([built.parent / "images" / "img_001.jpg"], k=N_IMAGES)
     query = CliRunner().invoke(app, ["query", str(built.parent / "images" / "img_001.jpg"), "--index", str(built)])
     assert query.exit_code == 1 and query.stderr.startswith("error: ") and len(query.stderr.splitlines()) == 1
 

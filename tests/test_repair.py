@@ -173,3 +173,32 @@ def test_a_plain_rerun_repairs_what_it_can_derive(built, tiny_embedder, target):
     assert any("shard-000002" in n and "embedded again" in n for n in notices) == shard_damage
     assert_healthy(index_dir, tiny_embedder)
     assert not shard.exists() or not shard_damage  # the damaged file is gone
+
+
+def test_a_writer_start_reads_only_shards_changed_since_verified(built, tiny_embedder, monkeypatch):
+    """Issue 21 item 3: a writer verifies every shard at its start, but one whose
+    files have the stamps they had when last verified is not read again (one stat
+    per file, not every vector); any write to a shard still gets it verified and,
+    damaged, dropped and embedded again."""
+    from cbir_cli.store import verdicts
+
+    folder, index_dir = built
+    monkeypatch.setattr(verdicts, "RACY_SECONDS", 0.0)  # the fixture's files count as settled
+    reads: list[str] = []
+    original = FeatureStore.read_shard
+    monkeypatch.setattr(FeatureStore, "read_shard", lambda self, shard, mmap: (
+        reads.append(shard["name"]) if not mmap else None, original(self, shard, mmap))[1])
+
+    index_folder(folder, index_dir, embedder=tiny_embedder, options=OPTIONS)  # verifies and records
+    shards = len(FeatureStore.open(index_dir).manifest["shards"])
+    assert len(reads) == shards
+    reads.clear()
+    summary = index_folder(folder, index_dir, embedder=tiny_embedder, options=OPTIONS)
+    assert reads == [] and summary.embedded == 0
+
+    poison_first_vector(index_dir / "shards" / "shard-000002.npy")  # same size, new stamp
+    notices: list[str] = []
+    summary = index_folder(folder, index_dir, embedder=tiny_embedder, options=OPTIONS, on_notice=notices.append)
+    assert "shard-000002" in reads and summary.embedded == 2
+    assert any("shard-000002" in n and "embedded again" in n for n in notices)
+    assert_healthy(index_dir, tiny_embedder)

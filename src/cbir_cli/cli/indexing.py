@@ -60,8 +60,10 @@ from .scaling import (
 
 @app.command("index")
 def index_cmd(
-    folder: Annotated[Optional[Path], typer.Argument(help="Folder of images (searched recursively).",
-                                                     show_default=False)] = None,
+    # str, not Path: Path("s3://bucket/p") would collapse the URL's "//".
+    folder: Annotated[Optional[str], typer.Argument(help="Folder of images (searched recursively), or a URL: "
+                                                         "s3://bucket/prefix, gs://, az://, file:// (see README).",
+                                                    show_default=False)] = None,
     index_dir: IndexDirOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m",
                                                  help="Model name (see `cbir models`). Default: the existing "
@@ -132,7 +134,8 @@ def index_cmd(
 
 @app.command("extract")
 def extract_cmd(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    folder: Annotated[str, typer.Argument(help="Folder of images (searched recursively), or a URL "
+                                                "(s3://bucket/prefix; see README).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for .npy shards + manifest.json.")],
     model: Annotated[Optional[str], typer.Option("--model", "-m",
                                                  help="Model name (see `cbir models`). Default: the model OUT was "

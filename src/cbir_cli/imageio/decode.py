@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import CbirError, ImageError
 from ..paths import display_path
+from .sources import is_object_uri
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -107,7 +108,12 @@ def open_image_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTE
     """Open ``path`` for reading if it is a regular file of at most ``max_bytes``:
     (file, size). Opened non-blocking, so a named pipe is refused instead of hanging,
     and checked on the open descriptor (no race with a swap after a check): a
-    symlink to ``/dev/zero`` is a device, not an image. Raises :class:`ImageError`."""
+    symlink to ``/dev/zero`` is a device, not an image. A URL (``s3://...``) is
+    opened from its store (:mod:`.fsspec_source`). Raises :class:`ImageError`."""
+    if is_object_uri(path):
+        from .fsspec_source import open_object
+
+        return open_object(str(path), max_bytes)
     name = display_path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
+from ..imageio.sources import is_object_uri
 from ..paths import common_folder, display_path, json_path, normalise_path
 from ..store.transaction import write_transaction
 from .plan import hash_file
@@ -74,6 +75,12 @@ def plan_moves(searcher: Searcher, result: DedupResult, destination: str | os.Pa
     the indexed folder>``. The destination must be outside the indexed folder."""
     if not searcher.rows:
         raise CbirError(f"{display_path(searcher.store.root)}: the index is empty")
+    remote = next((r.path for r in searcher.rows if is_object_uri(r.path)), None)
+    if remote is not None:
+        # Only local files can be moved (and checked again first); an object store
+        # has no rename, and a copy-then-delete there is not ours to do.
+        raise CbirError(f"{display_path(remote)}: cannot move images out of object storage (URLs); "
+                        "moving duplicates works for indexes of local folders only")
     base = common_folder([r.path for r in searcher.rows])
     target_root = normalise_path(destination)
     if _inside(target_root, base):

@@ -83,9 +83,12 @@ class Executor(Protocol):
     #: first.
     embeds_unhashed: bool
 
-    def list_images(self, root: Path) -> list[Path]:
+    def list_images(self, root: Path | str) -> list[Path]:
         """Image files below ``root`` (normalised paths, sorted); a missing or empty
-        folder is a :class:`~cbir_cli.errors.CbirError`."""
+        folder is a :class:`~cbir_cli.errors.CbirError`. A ``str`` root is a URL
+        (``s3://bucket/prefix``): its objects' URIs, with the listing's
+        ``source`` for change detection (:func:`cbir_cli.imageio.files.list_images`);
+        an executor that cannot read URLs raises a :class:`~cbir_cli.errors.CbirError`."""
         ...
 
     def hash_files(self, paths: Sequence[Path | str]) -> Iterable[HashResult]:

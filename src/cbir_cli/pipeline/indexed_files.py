@@ -12,8 +12,10 @@ descriptor, so a swap after the check cannot change what is read:
    resolved at indexing), and that real path is the opened file (same device and
    inode). A symlink, or a folder swapped for one, that leads outside is refused,
    even to a copy of the indexed bytes.
+   An object-store URI (``s3://...``) has no symlinks to resolve: its key is
+   what was indexed.
 2. **Unchanged**: its size equals the row's; then, when its ``(size, mtime_ns,
-   ctime_ns, inode)`` equal the store's stat cache entry (:mod:`.statcache`) with
+   inode:ctime_ns)`` equal the store's stat cache entry (:mod:`.statcache`) with
    the row's hash, it is unchanged without reading it; otherwise the opened file
    is hashed and must match the row's sha256. The verdict is remembered per
    stamp, so repeated requests do not hash again (not for a file modified in the
@@ -35,9 +37,11 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import CbirError, ImageError
 from ..imageio.decode import open_image_file
-from ..imageio.files import is_under
+from ..imageio.files import is_under, local_entry
+from ..imageio.fsspec_source import forget_cached_info, opened_entry
+from ..imageio.sources import is_object_uri
 from .plan import hash_open_file
-from .statcache import RACY_SECONDS, STAT_CACHE, Stamp, StatCache, stamp_of
+from .statcache import RACY_SECONDS, STAT_CACHE, Stamp, StatCache
 
 if TYPE_CHECKING:
     from ..search.searcher import Searcher
@@ -69,18 +73,28 @@ class IndexedFiles:
     def open(self, searcher: Searcher, row: Row) -> BinaryIO:
         """The indexed file of ``row`` (of ``searcher``'s index), open and checked,
         positioned at its start. Raises :class:`NotTheIndexedFile`."""
+        remote = is_object_uri(row.path)
         try:
+            if remote:
+                forget_cached_info(row.path)  # this server may have listed it long ago
             fh, _ = open_image_file(row.path)
         except ImageError as exc:
             raise NotTheIndexedFile(f"image {row.id} is in the index but cannot be read: {exc.reason}") from None
         try:
-            info = os.fstat(fh.fileno())
-            self._check_location(row, searcher.folder, info)
-            if info.st_size != row.size:
+            if remote:  # stamped as opened (its ETag: exact); no symlinks to resolve
+                stamp = opened_entry(row.path, fh).stamp
+            else:
+                info = os.fstat(fh.fileno())
+                self._check_location(row, searcher.folder, info)
+                stamp = local_entry(row.path, info).stamp
+            if stamp[0] != row.size:
                 raise NotTheIndexedFile(f"image {row.id} changed since it was indexed (size)", changed=True)
-            if not self._unchanged(fh, row, stamp_of(info), Path(searcher.store.root)):
+            if not self._unchanged(fh, row, stamp, Path(searcher.store.root)):
                 raise NotTheIndexedFile(f"image {row.id} changed since it was indexed (content)", changed=True)
             fh.seek(0)
+        except OSError:
+            fh.close()
+            raise NotTheIndexedFile(f"image {row.id} is in the index but cannot be read") from None
         except BaseException:
             fh.close()
             raise
@@ -115,7 +129,7 @@ class IndexedFiles:
                 raise NotTheIndexedFile(f"image {row.id} is in the index but cannot be read") from None
             self.hashed += 1
             verdict = sha256 == row.sha256 and size == row.size
-        if stamp[1] < time.time_ns() - int(RACY_SECONDS * 1e9):
+        if is_object_uri(row.path) or stamp[1] < time.time_ns() - int(RACY_SECONDS * 1e9):
             with self._lock:
                 self._verdicts[key] = verdict
                 while len(self._verdicts) > self.capacity:

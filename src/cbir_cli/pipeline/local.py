@@ -126,8 +126,8 @@ class LocalExecutor:
     def __init__(self, options: ExtractOptions) -> None:
         self.options = options
 
-    def list_images(self, root: Path) -> list[Path]:
-        return list_images(root)
+    def list_images(self, root: Path | str) -> list[Path]:
+        return list_images(root)  # a folder, or a URL (imageio.sources)
 
     def hash_files(self, paths: Sequence[Path | str]) -> Iterable[HashResult]:
         # hashlib releases the GIL: threads overlap the reads.

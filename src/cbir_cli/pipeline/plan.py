@@ -13,6 +13,7 @@ from typing import BinaryIO, NamedTuple
 
 from ..errors import ImageError
 from ..imageio.decode import open_image_file, oserror_reason
+from ..imageio.sources import is_object_uri
 from ..paths import normalise_path
 from ..store.feature_store import FeatureStore
 
@@ -71,19 +72,25 @@ class Plan:
 
 
 def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+    sep = "/" if is_object_uri(root) else os.sep
+    return path == root or path.startswith(root.rstrip(sep) + sep)
 
 
-def plan_sync(store: FeatureStore, root: Path | None, hashed: Iterable[HashResult]) -> Plan:
+def _normalised(path: str, real_dirs: dict[str, str]) -> str:
+    """A stored key in its current form: a local path normalised, a URI as it is."""
+    return path if is_object_uri(path) else normalise_path(path, real_dirs)
+
+
+def plan_sync(store: FeatureStore, root: Path | str | None, hashed: Iterable[HashResult]) -> Plan:
     """Compare the ``hashed`` files (normalised paths, see
     :func:`cbir_cli.paths.normalise_path`) with the store. Stored paths below
-    ``root`` that were not listed are planned for removal; ``root=None`` removes
+    ``root`` (a folder, or a URI prefix) that were not listed are planned for removal; ``root=None`` removes
     nothing (a cache over an explicit list of files, as ``cbir evaluate`` keeps).
     Rows stored by older versions under unnormalised paths are matched through
     their normalised form, so they migrate instead of being stored twice."""
     stored = store.rows_by_path()
     real_dirs: dict[str, str] = {}
-    normalised = {p: normalise_path(p, real_dirs) for p in stored}
+    normalised = {p: _normalised(p, real_dirs) for p in stored}
     legacy = {normalised[p]: row for p, row in stored.items() if normalised[p] != p}
     skipped = store.manifest["skipped"]
     plan = Plan([], set(), [], 0, [], [])
@@ -114,7 +121,7 @@ def plan_sync(store: FeatureStore, root: Path | None, hashed: Iterable[HashResul
         renamed = {old for old, _ in plan.renamed}
         plan.removed = [p for p in stored if p not in present and p not in renamed and _under(normalised[p], root_s)]
         store.forget_skipped([p for p in list(skipped)
-                              if p not in present and _under(normalise_path(p, real_dirs), root_s)])
+                              if p not in present and _under(_normalised(p, real_dirs), root_s)])
     return plan
 
 
@@ -174,16 +181,17 @@ class HashesInBackground:
 
 
 def plan_fresh(files: Sequence[Path | str], hashed: Iterable[HashResult]) -> tuple[Plan, HashesInBackground]:
-    """The plan for a store that :func:`holds_nothing`: embed every regular file,
-    hashing in the background. Anything else (a pipe named like an image, a file
-    that cannot be stat'ed) is refused now, before any reader could block on it."""
+    """The plan for a store that :func:`holds_nothing`: embed every regular file (and
+    every listed object), hashing in the background. Anything else (a pipe named
+    like an image, a file that cannot be stat'ed) is refused now, before any reader
+    could block on it."""
     import stat
 
     todo: list[Item] = []
     unreadable = []
     for path in map(str, files):
         try:
-            regular = stat.S_ISREG(os.stat(path).st_mode)
+            regular = is_object_uri(path) or stat.S_ISREG(os.stat(path).st_mode)
         except OSError:
             regular = False
         if regular:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CbirError
-from ..imageio.files import is_under
+from ..imageio.files import is_under, source_location
 from ..models.int8_store import prune_int8_models
 from ..models.loading import default_precision, keep_int8_model, model_fingerprint
 from ..models.quantize import Calibration, sample_calibration
@@ -73,8 +73,9 @@ def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: E
     # or stored under an older spelling of the same path) reuse that vector.
     # Only verified, valid vectors are reused (FeatureStore.vectors_for); a file
     # whose stored vector is not one of them is embedded again.
-    by_sha = {r.sha256: r for r in store.live_rows()}
     renamed = [item for _, item in plan.renamed]
+    # From the store's row catalog: no read of every stored row.
+    by_sha = store.rows_by_sha(sha for _, sha, _ in plan.todo + renamed)
     vectors = store.vectors_for(by_sha[sha] for _, sha, _ in plan.todo + renamed if sha in by_sha)
     reusable = {sha for sha, row in by_sha.items() if row.id in vectors}
     reuse = [item for item in plan.todo if item[1] in reusable]
@@ -105,7 +106,7 @@ def embed_plan(plan: Plan, txn: WriteTransaction, executor: Executor, request: E
     summary.embedded += executor.embed(todo, request, sink, failed)
 
 
-def sync_files(txn: WriteTransaction, root: Path | None, files: Sequence[Path | str], request: EmbedRequest,
+def sync_files(txn: WriteTransaction, root: Path | str | None, files: Sequence[Path | str], request: EmbedRequest,
                executor: Executor, summary: ExtractSummary, skip: SkipCallback) -> None:
     """Make ``txn``'s store hold one vector per readable file of ``files``; with a
     ``root``, stored files below it that are not in ``files`` are removed."""
@@ -198,12 +199,13 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
     options = options or ExtractOptions()
     executor = executor or LocalExecutor(options)
     started = time.perf_counter()
-    files = executor.list_images(Path(root).expanduser())  # a bad folder fails before anything else
+    location = source_location(root)  # a folder, or a URL (s3://bucket/prefix) kept as given
+    files = executor.list_images(location)  # a bad folder fails before anything else
     for folder, reason in getattr(files, "unreadable", []):
         if on_notice:
             on_notice(f"warning: cannot read folder {display_path(folder)} ({reason}); "
                       "what was indexed from it is kept")
-    root_path = Path(root).expanduser().resolve()
+    root_path = location if isinstance(location, str) else location.resolve()
     summary = ExtractSummary(files=len(files))
 
     def skip(path: str, reason: str) -> None:

@@ -170,6 +170,6 @@ def rebuild_backend(index_dir: str | os.PathLike[str], index_type: str | None = 
         spec = choose_spec(backend, index_type, store)
         check_target(spec, store)
         record_spec(store, spec)
-        store.commit()
+        store.checkpoint()
         refresh_backend(store, index_type, rebuild=True, dba=dba)
     return store

@@ -2,7 +2,10 @@
 
 Reads everything the manifest names and checks, without changing anything:
 
-* the manifest: well-formed, count == live rows, ids never reused;
+* the manifest (the checkpoint) and the commit log after it: well-formed, entries
+  contiguous and each consistent with the state it follows (an entry that is not is
+  a problem: never committed, ignored by readers, dropped by ``--repair``), count ==
+  live rows, ids never reused;
 * every shard: present, the recorded size and sha256, (rows, dim) of the store's shard dtype, finite
   unit-length vectors; its rows file: present, checksum, one row per vector;
 * ids: unique, below ``next_id`` (from the manifest's ``max_id`` keys alone, and
@@ -30,6 +33,7 @@ from typing import Any
 from ..errors import CbirError
 from ..models.int8_store import damaged_int8_models
 from ..models.loading import fingerprint_problems
+from ..store.commit_log import replay
 from ..store.feature_store import FeatureStore
 from ..store.integrity import shard_problems
 from ..store.manifest import MANIFEST, inspect_manifest
@@ -78,7 +82,10 @@ def check_index(index_dir: str | os.PathLike[str]) -> CheckReport:
     if manifest is None:
         report.problems.extend(structural)
         return report
-    store = FeatureStore(root, manifest)
+    checkpoint = manifest["generation"]
+    manifest, ignored = replay(root, manifest)
+    report.problems.extend(ignored)
+    store = FeatureStore(root, manifest, checkpoint)
     report.count, report.shards, report.generation = store.count, len(manifest["shards"]), store.generation
     report.model, report.dim = store.fingerprint.get("model"), store.fingerprint.get("dim")
     report.shard_dtype = store.shard_dtype

@@ -5,6 +5,8 @@
 * damaged shards are dropped (their images come back at the next indexing run of
   the folder, which embeds them again) and invalid vectors tombstoned;
 * a lowered ``next_id`` is raised above every stored id (ids are never reused);
+* commit log entries that were never committed (torn, garbled, after a gap) are
+  dropped, and the state is checkpointed into ``manifest.json``;
 * leftovers of interrupted runs are deleted;
 * the saved search index and its DBA vectors (re-ranking) are rebuilt from the
   shards when damaged, stale or missing.
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CorruptStoreError
+from ..store.commit_log import LOG_DIR
 from ..store.feature_store import FeatureStore
 from ..store.locking import writer_lock
 from ..store.manifest import inspect_manifest, read_identity, shard_files
@@ -64,12 +67,14 @@ def repair_index(index_dir: str | os.PathLike[str]) -> RepairReport:
                                   f"{report.recovered.images} images")
             report.repairs += [f"{dropped}: left out" for dropped in report.recovered.dropped]
         store = FeatureStore.open(root, check_files=False)
-        report.repairs += drop_damaged_shards(store)
+        report.repairs += [line.replace("; ignored (never committed)", "; dropped (never committed)")
+                           for line in store.log_ignored or []]
+        report.repairs += drop_damaged_shards(store, rehash=True)
         lowered = store.ensure_next_id(every_row=True)
         if lowered:
             report.repairs.append(lowered)
-        leftovers = store.leftover_files()
-        store.commit()
+        leftovers = [p for p in store.leftover_files() if p.parent.name != LOG_DIR]
+        store.checkpoint()
         if leftovers:
             report.repairs.append(f"deleted {len(leftovers)} leftover file(s) of interrupted runs")
         if store.count and refresh_backend(store, None):

@@ -1,12 +1,18 @@
 """The feature store: ``.npy`` shards of vectors (float32, or float16 where the
 store was made so: :mod:`.shard_format`), the rows they belong to, and a JSON
-manifest that is the single commit point (layout: :mod:`.manifest`).
+manifest -- a checkpoint -- plus a log of the commits after it (layout:
+:mod:`.manifest`; commits: :mod:`.commit_log`).
 
 Shards are immutable once written. Removing or replacing an image tombstones its
 row in the manifest; a shard whose rows are all gone is dropped. Every file is
-written to a temporary name, fsynced and renamed, and only then does the manifest
+written to a temporary name, fsynced and renamed, and only then does a commit
 name it, so a crash at any moment leaves the last committed state intact; files no
-manifest names are leftovers and are removed on the next write.
+commit names are leftovers and are removed by the next writer (at its start, its
+checkpoints and its end: not per commit, which would list every shard each time).
+
+A commit writes only what changed since the last one (:class:`.commit_log.Changes`,
+kept as the store is changed: no copy or comparison of the whole manifest) and
+``count`` is kept in step, so a commit costs the same at 10M rows as at 10k.
 
 The manifest records each shard's size and the sha256 of both of its files, so a
 damaged or swapped file is detected when it is read (and by ``cbir check``) and is
@@ -16,51 +22,63 @@ never served.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CorruptStoreError
-from ..fsutil import TMP_MARK, atomic_write_bytes, atomic_write_json, bytes_sha256, json_bytes, npy_bytes
+from ..errors import CbirError, CorruptStoreError
+from ..fsutil import atomic_write_bytes, bytes_sha256, json_bytes, npy_bytes
+from .commit_log import Changes, read_state, top_keys
+from .committing import Committing
 from .ids import repaired_ids
 from .live_paths import LivePaths
 from .manifest import (
     FORMAT_VERSION,
-    INDEX_DIR,
     MANIFEST,
     SHARDS_DIR,
     Row,
     check_fingerprint,
     library_versions,
-    parse_manifest,
     parse_rows,
-    read_manifest,
-    write_identity,
 )
+from .row_catalog import RowCatalog
 from .shard_format import DEFAULT_SHARD_DTYPE, MANIFEST_KEY, encode, read_shard_file, shard_dtype_of, to_float32
-from .staging import remove_empty_runs, staged_leftovers
 from .validity import invalid_rows
 
 if TYPE_CHECKING:
     import numpy as np
 
 
-class FeatureStore:
+class FeatureStore(Committing):
     """Read and append to a store directory. Not thread-safe; writers hold a lock
     (see :mod:`.transaction`)."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], checkpoint: int | None = None) -> None:
         self.root = root
         self.manifest = manifest
-        # What is on disk: commit() writes nothing when the manifest still equals it,
-        # so a re-run that changes nothing keeps the generation (and the saved index).
-        self._committed: dict[str, Any] | None = copy.deepcopy(manifest)
+        # commit() writes nothing when nothing changed (so a re-run that changes
+        # nothing keeps the generation and the saved index): what changed since the
+        # last commit, and the tracked top-level keys as committed.
+        self._changes = Changes()
+        self._top: dict[str, Any] | None = top_keys(manifest) if "generation" in manifest else None
+        self._positions: dict[str, int] | None = None  # shard name -> index in manifest["shards"]
+        # The shard list as this object's methods left it: one assigned from outside
+        # (a caller replacing the manifest) is reconciled by :meth:`positions`.
+        self._known: list[dict[str, Any]] = manifest.get("shards", [])
+        # The generation manifest.json (the checkpoint) is at; the log holds the rest.
+        self.checkpoint_generation = manifest.get("generation", 0) if checkpoint is None else checkpoint
+        # Log entries not replayed (never committed: .commit_log); None once the
+        # first log entry this object wrote removed them.
+        self.log_ignored: list[str] | None = []
+        self._committed_count = int(manifest.get("count", 0))
+        self._rewrite = False  # the next commit must write a whole checkpoint (a rebuild's first)
+        self.last_commit_bytes = 0  # what the last commit wrote (log entry or checkpoint)
         self._rows_cache: dict[str, list[Row]] = {}
-        self._live_paths = LivePaths()
+        # Where each live path's row is: in memory, or the on-disk catalog once a
+        # writer attaches it (:meth:`attach_catalog`).
+        self._live_paths: LivePaths | RowCatalog = LivePaths()
         # The staging folder of the run writing now (:mod:`.staging`): not a leftover.
         self.active_staging: Path | None = None
         # Shards whose checksum was verified by a full read in this process.
@@ -79,7 +97,9 @@ class FeatureStore:
         manifest and, with ``check_files``, on shard files that are missing or of the
         wrong size; contents are verified against their checksums when read."""
         root = Path(root).expanduser()
-        store = cls(root, read_manifest(root))
+        state, checkpoint, ignored = read_state(root)
+        store = cls(root, state, checkpoint)
+        store.log_ignored = ignored
         if check_files:
             problems = store.file_problems()
             if problems:
@@ -110,13 +130,8 @@ class FeatureStore:
             "skipped": {},
         }
         store = cls(Path(root).expanduser(), manifest)
-        store._committed = None
+        store._top = None
         return store
-
-    @property
-    def committed(self) -> bool:
-        """Whether a manifest of this store is on disk."""
-        return self._committed is not None
 
     def successor(self, fingerprint: dict[str, Any], shard_dtype: str | None = None) -> FeatureStore:
         """An empty store to replace this one (a rebuild), not yet committed.
@@ -132,8 +147,10 @@ class FeatureStore:
         fresh.update({"fingerprint": fingerprint, "shards": [], "count": 0, "skipped": {},
                       "created": time.time(), MANIFEST_KEY: shard_dtype or self.shard_dtype})
         fresh.pop("weights_path", None)
-        store = type(self)(self.root, fresh)
-        store._committed = self._committed
+        store = type(self)(self.root, fresh, self.checkpoint_generation)
+        store._top = self._top
+        store._committed_count = self._committed_count
+        store._rewrite = True  # its first commit replaces everything: a checkpoint
         return store
 
     def for_fingerprint(self, fingerprint: dict[str, Any]) -> FeatureStore:
@@ -157,9 +174,8 @@ class FeatureStore:
         met a missing or mismatching file then retries on the new state instead of
         calling the index damaged."""
         try:
-            path = self.root / MANIFEST
-            return parse_manifest(path.read_bytes(), path)["generation"] != self.generation
-        except (OSError, CorruptStoreError):
+            return read_state(self.root)[0]["generation"] != self.generation
+        except CbirError:
             return True
 
     # -- reading -----------------------------------------------------------
@@ -169,10 +185,6 @@ class FeatureStore:
         return self.manifest["fingerprint"]
 
     @property
-    def generation(self) -> int:
-        return int(self.manifest["generation"])
-
-    @property
     def dim(self) -> int:
         return int(self.fingerprint["dim"])
 
@@ -180,10 +192,6 @@ class FeatureStore:
     def shard_dtype(self) -> str:
         """How the shards keep vectors: float32 or float16 (:mod:`.shard_format`)."""
         return shard_dtype_of(self.manifest)
-
-    @property
-    def count(self) -> int:
-        return int(self.manifest["count"])
 
     @property
     def shards_dir(self) -> Path:
@@ -243,6 +251,31 @@ class FeatureStore:
     def rows_by_path(self) -> dict[str, Row]:
         return {r.path: r for r in self.live_rows()}
 
+    def rows_by_sha(self, shas: Iterable[str]) -> dict[str, Row]:
+        """sha256 -> a live row of that content, for each of ``shas`` stored (from
+        the row catalog where attached: no read of every rows file)."""
+        self.positions()
+        return self._live_paths.rows_by_sha(self.manifest["shards"], self.shard_rows, shas)
+
+    def attach_catalog(self) -> None:
+        """Find rows through the on-disk row catalog (:mod:`.row_catalog`) from now
+        on (a writer, on a committed store, before changing it)."""
+        if self.committed and not self._changes and isinstance(self._live_paths, LivePaths):
+            catalog = RowCatalog.attach(self.root, self.manifest)
+            if catalog is None:
+                return
+            try:
+                catalog.build(self.manifest, self.shard_rows)  # O(rows) once, when it is stale
+            except CorruptStoreError:
+                catalog.close()  # a damaged rows file: the writer's repair comes first; next run builds it
+                return
+            self._live_paths = catalog
+
+    def release(self) -> None:
+        """Close the row catalog (uncommitted changes in it roll back)."""
+        self._live_paths.close()
+        self._live_paths = LivePaths()
+
     def read_shard(self, shard: dict[str, Any], mmap: bool) -> np.ndarray:
         """A shard's vectors: a full read is checked against the manifest's sha256
         (a flipped bit must not be served) and is float32; ``mmap`` (for a few rows)
@@ -277,11 +310,16 @@ class FeatureStore:
         the answer must be embedded again. A damaged shard is never a source."""
         import numpy as np
 
-        wanted = {r.id for r in rows}
+        wanted = {r.path: r.id for r in rows}
+        found: dict[str, list[int]] = {}
+        for name, row in self._live_paths.locate(self.manifest["shards"], self.shard_rows, wanted).values():
+            found.setdefault(name, []).append(row)
         out: dict[int, np.ndarray] = {}
-        for shard in self.manifest["shards"]:
+        positions = self.positions()
+        for name, rows_hit in found.items():
+            shard = self.manifest["shards"][positions[name]]
             ids = [r.id for r in self.shard_rows(shard)]
-            hits = [i for i, rid in enumerate(ids) if rid in wanted]
+            hits = sorted(i for i in rows_hit if ids[i] in wanted.values())
             if not hits:
                 continue
             try:
@@ -327,18 +365,22 @@ class FeatureStore:
         self.ensure_next_id()
         first_id = int(self.manifest["next_id"])
         rows = [Row(first_id + i, path, sha, size) for i, (path, sha, size) in enumerate(items)]
-        rows_data = json_bytes([asdict(r) for r in rows])
+        rows_data = json_bytes([{"id": r.id, "path": r.path, "sha256": r.sha256, "size": r.size} for r in rows])
         atomic_write_bytes(self.shards_dir / f"{name}.rows.json", rows_data)
         self._rows_cache[name] = rows
         paths = {r.path for r in rows}
-        shards, _ = self._without_paths(paths)
+        self.positions()
+        self._tombstone(self._live_paths.rows_of(self.manifest["shards"], self.shard_rows, paths))
         shard = {"name": name, "rows": len(rows), "sha256": sha256, "bytes": nbytes,
                  "rows_sha256": bytes_sha256(rows_data), "rows_bytes": len(rows_data), "removed": [],
                  "max_id": rows[-1].id}
-        skipped = {p: v for p, v in self.manifest["skipped"].items() if p not in paths}
-        self.manifest = {**self.manifest, "shards": [*shards, shard], "next_shard": self.manifest["next_shard"] + 1,
-                         "next_id": first_id + len(rows), "skipped": skipped}
-        self._live_paths.moved(self.manifest["shards"], paths, (name, rows))
+        self.forget_skipped(p for p in paths if p in self.manifest["skipped"])
+        positions = self.positions()
+        positions[name] = len(self.manifest["shards"])
+        self._changes.added(name)
+        self._set([*self.manifest["shards"], shard], next_shard=self.manifest["next_shard"] + 1,
+                  next_id=first_id + len(rows), count=self.count + len(rows))
+        self._live_paths.moved(paths, (name, rows))
         return rows
 
     def ensure_next_id(self, every_row: bool = False) -> str | None:
@@ -349,101 +391,8 @@ class FeatureStore:
         if self._ids_checked:
             return None
         self._ids_checked = True
-        self.manifest, note = repaired_ids(self.manifest, self.shard_rows, self.root / MANIFEST, not every_row)
+        repaired, note = repaired_ids(self.manifest, self.shard_rows, self.root / MANIFEST, not every_row)
+        if note:
+            self.set_shards(repaired["shards"])
+            self.manifest["next_id"] = repaired["next_id"]
         return note
-
-    def _without_paths(self, targets: set[str]) -> tuple[list[dict[str, Any]], int]:
-        """The manifest's shard list with the live rows of ``targets`` tombstoned
-        (new dicts; the manifest is not touched) and how many rows that removed."""
-        hits_by_shard = self._live_paths.rows_of(self.manifest["shards"], self.shard_rows, targets)
-        removed = 0
-        shards = []
-        for shard in self.manifest["shards"]:
-            hits = hits_by_shard.get(shard["name"])
-            if not hits:
-                shards.append(shard)
-                continue
-            removed += len(hits)
-            gone = set(shard["removed"]) | hits
-            if len(gone) < shard["rows"]:
-                shards.append({**shard, "removed": sorted(gone)})
-        return shards, removed
-
-    def remove_paths(self, paths: Iterable[str]) -> int:
-        """Tombstone the live rows of ``paths``; returns how many were removed."""
-        targets = set(paths)
-        if not targets:
-            return 0
-        shards, removed = self._without_paths(targets)
-        self.manifest = {**self.manifest, "shards": shards}
-        self._live_paths.moved(shards, targets)
-        return removed
-
-    def record_skipped(self, path: str, sha256: str, reason: str) -> None:
-        """Remember a file that could not be embedded, so an unchanged copy is not
-        decoded again on the next run (it is reported as skipped again)."""
-        self.manifest["skipped"][path] = {"sha256": sha256, "reason": reason}
-
-    def forget_skipped(self, paths: Iterable[str]) -> None:
-        for p in paths:
-            self.manifest["skipped"].pop(p, None)
-
-    def commit(self) -> bool:
-        """Make everything written so far durable: the manifest is replaced
-        atomically, then files it no longer names are deleted. Returns False (and
-        writes nothing) when nothing changed since the last commit, or when a new
-        store still holds no vectors (it would pin a model for nothing)."""
-        if self._committed is None and not self.manifest["shards"]:
-            return False
-        if self.manifest == self._committed:
-            self.collect_garbage()  # leftovers of a killed run go even if nothing changed
-            return False
-        manifest = {
-            **self.manifest,
-            "generation": self.generation + 1,
-            "updated": time.time(),
-            "count": sum(s["rows"] - len(s["removed"]) for s in self.manifest["shards"]),
-            "versions": library_versions(),
-        }
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.root / MANIFEST, manifest)
-        write_identity(self.root, manifest)
-        self.manifest = manifest
-        self._committed = copy.deepcopy(manifest)
-        self.collect_garbage()
-        return True
-
-    def leftover_files(self) -> list[Path]:
-        """Files the committed manifest does not name: shards of an interrupted or
-        dropped write, temporaries of an interrupted atomic write, and staged worker
-        shards of a run that is not this writer's :attr:`active_staging`. Harmless
-        (never read) and removed by the next commit."""
-        live = {s["name"] for s in self.manifest["shards"]}
-        out = []
-        if self.shards_dir.is_dir():
-            for path in self.shards_dir.iterdir():
-                stem = path.name.removesuffix(".npy").removesuffix(".rows.json")
-                if path.name.startswith(".") or stem not in live:
-                    out.append(path)
-        for folder in (self.root, self.root / INDEX_DIR):
-            if folder.is_dir():
-                out.extend(p for p in folder.iterdir() if p.name.startswith(".") and TMP_MARK in p.name)
-        out.extend(staged_leftovers(self.root, self.active_staging))
-        return sorted(out)
-
-    def collect_garbage(self) -> list[Path]:
-        """Delete :meth:`leftover_files` (only writers, holding the lock, call this)."""
-        deleted = []
-        for path in self.leftover_files():
-            try:
-                path.unlink()
-                deleted.append(path)
-            except OSError:
-                pass
-        remove_empty_runs(self.root, self.active_staging)
-        live = {s["name"] for s in self.manifest["shards"]}
-        for name in list(self._rows_cache):
-            if name not in live:
-                del self._rows_cache[name]
-        return deleted
-

@@ -4,10 +4,12 @@ writes manifests; everything else asks it.
 
 Layout of a store (index) folder::
 
-    manifest.json                 # the commit point (written atomically, last)
+    manifest.json                 # the checkpoint: full state at its generation (.commit_log)
+    log/00000000000000000042.json # one commit after it: only what changed (.commit_log)
     store.json                    # the store's identity: its fingerprint (written at the
                                   # first commit; what lets a lost manifest be recovered)
     .lock                         # the writer lock
+    rows.sqlite                   # the row catalog, derived: path -> id, shard, row (.row_catalog)
     shards/shard-000001.npy       # (n, dim), float32 or the store's shard_dtype (.shard_format)
     shards/shard-000001.rows.json # the n rows, same order: id, path, sha256, size
     index/index.faiss, index.json # the saved search index (derived from the shards)
@@ -26,7 +28,10 @@ from ..errors import CorruptStoreError, IndexNotFoundError, StoreMismatchError
 from ..fsutil import atomic_write_json
 from .shard_format import MANIFEST_KEY, dtype_problem
 
-FORMAT_VERSION = 1
+# 2: manifest.json is a checkpoint and log/ may hold commits after it (.commit_log).
+# Format 1 (no log) is still read: its first commit rewrites it as format 2.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 IDENTITY = "store.json"
 LOCK_NAME = ".lock"
@@ -132,8 +137,8 @@ def manifest_problems(manifest: Any) -> list[str]:
     the store reads has the type it expects."""
     if not isinstance(manifest, dict):
         return ["manifest is not a JSON object"]
-    if manifest.get("format") != FORMAT_VERSION:
-        return [f"not a cbir manifest of format {FORMAT_VERSION} (format {manifest.get('format')!r})"]
+    if manifest.get("format") not in READABLE_FORMATS:
+        return [f"not a cbir manifest of format {FORMAT_VERSION} or older (format {manifest.get('format')!r})"]
     problems = [f"manifest key {key!r} missing or not {kind.__name__}"
                 for key, kind in MANIFEST_KEYS.items() if not _is(manifest.get(key), kind)]
     if problems:

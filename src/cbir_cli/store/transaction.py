@@ -4,8 +4,9 @@
 Ctrl-C, opens the store (:meth:`WriteTransaction.begin` with the fingerprint of the
 vectors to come), buffers vectors until at least ``shard_size`` rows are waiting
 (whole batches: the buffer becomes one shard) and commits each shard as it is
-written, so an interrupted run loses at most one shard of work. On a
-normal exit everything is committed; on Ctrl-C or SIGTERM what is done is committed
+written (a log entry of that shard: :mod:`.commit_log`), so an interrupted run loses
+at most one shard of work. On a normal exit everything is committed and checkpointed
+(``manifest.json`` then holds the whole state); on Ctrl-C or SIGTERM what is done is committed
 and :class:`~cbir_cli.errors.Interrupted` says how to resume. A rebuild writes a
 successor store whose manifest is committed once, at the end: until then readers
 keep the previous index, and an interrupted rebuild changes nothing.
@@ -26,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptStoreError, Interrupted, WriteError
 from .adoption import adopt_part, staging_run
+from .commit_log import LOG_DIR
 from .feature_store import FeatureStore
 from .locking import writer_lock
 from .manifest import IDENTITY, INDEX_DIR, MANIFEST, SHARDS_DIR, lost_manifest
 from .repair import drop_damaged_shards
+from .row_catalog import CATALOG
 from .shard_format import DEFAULT_SHARD_DTYPE, SHARD_DTYPES, check_requested_dtype
 from .validity import INVALID_VECTOR, invalid_rows
 
@@ -104,6 +107,8 @@ class WriteTransaction:
             self._store = existing.for_fingerprint(fingerprint)
             check_requested_dtype(self._store.shard_dtype, self.requested_dtype, self.root)
             if self._store is existing:
+                existing.attach_catalog()  # rows found without reading every rows file
+                existing.collect_garbage()  # a killed run's leftovers (and uncommitted log entries)
                 # Verify what this run builds on; what is damaged is dropped and its
                 # images embedded again (the shards are the index's only source).
                 self.repairs = drop_damaged_shards(self._store)
@@ -185,16 +190,16 @@ class WriteTransaction:
             self.store.commit()
 
     def commit(self) -> bool:
-        """Write what is buffered and commit (also a rebuild's single commit)."""
+        """Write what is buffered and commit (also a rebuild's single commit), then
+        checkpoint: the end of a run leaves ``manifest.json`` complete."""
         self.flush()
-        return self.store.commit() if self.rebuild else False
+        return self.store.checkpoint()
 
     def what_is_kept(self, noun: str) -> str:
         """After a failed write: what the index still holds, and how to go on."""
         if self.rebuild:
             return "the previous index is unchanged; run the same command again to rebuild"
-        committed = self._store._committed if self._store is not None else None
-        count = committed["count"] if committed else 0
+        count = self._store.committed_count if self._store is not None else 0
         return f"the index keeps the {count} {noun} committed before; run the same command again to resume"
 
     def interrupted(self, noun: str) -> Interrupted:
@@ -208,6 +213,7 @@ class WriteTransaction:
         # Every row written so far is complete. A second Ctrl-C during this flush
         # still leaves the last committed state intact.
         self.flush()
+        self.store.checkpoint()
         return Interrupted(f"interrupted: {self.written} {noun} committed to {self.root}; "
                            "run the same command again to resume")
 
@@ -230,11 +236,14 @@ def write_transaction(root: str | Path, rebuild: bool = False, shard_size: int =
             raise txn.interrupted(noun) from None
         except WriteError as exc:
             raise WriteError(f"{exc.message}; {txn.what_is_kept(noun)}") from None
+        finally:
+            if txn._store is not None:
+                txn._store.release()
 
 
 def _remove_damaged(root: Path) -> None:
     """Delete a store too damaged to open, before a rebuild replaces it."""
-    for name in (MANIFEST, IDENTITY, SHARDS_DIR, INDEX_DIR):
+    for name in (MANIFEST, IDENTITY, SHARDS_DIR, INDEX_DIR, LOG_DIR, CATALOG, f"{CATALOG}-wal", f"{CATALOG}-shm"):
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)

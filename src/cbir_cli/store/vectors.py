@@ -34,6 +34,15 @@ def verify_shard_file(store: FeatureStore, shard: dict[str, Any], block: int = 1
         raise CorruptStoreError(f"{path}: unreadable shard (checksum mismatch, damaged or replaced)")
 
 
+def live_rows_of(shard: dict[str, Any]) -> np.ndarray:
+    """A shard's live row numbers (those not tombstoned), sorted."""
+    import numpy as np
+
+    keep = np.ones(shard["rows"], dtype=bool)
+    keep[np.asarray(shard["removed"], dtype=np.int64)] = False
+    return np.flatnonzero(keep)
+
+
 class _MappedShard:
     """A read-only memory map of one shard's vectors for scattered row reads, that
     keeps nothing mapped in between: page cache folios are mapped whole on a fault
@@ -91,26 +100,30 @@ class ShardVectors:
 
         self.dim = store.dim
         self.verified = verified
-        self._offsets: list[int] = []  # where each shard's rows start in its file
-        self._mapped: list[_MappedShard] = []  # not verified: for scattered reads
-        self._live: list[np.ndarray] = []  # per shard: its live row numbers
-        self._paths: list[str] = []
-        self._dtypes: list[np.dtype] = []  # per shard: as stored (checked against the manifest)
-        starts = [0]
-        for shard in store.manifest["shards"]:
-            if verified:
+        self._store = store
+        self._shards: list[dict[str, Any]] = list(store.manifest["shards"])
+        # Opened on first use (a 1M-row store of 1,024-row shards has ~1,000 files;
+        # a query touches a few): [offset, path, dtype, mapped (not verified)].
+        self._opened: dict[int, tuple[int, str, np.dtype, _MappedShard | None]] = {}
+        if verified:
+            for shard in self._shards:
                 verify_shard_file(store, shard)
+        live_counts = [shard["rows"] - len(shard["removed"]) for shard in self._shards]
+        self._starts = np.concatenate([[0], np.cumsum(live_counts, dtype=np.int64)]).astype(np.int64)
+
+    def _open(self, k: int) -> tuple[int, str, np.dtype, _MappedShard | None]:
+        opened = self._opened.get(k)
+        if opened is None:
+            store, shard = self._store, self._shards[k]
             checked = store.read_shard(shard, mmap=True)  # shape and dtype checked against the manifest
             path = str(store.shard_paths(shard)[0])
-            self._offsets.append(int(checked.offset))
-            if not verified:
-                self._mapped.append(_MappedShard(path, int(checked.offset), checked.shape, checked.dtype))
-            self._paths.append(path)
-            self._dtypes.append(checked.dtype)
-            live = np.setdiff1d(np.arange(shard["rows"]), np.asarray(shard["removed"], dtype=np.int64))
-            self._live.append(live)
-            starts.append(starts[-1] + len(live))
-        self._starts = np.asarray(starts, dtype=np.int64)
+            mapped = None if self.verified else _MappedShard(path, int(checked.offset), checked.shape, checked.dtype)
+            opened = self._opened[k] = (int(checked.offset), path, checked.dtype, mapped)
+        return opened
+
+    def _live(self, k: int) -> np.ndarray:
+        """Shard ``k``'s live row numbers."""
+        return live_rows_of(self._shards[k])
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -127,10 +140,9 @@ class ShardVectors:
         import numpy as np
 
         first, last = int(rows.min()), int(rows.max())
-        dtype = self._dtypes[shard]
+        start, path, dtype, _ = self._open(shard)
         row_bytes = self.dim * item_size(dtype)
-        start = self._offsets[shard]
-        with open(self._paths[shard], "rb") as fh:
+        with open(path, "rb") as fh:
             if last - first + 1 <= DENSE_SPAN * len(rows):
                 data = os.pread(fh.fileno(), (last - first + 1) * row_bytes, start + first * row_bytes)
                 return np.frombuffer(data, dtype=dtype).reshape(-1, self.dim)[rows - first]
@@ -149,51 +161,93 @@ class ShardVectors:
         shard_of = np.searchsorted(self._starts, positions, side="right") - 1
         for shard in np.unique(shard_of):
             sel = shard_of == shard
-            rows = self._live[shard][positions[sel] - self._starts[shard]]
+            rows = self._live(shard)[positions[sel] - self._starts[shard]]
             # Assigning into the float32 block converts float16 rows, these only.
-            out[sel] = self._read_rows(shard, rows) if self.verified else self._mapped[shard].rows(rows)
+            mapped = None if self.verified else self._open(shard)[3]
+            out[sel] = self._read_rows(shard, rows) if mapped is None else mapped.rows(rows)
         return out
 
 
-class RowTable(Sequence[Row]):
-    """The store's live rows in live-row order, kept as a few arrays instead of one
-    Python object per row (a 1M-row store: ~70 MB instead of ~700 MB with a dict by
-    id). Indexing gives :class:`Row` objects, made on demand; ids increase with the
-    position (new rows get higher ids), so :meth:`position` is a binary search."""
+class _ShardRowData:
+    """One shard's live rows as a few arrays (sizes, sha256 as uint8 (n, 32), the
+    paths' bytes joined and where each ends), not one Python object per row."""
 
-    def __init__(self, ids: np.ndarray, sizes: np.ndarray, sha256: np.ndarray, paths: bytes,
-                 path_ends: np.ndarray) -> None:
-        self.ids, self.sizes, self.sha256 = ids, sizes, sha256
-        self._paths, self._path_ends = paths, path_ends
-
-    @classmethod
-    def from_store(cls, store: FeatureStore) -> RowTable:
+    def __init__(self, rows: Sequence[Row]) -> None:
         import numpy as np
 
-        ids: list[int] = []
-        sizes: list[int] = []
-        shas: list[str] = []
-        paths: list[bytes] = []
-        for shard in store.manifest["shards"]:
-            removed = set(shard["removed"])
-            for i, row in enumerate(store.shard_rows(shard, cache=False)):
-                if i not in removed:
-                    ids.append(row.id)
-                    sizes.append(row.size)
-                    shas.append(row.sha256)
-                    paths.append(os.fsencode(row.path))
-        ends = np.cumsum([len(p) for p in paths], dtype=np.int64) if paths else np.zeros(0, dtype=np.int64)
+        self.sizes = np.fromiter((r.size for r in rows), dtype=np.int64, count=len(rows))
         # uint8 (n, 32), not numpy's "S32": bytes scalars drop trailing NUL bytes.
-        sha = np.frombuffer(bytes.fromhex("".join(shas)), dtype=np.uint8).reshape(-1, 32)
-        return cls(np.asarray(ids, dtype=np.int64), np.asarray(sizes, dtype=np.int64), sha, b"".join(paths), ends)
+        self.sha256 = np.frombuffer(bytes.fromhex("".join(r.sha256 for r in rows)), dtype=np.uint8).reshape(-1, 32)
+        paths = [os.fsencode(r.path) for r in rows]
+        self.paths = b"".join(paths)
+        self.ends = np.cumsum([len(p) for p in paths], dtype=np.int64) if paths else np.zeros(0, dtype=np.int64)
+
+    def row(self, j: int, row_id: int) -> Row:
+        start = int(self.ends[j - 1]) if j else 0
+        path = os.fsdecode(self.paths[start:int(self.ends[j])])
+        return Row(row_id, path, self.sha256[j].tobytes().hex(), int(self.sizes[j]))
+
+
+class RowTable(Sequence[Row]):
+    """The store's live rows in live-row order, kept as a few arrays per shard
+    instead of one Python object per row (a 1M-row store: ~70 MB instead of ~700
+    MB with a dict by id). Indexing gives :class:`Row` objects, made on demand;
+    ids increase with the position (new rows get higher ids), so :meth:`position`
+    is a binary search.
+
+    With ``first_ids`` (each shard's first row id, as a saved search index records
+    them: a shard's rows have consecutive ids) the ids come from the manifest alone
+    and a shard's rows file is read (checksum-verified) only when one of its rows
+    is asked for: opening a 1M-row index reads no rows file. A rows file whose ids
+    are not the recorded ones is refused."""
+
+    def __init__(self, store: FeatureStore, ids: np.ndarray, data: dict[int, _ShardRowData]) -> None:
+        import numpy as np
+
+        self.ids = ids
+        self._store = store
+        self._shards: list[dict[str, Any]] = list(store.manifest["shards"])
+        live_counts = [shard["rows"] - len(shard["removed"]) for shard in self._shards]
+        self._starts = np.concatenate([[0], np.cumsum(live_counts, dtype=np.int64)]).astype(np.int64)
+        self._data = data
+
+    @classmethod
+    def from_store(cls, store: FeatureStore, first_ids: dict[str, int] | None = None) -> RowTable:
+        import numpy as np
+
+        shards = store.manifest["shards"]
+        if first_ids is not None and all(shard["name"] in first_ids for shard in shards):
+            parts = [first_ids[shard["name"]] + live_rows_of(shard) for shard in shards]
+            return cls(store, np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64), {})
+        ids: list[np.ndarray] = []
+        data: dict[int, _ShardRowData] = {}
+        for k, shard in enumerate(shards):
+            rows = store.shard_rows(shard, cache=False)
+            live = [rows[i] for i in live_rows_of(shard).tolist()]
+            ids.append(np.fromiter((r.id for r in live), dtype=np.int64, count=len(live)))
+            data[k] = _ShardRowData(live)
+        return cls(store, np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), data)
+
+    def _shard_data(self, k: int) -> _ShardRowData:
+        data = self._data.get(k)
+        if data is None:
+            store, shard = self._store, self._shards[k]
+            rows = store.shard_rows(shard, cache=False)  # checksum-verified
+            live = [rows[i] for i in live_rows_of(shard).tolist()]
+            if [r.id for r in live] != self.ids[self._starts[k]:self._starts[k + 1]].tolist():
+                path = store.shard_paths(shard)[1]
+                raise CorruptStoreError(f"{path}: row ids are not the ones the search index recorded (damaged)")
+            data = self._data[k] = _ShardRowData(live)
+        return data
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def _row(self, i: int) -> Row:
-        start = int(self._path_ends[i - 1]) if i else 0
-        path = os.fsdecode(self._paths[start:int(self._path_ends[i])])
-        return Row(int(self.ids[i]), path, self.sha256[i].tobytes().hex(), int(self.sizes[i]))
+        import numpy as np
+
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._shard_data(k).row(i - int(self._starts[k]), int(self.ids[i]))
 
     @overload
     def __getitem__(self, index: int) -> Row: ...
@@ -209,7 +263,12 @@ class RowTable(Sequence[Row]):
         return self._row(index % len(self))
 
     def __iter__(self) -> Iterator[Row]:
-        return (self._row(i) for i in range(len(self)))
+        for k in range(len(self._shards)):
+            start, stop = int(self._starts[k]), int(self._starts[k + 1])
+            if stop > start:
+                data = self._shard_data(k)
+                for j in range(stop - start):
+                    yield data.row(j, int(self.ids[start + j]))
 
     def position(self, row_id: int) -> int:
         """Where row ``row_id`` is; KeyError when it is not a live row."""
@@ -221,16 +280,18 @@ class RowTable(Sequence[Row]):
         return i
 
 
-_TABLES: weakref.WeakKeyDictionary[FeatureStore, tuple[dict[str, Any], RowTable]] = weakref.WeakKeyDictionary()
+# The table is held weakly (it holds its store): shared while someone uses it.
+_TABLES: weakref.WeakKeyDictionary[FeatureStore, tuple[dict[str, Any], weakref.ref[RowTable]]] = \
+    weakref.WeakKeyDictionary()
 
 
-def row_table(store: FeatureStore) -> RowTable:
+def row_table(store: FeatureStore, first_ids: dict[str, int] | None = None) -> RowTable:
     """The :class:`RowTable` of ``store``'s live rows, read once per state of its
     manifest (every change replaces the manifest dict), so the search backend and
-    the Searcher share one."""
+    the Searcher share one. ``first_ids``: see :class:`RowTable`."""
     cached = _TABLES.get(store)
-    if cached is not None and cached[0] is store.manifest:
-        return cached[1]
-    table = RowTable.from_store(store)
-    _TABLES[store] = (store.manifest, table)
+    table = cached[1]() if cached is not None and cached[0] is store.manifest else None
+    if table is None:
+        table = RowTable.from_store(store, first_ids)
+        _TABLES[store] = (store.manifest, weakref.ref(table))
     return table

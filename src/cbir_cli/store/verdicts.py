@@ -87,3 +87,44 @@ def verify_file(path: Path, sha256: str, described_by: str) -> Stamp:
     if actual != sha256:
         raise CorruptStoreError(f"{path}: checksum mismatch (damaged, or {described_by} is)")
     return stamp
+
+
+class VerdictRecord:
+    """Many files' verdicts in one record, read once and written once: a writer
+    checking every shard of a store at its start (:func:`.repair.drop_damaged_shards`)
+    hashes only the shards whose files changed since they were last verified, so a
+    run costs one ``stat`` per shard file, not a read of every vector. Keys are
+    paths relative to the record's folder; the rules are the module docstring's."""
+
+    def __init__(self, record: Path) -> None:
+        self.record = record
+        self._entries = _entries(record)
+        self._changed = False
+        self._started_ns = time.time_ns()
+
+    def _key(self, path: Path) -> str:
+        return path.relative_to(self.record.parent).as_posix()
+
+    def holds(self, path: Path, stamp: Stamp, sha256: str | None) -> bool:
+        """Whether ``path`` was verified to have ``sha256`` when its stamp was ``stamp``."""
+        known = self._entries.get(self._key(path))
+        return (sha256 is not None and isinstance(known, list) and len(known) == 5
+                and tuple(known[:4]) == stamp and known[4] == sha256)
+
+    def remember(self, path: Path, stamp: Stamp, sha256: str) -> None:
+        """``path`` (stamped ``stamp`` before it was read) was just verified to hold
+        ``sha256``; kept only when it was settled before this record was opened."""
+        if max(stamp[1], stamp[2]) < self._started_ns - int(RACY_SECONDS * 1e9):
+            self._entries[self._key(path)] = [*stamp, sha256]
+            self._changed = True
+
+    def save(self, keep: set[str]) -> None:
+        """Write the record with the entries of ``keep`` (relative paths) only, if
+        anything changed; best effort (a read-only store is verified again next time)."""
+        entries = {k: v for k, v in self._entries.items() if k in keep}
+        if not self._changed and entries.keys() == self._entries.keys():
+            return
+        try:
+            atomic_write_json(self.record, {"format": FORMAT, "files": entries})
+        except OSError:
+            pass

@@ -1,0 +1,401 @@
+#!/usr/bin/env python3
+"""Scale simulation: does per-image work stay flat as the collection grows?
+
+    python bench/scale.py                                # 100k, 1M, 10M rows, 32-d
+    python bench/scale.py --sizes 100000,1000000         # what fits a quick run
+    python bench/scale.py --sizes 100000 --dim 64 --keep /tmp/scale-stores
+
+For each size it writes a synthetic store through the store's public write API
+(``FeatureStore.create`` + ``add_shard`` in 1,024-row shards, as ``cbir index``
+writes them; random unit vectors, fake paths and sha256: nothing on disk but the
+store; one commit at the end) and saves its search index as
+``cbir index`` does (``refresh_backend``, index type ``auto``: IVF-PQ above 50k
+rows). Then, each step in a FRESH subprocess so its peak RSS (ru_maxrss) is its
+own, in this order (each step sees the previous one's state):
+
+  open+query   ``Searcher.open`` (default backend, no re-ranking) + one query
+  plan         an unchanged re-run's planning: ``plan_sync`` over all N files,
+               given as an in-memory listing of (path, sha256, size) -- the files
+               do not exist, so the stat cache (one os.stat per file) is not in it
+  commit       open the store, add one 1,024-row shard, commit
+  update       what ``cbir index`` does after planning, for 1,000 new images and
+               1,000 removed ones: a write transaction (``begin`` verifies what it
+               builds on), ``embed_plan`` with a fake executor (random unit
+               vectors: no model), the removals, the commit, then the search-index
+               upkeep (``refresh_backend``; DBA off: see --dba)
+  reopen       ``Searcher.open`` + one query after the update
+
+and the bytes on disk. Prints a table and, per figure, the growth ratio between
+the two largest sizes (1M -> 10M with the defaults): 10x rows would be 10x
+cost for work linear in N, 1x for work independent of it.
+
+Dimension: row bookkeeping (manifest, rows files, planning, commit) does not
+depend on it; shard bytes, shard hashing and the index's vectors scale linearly
+with it (2048-d is 64x the 32-d default), and so does the IVF-PQ code size
+(dim/16 bytes per vector, at least 32 sub-quantizers' worth: see
+``faiss_backend.factory_string``).
+
+The result (machine, load, versions, command, figures) is written as JSON under
+bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+FINGERPRINT_MODEL = "bench-scale"
+NEW_SHARD = 1024
+CHURN = 1000
+FILES_PER_FOLDER = 1000
+STEPS = ("generate", "open+query", "plan", "commit", "update", "reopen")
+
+
+def fingerprint(dim: int) -> dict[str, Any]:
+    return {"model": FINGERPRINT_MODEL, "weights": "synthetic", "dim": dim, "preprocessing": {}}
+
+
+def fake_path(i: int) -> str:
+    return f"/synthetic/images/d{i // FILES_PER_FOLDER:06d}/img_{i:09d}.jpg"
+
+
+def fake_sha(i: int) -> str:
+    return f"{i:064x}"
+
+
+def unit_vectors(rng: Any, n: int, dim: int) -> Any:
+    import numpy as np
+
+    v = rng.standard_normal((n, dim), dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v
+
+
+# ---------------------------------------------------------------------------
+# Steps (each runs in its own process: `scale.py --step NAME --root R ...`).
+
+
+def step_generate(root: Path, n: int, dim: int, shard_rows: int) -> dict[str, Any]:
+    import numpy as np
+
+    from cbir_cli.search.backends import refresh_backend
+    from cbir_cli.search.dba import DbaSettings
+    from cbir_cli.store.feature_store import FeatureStore
+
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    store = FeatureStore.create(root, fingerprint(dim))
+    for start in range(0, n, shard_rows):
+        stop = min(n, start + shard_rows)
+        store.add_shard(unit_vectors(rng, stop - start, dim),
+                        [(fake_path(i), fake_sha(i), 40_000) for i in range(start, stop)])
+    store.commit()
+    written = time.perf_counter() - t
+    t = time.perf_counter()
+    refresh_backend(store, "auto", dba=DbaSettings(depth=0))
+    return {"write_s": written, "index_s": time.perf_counter() - t}
+
+
+def step_open_query(root: Path, dim: int) -> dict[str, Any]:
+    import numpy as np
+
+    from cbir_cli.search.searcher import Searcher
+
+    t = time.perf_counter()
+    searcher = Searcher.open(root)
+    opened = time.perf_counter() - t
+    query = unit_vectors(np.random.default_rng(1), 1, dim)
+    t = time.perf_counter()
+    hits = searcher.search_vectors(query, k=10)
+    return {"open_s": opened, "query_s": time.perf_counter() - t, "hits": len(hits[0]),
+            "index_type": searcher.index_type}
+
+
+def step_plan(root: Path, n: int) -> dict[str, Any]:
+    from cbir_cli.pipeline.plan import HashResult, plan_sync
+    from cbir_cli.store.feature_store import FeatureStore
+
+    t = time.perf_counter()
+    store = FeatureStore.open(root)
+    listing = (HashResult(fake_path(i), fake_sha(i), 40_000) for i in range(n))
+    plan = plan_sync(store, Path("/synthetic/images"), listing)
+    seconds = time.perf_counter() - t
+    return {"plan_s": seconds, "files_per_s": n / seconds, "unchanged": plan.unchanged,
+            "todo": len(plan.todo), "removed": len(plan.removed)}
+
+
+def step_commit(root: Path, n: int, dim: int) -> dict[str, Any]:
+    import numpy as np
+
+    from cbir_cli.store.feature_store import FeatureStore
+
+    t = time.perf_counter()
+    store = FeatureStore.open(root)
+    opened = time.perf_counter() - t
+    vectors = unit_vectors(np.random.default_rng(2), NEW_SHARD, dim)
+    first = 2 * n  # new paths, beyond anything generated
+    t = time.perf_counter()
+    store.add_shard(vectors, [(fake_path(first + i), fake_sha(first + i), 40_000) for i in range(NEW_SHARD)])
+    store.commit()
+    return {"open_s": opened, "commit_s": time.perf_counter() - t}
+
+
+class FakeExecutor:
+    """Embeds by returning random unit vectors: the pipeline without a model."""
+
+    name = "fake"
+    embeds_unhashed = False
+
+    def __init__(self, dim: int) -> None:
+        import numpy as np
+
+        self.dim, self.rng = dim, np.random.default_rng(3)
+
+    def embed(self, items: Any, request: Any, sink: Any, on_failure: Any) -> int:
+        sink.add(unit_vectors(self.rng, len(items), self.dim), list(items))
+        return len(items)
+
+
+def step_update(root: Path, n: int, dim: int, dba: bool) -> dict[str, Any]:
+    from cbir_cli.pipeline.executor import EmbedRequest
+    from cbir_cli.pipeline.options import ExtractSummary
+    from cbir_cli.pipeline.plan import Plan
+    from cbir_cli.pipeline.sync import embed_plan
+    from cbir_cli.search.backends import refresh_backend
+    from cbir_cli.search.dba import DbaSettings
+    from cbir_cli.store.transaction import write_transaction
+
+    first = 3 * n
+    todo = [(fake_path(first + i), fake_sha(first + i), 40_000) for i in range(CHURN)]
+    removed = [fake_path(i) for i in range(0, n, max(1, n // CHURN))][:CHURN]
+    plan = Plan(todo, set(), removed, n - CHURN, [], [])
+    summary = ExtractSummary()
+    times: dict[str, float] = {}
+    t0 = t = time.perf_counter()
+    with write_transaction(root) as txn:
+        store = txn.begin(fingerprint(dim))
+        times["begin_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        embed_plan(plan, txn, FakeExecutor(dim), EmbedRequest(FINGERPRINT_MODEL), summary,
+                   lambda path, reason: None)
+        summary.removed += txn.remove_paths(plan.removed)
+        times["write_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+    times["commit_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    refresh_backend(store, None, dba=None if dba else DbaSettings(depth=0))
+    times["index_upkeep_s"] = time.perf_counter() - t
+    times["update_s"] = time.perf_counter() - t0
+    return {**times, "removed": summary.removed, "embedded": summary.embedded, "count": store.count}
+
+
+def disk_bytes(root: Path) -> dict[str, int]:
+    out = {"shard_vectors": 0, "rows_files": 0, "manifest": 0, "search_index": 0, "other": 0}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            size = (Path(folder) / name).stat().st_size
+            if name.endswith(".npy") and "shards" in folder:
+                out["shard_vectors"] += size
+            elif name.endswith(".rows.json"):
+                out["rows_files"] += size
+            elif name == "manifest.json":
+                out["manifest"] += size
+            elif "index" in Path(folder).name and folder != str(root):
+                out["search_index"] += size
+            else:
+                out["other"] += size
+    out["total"] = sum(out.values())
+    return out
+
+
+def run_step(args: argparse.Namespace) -> None:
+    root, n, dim = Path(args.root), args.rows, args.dim
+    if args.step == "generate":
+        figures = step_generate(root, n, dim, args.shard_rows)
+    elif args.step in ("open+query", "reopen"):
+        figures = step_open_query(root, dim)
+    elif args.step == "plan":
+        figures = step_plan(root, n)
+    elif args.step == "commit":
+        figures = step_commit(root, n, dim)
+    else:
+        figures = step_update(root, n, dim, args.dba)
+    figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(figures))
+
+
+# ---------------------------------------------------------------------------
+# The driver.
+
+
+def in_subprocess(step: str, root: Path, n: int, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--step", step, "--root", str(root), "--rows", str(n), "--dim", str(args.dim),
+           "--shard-rows", str(args.shard_rows)] + (["--dba"] if args.dba else [])
+    t = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures["process_s"] = time.perf_counter() - t
+    return figures
+
+
+# (label, step, key, unit): the figures printed and compared across sizes.
+FIGURES = [
+    ("generate: write store", "generate", "write_s", "s"),
+    ("generate: build index", "generate", "index_s", "s"),
+    ("generate: peak RSS", "generate", "peak_rss_mib", "MiB"),
+    ("open Searcher", "open+query", "open_s", "s"),
+    ("one query", "open+query", "query_s", "s"),
+    ("open+query: peak RSS", "open+query", "peak_rss_mib", "MiB"),
+    ("plan unchanged re-run", "plan", "plan_s", "s"),
+    ("plan: files/s", "plan", "files_per_s", "/s"),
+    ("plan: peak RSS", "plan", "peak_rss_mib", "MiB"),
+    ("commit: open store", "commit", "open_s", "s"),
+    ("commit: add 1,024-row shard + commit", "commit", "commit_s", "s"),
+    ("commit: peak RSS", "commit", "peak_rss_mib", "MiB"),
+    ("update: txn begin (verify)", "update", "begin_s", "s"),
+    ("update: embed_plan + removals", "update", "write_s", "s"),
+    ("update: commit", "update", "commit_s", "s"),
+    ("update: index upkeep", "update", "index_upkeep_s", "s"),
+    ("update: +1,000/-1,000 total", "update", "update_s", "s"),
+    ("update: peak RSS", "update", "peak_rss_mib", "MiB"),
+    ("reopen Searcher", "reopen", "open_s", "s"),
+    ("reopen: one query", "reopen", "query_s", "s"),
+    ("reopen: peak RSS", "reopen", "peak_rss_mib", "MiB"),
+    ("disk: shard vectors", "disk", "shard_vectors", "MiB"),
+    ("disk: rows files", "disk", "rows_files", "MiB"),
+    ("disk: manifest", "disk", "manifest", "MiB"),
+    ("disk: search index", "disk", "search_index", "MiB"),
+    ("disk: total", "disk", "total", "MiB"),
+]
+# Figures that grow with the vector dimension (the rest are row bookkeeping).
+DIM_BOUND = {"disk: shard vectors", "disk: search index", "disk: total", "generate: write store",
+             "generate: build index", "update: txn begin (verify)", "update: index upkeep", "one query"}
+
+
+def value(results: dict[str, Any], step: str, key: str) -> float | None:
+    got = results.get(step, {}).get(key)
+    if got is None:
+        return None
+    return got / 2**20 if step == "disk" else float(got)
+
+
+def print_table(sizes: list[int], per_size: dict[int, dict[str, Any]], dim: int) -> dict[str, float]:
+    head = f"{'figure':40s}" + "".join(f"{n:>14,}" for n in sizes)
+    ratios: dict[str, float] = {}
+    last_two = sizes[-2:] if len(sizes) >= 2 else []
+    if last_two:
+        head += f"  {f'{last_two[0] // 1000:,}k->{last_two[1] // 1000:,}k':>12s}"
+    print(head)
+    for label, step, key, unit in FIGURES:
+        cells = [value(per_size[n], step, key) for n in sizes]
+        line = f"{label + ' (' + unit + ')':40s}"
+        for c in cells:
+            line += f"{'-':>14s}" if c is None else f"{c:>14.3f}" if c < 100 else f"{c:>14,.0f}"
+        if last_two:
+            a, b = value(per_size[last_two[0]], step, key), value(per_size[last_two[1]], step, key)
+            if a and b:
+                ratios[label] = b / a
+                line += f"  {b / a:>11.2f}x"
+        if label in DIM_BOUND:
+            line += "  [x dim]"
+        print(line)
+    for n in sizes:
+        for step in STEPS:
+            if "error" in per_size[n].get(step, {}):
+                print(f"{n:,} rows, {step}: {per_size[n][step]['error']}")
+    print(f"\n[x dim]: grows linearly with the vector dimension (here {dim}; 2048-d is {2048 / dim:.0f}x these "
+          "bytes and hashing/reading seconds); the other figures are row bookkeeping, independent of it.")
+    if last_two:
+        print(f"growth ratio: {last_two[0]:,} -> {last_two[1]:,} rows ({last_two[1] / last_two[0]:.0f}x rows); "
+              "1.0x = independent of the collection size.")
+    return ratios
+
+
+def machine() -> dict[str, Any]:
+    import numpy as np
+
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    try:
+        import faiss
+
+        versions["faiss"] = faiss.__version__
+    except ImportError:
+        pass
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    with open("/proc/meminfo") as fh:
+        mem = int(fh.readline().split()[1]) * 1024
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "memory_bytes": mem,
+            "load_average": os.getloadavg(), "versions": versions, "commit": git}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="100000,1000000,10000000", help="comma list of collection sizes (rows)")
+    p.add_argument("--dim", type=int, default=32, help="vector dimension (see above for what scales with it)")
+    p.add_argument("--shard-rows", type=int, default=1024, help="rows per generated shard (cbir index writes 1,024)")
+    p.add_argument("--dba", action="store_true", help="include DBA in the update's index upkeep (slow: "
+                   "it searches every vector today)")
+    p.add_argument("--keep", type=Path, help="write the stores here and keep them (default: a temp folder, removed)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per step before it is given up")
+    p.add_argument("--out", type=Path, help="result JSON (default: bench/results/scale-<time>.json)")
+    p.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.step:
+        run_step(args)
+        return
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="cbir-bench-scale-"))
+    started = machine()
+    per_size: dict[int, dict[str, Any]] = {}
+    try:
+        for n in sizes:
+            root = scratch / f"store-{n}"
+            shutil.rmtree(root, ignore_errors=True)
+            results: dict[str, Any] = {}
+            for step in STEPS:
+                print(f"[{time.strftime('%H:%M:%S')}] {n:,} rows: {step}", file=sys.stderr, flush=True)
+                results[step] = in_subprocess(step, root, n, args, args.timeout)
+                if step == "generate" and "error" in results[step]:
+                    break
+                if step == "generate":
+                    results["disk_generated"] = disk_bytes(root)
+            results["disk"] = disk_bytes(root)
+            per_size[n] = results
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    ratios = print_table(sizes, per_size, args.dim)
+    out = args.out or RESULTS / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": started,
+        "load_average_end": os.getloadavg(), "dim": args.dim, "sizes": sizes,
+        "figures": {str(n): r for n, r in per_size.items()}, "growth_ratio_last_two": ratios,
+    }, indent=1))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()

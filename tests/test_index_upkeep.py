@@ -1,0 +1,168 @@
+"""Incremental upkeep of the saved Faiss index (search/index_upkeep.py): new rows
+are added to the saved (trained) index and removed rows leave it, instead of a
+rebuild from every shard; checked against the exact oracle and a fresh build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import store_of_vectors
+
+from cbir_cli.search import saved_index as saved_index_module
+from cbir_cli.search.faiss_backend import FaissBackend, index_paths, read_index_meta
+from cbir_cli.search.index_upkeep import RETRAIN_GROWTH
+from cbir_cli.store import vectors as vectors_module
+from cbir_cli.store.feature_store import FeatureStore
+from tests.fakes import FakeBackend
+
+DIM = 32
+
+
+def structured(n: int, seed: int) -> np.ndarray:
+    """Unit vectors near a 6-d subspace, so nearest neighbours mean something."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(0).standard_normal((6, DIM)).astype(np.float32)
+    x = rng.standard_normal((n, 6)).astype(np.float32) @ basis + 0.3 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def churn(store: FeatureStore, first: int, added: int, removed_every: int, seed: int) -> None:
+    """Add ``added`` rows (one new shard) and remove every ``removed_every``-th live path (0: none); commit."""
+    new = structured(added, seed)
+    store.add_shard(new, [(f"/img/new{first + i:06d}.jpg", f"{first + i + 10**9:064x}", 100) for i in range(added)])
+    if removed_every:
+        store.remove_paths([r.path for r in store.live_rows()[::removed_every]])
+    store.commit()
+
+
+def recall(backend, oracle, queries: np.ndarray, k: int = 10) -> float:
+    ids = backend.search(queries, k)[1]
+    truth = oracle.search(queries, k)[1]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, truth)]))
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivfpq"])
+def test_incremental_refresh_equals_a_fresh_build(tmp_path, index_type):
+    x = structured(3000, 1)
+    store = store_of_vectors(tmp_path / "store", x)
+    assert FaissBackend().refresh(store, index_type)
+    for round_ in range(2):
+        churn(store, 1000 * round_, 700, 9, seed=10 + round_)
+        incremental = FaissBackend()
+        assert incremental.refresh(store, index_type)
+        assert read_index_meta(store)["generation"] == store.generation
+        fresh, oracle = FaissBackend(), FakeBackend()
+        fresh.build(store, index_type, persist=False)
+        oracle.build(store, "flat")
+        assert incremental.count == fresh.count == oracle.count == store.count
+        queries = structured(60, 99 + round_)
+        gone = set(range(len(x))) - {int(i) for i in oracle.ids}
+        assert not set(incremental.search(queries, 50)[1].ravel().tolist()) & gone
+        if index_type == "flat":
+            s1, i1 = incremental.search(queries, 10)
+            s2, i2 = fresh.search(queries, 10)
+            np.testing.assert_array_equal(i1, i2)
+            np.testing.assert_array_equal(s1, s2)
+        else:
+            assert recall(incremental, oracle, queries) >= recall(fresh, oracle, queries) - 0.03
+            assert recall(incremental, oracle, queries) >= 0.9
+        # What was saved answers as the refreshed backend does.
+        loaded = FaissBackend()
+        assert loaded.load(FeatureStore.open(store.root))
+        np.testing.assert_array_equal(loaded.search(queries, 10)[1], incremental.search(queries, 10)[1])
+
+
+def test_incremental_refresh_verifies_only_the_new_shards(tmp_path, monkeypatch):
+    store = store_of_vectors(tmp_path / "store", structured(3000, 1))
+    FaissBackend().refresh(store, "ivfpq")
+    verified: list[str] = []
+    real_verify, real_read = vectors_module.verify_shard_file, FeatureStore.read_shard
+
+    def counting_verify(store_, shard, *args, **kwargs):
+        verified.append(shard["name"])
+        return real_verify(store_, shard, *args, **kwargs)
+
+    def counting_read(self, shard, mmap):
+        if not mmap:
+            verified.append(shard["name"])
+        return real_read(self, shard, mmap)
+
+    monkeypatch.setattr(vectors_module, "verify_shard_file", counting_verify)
+    monkeypatch.setattr(FeatureStore, "read_shard", counting_read)
+    churn(store, 0, 500, 11, seed=5)
+    verified.clear()
+    assert FaissBackend().refresh(store, "ivfpq")
+    assert verified == [store.manifest["shards"][-1]["name"]]
+
+
+def test_ivf_is_retrained_once_the_collection_outgrows_its_training_count(tmp_path):
+    store = store_of_vectors(tmp_path / "store", structured(1200, 1))
+    FaissBackend().refresh(store, "ivfpq")
+    assert read_index_meta(store)["trained_count"] == 1200
+    churn(store, 0, 1000, 0, seed=2)  # 2,200 rows: below 4x, kept
+    FaissBackend().refresh(store, "ivfpq")
+    assert read_index_meta(store)["trained_count"] == 1200
+    churn(store, 1000, RETRAIN_GROWTH * 1200 - 2200 + 1, 0, seed=3)  # past 4x: retrained
+    backend = FaissBackend()
+    backend.refresh(store, "ivfpq")
+    assert read_index_meta(store)["trained_count"] == store.count == RETRAIN_GROWTH * 1200 + 1
+    assert recall(backend, _oracle(store), structured(40, 7)) >= 0.9
+
+
+def _oracle(store: FeatureStore) -> FakeBackend:
+    oracle = FakeBackend()
+    oracle.build(store, "flat")
+    return oracle
+
+
+def test_an_index_saved_by_an_older_version_is_rebuilt_once(tmp_path, monkeypatch):
+    store = store_of_vectors(tmp_path / "store", structured(2000, 1))
+    FaissBackend().refresh(store, "ivfpq")
+    meta_file = index_paths(store)[1]
+    meta = json.loads(meta_file.read_text())
+    for key in ("coverage", "labels", "trained_count"):
+        meta.pop(key)
+    meta_file.write_text(json.dumps(meta))
+    churn(store, 0, 300, 13, seed=4)
+    builds: list[int] = []
+    real = saved_index_module.build_labelled
+    monkeypatch.setattr(saved_index_module, "build_labelled", lambda s, t: builds.append(1) or real(s, t))
+    backend = FaissBackend()
+    assert backend.refresh(store, "ivfpq") and builds == [1]
+    assert "coverage" in read_index_meta(store)
+    assert recall(backend, _oracle(store), structured(40, 8)) >= 0.9
+
+
+def test_a_damaged_saved_index_is_rebuilt_not_updated(tmp_path):
+    store = store_of_vectors(tmp_path / "store", structured(2000, 1))
+    FaissBackend().refresh(store, "flat")
+    churn(store, 0, 300, 13, seed=4)
+    index_file = Path(index_paths(store)[0])
+    data = bytearray(index_file.read_bytes())
+    data[-10] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    backend = FaissBackend()
+    assert backend.refresh(store, "flat")
+    fresh = FaissBackend()
+    fresh.build(store, "flat", persist=False)
+    queries = structured(20, 3)
+    np.testing.assert_array_equal(backend.search(queries, 10)[1], fresh.search(queries, 10)[1])
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivfpq"])
+def test_a_shard_whose_rows_are_all_removed_leaves_the_index(tmp_path, index_type):
+    store = store_of_vectors(tmp_path / "store", structured(6000, 1))
+    FaissBackend().refresh(store, index_type)
+    dropped = store.manifest["shards"][1]["name"]
+    store.remove_paths([f"/img/{i:05d}.jpg" for i in range(500, 1000)])  # the second shard, whole
+    store.commit()
+    assert dropped not in {s["name"] for s in store.manifest["shards"]}
+    incremental, oracle = FaissBackend(), _oracle(store)
+    assert incremental.refresh(store, index_type)
+    assert read_index_meta(store)["generation"] == store.generation
+    queries = structured(40, 5)
+    assert not set(incremental.search(queries, 50)[1].ravel().tolist()) & set(range(500, 1000))
+    assert recall(incremental, oracle, queries) >= (1.0 if index_type == "flat" else 0.9)
