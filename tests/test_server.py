@@ -148,7 +148,7 @@ def test_thumbnail_is_a_small_jpeg_and_is_cached(searcher, monkeypatch):
     app = create_app(searcher)
     client = app.test_client()
     calls = []
-    import cbir_cli.serve.app as server
+    import cbir_cli.serve.files as server
 
     real = server.make_thumbnail
     monkeypatch.setattr(server, "make_thumbnail", lambda *a, **kw: calls.append(a) or real(*a, **kw))
@@ -164,7 +164,7 @@ def test_thumbnail_is_a_small_jpeg_and_is_cached(searcher, monkeypatch):
 
 
 def test_thumbnail_cache_evicts_the_least_recently_used(indexed, monkeypatch):
-    import cbir_cli.serve.app as server
+    import cbir_cli.serve.files as server
 
     made = []
     monkeypatch.setattr(server, "make_thumbnail",
