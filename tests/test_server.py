@@ -93,6 +93,8 @@ def test_health_reports_model_count_and_index_type(client, indexed):
     assert info["status"] == "ok"
     assert info["model"] == "test_tiny" and info["count"] == N_IMAGES + 1
     assert info["index_type"] == "flat" and info["dim"] > 0
+    # The page's header, in a user's words (this searcher is opened without re-ranking).
+    assert info["summary"] == f"{N_IMAGES + 1} images · test_tiny · exact search, not re-ranked"
     assert info["max_k"] == MAX_K and info["index"] == str(indexed[1])
 
 
