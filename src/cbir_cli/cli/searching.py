@@ -65,7 +65,8 @@ def query_cmd(
 ) -> None:
     """Find the K indexed images most similar to each query: image files, a region of them (--box), or
     indexed images (--id, --path); optionally only below a folder or above a score. Re-ranked (query
-    expansion, DBA; --no-rerank: plain); scores are cosine similarities."""
+    expansion, DBA; --no-rerank: plain). score: cosine similarity, never rising down the list; a re-ranked
+    hit whose own cosine is higher shows it beside (cosine)."""
     with cli_errors():
         from ..imageio.region import Box
         from ..search.filters import ResultFilter
@@ -105,12 +106,18 @@ def _write_visuals(answers, report: Path | None, grid: Path | None) -> list[Path
     return written
 
 
+def _cosine_cell(hit) -> str:
+    """The cosine beside the score, only where they differ (re-ranking lifted the hit)."""
+    return f"{hit.cosine:.4f}" if f"{hit.cosine:.4f}" != f"{hit.score:.4f}" else ""
+
+
 def _print_answers(answers) -> None:
     import sys
 
     if not sys.stdout.isatty():
-        # Piped: one plain line per hit (query, rank, score, path, tab-separated),
-        # never wrapped, whatever the terminal width.
+        # Piped: one plain line per hit (query, rank, score, path; tab-separated), never
+        # wrapped, whatever the terminal width; four fields as scripts expect (--json
+        # has the cosine too).
         for answer in answers:
             for h in answer.hits:
                 typer.echo(f"{printable(answer.view.label)}\t{h.rank}\t{h.score:.4f}\t{printable(h.path)}")
@@ -122,12 +129,19 @@ def _print_answers(answers) -> None:
         table = Table(title=printable(answer.view.label), title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
+        reordered = any(_cosine_cell(h) for h in answer.hits)
+        if reordered:
+            table.add_column("cosine", justify="right")
         table.add_column("id", justify="right")
         table.add_column("path", overflow="fold")
         for h in answer.hits:
-            table.add_row(str(h.rank), f"{h.score:.4f}", str(h.id), printable(h.path))
+            cells = [str(h.rank), f"{h.score:.4f}", *([_cosine_cell(h)] if reordered else []), str(h.id),
+                     printable(h.path)]
+            table.add_row(*cells)
         if not answer.hits:
             table.caption = "no result passes the filter"
+        elif reordered:
+            table.caption = "score: the lowest cosine down to this rank; cosine: the hit's own, where higher"
         console.print(table)
 
 
