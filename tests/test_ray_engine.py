@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_image
+from ray_nodes import ENV, HAVE_RAY, free_port, start_head, stop_group
 from typer.testing import CliRunner
 
 from cbir_cli.cli import app
@@ -40,50 +40,8 @@ from cbir_cli.store.feature_store import FeatureStore
 from tests.fakes import FakeEmbedder, PoisonEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pyarrow") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is an optional extra: pip install 'cbir-cli[ray]'")
-# Generous: a loaded 2-core machine took up to 12 s for a Ray start in the research runs.
-START_TIMEOUT = 120.0
 RUN_TIMEOUT = 300.0
-ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_LOG_LEVEL": "ERROR"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop_group(head: subprocess.Popen) -> None:
-    """Stop only our cluster (`ray stop` would stop every Ray on the machine)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(head.pid, sig)
-            head.wait(wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _start_head(temp: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    head = subprocess.Popen(
-        [shutil.which("ray") or "ray", "start", "--head", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--block"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return head, f"127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.2)
-    _stop_group(head)
-    raise RuntimeError("ray start: the head's port never opened")
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +66,19 @@ def ray_cluster():
     for _ in range(3):
         head = None
         try:
-            head, address = _start_head(temp, node_env)
+            head, address = start_head(temp, node_env)
             connect(address)  # itself retried: the raylet may register seconds after the port opens
             break
         except (RuntimeError, CbirError) as exc:
             errors.append(str(exc))
             if head is not None:
-                _stop_group(head)
+                stop_group(head)
     else:
         shutil.rmtree(temp, ignore_errors=True)
         pytest.fail(f"could not start a loopback Ray cluster: {errors}")
     yield address, env
     disconnect()
-    _stop_group(head)
+    stop_group(head)
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -339,7 +297,7 @@ def driver_env() -> dict[str, str]:
 def test_a_wrong_ray_address_fails_at_once_in_one_line(image_folder, tmp_path):
     """Ray retries a dead address for 10+ minutes, printing "Failed to connect to
     GCS" and ignoring SIGTERM; the timeout here is only the test's guard."""
-    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
     result = subprocess.run(
         [sys.executable, "-m", "cbir_cli.cli", "extract", str(image_folder(2)), "--out", str(tmp_path / "out"),
          "--model", "test_tiny", "--engine", "ray", "--ray-address", address],

@@ -245,7 +245,7 @@ class RayExecutor:
                                        "layout": plan.layout, "shard_dtype": shard_dtype, "weights": plan.weights},
                 compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, **actor_resources)
 
-    def _actors(self, resources: dict[str, float]) -> tuple[int, dict[str, float]]:
+    def _actors(self, resources: dict[str, float]) -> tuple[int, dict[str, Any]]:
         """How many model actors, and what each asks for: a GPU each where the model
         should run on one, else one CPU (its runtime's threads use the node's cores)."""
         gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
@@ -261,7 +261,8 @@ class RayExecutor:
         if actors + DECODE_CPUS > cpus:
             raise CbirError(f"{actors} model actors (one CPU each) leave no CPU for decoding: the Ray cluster has "
                             f"{cpus:g} CPUs")
-        return actors, {"num_cpus": 1}
+        # One per node by default: spread them, or Ray may pack them onto one node.
+        return actors, {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
 
     def _bar(self, total: int, desc: str, unit: str, leave: bool = True) -> Any:
         if not self.options.progress:
