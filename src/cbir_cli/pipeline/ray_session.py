@@ -122,6 +122,20 @@ def starts_private_instance(address: str) -> bool:
     return not find_bootstrap_address(None)
 
 
+def _recorded_cluster_answers() -> bool:
+    """Whether the cluster ``ray start`` recorded on this machine still answers (a
+    stopped one leaves its address behind, and Ray would retry it for minutes)."""
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:  # another Ray: let ray.init decide
+        return True
+    try:
+        check_reachable(find_bootstrap_address(None) or "")
+    except CbirError:
+        return False
+    return True
+
+
 def check_reachable(address: str, timeout: float = REACH_TIMEOUT) -> None:
     """A one-line :class:`CbirError` when nothing answers at a cluster ``address``
     (``host:port`` or ``ray://host:port``): Ray itself would retry for minutes,
@@ -152,6 +166,8 @@ def connect(address: str = "auto") -> bool:
         return False
     if address == "auto" and not os.environ.get("RAY_ADDRESS"):
         try:  # a cluster recorded by `ray start` on this machine; fails at once when none
+            if starts_private_instance("auto") or not _recorded_cluster_answers():
+                raise ConnectionError("no Ray cluster on this machine")
             _init(ray, "auto")
         except ConnectionError:
             address = "local"
