@@ -1,6 +1,6 @@
 """A real S3-compatible server for the tests that read object storage: moto's
 server mode (``moto[server]``, the test extra) on a free 127.0.0.1 port, one per
-test module, and a fresh bucket per test, reached the way a user's is (the AWS
+test session, and a fresh bucket per test, reached the way a user's is (the AWS
 variables and ``AWS_ENDPOINT_URL``). Import the fixtures into a test module (after
 ``pytest.importorskip`` of s3fs, moto.server and boto3)."""
 
@@ -26,8 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_endpoint():
+    """One server for the session: s3fs caches its filesystem objects, endpoint
+    included, so a second server on another port would not be reached."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
