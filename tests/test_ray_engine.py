@@ -309,6 +309,22 @@ def test_a_wrong_ray_address_fails_at_once_in_one_line(image_folder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def small_images(folder: Path, n: int) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        make_image(i, size=(64, 48)).save(folder / f"img_{i:03d}.jpg", quality=90)
+    return folder
+
+
+def wait_for_first_commit(driver: subprocess.Popen, out: Path) -> None:
+    """Until ``driver`` committed for the first time: its run is under way."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (out / "manifest.json").exists():
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, "no commit in time"
+        time.sleep(0.02)
+
+
 def cli_extract(folder: Path, out: Path, address: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "cbir_cli.cli", "extract", str(folder), "--out", str(out), "--model", "test_tiny",
@@ -319,11 +335,8 @@ def cli_extract(folder: Path, out: Path, address: str, env: dict[str, str]) -> s
 @needs_ray
 def test_a_driver_killed_mid_run_resumes_to_exactly_the_uninterrupted_result(ray_cluster, tmp_path, tiny_embedder):
     address, env = ray_cluster
-    folder = tmp_path / "images"
-    folder.mkdir()
     n = 160
-    for i in range(n):
-        make_image(i, size=(64, 48)).save(folder / f"img_{i:03d}.jpg", quality=90)
+    folder = small_images(tmp_path / "images", n)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     out = tmp_path / "out"
     reference = sync_folder(folder, tmp_path / "reference", embedder=tiny_embedder,
@@ -331,11 +344,7 @@ def test_a_driver_killed_mid_run_resumes_to_exactly_the_uninterrupted_result(ray
     assert (reference.store_count, reference.skipped) == (n, 1)
 
     driver = cli_extract(folder, out, address, env)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while not (out / "manifest.json").exists():  # the first commit: the run is under way
-        assert driver.poll() is None, driver.communicate()
-        assert time.monotonic() < deadline, "no commit in time"
-        time.sleep(0.02)
+    wait_for_first_commit(driver, out)
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
     committed = FeatureStore.open(out).count
@@ -362,18 +371,11 @@ def test_a_driver_killed_mid_run_resumes_to_exactly_the_uninterrupted_result(ray
 @needs_ray
 def test_sigterm_stops_a_ray_run_with_what_is_done_committed(ray_cluster, tmp_path):
     address, env = ray_cluster
-    folder = tmp_path / "images"
-    folder.mkdir()
     n = 160
-    for i in range(n):
-        make_image(i, size=(64, 48)).save(folder / f"img_{i:03d}.jpg", quality=90)
+    folder = small_images(tmp_path / "images", n)
     out = tmp_path / "out"
     driver = cli_extract(folder, out, address, env)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while not (out / "manifest.json").exists():  # the first commit: the run is under way
-        assert driver.poll() is None, driver.communicate()
-        assert time.monotonic() < deadline, "no commit in time"
-        time.sleep(0.02)
+    wait_for_first_commit(driver, out)
     driver.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = driver.communicate(timeout=60)  # the test's guard; it took ~2 s here (README)
@@ -502,23 +504,12 @@ def test_a_killed_driver_leaves_none_of_its_private_ray_instance_running(tmp_pat
     """`--ray-address local`, driver SIGKILLed mid-run: every process of the Ray
     instance it started (its agents included) is gone soon after, and nothing
     else was touched (only that run's process tree is looked at)."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(160):
-        make_image(i, size=(64, 48)).save(folder / f"img_{i:03d}.jpg", quality=90)
+    folder = small_images(tmp_path / "images", 160)
     out = tmp_path / "out"
-    pythonpath = os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, **ENV, "PYTHONPATH": pythonpath}
-    env.pop("RAY_ADDRESS", None)
-    driver = cli_extract(folder, out, "local", env)
+    driver = cli_extract(folder, out, "local", driver_env())
     ray_processes: dict[int, tuple[int, str]] = {}
     try:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        # The first commit: Ray is up, its agents and workers running.
-        while not (out / "manifest.json").exists():
-            assert driver.poll() is None, driver.communicate()
-            assert time.monotonic() < deadline, "no commit in time"
-            time.sleep(0.05)
+        wait_for_first_commit(driver, out)  # Ray is up, its agents and workers running
         ray_processes = _descendants(driver.pid)
         names = {name for _, name in ray_processes.values()}
         assert {"raylet", "ray::DashboardA", "ray::RuntimeEnv"} <= names, names  # comm is cut at 15 chars
