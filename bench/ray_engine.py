@@ -137,8 +137,12 @@ def run_once(engine: str, folder: Path, args: argparse.Namespace) -> dict[str, A
     total = time.perf_counter() - timed.t0
     # A local run's sink calls are model batches; a shard is committed when one fills.
     first = next(t for t, _ in _shards(timed.commits, args.shard_size))
+    # Ray: parts adopted, and how many were short of a shard before the run's last
+    # (each is a shard and a commit of its own; expected 0).
+    parts = [rows for rows, _ in getattr(timed.inner, "parts", [])]
+    shape = {"parts": len(parts), "short_parts": sum(r < args.shard_size for r in parts[:-1])} if parts else {}
     return {"engine": engine, "load_1min": round(load, 2), "images": summary.embedded,
-            "first_commit_s": round(first, 2), "total_s": round(total, 2),
+            "first_commit_s": round(first, 2), "total_s": round(total, 2), **shape,
             **{f"{k}_s": round(v, 2) for k, v in timed.marks.items()}}
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_image
+from ray_nodes import ENV, HAVE_RAY, free_port, start_head, stop_group
 from typer.testing import CliRunner
 
 from cbir_cli.cli import app
 from cbir_cli.errors import CbirError
 from cbir_cli.imageio.files import list_images
+from cbir_cli.models.weights import OFFLINE_ENV
+from cbir_cli.paths import CACHE_ENV
 from cbir_cli.pipeline.local import LocalExecutor
 from cbir_cli.pipeline.options import ExtractOptions
 from cbir_cli.pipeline.sync import sync_folder
@@ -38,50 +40,8 @@ from cbir_cli.store.feature_store import FeatureStore
 from tests.fakes import FakeEmbedder, PoisonEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pyarrow") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is an optional extra: pip install 'cbir-cli[ray]'")
-# Generous: a loaded 2-core machine took up to 12 s for a Ray start in the research runs.
-START_TIMEOUT = 120.0
 RUN_TIMEOUT = 300.0
-ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_LOG_LEVEL": "ERROR"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop_group(head: subprocess.Popen) -> None:
-    """Stop only our cluster (`ray stop` would stop every Ray on the machine)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(head.pid, sig)
-            head.wait(wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _start_head(temp: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    head = subprocess.Popen(
-        [shutil.which("ray") or "ray", "start", "--head", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--block"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return head, f"127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.2)
-    _stop_group(head)
-    raise RuntimeError("ray start: the head's port never opened")
 
 
 @pytest.fixture(scope="module")
@@ -98,23 +58,27 @@ def ray_cluster():
     pythonpath = os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": pythonpath}
     temp = tempfile.mkdtemp(prefix="cbray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # The node's processes see no model cache of this machine (and may not
+    # download): whatever weights they use came through Ray.
+    node_env = {**env, "TORCH_HOME": os.path.join(temp, "node-torch"), CACHE_ENV: os.path.join(temp, "node-cache"),
+                OFFLINE_ENV: "1"}
     errors = []
     for _ in range(3):
         head = None
         try:
-            head, address = _start_head(temp, env)
+            head, address = start_head(temp, node_env)
             connect(address)  # itself retried: the raylet may register seconds after the port opens
             break
         except (RuntimeError, CbirError) as exc:
             errors.append(str(exc))
             if head is not None:
-                _stop_group(head)
+                stop_group(head)
     else:
         shutil.rmtree(temp, ignore_errors=True)
         pytest.fail(f"could not start a loopback Ray cluster: {errors}")
     yield address, env
     disconnect()
-    _stop_group(head)
+    stop_group(head)
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -190,7 +154,7 @@ def test_decoding_is_never_fused_into_the_model_actor(ray_cluster, tmp_path):
     import io
 
     from cbir_cli.pipeline.executor import EmbedRequest
-    from cbir_cli.pipeline.ray_executor import model_plan
+    from cbir_cli.pipeline.ray_model import model_plan
 
     with ray_executor(batch_size=4, shard_size=8) as executor:
         items = [(f"/x/{i}.jpg", f"{i:064x}", 1) for i in range(40)]
@@ -271,6 +235,96 @@ def test_vectors_the_store_refuses_are_skipped_files_as_in_the_local_engine(ray_
     assert a.manifest["skipped"] == b.manifest["skipped"]
 
 
+@needs_ray
+def test_parts_are_whole_shards_whatever_the_batch_size(ray_cluster, image_folder, tmp_path, tiny_embedder):
+    """Ray Data cut a remainder batch out of every input block, so parts (each a
+    shard and a commit) of 1 or 2 rows appeared mid-run ([1024, 2, 334] was seen).
+    Parts are whole shards now; only the last one is short."""
+    folder = image_folder(30)
+    options = {"batch_size": 3, "shard_size": 8}
+    with ray_executor(**options) as executor:
+        summary = sync_folder(folder, tmp_path / "ray", embedder=tiny_embedder, executor=executor,
+                              options=ExtractOptions(workers=0, **options))
+    assert summary.embedded == 30
+    assert [shard["rows"] for shard in FeatureStore.open(tmp_path / "ray").manifest["shards"]] == [8, 8, 8, 6]
+    assert [rows for rows, _ in executor.parts] == [8, 8, 8, 6]
+
+
+@needs_ray
+def test_the_model_reaches_a_node_without_a_model_cache_through_ray(ray_cluster, image_folder, tmp_path):
+    """The cluster's processes have an empty TORCH_HOME and CBIR_CACHE and may not
+    download (see ray_cluster): the weights come from this driver's cache through
+    Ray's object store, and the vectors are the local engine's."""
+    from cbir_cli.models.weights import torch_hub_checkpoint_dir
+
+    if not (torch_hub_checkpoint_dir() / "mobilenet_v2-b0353104.pth").is_file():
+        pytest.skip("mobilenet_v2's weights are not in this machine's cache (cbir weights install mobilenet_v2)")
+    folder = image_folder(4)
+    options = {"batch_size": 4, "shard_size": 4, "precision": "fp32", "runtime": "torch", "device": "cpu"}
+    sync_folder(folder, tmp_path / "local", model="mobilenet_v2", options=ExtractOptions(workers=0, **options))
+    with ray_executor(**options) as executor:
+        sync_folder(folder, tmp_path / "ray", model="mobilenet_v2", executor=executor,
+                    options=ExtractOptions(workers=0, **options))
+    a, b = FeatureStore.open(tmp_path / "local"), FeatureStore.open(tmp_path / "ray")
+    assert a.fingerprint == b.fingerprint and [r.path for r in a.live_rows()] == [r.path for r in b.live_rows()]
+    assert (a.load_vectors() * b.load_vectors()).sum(axis=1).min() >= 0.999
+
+
+def test_with_a_private_instance_an_empty_folder_fails_before_ray_starts(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    from cbir_cli.pipeline import ray_executor as module
+
+    def no_ray(*_: object) -> bool:
+        raise AssertionError("Ray was started for an empty folder")
+
+    monkeypatch.setattr(module, "connect", no_ray)
+    (tmp_path / "empty").mkdir()
+    with module.RayExecutor(ExtractOptions(workers=0), module.RayOptions("local")) as executor:
+        with pytest.raises(CbirError, match="empty: no image files found"):
+            executor.list_images(tmp_path / "empty")
+        with pytest.raises(CbirError, match="missing: folder does not exist"):
+            executor.list_images(tmp_path / "missing")
+
+
+def driver_env() -> dict[str, str]:
+    pythonpath = os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, **ENV, "PYTHONPATH": pythonpath}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@needs_ray
+def test_a_wrong_ray_address_fails_at_once_in_one_line(image_folder, tmp_path):
+    """Ray retries a dead address for 10+ minutes, printing "Failed to connect to
+    GCS" and ignoring SIGTERM; the timeout here is only the test's guard."""
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "cbir_cli.cli", "extract", str(image_folder(2)), "--out", str(tmp_path / "out"),
+         "--model", "test_tiny", "--engine", "ray", "--ray-address", address],
+        env=driver_env(), cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: could not connect to the Ray cluster at {address}: nothing answers there (Connection refused); "
+        "check --ray-address (or $RAY_ADDRESS) and that the cluster is running"], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def small_images(folder: Path, n: int) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        make_image(i, size=(64, 48)).save(folder / f"img_{i:03d}.jpg", quality=90)
+    return folder
+
+
+def wait_for_first_commit(driver: subprocess.Popen, out: Path) -> None:
+    """Until ``driver`` committed for the first time: its run is under way."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (out / "manifest.json").exists():
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, "no commit in time"
+        time.sleep(0.02)
+
+
 def cli_extract(folder: Path, out: Path, address: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "cbir_cli.cli", "extract", str(folder), "--out", str(out), "--model", "test_tiny",
@@ -281,11 +335,8 @@ def cli_extract(folder: Path, out: Path, address: str, env: dict[str, str]) -> s
 @needs_ray
 def test_a_driver_killed_mid_run_resumes_to_exactly_the_uninterrupted_result(ray_cluster, tmp_path, tiny_embedder):
     address, env = ray_cluster
-    folder = tmp_path / "images"
-    folder.mkdir()
     n = 160
-    for i in range(n):
-        make_image(i, size=(64, 48)).save(folder / f"img_{i:03d}.jpg", quality=90)
+    folder = small_images(tmp_path / "images", n)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     out = tmp_path / "out"
     reference = sync_folder(folder, tmp_path / "reference", embedder=tiny_embedder,
@@ -293,11 +344,7 @@ def test_a_driver_killed_mid_run_resumes_to_exactly_the_uninterrupted_result(ray
     assert (reference.store_count, reference.skipped) == (n, 1)
 
     driver = cli_extract(folder, out, address, env)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while not (out / "manifest.json").exists():  # the first commit: the run is under way
-        assert driver.poll() is None, driver.communicate()
-        assert time.monotonic() < deadline, "no commit in time"
-        time.sleep(0.02)
+    wait_for_first_commit(driver, out)
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
     committed = FeatureStore.open(out).count
@@ -319,6 +366,26 @@ def test_a_driver_killed_mid_run_resumes_to_exactly_the_uninterrupted_result(ray
     assert (a.load_vectors() * b.load_vectors()).sum(axis=1).min() >= 0.999
     assert b.manifest["skipped"] == a.manifest["skipped"]
     assert check_index(out).ok and b.leftover_files() == [] and not (out / "staging").exists()
+
+
+@needs_ray
+def test_sigterm_stops_a_ray_run_with_what_is_done_committed(ray_cluster, tmp_path):
+    address, env = ray_cluster
+    n = 160
+    folder = small_images(tmp_path / "images", n)
+    out = tmp_path / "out"
+    driver = cli_extract(folder, out, address, env)
+    wait_for_first_commit(driver, out)
+    driver.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, stderr = driver.communicate(timeout=60)  # the test's guard; it took ~2 s here (README)
+    stopped = time.monotonic() - sent
+    committed = FeatureStore.open(out).count
+    assert driver.returncode == 130 and 0 < committed < n, (driver.returncode, committed, stderr)
+    assert stderr.splitlines()[-1] == (f"error: interrupted: {committed} images committed to {out}; "
+                                       "run the same command again to resume"), stderr
+    assert check_index(out).ok and not (out / "staging").exists()
+    print(f"SIGTERM to exit: {stopped:.1f} s")
 
 
 CRASHING_DRIVER = """
@@ -437,23 +504,12 @@ def test_a_killed_driver_leaves_none_of_its_private_ray_instance_running(tmp_pat
     """`--ray-address local`, driver SIGKILLed mid-run: every process of the Ray
     instance it started (its agents included) is gone soon after, and nothing
     else was touched (only that run's process tree is looked at)."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(160):
-        make_image(i, size=(64, 48)).save(folder / f"img_{i:03d}.jpg", quality=90)
+    folder = small_images(tmp_path / "images", 160)
     out = tmp_path / "out"
-    pythonpath = os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, **ENV, "PYTHONPATH": pythonpath}
-    env.pop("RAY_ADDRESS", None)
-    driver = cli_extract(folder, out, "local", env)
+    driver = cli_extract(folder, out, "local", driver_env())
     ray_processes: dict[int, tuple[int, str]] = {}
     try:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        # The first commit: Ray is up, its agents and workers running.
-        while not (out / "manifest.json").exists():
-            assert driver.poll() is None, driver.communicate()
-            assert time.monotonic() < deadline, "no commit in time"
-            time.sleep(0.05)
+        wait_for_first_commit(driver, out)  # Ray is up, its agents and workers running
         ray_processes = _descendants(driver.pid)
         names = {name for _, name in ray_processes.values()}
         assert {"raylet", "ray::DashboardA", "ray::RuntimeEnv"} <= names, names  # comm is cut at 15 chars

@@ -7,26 +7,28 @@ does: ``AWS_ENDPOINT_URL`` (see the README's "Indexing from object storage").
 
 from __future__ import annotations
 
-import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from conftest import REPO, make_image
+from conftest import REPO
 from fakes import CountingExecutor
 from typer.testing import CliRunner
 
 pytest.importorskip("s3fs", reason="the s3 extra (fsspec + s3fs) is not installed")
-moto_server = pytest.importorskip("moto.server", reason="moto[server] (test extra) is not installed")
-boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto.server", reason="moto[server] (test extra) is not installed")
+pytest.importorskip("boto3")
+
+if TYPE_CHECKING:
+    from s3_server import Bucket
+
+pytest_plugins = ["s3_server"]  # the server and bucket fixtures, shared with the Ray tests
 
 from cbir_cli.cli import app
 from cbir_cli.imageio.files import list_images
@@ -37,59 +39,6 @@ from cbir_cli.search.searcher import Searcher
 from cbir_cli.store.feature_store import FeatureStore
 
 OPTIONS = ExtractOptions(workers=0, batch_size=8, shard_size=8)
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@dataclass
-class Bucket:
-    client: object
-    name: str
-    env: dict[str, str]
-
-    def uri(self, key: str = "") -> str:
-        return f"s3://{self.name}/{key}"
-
-    def put(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.name, Key=key, Body=data)
-
-    def put_image(self, key: str, seed: int, size: tuple[int, int] = (160, 120)) -> bytes:
-        buf = io.BytesIO()
-        make_image(seed, size).save(buf, format="JPEG", quality=90)
-        self.put(key, buf.getvalue())
-        return buf.getvalue()
-
-    def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.name, Key=key)
-
-
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch) -> Bucket:
-    """A fresh bucket on the local server; the AWS variables point s3fs at it."""
-    env = {**AWS_ENV, "AWS_ENDPOINT_URL": s3_endpoint}
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    name = f"cbir-{uuid.uuid4().hex[:10]}"
-    client.create_bucket(Bucket=name)
-    return Bucket(client, name, env)
 
 
 def vectors_by_name(store_dir: Path) -> dict[str, np.ndarray]:

@@ -1,20 +1,30 @@
 """The Ray executor: the same plan, store and commits as the local one, with the
 work spread over a Ray cluster (an optional extra; see :mod:`.ray_session`).
+What runs where:
 
-* listing: one Ray task per top-level sub-folder (the driver only concatenates);
-* hashing: plain Ray tasks over chunks of :data:`HASH_CHUNK` paths (measured far
+* listing: one Ray task per top-level sub-folder, each stat'ing its files on the
+  worker (the driver only concatenates; its stat cache reads those stamps:
+  :class:`~.ray_tasks.ListedStamps`). With a private local instance the folder is
+  listed before Ray starts (an empty folder fails at once); an object-store URL
+  (``s3://...``) is listed through its :class:`~cbir_cli.imageio.fsspec_source.FsspecSource`
+  (its listing carries the ETags), and every node reads the objects itself;
+* hashing: plain Ray tasks over chunks of :data:`HASH_CHUNK` keys (measured far
   cheaper than a Ray Data job for this), results streamed back as they finish;
 * embedding, one Ray Data job: decode + preprocess in CPU tasks (``map_batches``
-  of a function, :data:`DECODE_CPUS` each), then the model in an actor pool
-  (``map_batches`` of a callable class, one model per actor, ``num_gpus=1`` per
-  actor on a cluster with GPUs, CPU actors otherwise). Each actor call embeds one
-  shard's worth of images (``shard_size``) in model batches of ``batch_size`` and
+  of a function, :data:`DECODE_CPUS` each), then the model in an actor
+  pool (``map_batches`` of a callable class, one model per actor, ``num_gpus=1``
+  per actor on a cluster with GPUs, CPU actors otherwise). The model's weights go
+  to the actors through the object store (:mod:`.ray_model`): a node needs only the
+  package. Each actor call embeds one shard's worth of images (``shard_size``) and
   writes it straight into the store's staging folder
   (:func:`cbir_cli.store.staging.write_part`); only small metadata rows travel back
   to the driver, which adopts each part into the store and commits.
 
 Design points, each measured (see the README's "Scaling out"):
 
+* parts are whole shards: input blocks hold exactly ``shard_size`` rows and every
+  stage's batches divide it, so Ray Data never cuts a remainder batch (a 2-row or
+  1-row part, each its own commit) out of the middle of a run;
 * decode and the actor must not be fused into one process: their resource
   requests differ (:data:`DECODE_CPUS` vs whole CPUs/GPUs), which keeps them apart;
 * actors never restart (``max_restarts=0``): Ray Data's default retries a batch
@@ -27,25 +37,26 @@ Design points, each measured (see the README's "Scaling out"):
 
 A killed driver or worker loses only uncommitted parts: they are leftovers in
 the staging folder, and the next run (any engine) re-embeds exactly those files.
+Ctrl-C or SIGTERM stops the job and commits the parts already adopted.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import CbirError
-from ..imageio.files import ImageList, image_folder, is_image_name, iter_image_files, listing_error
-from ..imageio.readers import ImageFolderDataset, stack_pixels
-from ..store.manifest import check_fingerprint
-from ..store.staging import write_part
+from ..imageio.files import ImageList, list_images, listing_error
+from ..imageio.sources import is_object_uri
 from .executor import EmbedRequest, FailureCallback, StagingSink, VectorSink
 from .options import DEVICE_DECODE_LIBRARIES, ExtractOptions
-from .plan import HashResult, Item, hash_one
+from .plan import HashResult, Item
+from .ray_model import EmbedAndStage, ModelPlan, model_plan
 from .ray_session import (
     alive_nodes,
     cluster_resources,
@@ -54,10 +65,9 @@ from .ray_session import (
     quiet_warnings,
     ray_errors,
     require_ray,
+    starts_private_instance,
 )
-
-if TYPE_CHECKING:
-    import numpy as np
+from .ray_tasks import ListedStamps, decode_batch, hash_chunk, list_below, list_top
 
 HASH_CHUNK = 128
 # Hash tasks in flight at once (the driver need not hold 400k futures for 50M files).
@@ -65,8 +75,6 @@ HASH_WINDOW = 512
 # CPUs each decode task asks for: not the actor's whole CPU (or GPU), so Ray Data
 # never fuses decoding into the model actor.
 DECODE_CPUS = 0.5
-# Input blocks per cluster CPU: enough tasks to keep every decode slot busy.
-BLOCKS_PER_CPU = 8
 
 
 @dataclass(frozen=True)
@@ -81,199 +89,6 @@ class RayOptions:
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
             raise CbirError(f"model actors must be >= 1 (got {self.actors})")
-
-
-# -- what runs on the workers ------------------------------------------------------
-
-
-def list_top(root: str) -> tuple[str | None, list[str], list[str], list[tuple[str, str]]]:
-    """(error, image files directly in ``root``, sub-folders to list, unreadable
-    folders) -- the first level of :func:`~cbir_cli.imageio.files.list_images`'s
-    walk, same order and rules (symlinked folders are not entered)."""
-    from ..imageio.decode import oserror_reason
-
-    try:
-        folder = image_folder(root).resolve()
-    except CbirError as exc:
-        return exc.message, [], [], []
-    unreadable: list[tuple[str, str]] = []
-
-    def failed(exc: OSError) -> None:
-        unreadable.append((os.fspath(exc.filename), oserror_reason(exc)))
-
-    _, dirnames, filenames = next(os.walk(folder, onerror=failed), (None, [], []))
-    files = [str(folder / name) for name in sorted(filenames) if is_image_name(name)]
-    below = [str(folder / name) for name in sorted(dirnames) if not (folder / name).is_symlink()]
-    return None, files, below, unreadable
-
-
-def list_below(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
-    unreadable: list[tuple[str, str]] = []
-    return [str(p) for p in iter_image_files(folder, unreadable)], unreadable
-
-
-def hash_chunk(paths: list[str]) -> list[HashResult]:
-    return [hash_one(p) for p in paths]
-
-
-def decode_batch(batch: dict[str, np.ndarray], preprocess: Any, draft_size: int | None,
-                 layout: PixelLayout) -> dict[str, np.ndarray]:
-    """Decode + preprocess a batch of files; a file that fails keeps its row, with
-    no pixels and its one-line reason. A file whose folder does not exist on this
-    node is not a bad file but a node without the shared storage: that is fatal
-    (recording every image as bad would be worse than stopping)."""
-    import numpy as np
-
-    paths = [os.fsdecode(p) for p in batch["path"]]
-    images = ImageFolderDataset(paths, preprocess, draft_size)
-    pixels = np.empty(len(paths), dtype=object)
-    shapes = np.zeros((len(paths), layout.parts * layout.ndim), dtype=np.int64)
-    reasons = np.full(len(paths), "", dtype=object)
-    fatal = np.full(len(paths), "", dtype=object)
-    for j in range(len(paths)):
-        _, result = images[j]
-        if isinstance(result, str):
-            reasons[j] = result
-            pixels[j] = np.zeros(0, dtype=layout.dtype)
-            if not os.path.isdir(os.path.dirname(paths[j])):
-                fatal[:] = unreachable(os.path.dirname(paths[j]), "the images' folder")
-        else:
-            pixels[j], shapes[j] = layout.pack(result)
-    return {"i": batch["i"], "path": batch["path"], "sha256": batch["sha256"], "size": batch["size"],
-            "pixels": pixels, "shapes": shapes, "reason": reasons, "fatal": fatal}
-
-
-@dataclass(frozen=True)
-class PixelLayout:
-    """One image's model input as a Ray Data row: full-image and multi-scale inputs
-    differ in shape from image to image (and are a tuple of ``parts`` arrays, one per
-    scale), so each row carries its arrays flattened into one 1-D array (a ragged
-    tensor column) plus their shapes; the actor unpacks them."""
-
-    parts: int
-    ndim: int
-    dtype: str
-
-    @classmethod
-    def of(cls, sample: Any) -> PixelLayout:
-        import numpy as np
-
-        arrays = [np.asarray(a) for a in (sample if isinstance(sample, tuple) else (sample,))]
-        return cls(len(arrays), arrays[0].ndim, str(arrays[0].dtype))
-
-    def pack(self, pixels: Any) -> tuple[np.ndarray, list[int]]:
-        import numpy as np
-
-        arrays = [np.asarray(a) for a in (pixels if isinstance(pixels, tuple) else (pixels,))]
-        return np.concatenate([a.ravel() for a in arrays]), [d for a in arrays for d in a.shape]
-
-    def unpack(self, flat: np.ndarray, shape: np.ndarray) -> Any:
-        import numpy as np
-
-        arrays, offset = [], 0
-        for part in range(self.parts):
-            dims = tuple(int(d) for d in shape[part * self.ndim:(part + 1) * self.ndim])
-            size = int(np.prod(dims))
-            arrays.append(np.asarray(flat[offset:offset + size], dtype=self.dtype).reshape(dims))
-            offset += size
-        return arrays[0] if self.parts == 1 else tuple(arrays)
-
-
-def unreachable(path: str, what: str) -> str:
-    import socket
-
-    return (f"{path}: not found on Ray node {socket.gethostname()}; {what} must be on storage every node "
-            "mounts at the same path")
-
-
-class EmbedAndStage:
-    """The model actor: loads the model once, embeds each call's images in model
-    batches and writes them as one part into the store's staging ``folder``."""
-
-    def __init__(self, request: EmbedRequest, fingerprint: dict[str, Any], folder: str, batch_size: int,
-                 layout: PixelLayout, shard_dtype: str) -> None:
-        self.folder, self.batch_size, self.layout, self.shard_dtype = folder, batch_size, layout, shard_dtype
-        self.error: CbirError | None = None
-        try:
-            if not Path(folder).is_dir():
-                raise CbirError(unreachable(folder, "the index folder"))
-            self.embedder = request.load()
-            check_fingerprint(fingerprint, self.embedder.fingerprint(), Path(folder).parent.parent)
-        except CbirError as exc:
-            self.error = exc
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import numpy as np
-
-        from ..store.validity import INVALID_VECTOR, invalid_rows
-
-        n = len(batch["i"])
-        out = {"i": batch["i"], "reason": np.array(batch["reason"], dtype=object),  # a copy: inputs are read-only
-               "part": np.full(n, "", dtype=object), "fatal": np.full(n, "", dtype=object),
-               "remedy": np.full(n, "", dtype=object)}
-        try:
-            if self.error is not None:
-                raise self.error
-            if batch["fatal"][0]:
-                raise CbirError(str(batch["fatal"][0]))
-            good = np.flatnonzero(batch["reason"] == "")
-            if len(good):
-                vectors = np.concatenate([self.embedder.embed(stack_pixels(
-                    [self.layout.unpack(batch["pixels"][j], batch["shapes"][j]) for j in good[s:s + self.batch_size]]))
-                    for s in range(0, len(good), self.batch_size)])
-                # What the store refuses to hold is a skipped file, as in the local engine.
-                refused = invalid_rows(vectors)
-                out["reason"][good[refused]] = INVALID_VECTOR
-                good, vectors = good[~refused], vectors[~refused]
-            if len(good):
-                items = [(os.fsdecode(batch["path"][j]), str(batch["sha256"][j]), int(batch["size"][j]))
-                         for j in good]
-                out["part"][good] = write_part(self.folder, vectors, items, self.shard_dtype)
-        except CbirError as exc:
-            out["fatal"][:], out["remedy"][:] = exc.message, exc.remedy or ""
-        except OSError as exc:  # the staging folder is on this node's storage, but not writable
-            out["fatal"][:] = f"{self.folder}: cannot write a shard here ({exc.strerror or exc})"
-        return out
-
-
-# -- the driver ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelPlan:
-    """What the driver needs to know of the model without loading it."""
-
-    request: EmbedRequest  # as shipped to the actors
-    fingerprint: dict[str, Any]
-    preprocess: Any
-    draft_size: int | None
-    layout: PixelLayout
-
-
-def model_plan(request: EmbedRequest) -> ModelPlan:
-    """Registry models are loaded by name on the workers (never pickled through the
-    object store); an embedder object given by the caller is shipped as it is."""
-    from PIL import Image
-
-    from ..models.loading import model_fingerprint
-    from ..models.preprocess import image_preprocessor
-    from ..models.registry import get_model_config, model_names
-
-    if request.embedder is None or request.model in model_names():
-        if request.embedder is not None:
-            config, fingerprint = request.embedder.config, request.embedder.fingerprint()
-            request = replace(request, embedder=None, descriptor=config.descriptor,
-                              calibration=getattr(request.embedder, "calibration", None))
-        else:
-            config = get_model_config(request.model).with_descriptor(request.descriptor)
-            fingerprint = model_fingerprint(request.model, request.weights, request.descriptor, request.calibration)
-        preprocess = image_preprocessor(config)
-    else:
-        config, preprocess, fingerprint = request.embedder.config, request.embedder.preprocess, \
-            request.embedder.fingerprint()
-    draft_size = getattr(config, "draft_size", None)
-    sample = preprocess(Image.new("RGB", (draft_size or 256, draft_size or 256)))
-    return ModelPlan(request, fingerprint, preprocess, draft_size, PixelLayout.of(sample))
 
 
 class RayExecutor:
@@ -292,6 +107,8 @@ class RayExecutor:
         self.options = options
         self.ray_options = ray_options or RayOptions()
         self._owns_session: bool | None = None  # None: not connected yet
+        # (rows, Ray node id) of every part adopted, in order: where the work ran.
+        self.parts: list[tuple[int, str]] = []
 
     def __enter__(self) -> RayExecutor:
         return self
@@ -313,18 +130,27 @@ class RayExecutor:
 
     # -- listing and hashing ------------------------------------------------------
 
-    def list_images(self, root: Path) -> list[Path]:
+    def list_images(self, root: Path | str) -> list[Path]:
+        if is_object_uri(root):
+            # One listing call per prefix, carrying each object's ETag: nothing to
+            # stat, no folder a worker must mount (every node reads the objects).
+            return list_images(root)
+        if self._owns_session is None and starts_private_instance(self.ray_options.address):
+            # The workers would be on this machine anyway: list before Ray starts,
+            # so a missing or empty folder is reported at once.
+            return list_images(root)
         ray = self._connect()
         with ray_errors():
-            error, files, below, unreadable = ray.get(ray.remote(num_cpus=DECODE_CPUS)(list_top).remote(str(root)))
+            error, entries, below, unreadable = ray.get(ray.remote(num_cpus=DECODE_CPUS)(list_top).remote(str(root)))
             if error is not None:
                 raise CbirError(error)
             lister = ray.remote(num_cpus=DECODE_CPUS)(list_below)
             for part, part_unreadable in ray.get([lister.remote(folder) for folder in below]):
-                files.extend(part)
+                entries.extend(part)
                 unreadable.extend(part_unreadable)
-        listed = ImageList(Path(p) for p in files)
+        listed = ImageList(Path(entry.uri) for entry in entries)
         listed.unreadable = unreadable
+        listed.source = ListedStamps(str(Path(root).expanduser().resolve()), entries)
         error = listing_error(Path(root).expanduser(), listed, unreadable)
         if error is not None:
             raise error
@@ -372,10 +198,12 @@ class RayExecutor:
                     for i, reason in zip(out["i"], out["reason"]):
                         if reason:
                             on_failure(int(i), str(reason))
-                    for name in dict.fromkeys(out["part"]):
+                    for name, node in dict(zip(out["part"], out["node"])).items():
                         if name and name not in adopted:
                             adopted.add(name)
-                            embedded += staging_sink.adopt(folder, str(name))
+                            rows = staging_sink.adopt(folder, str(name))
+                            self.parts.append((rows, str(node)))
+                            embedded += rows
                     if bar is not None:
                         bar.update(len(out["i"]))
         finally:
@@ -396,27 +224,28 @@ class RayExecutor:
         # gives them and a killed run has committed a prefix of the plan.
         with quiet_warnings():
             ray.data.DataContext.get_current().execution_options.preserve_order = True
-        per_block = max(self.options.batch_size,
-                        min(self.options.shard_size, -(-len(items) // int(BLOCKS_PER_CPU * resources.get("CPU", 1)))))
-        table = pa.table({
-            "i": pa.array(range(len(items)), pa.int64()),
-            "path": pa.array([os.fsencode(path) for path, _, _ in items], pa.binary()),
-            "sha256": pa.array([sha for _, sha, _ in items], pa.string()),
-            "size": pa.array([size for _, _, size in items], pa.int64()),
-        })
-        ds = ray.data.from_arrow([table.slice(s, per_block) for s in range(0, len(items), per_block)])
+        # Blocks of exactly one shard, decoded in batches that divide it: the actor's
+        # bundles are then whole shards (see the module docstring).
+        shard = self.options.shard_size
+        blocks = [ray.put(pa.table({
+            "i": pa.array(range(s, min(s + shard, len(items))), pa.int64()),
+            "path": pa.array([os.fsencode(path) for path, _, _ in items[s:s + shard]], pa.binary()),
+            "sha256": pa.array([sha for _, sha, _ in items[s:s + shard]], pa.string()),
+            "size": pa.array([size for _, _, size in items[s:s + shard]], pa.int64()),
+        })) for s in range(0, len(items), shard)]
+        ds = ray.data.from_arrow_refs(blocks)
         decode = partial(decode_batch, preprocess=plan.preprocess, draft_size=plan.draft_size, layout=plan.layout)
         with quiet_warnings():
-            ds = ds.map_batches(decode, batch_size=self.options.batch_size, batch_format="numpy",
+            ds = ds.map_batches(decode, batch_size=math.gcd(shard, self.options.batch_size), batch_format="numpy",
                                 num_cpus=DECODE_CPUS)
             return ds.map_batches(
-                EmbedAndStage, batch_size=self.options.shard_size, batch_format="numpy",
+                EmbedAndStage, batch_size=shard, batch_format="numpy",
                 fn_constructor_kwargs={"request": plan.request, "fingerprint": plan.fingerprint,
                                        "folder": str(folder), "batch_size": self.options.batch_size,
-                                       "layout": plan.layout, "shard_dtype": shard_dtype},
+                                       "layout": plan.layout, "shard_dtype": shard_dtype, "weights": plan.weights},
                 compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, **actor_resources)
 
-    def _actors(self, resources: dict[str, float]) -> tuple[int, dict[str, float]]:
+    def _actors(self, resources: dict[str, float]) -> tuple[int, dict[str, Any]]:
         """How many model actors, and what each asks for: a GPU each where the model
         should run on one, else one CPU (its runtime's threads use the node's cores)."""
         gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
@@ -432,7 +261,8 @@ class RayExecutor:
         if actors + DECODE_CPUS > cpus:
             raise CbirError(f"{actors} model actors (one CPU each) leave no CPU for decoding: the Ray cluster has "
                             f"{cpus:g} CPUs")
-        return actors, {"num_cpus": 1}
+        # One per node by default: spread them, or Ray may pack them onto one node.
+        return actors, {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
 
     def _bar(self, total: int, desc: str, unit: str, leave: bool = True) -> Any:
         if not self.options.progress:

@@ -28,6 +28,8 @@ _reaper: Reaper | None = None  # the watchdog of the private local instance this
 
 RAY_EXTRA = "pip install 'cbir-cli[ray]'"
 START_ATTEMPTS = 3
+# Seconds a cluster's address may take to accept a connection.
+REACH_TIMEOUT = 10.0
 # Read by Ray at import or by the processes it starts: no usage-stats thread, no
 # Ray Data INFO/progress lines on the console (its logger has its own handler).
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_LOG_LEVEL": "ERROR", "RAY_DEDUP_LOGS": "0"}
@@ -105,6 +107,53 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def starts_private_instance(address: str) -> bool:
+    """Whether :func:`connect` to ``address`` would start a private local instance
+    (nothing to join): then the caller may do on this machine what the instance
+    would, before paying for its start."""
+    if address == "local":
+        return True
+    if address != "auto" or os.environ.get("RAY_ADDRESS"):
+        return False
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:  # another Ray: assume a cluster may be recorded
+        return False
+    return not find_bootstrap_address(None)
+
+
+def _recorded_cluster_answers() -> bool:
+    """Whether the cluster ``ray start`` recorded on this machine still answers (a
+    stopped one leaves its address behind, and Ray would retry it for minutes)."""
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:  # another Ray: let ray.init decide
+        return True
+    try:
+        check_reachable(find_bootstrap_address(None) or "")
+    except CbirError:
+        return False
+    return True
+
+
+def check_reachable(address: str, timeout: float = REACH_TIMEOUT) -> None:
+    """A one-line :class:`CbirError` when nothing answers at a cluster ``address``
+    (``host:port`` or ``ray://host:port``): Ray itself would retry for minutes,
+    printing "Failed to connect to GCS" and ignoring SIGTERM."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise CbirError(f"{address}: not a Ray address (expected host:port, ray://host:port, auto or local)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, socket.timeout) else exc.strerror or type(exc).__name__
+        raise CbirError(f"could not connect to the Ray cluster at {address}: nothing answers there ({reason}); "
+                        "check --ray-address (or $RAY_ADDRESS) and that the cluster is running") from None
+
+
 def connect(address: str = "auto") -> bool:
     """Join or start Ray (see the module docstring); start-up is retried, with a
     back-off, because a loaded machine sometimes misses Ray's internal deadlines.
@@ -117,6 +166,8 @@ def connect(address: str = "auto") -> bool:
         return False
     if address == "auto" and not os.environ.get("RAY_ADDRESS"):
         try:  # a cluster recorded by `ray start` on this machine; fails at once when none
+            if starts_private_instance("auto") or not _recorded_cluster_answers():
+                raise ConnectionError("no Ray cluster on this machine")
             _init(ray, "auto")
         except ConnectionError:
             address = "local"
@@ -125,6 +176,8 @@ def connect(address: str = "auto") -> bool:
             return True
     elif address == "auto":
         address = os.environ["RAY_ADDRESS"]
+    if address != "local":
+        check_reachable(address)
     last: BaseException | None = None
     for attempt in range(START_ATTEMPTS):
         try:
