@@ -43,7 +43,10 @@ def query_cmd(
                                                     "(e.g. 0.5,0,1,1 = the right half). With --id/--path, the "
                                                     "region of the indexed file is embedded.",
                                                show_default=False)] = None,
-    under: Annotated[Optional[Path], typer.Option("--under", help="Only results below this folder.",
+    under: Annotated[Optional[Path], typer.Option("--under", metavar="FOLDER",
+                                                  help="Only results below this folder: absolute, or relative "
+                                                       "to the indexed folder (as on the web page). An error if "
+                                                       "no indexed image lies below it.",
                                                   show_default=False)] = None,
     min_score: Annotated[Optional[float], typer.Option("--min-score", min=-1.0, max=1.0,
                                                        help="Only results with at least this cosine similarity "
@@ -78,6 +81,8 @@ def query_cmd(
         request.check()
         searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
                                  rerank=rerank_choice(rerank, qe, qe_alpha))
+        if request.result_filter is not None:  # a wrong --under fails before the model loads
+            request.result_filter.allowed_ids(searcher.rows)
         answers = answer_queries(searcher, request, k)
         written = _write_visuals(answers, report, grid)
         if as_json:
@@ -87,8 +92,7 @@ def query_cmd(
         for path in written:
             stderr().print(f"wrote {path}", markup=False)
         # An empty answer is not an error, but it should never look like one that failed silently.
-        narrowed = request.result_filter is not None and request.result_filter.active
-        why = " below --under / at or above --min-score" if narrowed else ""
+        why = " at or above --min-score" if min_score is not None else ""
         for answer in answers:
             if not answer.hits:
                 stderr().print(f"note: {printable(answer.view.label)}: no result{why}", markup=False)
