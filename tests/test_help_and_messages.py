@@ -67,6 +67,12 @@ def test_the_command_list_shows_every_summary_whole():
     assert "..." not in text.replace("COMMAND [ARGS]...", "")
 
 
+def test_a_commands_description_is_reflowed_not_broken_where_the_source_wraps():
+    # The docstring wraps under 100 characters; 200 columns of help hold far longer lines.
+    first = next(line.strip() for line in help_of("query").splitlines() if "Queries: image files" in line)
+    assert len(first) > 120, first
+
+
 def test_long_option_lists_are_grouped_into_panels():
     index_help = help_of("index")
     for panel in ("Model and descriptor", "Re-ranking", "Speed and storage", "Scaling out (Ray, Milvus)"):

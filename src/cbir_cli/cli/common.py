@@ -72,8 +72,18 @@ app.add_typer(weights_app, name="weights")
 
 
 def command(name: str, typer_app: typer.Typer = app):
-    """Register a command (on ``app`` unless told) with the shared usage convention."""
-    return typer_app.command(name, cls=Command)
+    """Register a command (on ``app`` unless told) with the shared usage convention;
+    its help is its docstring with each paragraph reflowed (rich keeps the source's
+    line breaks otherwise)."""
+
+    def register(function):
+        import inspect
+
+        paragraphs = inspect.cleandoc(function.__doc__ or "").split("\n\n")
+        return typer_app.command(name, cls=Command, help="\n\n".join(" ".join(p.split()) for p in paragraphs))(
+            function)
+
+    return register
 
 
 # The panels that group long option lists in `--help` (the rest stay under "Options").
