@@ -73,6 +73,14 @@ def test_a_commands_description_is_reflowed_not_broken_where_the_source_wraps():
     assert len(first) > 120, first
 
 
+def test_a_usage_error_stays_one_plain_line_while_help_has_panels():
+    result = runner.invoke(app, ["query", "photo.jpg", "-k", "0"], terminal_width=80)
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert errors[-1].startswith("Error: Invalid value for '-k'") and "1" in errors[-1]
+    assert not re.search(r"[│╭╮╰╯]", result.output)
+
+
 def test_long_option_lists_are_grouped_into_panels():
     index_help = help_of("index")
     for panel in ("Model and descriptor", "Re-ranking", "Speed and storage", "Scaling out (Ray, Milvus)"):

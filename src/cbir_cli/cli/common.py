@@ -25,10 +25,19 @@ from ..search.faiss_backend import INDEX_TYPES
 from ..store.shard_format import SHARD_DTYPES
 
 
-class _FlagsShowNoType:
-    """``--help`` without Python type names: a flag takes no value, so nothing beside
-    it (an empty metavar), not ``<bool>``; a repeated argument is ``<path>...``, not
-    ``<list[Path]>`` (Typer ignores an argument's metavar in that column)."""
+class _HelpStyle:
+    """``--help`` drawn by rich (panels of grouped options; help texts are rich markup,
+    so a literal "[" is written "\\["), while usage errors stay plain one-line
+    ``Error: ...`` (the app's rich_markup_mode=None: Typer would box them too).
+
+    Without Python type names: a flag takes no value, so nothing beside it (an empty
+    metavar), not ``<bool>``; a repeated argument is ``<path>...``, not ``<list[Path]>``
+    (Typer ignores an argument's metavar in that column)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from typer import rich_utils
+
+        rich_utils.rich_format_help(obj=self, ctx=ctx, markup_mode="rich")  # type: ignore[arg-type]
 
     def get_params(self, ctx: Any) -> list[Any]:
         params = super().get_params(ctx)  # type: ignore[misc]
@@ -42,7 +51,7 @@ class _FlagsShowNoType:
         return params
 
 
-class Command(_FlagsShowNoType, TyperCommand):
+class Command(_HelpStyle, TyperCommand):
     """Every command's usage line in one convention: a required argument plain
     (``FOLDER``), an optional one in brackets (``[FOLDER]``); Typer writes a
     required one in braces (``{FOLDER}``)."""
@@ -51,23 +60,22 @@ class Command(_FlagsShowNoType, TyperCommand):
         return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
-class Group(_FlagsShowNoType, TyperGroup):
+class Group(_HelpStyle, TyperGroup):
     pass
 
 
-# Help is drawn by rich (panels of grouped options); help texts are rich markup, so
-# a literal "[" is written "\[".
+# Help is drawn by rich (see _HelpStyle): help texts are rich markup.
 app = typer.Typer(
     name="cbir",
     help="Content-based image retrieval: index a folder of images, then search it by example.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     cls=Group,
 )
 weights_app = typer.Typer(help="Install and inspect pretrained weights (works offline).", no_args_is_help=True,
-                          rich_markup_mode="rich", cls=Group)
+                          rich_markup_mode=None, cls=Group)
 app.add_typer(weights_app, name="weights")
 
 
