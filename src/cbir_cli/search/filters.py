@@ -92,8 +92,8 @@ class ResultFilter:
         ids = np.sort(np.fromiter((r.id for r in rows if r.path.startswith(prefix)), dtype=np.int64))
         if not len(ids) and rows:
             given = "" if folder == self.under else f" ({display_path(folder)})"
-            raise CbirError(f"{display_path(self.under)}{given}: no indexed image below this folder; the index "
-                            f"holds images below {display_path(indexed)}, which a relative folder is read from")
+            raise CbirError(f"{display_path(self.under)}{given}: no indexed image below this folder (the indexed "
+                            f"folder, which a relative one is read from, is {display_path(indexed)})")
         return ids
 
 
