@@ -85,12 +85,14 @@ class ResultFilter:
 
         if self.under is None:
             return None
-        indexed = common_folder([r.path for r in rows]) if rows else os.sep
-        folder = self.folder_in(indexed)
+        # The indexed folder is worked out (one pass over every path) only where needed.
+        indexed = common_folder([r.path for r in rows]) if rows and not os.path.isabs(self.under) else None
+        folder = self.folder_in(indexed or os.sep)
         assert folder is not None
         prefix = folder.rstrip(os.sep) + os.sep
         ids = np.sort(np.fromiter((r.id for r in rows if r.path.startswith(prefix)), dtype=np.int64))
         if not len(ids) and rows:
+            indexed = indexed or common_folder([r.path for r in rows])
             given = "" if folder == self.under else f" ({display_path(folder)})"
             raise CbirError(f"{display_path(self.under)}{given}: no indexed image below this folder (the indexed "
                             f"folder, which a relative one is read from, is {display_path(indexed)})")
