@@ -13,7 +13,7 @@ import typer
 
 from ..pipeline.options import ENGINES
 from ..search.backends import BACKENDS
-from .common import _choices
+from .common import SCALE_PANEL, _choices
 
 if TYPE_CHECKING:
     from ..pipeline.executor import Executor
@@ -24,24 +24,28 @@ Backend = _choices("Backend", BACKENDS)
 LOCAL_ENGINE = Engine("local")
 
 EngineOpt = Annotated[Engine, typer.Option(
-    "--engine", help="Where images are listed, hashed and embedded: local = this machine; ray = a Ray cluster "
-                     "(pip install 'cbir-cli[ray]'; the index folder must be on storage every node sees).")]
+    "--engine", rich_help_panel=SCALE_PANEL,
+    help="Where images are listed, hashed and embedded: local = this machine; ray = a Ray cluster (pip install "
+         "'cbir-cli\\[ray]'; the index folder must be on storage every node sees).")]
 RayAddressOpt = Annotated[str, typer.Option(
-    "--ray-address", help="With --engine ray: auto = the cluster this machine belongs to ($RAY_ADDRESS or "
-                          "`ray start`), else a local one for this run; local; host:6379; ray://host:10001.")]
+    "--ray-address", metavar="ADDRESS", rich_help_panel=SCALE_PANEL,
+    help="With --engine ray: auto = the cluster this machine belongs to ($RAY_ADDRESS or `ray start`), else a "
+         "local one for this run; local; host:6379; ray://host:10001.")]
 RayActorsOpt = Annotated[Optional[int], typer.Option(
-    "--ray-actors", min=1, help="With --engine ray: model actors (one model each). Default: one per GPU on a "
-                                "cluster with GPUs, else one per node.", show_default=False)]
+    "--ray-actors", min=1, rich_help_panel=SCALE_PANEL, show_default=False,
+    help="With --engine ray: model actors (one model each). Default: one per GPU on a cluster with GPUs, else one "
+         "per node.")]
 BackendOpt = Annotated[Optional[Backend], typer.Option(
-    "--backend", help="Search backend, recorded in the index for query/serve/check: faiss (embedded) or milvus "
-                      "(pip install 'cbir-cli[milvus]'). Default: the index's, else faiss.", show_default=False)]
+    "--backend", rich_help_panel=SCALE_PANEL, show_default=False,
+    help="Search backend, recorded in the index for query/serve/check: faiss (embedded) or milvus (pip install "
+         "'cbir-cli\\[milvus]'). Default: the index's, else faiss.")]
 MilvusUriOpt = Annotated[Optional[str], typer.Option(
-    "--milvus-uri", help="With --backend milvus: http://host:19530 (a Milvus server) or a file path ending in .db "
-                         "(Milvus Lite). Default: the index's, else milvus.db in the index folder.",
-    show_default=False)]
+    "--milvus-uri", metavar="URI", rich_help_panel=SCALE_PANEL, show_default=False,
+    help="With --backend milvus: http://host:19530 (a Milvus server) or a file path ending in .db (Milvus Lite). "
+         "Default: the index's, else milvus.db in the index folder.")]
 MilvusCollectionOpt = Annotated[Optional[str], typer.Option(
-    "--milvus-collection", help="With --backend milvus: the collection. Default: cbir_<index folder>_<hash>.",
-    show_default=False)]
+    "--milvus-collection", metavar="NAME", rich_help_panel=SCALE_PANEL, show_default=False,
+    help="With --backend milvus: the collection. Default: cbir_<index folder>_<hash>.")]
 RebuildBackendOpt = Annotated[bool, typer.Option(
     "--rebuild-backend", help="Re-populate the search backend (a lost or emptied Milvus collection, a damaged "
                               "Faiss file) from the stored vectors, re-embedding nothing; FOLDER is optional.")]
