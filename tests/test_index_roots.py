@@ -141,3 +141,39 @@ def test_an_index_without_recorded_roots_derives_them_once(two_roots, tmp_path_f
     roots = status(index_dir)
     assert sorted(r["path"] for r in roots["roots"]) == sorted([str(more.resolve()), str(photos.parent.parent)])
     assert not roots["roots_derived"]
+
+
+def test_roots_helpers_keep_urls_and_never_nest():
+    from cbir_cli.store.roots import count_by_root, derived_roots, with_root, without
+
+    assert derived_roots(["s3://b/p/a/1.jpg", "s3://b/p/c/2.jpg"]) == ["s3://b/p"]
+    assert derived_roots(["/a/b/1.jpg", "/a/bc/2.jpg"]) == ["/a"] and derived_roots([]) == []
+    roots = with_root(with_root([], "/x/photos"), "s3://b/p")
+    assert with_root(roots, "/x/photos/old") == roots  # already covered
+    assert with_root(roots, "/x") == ["/x", "s3://b/p"]  # folds the root below it in
+    assert without(["/x/photos", "/x/photosets"], "/x/photos") == ["/x/photosets"]
+    assert count_by_root(roots, ["/x/photos/1.jpg", "s3://b/p/q/2.jpg", "/y/3.jpg"]) == {"/x/photos": 1,
+                                                                                       "s3://b/p": 1}
+
+
+def test_roots_are_committed_through_the_log(tmp_path):
+    """A change of roots is a log entry (O(change)), replayed on open; a bad value is refused."""
+    import numpy as np
+    from conftest import store_of_vectors
+
+    from cbir_cli.store.commit_log import read_state
+    from cbir_cli.store.feature_store import FeatureStore
+
+    store_of_vectors(tmp_path / "s", np.eye(4, dtype=np.float32))
+    store = FeatureStore.open(tmp_path / "s")
+    store.manifest["roots"] = ["/img"]
+    assert store.commit()
+    entry = json.loads(next((tmp_path / "s" / "log").glob("*.json")).read_text())
+    assert entry["set"]["roots"] == ["/img"] and entry["shards"] == []
+    assert read_state(tmp_path / "s")[0]["roots"] == ["/img"]
+    assert not store.commit()  # unchanged: nothing written
+    entry["generation"] += 1
+    entry["set"]["roots"] = [3]
+    (tmp_path / "s" / "log" / f"{entry['generation']:020d}.json").write_text(json.dumps(entry))
+    state, _, ignored = read_state(tmp_path / "s")
+    assert state["roots"] == ["/img"] and "roots is not a list" in ignored[0]
