@@ -10,7 +10,7 @@ from __future__ import annotations
 # Importing the command modules registers their commands on the app, in this order
 # (the order of `cbir --help`).
 # isort: off
-from . import indexing, searching, dedup, model_commands, evaluating  # noqa: F401
+from . import indexing, roots, searching, dedup, model_commands, evaluating  # noqa: F401
 # isort: on
 from .common import app, error_line
 

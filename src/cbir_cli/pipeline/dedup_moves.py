@@ -72,7 +72,8 @@ def _inside(path: str, folder: str) -> bool:
 def plan_moves(searcher: Searcher, result: DedupResult, destination: str | os.PathLike[str]) -> MovePlan:
     """What moving to ``destination`` would do: all but the best of each group of
     ``result`` (found in ``searcher``'s index) to ``destination/<path relative to
-    the indexed folder>``. The destination must be outside the indexed folder."""
+    the indexed folder>``. The destination must be outside every indexed folder
+    (the index's roots: a sibling of them is fine)."""
     if not searcher.rows:
         raise CbirError(f"{display_path(searcher.store.root)}: the index is empty")
     remote = next((r.path for r in searcher.rows if is_object_uri(r.path)), None)
@@ -83,9 +84,10 @@ def plan_moves(searcher: Searcher, result: DedupResult, destination: str | os.Pa
                         "moving duplicates works for indexes of local folders only")
     base = common_folder([r.path for r in searcher.rows])
     target_root = normalise_path(destination)
-    if _inside(target_root, base):
+    root = next((r for r in searcher.roots if _inside(target_root, r)), None)
+    if root is not None:  # the index's real roots: a sibling of them is fine
         raise CbirError(f"{display_path(target_root)}: the duplicates' folder must be outside the indexed folder "
-                        f"{display_path(base)} (indexing it again would add them back)")
+                        f"{display_path(root)} (indexing it again would add them back)")
     plan = MovePlan(base, target_root, searcher.store.generation)
     for group in result.groups:
         best = searcher.row(group.best.id)

@@ -8,8 +8,8 @@ never served in its place.
 descriptor, so a swap after the check cannot change what is read:
 
 1. **Where**: the file's real path (every symlink resolved) lies inside the
-   indexed folder as stored in the rows (their common folder, recorded already
-   resolved at indexing), and that real path is the opened file (same device and
+   indexed folders (the index's roots, recorded already resolved at indexing:
+   :mod:`cbir_cli.store.roots`), and that real path is the opened file (same device and
    inode). A symlink, or a folder swapped for one, that leads outside is refused,
    even to a copy of the indexed bytes.
    An object-store URI (``s3://...``) has no symlinks to resolve: its key is
@@ -85,7 +85,7 @@ class IndexedFiles:
                 stamp = opened_entry(row.path, fh).stamp
             else:
                 info = os.fstat(fh.fileno())
-                self._check_location(row, searcher.folder, info)
+                self._check_location(row, searcher.roots, info)
                 stamp = local_entry(row.path, info).stamp
             if stamp[0] != row.size:
                 raise NotTheIndexedFile(f"image {row.id} changed since it was indexed (size)", changed=True)
@@ -101,7 +101,7 @@ class IndexedFiles:
         return fh
 
     @staticmethod
-    def _check_location(row: Row, folder: str, info: os.stat_result) -> None:
+    def _check_location(row: Row, roots: list[str], info: os.stat_result) -> None:
         try:
             real = os.path.realpath(row.path, strict=True)
             found = os.stat(real)
@@ -109,7 +109,7 @@ class IndexedFiles:
             found = None  # swapped again since it was opened
         if found is None or (found.st_dev, found.st_ino) != (info.st_dev, info.st_ino):
             raise NotTheIndexedFile(f"image {row.id} is in the index but its file changed place while being opened")
-        if not is_under(real, [folder]):
+        if not is_under(real, roots):
             raise NotTheIndexedFile(f"image {row.id} is in the index but its file now resolves outside the "
                                     "indexed folder (a symlink?)")
 

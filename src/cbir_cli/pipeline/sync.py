@@ -25,6 +25,7 @@ from ..resolve import resolve_descriptor, resolve_index_dir, resolve_model
 from ..store.feature_store import FeatureStore
 from ..store.transaction import WriteTransaction, write_transaction
 from .executor import EmbedRequest, Executor
+from .index_roots import record_root, root_key
 from .local import LocalExecutor
 from .options import ExtractOptions, ExtractSummary
 from .plan import HashesInBackground, Item, Plan, holds_nothing, plan_fresh, plan_sync
@@ -238,6 +239,9 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
                 on_notice(f"repaired: {repair}")
         if on_begin is not None:
             on_begin(store)
+        root_note = record_root(store, root_key(root_path), rebuild)
+        if root_note and on_notice:
+            on_notice(root_note)
         if request.weights is not None:
             store.manifest["weights_path"] = str(Path(request.weights).expanduser().absolute())
         sync_files(txn, root_path, files, request, executor, summary, skip)

@@ -19,10 +19,11 @@ from ..imageio.decode import load_image
 from ..imageio.region import Box
 from ..models.protocol import embed_images
 from ..models.quantize import Calibration
-from ..paths import common_folder, display_path, json_path, normalise_path
+from ..paths import display_path, json_path, normalise_path
 from ..resolve import resolve_index_dir
 from ..store.feature_store import FeatureStore, Row
 from ..store.manifest import check_fingerprint
+from ..store.roots import common_folder_of, roots_of
 from ..store.vectors import RowTable, row_table
 from .backends import backend_for
 from .filters import PassingCount, ResultFilter, filtered_search, passing_counts
@@ -172,9 +173,15 @@ class Searcher:
             raise CbirError(f"no image with id {image_id} in the index") from None
 
     @cached_property
+    def roots(self) -> list[str]:
+        """The folders (or URLs) that were indexed (:mod:`cbir_cli.store.roots`); for
+        an index that recorded none, its rows' deepest common folder."""
+        return roots_of(self.store.manifest, lambda: (r.path for r in self.rows))[0]
+
+    @cached_property
     def folder(self) -> str:
-        """The folder that was indexed, as far as the rows tell (their deepest common folder)."""
-        return common_folder([r.path for r in self.rows])
+        """The indexed folder: the one root, or the folder holding every root."""
+        return common_folder_of(os.path.join(r, "") for r in self.roots) or os.sep
 
     def path_of(self, image_id: int) -> Path:
         return Path(self.row(image_id).path)

@@ -44,6 +44,7 @@ from typing import Any
 from ..errors import WriteError
 from ..fsutil import TMP_MARK, fsync_dir, json_bytes
 from .manifest import _shard_problems, is_int, read_manifest
+from .roots import ROOTS_KEY, roots_problem
 
 LOG_DIR = "log"
 CHECKPOINT_EVERY = 64
@@ -162,6 +163,8 @@ def _entry_problem(state: dict[str, Any], entry: Any, positions: dict[str, int])
             k in top and not (is_int(top[k]) if kind is int else isinstance(top[k], kind))
             for k, kind in _TYPES.items()):
         return "next_id, next_shard or count missing or invalid"
+    if ROOTS_KEY in top and roots_problem(top[ROOTS_KEY]):
+        return str(roots_problem(top[ROOTS_KEY]))
     if any(not isinstance(n, str) or n not in positions for n in entry["dropped"]):
         return "drops a shard the state does not hold"
     for i, shard in enumerate(entry["shards"]):

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import CorruptStoreError, IndexNotFoundError, StoreMismatchError
 from ..fsutil import atomic_write_json
+from .roots import ROOTS_KEY, roots_problem
 from .shard_format import MANIFEST_KEY, dtype_problem
 
 # 2: manifest.json is a checkpoint and log/ may hold commits after it (.commit_log).
@@ -151,6 +152,8 @@ def manifest_problems(manifest: Any) -> list[str]:
         problems.append("manifest skipped entries must each have a sha256 and a reason")
     if "weights_path" in manifest and not isinstance(manifest["weights_path"], str):
         problems.append("manifest weights_path is not a path")
+    if ROOTS_KEY in manifest and roots_problem(manifest[ROOTS_KEY]):
+        problems.append(f"manifest {roots_problem(manifest[ROOTS_KEY])}")
     dtype = dtype_problem(manifest)
     if dtype:
         problems.append(f"manifest {dtype}")
