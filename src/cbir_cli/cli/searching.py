@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import CbirError, ImageError
 from .common import (
     AUTO_DEVICE,
     AUTO_RUNTIME,
@@ -70,15 +71,18 @@ def query_cmd(
     with cli_errors():
         from ..imageio.region import Box
         from ..search.filters import ResultFilter
-        from ..search.queries import QueryRequest, answer_queries
+        from ..search.queries import QueryRequest
         from ..search.searcher import Searcher
 
         request = QueryRequest(images or [], ids or [], paths or [], Box.parse(box) if box is not None else None,
                                ResultFilter.make(under, min_score))
         request.check()
+        # Files that cannot be opened are named before the index or the model loads
+        # (the torch runtime takes seconds and ~1 GB just to say "not found").
+        bad = [(path, reason) for path, reason in map(_unopenable, request.images) if reason]
         searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
                                  rerank=rerank_choice(rerank, qe, qe_alpha))
-        answers = answer_queries(searcher, request, k)
+        answers, bad = _answer_each(searcher, request, k, bad)
         written = _write_visuals(answers, report, grid)
         if as_json:
             typer.echo(json.dumps([a.as_dict() for a in answers], indent=2))
@@ -92,6 +96,49 @@ def query_cmd(
         for answer in answers:
             if not answer.hits:
                 stderr().print(f"note: {printable(answer.view.label)}: no result{why}", markup=False)
+        if bad:  # the good ones are answered above; the run still failed
+            raise CbirError(f"{len(bad)} of {len(request.images)} query images could not be read")
+
+
+def _unopenable(path: Path) -> tuple[Path, str | None]:
+    """``(path, why it cannot be opened as an image file)``, or ``(path, None)``."""
+    from ..imageio.decode import open_image_file
+
+    try:
+        fh, _ = open_image_file(path)
+    except ImageError as exc:
+        return path, exc.reason
+    fh.close()
+    return path, None
+
+
+def warn_query(path: str, reason: str) -> None:
+    stderr().print(f"warning: {printable(path)}: {printable(reason)}; no results for it", markup=False)
+
+
+def _answer_each(searcher, request, k: int, bad: list[tuple[Path, str | None]]):
+    """The answers to every query file that can be read, one warning line per one
+    that cannot (as ``cbir index`` skips a bad file), then the indexed images'
+    answers; returns the answers and the files that failed."""
+    from dataclasses import replace
+
+    from ..search.queries import answer_queries
+
+    for path, reason in bad:
+        warn_query(str(path), reason or "unreadable")
+    unopenable = {path for path, _ in bad}
+    answers = []
+    for path in request.images:
+        if path in unopenable:
+            continue
+        try:
+            answers += answer_queries(searcher, replace(request, images=[path], ids=[], paths=[]), k)
+        except ImageError as exc:  # opened, but not a picture it can decode
+            warn_query(str(path), exc.reason)
+            bad.append((path, exc.reason))
+    if request.ids or request.paths:
+        answers += answer_queries(searcher, replace(request, images=[]), k)
+    return answers, bad
 
 
 def _write_visuals(answers, report: Path | None, grid: Path | None) -> list[Path]:
