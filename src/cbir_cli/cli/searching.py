@@ -79,7 +79,9 @@ def query_cmd(
         request.check()
         # Files that cannot be opened are named before the index or the model loads
         # (the torch runtime takes seconds and ~1 GB just to say "not found").
-        bad = [(path, reason) for path, reason in map(_unopenable, request.images) if reason]
+        bad = [(path, error) for path, error in map(_unopenable, request.images) if error]
+        if bad and len(request.images) == 1 and not (request.ids or request.paths):
+            raise bad[0][1]  # the only query: its reason is the error
         searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
                                  rerank=rerank_choice(rerank, qe, qe_alpha))
         answers, bad = _answer_each(searcher, request, k, bad)
@@ -100,14 +102,14 @@ def query_cmd(
             raise CbirError(f"{len(bad)} of {len(request.images)} query images could not be read")
 
 
-def _unopenable(path: Path) -> tuple[Path, str | None]:
+def _unopenable(path: Path) -> tuple[Path, ImageError | None]:
     """``(path, why it cannot be opened as an image file)``, or ``(path, None)``."""
     from ..imageio.decode import open_image_file
 
     try:
         fh, _ = open_image_file(path)
     except ImageError as exc:
-        return path, exc.reason
+        return path, exc
     fh.close()
     return path, None
 
@@ -116,16 +118,18 @@ def warn_query(path: str, reason: str) -> None:
     stderr().print(f"warning: {printable(path)}: {printable(reason)}; no results for it", markup=False)
 
 
-def _answer_each(searcher, request, k: int, bad: list[tuple[Path, str | None]]):
+def _answer_each(searcher, request, k: int, bad: list[tuple[Path, ImageError]]):
     """The answers to every query file that can be read, one warning line per one
     that cannot (as ``cbir index`` skips a bad file), then the indexed images'
-    answers; returns the answers and the files that failed."""
+    answers; returns the answers and the files that failed. A lone query's
+    failure is the error itself."""
     from dataclasses import replace
 
     from ..search.queries import answer_queries
 
-    for path, reason in bad:
-        warn_query(str(path), reason or "unreadable")
+    alone = len(request.images) == 1 and not (request.ids or request.paths)
+    for path, error in bad:
+        warn_query(str(path), error.reason)
     unopenable = {path for path, _ in bad}
     answers = []
     for path in request.images:
@@ -134,8 +138,10 @@ def _answer_each(searcher, request, k: int, bad: list[tuple[Path, str | None]]):
         try:
             answers += answer_queries(searcher, replace(request, images=[path], ids=[], paths=[]), k)
         except ImageError as exc:  # opened, but not a picture it can decode
+            if alone:
+                raise
             warn_query(str(path), exc.reason)
-            bad.append((path, exc.reason))
+            bad.append((path, exc))
     if request.ids or request.paths:
         answers += answer_queries(searcher, replace(request, images=[]), k)
     return answers, bad
