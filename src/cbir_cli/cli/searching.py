@@ -77,13 +77,13 @@ def query_cmd(
         request = QueryRequest(images or [], ids or [], paths or [], Box.parse(box) if box is not None else None,
                                ResultFilter.make(under, min_score))
         request.check()
-        # Files that cannot be opened are named before the index or the model loads
-        # (the torch runtime takes seconds and ~1 GB just to say "not found").
+        searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
+                                 rerank=rerank_choice(rerank, qe, qe_alpha))  # the model loads when used
+        # Files that cannot be opened are named before the model loads (the torch
+        # runtime takes seconds and ~1 GB just to say "not found").
         bad = [(path, error) for path, error in map(_unopenable, request.images) if error]
         if bad and len(request.images) == 1 and not (request.ids or request.paths):
             raise bad[0][1]  # the only query: its reason is the error
-        searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
-                                 rerank=rerank_choice(rerank, qe, qe_alpha))
         answers, bad = _answer_each(searcher, request, k, bad)
         written = _write_visuals(answers, report, grid)
         if as_json:
