@@ -27,6 +27,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,14 +80,14 @@ def post(url: str, data: bytes, name: str) -> tuple[int, str]:
         return 0, str(exc)[:80]
 
 
-def main() -> None:
-    args = parse_args()
-    data = bomb_png(args.side)
+@contextmanager
+def serving(images: Path, model: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``cbir serve`` (a subprocess) over ``images`` indexed with ``model`` into a
+    temporary folder: (the server's process, its URL); stopped on exit."""
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        index_dir = tmp / "index"
-        subprocess.run([sys.executable, "-m", "cbir_cli.cli", "index", str(args.images), "--index", str(index_dir),
-                        "--model", args.model, "--workers", "0", "--json"], check=True, stdout=subprocess.DEVNULL)
+        index_dir = Path(tmp_name) / "index"
+        subprocess.run([sys.executable, "-m", "cbir_cli.cli", "index", str(images), "--index", str(index_dir),
+                        "--model", model, "--workers", "0", "--json"], check=True, stdout=subprocess.DEVNULL)
         server = subprocess.Popen([sys.executable, "-m", "cbir_cli.cli", "serve", "--index", str(index_dir),
                                    "--port", "0", "--device", "cpu"], stderr=subprocess.PIPE, text=True)
         try:
@@ -94,43 +96,49 @@ def main() -> None:
                 if not line:
                     raise SystemExit("the server did not start")
                 line = server.stderr.readline()
-            url = line.split(" at ")[1].split()[0]
-            before = status_of(server.pid)["VmRSS"]
-            stop = threading.Event()
-            latencies: list[float] = []
-            sent = [0]
-
-            def probe() -> None:
-                while not stop.is_set():
-                    sent[0] += 1
-                    started = time.perf_counter()
-                    path = "api/health" if sent[0] % 2 else "api/search?id=1&k=5"
-                    try:
-                        with urllib.request.urlopen(url + path, timeout=60) as response:
-                            response.read()
-                        latencies.append(time.perf_counter() - started)
-                    except OSError:
-                        pass
-                    time.sleep(0.1)
-
-            prober = threading.Thread(target=probe)
-            prober.start()
-            outcomes: list[tuple[int, str]] = []
-            started = time.perf_counter()
-            for _ in range(args.rounds):
-                threads = [threading.Thread(target=lambda: outcomes.append(post(url, data, "bomb.png")))
-                           for _ in range(args.uploads)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            seconds = time.perf_counter() - started
-            stop.set()
-            prober.join()
-            peak = status_of(server.pid)["VmHWM"]
+            yield server, line.split(" at ")[1].split()[0]
         finally:
             server.terminate()
             server.wait(30)
+
+
+def main() -> None:
+    args = parse_args()
+    data = bomb_png(args.side)
+    with serving(args.images, args.model) as (server, url):
+        before = status_of(server.pid)["VmRSS"]
+        stop = threading.Event()
+        latencies: list[float] = []
+        sent = [0]
+
+        def probe() -> None:
+            while not stop.is_set():
+                sent[0] += 1
+                started = time.perf_counter()
+                path = "api/health" if sent[0] % 2 else "api/search?id=1&k=5"
+                try:
+                    with urllib.request.urlopen(url + path, timeout=60) as response:
+                        response.read()
+                    latencies.append(time.perf_counter() - started)
+                except OSError:
+                    pass
+                time.sleep(0.1)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        outcomes: list[tuple[int, str]] = []
+        started = time.perf_counter()
+        for _ in range(args.rounds):
+            threads = [threading.Thread(target=lambda: outcomes.append(post(url, data, "bomb.png")))
+                       for _ in range(args.uploads)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        seconds = time.perf_counter() - started
+        stop.set()
+        prober.join()
+        peak = status_of(server.pid)["VmHWM"]
     latencies.sort()
     answers: dict[str, int] = {}
     for status, message in outcomes:

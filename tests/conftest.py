@@ -49,6 +49,19 @@ def draw_random_shapes(img: Image.Image, rng: np.random.Generator, count: int, m
             draw.ellipse([x0, y0, x1, y1], fill=colour)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_and_index(tmp_path_factory: pytest.TempPathFactory):
+    """The suite is hermetic: ONNX exports, int8 models and evaluate's features go
+    to a cache folder of its own (shared by the session's tests, so each export is
+    made once per run), never the user's ``~/.cache/cbir``; an index not given goes
+    to a folder of its own too, never the user's. Subprocesses inherit both.
+    A test that needs a cold cache or its own index still sets its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CBIR_CACHE", str(tmp_path_factory.mktemp("cbir-cache")))
+        patch.setenv("CBIR_INDEX", str(tmp_path_factory.mktemp("cbir-index") / "index"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never download (nor probe the network for) weights; a test that

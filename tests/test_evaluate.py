@@ -38,6 +38,7 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TORCH_HOME", os.path.expanduser(torch_home))
     cache = tmp_path / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("CBIR_CACHE", raising=False)  # the user cache's default place, here under tmp_path
     return cache
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import CbirError, ImageError
 from .common import (
     AUTO_DEVICE,
     AUTO_RUNTIME,
@@ -80,17 +81,22 @@ def query_cmd(
     with cli_errors():
         from ..imageio.region import Box
         from ..search.filters import ResultFilter
-        from ..search.queries import QueryRequest, answer_queries
+        from ..search.queries import QueryRequest
         from ..search.searcher import Searcher
 
         request = QueryRequest(images or [], ids or [], paths or [], Box.parse(box) if box is not None else None,
                                ResultFilter.make(under, min_score))
         request.check()
         searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
-                                 rerank=rerank_choice(rerank, qe, qe_alpha))
+                                 rerank=rerank_choice(rerank, qe, qe_alpha))  # the model loads when used
         if request.result_filter is not None:  # a wrong --under fails before the model loads
             request.result_filter.allowed_ids(searcher.rows)
-        answers = answer_queries(searcher, request, k)
+        # Files that cannot be opened are named before the model loads (the torch
+        # runtime takes seconds and ~1 GB just to say "not found").
+        bad = [(path, error) for path, error in map(_unopenable, request.images) if error]
+        if bad and len(request.images) == 1 and not (request.ids or request.paths):
+            raise bad[0][1]  # the only query: its reason is the error
+        answers, bad = _answer_each(searcher, request, k, bad)
         written = _write_visuals(answers, report, grid)
         if as_json:
             typer.echo(json.dumps([a.as_dict() for a in answers], indent=2))
@@ -103,6 +109,53 @@ def query_cmd(
         for answer in answers:
             if not answer.hits:
                 stderr().print(f"note: {printable(answer.view.label)}: no result{why}", markup=False)
+        if bad:  # the good ones are answered above; the run still failed
+            raise CbirError(f"{len(bad)} of {len(request.images)} query images could not be read")
+
+
+def _unopenable(path: Path) -> tuple[Path, ImageError | None]:
+    """``(path, why it cannot be opened as an image file)``, or ``(path, None)``."""
+    from ..imageio.decode import open_image_file
+
+    try:
+        fh, _ = open_image_file(path)
+    except ImageError as exc:
+        return path, exc
+    fh.close()
+    return path, None
+
+
+def warn_query(path: str, reason: str) -> None:
+    stderr().print(f"warning: {printable(path)}: {printable(reason)}; no results for it", markup=False)
+
+
+def _answer_each(searcher, request, k: int, bad: list[tuple[Path, ImageError]]):
+    """The answers to every query file that can be read, one warning line per one
+    that cannot (as ``cbir index`` skips a bad file), then the indexed images'
+    answers; returns the answers and the files that failed. A lone query's
+    failure is the error itself."""
+    from dataclasses import replace
+
+    from ..search.queries import answer_queries
+
+    alone = len(request.images) == 1 and not (request.ids or request.paths)
+    for path, error in bad:
+        warn_query(str(path), error.reason)
+    unopenable = {path for path, _ in bad}
+    answers = []
+    for path in request.images:
+        if path in unopenable:
+            continue
+        try:
+            answers += answer_queries(searcher, replace(request, images=[path], ids=[], paths=[]), k)
+        except ImageError as exc:  # opened, but not a picture it can decode
+            if alone:
+                raise
+            warn_query(str(path), exc.reason)
+            bad.append((path, exc))
+    if request.ids or request.paths:
+        answers += answer_queries(searcher, replace(request, images=[]), k)
+    return answers, bad
 
 
 def _write_visuals(answers, report: Path | None, grid: Path | None) -> list[Path]:

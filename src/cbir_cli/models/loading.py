@@ -135,6 +135,15 @@ def keep_int8_model(name: str, weights: str | os.PathLike[str] | None, descripto
     return keep_int8_in_index(get_model_config(name).with_descriptor(descriptor), weights, calibration, index_dir)
 
 
+def shared_calibration_for(name: str, weights: str | os.PathLike[str] | None,
+                           descriptor: DescriptorSettings | None) -> Calibration | None:
+    """The int8 calibration a new index of this model, weights and descriptor reuses
+    instead of calibrating again (see :mod:`.calibration_cache`); None before the first."""
+    from .onnx_embedder import shared_int8_calibration
+
+    return shared_int8_calibration(get_model_config(name).with_descriptor(descriptor), weights)
+
+
 def descriptor_of(fingerprint: dict[str, Any]) -> DescriptorSettings:
     """The descriptor settings a store's fingerprint records (none recorded: the
     legacy GAP / centre crop of stores made before they were configurable)."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CbirError
 from ..fsutil import atomic_write_bytes
 from ..paths import cache_root
+from .calibration_cache import share_calibration, shared_calibration
 from .int8_store import find_int8_model, int8_model_key, keep_int8_model
 from .preprocess import image_preprocessor
 from .protocol import EmbedderBase, model_fingerprint_of
@@ -256,7 +257,16 @@ def int8_model_path(config: ModelConfig, weights: str | os.PathLike[str] | None,
     if not (int8_path.is_file() and _official_weights_present(config, weights)):
         fp32 = load_onnx_embedder(config, weights, cache_dir)
         quantize_onnx(fp32.model_path, int8_path, calibration, config, fp32.preprocess)
+        share_calibration(fp32.model_path, calibration, int8_path)
     return int8_path
+
+
+def shared_int8_calibration(config: ModelConfig, weights: str | os.PathLike[str] | None) -> Calibration | None:
+    """The calibration every new int8 index of this model reuses, once one was made
+    (see :mod:`.calibration_cache`); None before that."""
+    if not _official_weights_present(config, weights):
+        return None
+    return shared_calibration(cached_export_path(config, weights_id_for(config, weights)))
 
 
 def keep_int8_in_index(config: ModelConfig, weights: str | os.PathLike[str] | None, calibration: Calibration,

@@ -15,7 +15,9 @@ hash of the images' contents and the quantisation settings) and lists the images
 (``calibration_images``: path, sha256), so an index keeps using the model it was
 built with and a cleared cache re-creates it from the same files (refused, with
 a clear error, if they changed or are gone). The quantised model is cached next
-to the fp32 export (``<cache>/onnx/``).
+to the fp32 export (``<cache>/onnx/``). Calibrating takes minutes on a CPU, so it
+runs once per model + weights + descriptor: later new indexes reuse the first
+one's calibration (:mod:`.calibration_cache`), and it announces itself.
 
 int8 vectors differ from fp32 ones (MobileNetV2 on Oxford-17: cosine 0.93-1.0,
 mean 0.98), so an int8 store never mixes with an fp32 one.
@@ -46,6 +48,7 @@ CALIBRATION_IMAGES = 320
 # batches of 8 (up to 320 x 1280 px each) took 3.6 GB, hence a pixel budget: a
 # batch holds fewer of the larger inputs. MinMax ranges do not depend on the batching.
 CALIBRATION_PIXELS = 8 * 224 * 224
+log = logging.getLogger(__name__)
 # Everything that shapes the quantised graph besides its inputs (part of the id).
 QUANT_SETTINGS = {"format": "QOperator", "per_channel": True, "activations": "U8", "weights": "S8",
                   "method": "MinMax", "version": 1}
@@ -136,7 +139,7 @@ def _calibration_batches(calibration: Calibration, preprocess: Any, draft_size: 
 
     groups: dict[tuple[int, ...], list[Any]] = {}
     usable = 0
-    for path, sha in calibration.images:
+    for path, sha in _with_progress(calibration.images):
         pixels = _calibration_pixels(path, sha, preprocess, draft_size)
         if pixels is None:
             continue
@@ -152,6 +155,21 @@ def _calibration_batches(calibration: Calibration, preprocess: Any, draft_size: 
             yield np.stack(group)
     if not usable:
         raise CbirError("none of the int8 calibration images could be decoded; rebuild the index")
+
+
+def _with_progress(images: Sequence[tuple[str, str]]) -> Iterable[tuple[str, str]]:
+    """The calibration images, announced (a ``note:`` line: the CLI shows it) and,
+    on a terminal, counted by a progress bar: calibration is the slow part of a
+    first int8 index, and it once sat silent for minutes."""
+    import sys
+
+    log.info("note: calibrating the int8 model on %d photos (once per model, weights and descriptor; "
+             "later indexes reuse it)", len(images))
+    if not sys.stderr.isatty():
+        return images
+    from tqdm import tqdm
+
+    return tqdm(images, desc="calibrating int8", unit="img", leave=False)
 
 
 def quantize_onnx(fp32_path: Path, out_path: Path, calibration: Calibration, config: ModelConfig,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import CbirError
 from ..imageio.files import is_under, source_location
 from ..models.int8_store import prune_int8_models
-from ..models.loading import default_precision, keep_int8_model, model_fingerprint
+from ..models.loading import default_precision, keep_int8_model, model_fingerprint, shared_calibration_for
 from ..models.quantize import Calibration, sample_calibration
 from ..paths import display_path
 from ..resolve import resolve_descriptor, resolve_index_dir, resolve_model
@@ -147,12 +147,15 @@ def sync_files(txn: WriteTransaction, root: Path | str | None, files: Sequence[P
         stat_cache.save(keep_unlisted=root is None)
 
 
-def choose_calibration(options: ExtractOptions, model: str, existing: FeatureStore | None, rebuild: bool,
+def choose_calibration(options: ExtractOptions, model: str, weights: str | os.PathLike[str] | None,
+                       descriptor: DescriptorSettings | None, existing: FeatureStore | None, rebuild: bool,
                        files: Sequence[Path | str], executor: Executor) -> Calibration | None:
     """The int8 calibration to embed with, or None for fp32. ``auto`` follows the
     store, and for a new one :func:`~cbir_cli.models.loading.default_precision`
     decides; an int8 store keeps its calibration, so its vectors stay comparable; a
-    new int8 store, or a rebuild, calibrates on a seeded sample of the folder
+    new int8 store, or a rebuild, takes the calibration its model already has
+    (:mod:`cbir_cli.models.calibration_cache`: calibrating takes minutes, once),
+    else calibrates on a seeded sample of the folder
     (:func:`~cbir_cli.models.quantize.sample_calibration`)."""
     from ..models.descriptors import DESCRIPTORS
 
@@ -166,7 +169,7 @@ def choose_calibration(options: ExtractOptions, model: str, existing: FeatureSto
         return None
     if stored is not None and not rebuild:
         return stored
-    return sample_calibration(files, executor.hash_files)
+    return shared_calibration_for(model, weights, descriptor) or sample_calibration(files, executor.hash_files)
 
 
 def begin_int8(txn: WriteTransaction, request: EmbedRequest, rebuild: bool,
@@ -226,7 +229,8 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
             for notice in (choice.notice, descriptor_notice):
                 if notice and on_notice:
                     on_notice(notice)
-            calibration = choose_calibration(options, choice.name, txn.existing, rebuild, files, executor)
+            calibration = choose_calibration(options, choice.name, choice.weights, settings, txn.existing, rebuild,
+                                             files, executor)
             if calibration is not None:  # the index will keep its int8 model (see begin_int8 below)
                 calibration = replace(calibration, index_dir=str(store_dir))
             fingerprint = model_fingerprint(choice.name, choice.weights, settings, calibration)

@@ -146,9 +146,22 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     app.json.sort_keys = False
     app.extensions["cbir"] = live
     files = app.extensions["cbir-files"] = IndexedFiles()
-    # One query at a time through the model: a CPU model already uses every core,
-    # and concurrent batches would only multiply peak memory.
+    # The index is searched one query at a time (the backend, re-ranking's state).
+    # Embedding, most of a query's time, runs outside that lock: ONNX Runtime
+    # sessions and torch modules in inference are thread-safe, so one client's model
+    # run overlaps another's decode, search and HTTP exchange. At most one embedding
+    # per core at a time: more would only contend for the cores and multiply peak
+    # memory (uploads' decodes are bounded by the decode budget).
     search_lock = threading.Lock()
+    embedding_slots = threading.BoundedSemaphore(usable_cores())
+
+    def search_image(searcher: Searcher, image: Any, k: int, box: Box | None,
+                     result_filter: ResultFilter) -> list[Hit]:
+        region = box.crop(image) if box is not None else image
+        with embedding_slots:
+            vectors = embed_images(searcher.embedder, [region])
+        with search_lock:
+            return searcher.search_vectors(vectors, k, result_filter)[0]
 
     def error(message: str, status: int) -> tuple[Response, int]:
         return jsonify(error=message), status
@@ -243,9 +256,11 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
                     image = decode_image(read_checked(fh), f"image {image_id}", budget=budget)
             except ImageError as exc:
                 raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
-        with search_lock:
-            hits = (searcher.search_ids([image_id], k, result_filter=result_filter) if image is None
-                    else searcher.search_images([image], k, box, result_filter))[0]
+        if image is None:  # its stored vector: no model
+            with search_lock:
+                hits = searcher.search_ids([image_id], k, result_filter=result_filter)[0]
+        else:
+            hits = search_image(searcher, image, k, box, result_filter)
         return results(searcher, {"id": image_id, "name": os.path.basename(display_path(row.path)),
                                   **({"box": box.text} if box else {})}, k, hits)
 
@@ -264,13 +279,20 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
                                  budget=budget)
         except ImageError as exc:
             raise ApiError(f"{name}: {exc.reason}", 400) from None
-        with search_lock:
-            hits = searcher.search_images([image], k, box, result_filter)[0]
+        hits = search_image(searcher, image, k, box, result_filter)
         return results(searcher, {"name": name, **({"box": box.text} if box else {})}, k, hits)
 
     register_file_routes(app, live, files, budget, lookup)
 
     return app
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def is_loopback(host: str) -> bool:
