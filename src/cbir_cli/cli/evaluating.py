@@ -151,8 +151,11 @@ def evaluate_cmd(
         for note in [RECALL_IS_TOP_K, *sorted({n for r in result.results for n in r.metrics["notes"]})]:
             out.print(f"note: {note}")
         out.print(f"versions: {describe_environment(result.environment)}")
-        for r in result.results:
-            out.print(f"{r.label}: {describe_settings(r.settings)}")
+        settings = {r.label: describe_settings(r.settings) for r in result.results}
+        if len(set(settings.values())) == 1:  # e.g. --compare: one model, several rankings
+            settings = {"settings": next(iter(settings.values()))}
+        for label, text in settings.items():
+            out.print(f"{label}: {text}")
         out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB "
                   f"(largest worker {result.peak_rss_children_mb:.0f} MB)")
         if report_path:

@@ -62,10 +62,11 @@ def resampled_means(values: Mapping[str, Any], resamples: int, seed: int = 0) ->
     import numpy as np
 
     names = list(values)
-    matrix = np.stack([np.asarray(values[n], dtype=np.float64) for n in names]) if names else np.zeros((0, 0))
-    n = matrix.shape[1] if names else 0
-    if any(np.asarray(values[name]).shape != (n,) for name in names):
+    arrays = [np.asarray(values[name], dtype=np.float64) for name in names]
+    n = arrays[0].shape[0] if arrays and arrays[0].ndim == 1 else 0
+    if any(a.shape != (n,) for a in arrays):
         raise ValueError("every per-query array must be 1-D and of the same length")
+    matrix = np.stack(arrays) if arrays else np.zeros((0, 0))
     if n == 0 or resamples < 1:
         return {name: np.zeros(0) for name in names}
     rng = np.random.default_rng(seed)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-class EvaluationOptions(Protocol):
+class MetricOptions(Protocol):
     """What the rows need of :class:`cbir_cli.evaluate.run.EvaluationOptions`."""
 
     recall_ks: tuple[int, ...]
@@ -28,12 +28,12 @@ RECALL_IS_TOP_K = ("R@K is Top-K accuracy (one metric, two names): the share of 
                    "among their first K results")
 
 
-def recall_ks_shown(options: EvaluationOptions) -> list[int]:
+def recall_ks_shown(options: MetricOptions) -> list[int]:
     """The K of every R@K row: the requested ones and the K of P@K (Top-K accuracy)."""
     return sorted({*options.recall_ks, options.k})
 
 
-def metric_rows(options: EvaluationOptions) -> list[tuple[str, str]]:
+def metric_rows(options: MetricOptions) -> list[tuple[str, str]]:
     """(key in the metrics dict, label on screen), one per metric. Keys are stable
     for --json users."""
     k = options.k
@@ -89,7 +89,7 @@ class FeatureResult:
 class Evaluation:
     dataset: str
     relevance: str
-    options: EvaluationOptions
+    options: MetricOptions
     results: list[FeatureResult]
     seconds: float
     peak_rss_mb: float
