@@ -27,7 +27,6 @@ from .common import (
     QeAlphaOpt,
     QeOpt,
     Relevance,
-    RerankOpt,
     ScalesOpt,
     WeightsOpt,
     WorkersOpt,
@@ -66,7 +65,10 @@ def evaluate_cmd(
     gem_p: GemPOpt = None,
     input_mode: InputOpt = None,
     scales: ScalesOpt = None,
-    rerank: RerankOpt = True,
+    rerank: Annotated[Optional[bool], typer.Option("--rerank/--no-rerank", help="Re-rank: alpha query expansion "
+                                                   "with DBA vectors, the plain top-1 kept first. Default: the deep "
+                                                   "model re-ranks, the hand-crafted baselines do not (--rerank: "
+                                                   "them too).", show_default=False)] = None,
     qe: QeOpt = 3,
     qe_alpha: QeAlphaOpt = 3.0,
     dba: DbaOpt = None,
@@ -77,9 +79,12 @@ def evaluate_cmd(
                                           "(side by side).")] = "deep",
     relevance: Annotated[Relevance, typer.Option("--relevance", help="sop: product (same class_id) or superclass "
                                                  "(same super_class_id) counts as relevant.")] = PRODUCT_RELEVANCE,
-    k: Annotated[int, typer.Option("-k", min=1, help="K of P@K, IR-Recall@K and Top-K accuracy.")] = 5,
+    k: Annotated[int, typer.Option("-k", min=1, help="K of P@K and IR-Recall@K; R@K (= Top-K accuracy) is "
+                                   "shown for it too.")] = 5,
     recall_at: Annotated[str, typer.Option("--recall-at", help="Recall@K values (SOP convention: a relevant "
-                                           "image in the top K).")] = "1,10,100,1000",
+                                           "image in the top K, i.e. Top-K accuracy).")] = "1,10,100,1000",
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Resamples of the queries for the 95% "
+                                           "intervals of every metric (seed 0; 0: no intervals).")] = 1000,
     depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Results ranked per query. Default: the "
                                                  "whole gallery up to 5000 images, else max(K).",
                                                  show_default=False)] = None,
@@ -108,12 +113,16 @@ def evaluate_cmd(
     images query the collection."""
     with cli_errors():
         from ..evaluate.datasets import load_collection
+        from ..evaluate.intervals import Bootstrap
+        from ..evaluate.provenance import describe_environment, describe_settings
+        from ..evaluate.results import RECALL_IS_TOP_K
         from ..evaluate.run import EvaluationOptions, evaluate, parse_features, parse_ks
 
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
             descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
-            rerank=rerank_choice(rerank, qe, qe_alpha), compare=compare,
+            rerank=rerank_choice(rerank is not False, qe, qe_alpha), rerank_baselines=rerank is True,
+            bootstrap=Bootstrap(bootstrap), compare=compare,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
             extract=extract_options(batch_size, workers, 1024, device, progress=show_progress(as_json), decode=decode,
                                     precision=precision),
@@ -140,9 +149,16 @@ def evaluate_cmd(
             return
 
         out = stdout()
-        out.print(results_table(result, f"{result.dataset}\nrelevance: {result.relevance_label}", "metric", compare))
-        for note in sorted({n for r in result.results for n in r.metrics["notes"]}):
+        out.print(results_table(result, f"{result.dataset}\nrelevant: {result.relevance_label}\n"
+                                f"{result.interval_label}", "metric", compare))
+        for note in [RECALL_IS_TOP_K, *sorted({n for r in result.results for n in r.metrics["notes"]})]:
             out.print(f"note: {note}")
+        out.print(f"versions: {describe_environment(result.environment)}")
+        settings = {r.label: describe_settings(r.settings) for r in result.results}
+        if len(set(settings.values())) == 1:  # e.g. --compare: one model, several rankings
+            settings = {"settings": next(iter(settings.values()))}
+        for label, text in settings.items():
+            out.print(f"{label}: {text}")
         out.print(f"total {result.seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB "
                   f"(largest worker {result.peak_rss_children_mb:.0f} MB)")
         if report_path:

@@ -42,6 +42,16 @@ SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
 LIMIT_SEED = 0
 
 
+def relevance_label(kind: str, relevance: str) -> str:
+    """What counts as relevant to a query, in the dataset's own terms: SOP's
+    products and super-classes, a folder layout's classes (its sub-folders)."""
+    if relevance == "superclass":
+        return "same superclass (same super_class_id counts as relevant)"
+    if kind == "sop":
+        return "same product (same class_id counts as relevant)"
+    return "same class (images in the same class sub-folder count as relevant)"
+
+
 @dataclass
 class LabelledCollection:
     """Images with class labels, in a fixed order (the row order of every array)."""

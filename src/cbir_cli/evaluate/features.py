@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +21,9 @@ from ..fsutil import atomic_write_bytes
 from ..imageio.decode import load_image
 from ..models.bovw import BovwEncoder
 from ..models.descriptors import HANDCRAFTED_DRAFT, descriptor_embedder
-from ..models.loading import default_precision, model_fingerprint
+from ..models.loading import default_precision, model_fingerprint, resolve_device, resolve_runtime
 from ..models.quantize import sample_calibration
+from ..models.registry import get_model_config
 from ..paths import cache_root, normalise_path
 from ..pipeline.executor import EmbedRequest
 from ..pipeline.local import LocalExecutor
@@ -70,6 +71,9 @@ class FeatureSource:
     label: str
     fingerprint: dict[str, Any]
     request: EmbedRequest
+    # How this run computes the vectors beyond the fingerprint (a deep model's
+    # precision, runtime and device), for the JSON and the report.
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def deep_source(model: str, weights: Path | None, options: ExtractOptions, paths: Sequence[str] = (),
@@ -84,9 +88,12 @@ def deep_source(model: str, weights: Path | None, options: ExtractOptions, paths
     label = label or f"deep ({model})"
     if calibration is not None:
         label = f"{label[:-1]}, int8)" if label.endswith(")") else f"{label} (int8)"
+    device = resolve_device(options.device)
+    settings = {"precision": precision, "runtime": resolve_runtime(options.runtime, device, get_model_config(model)),
+                "device": device, "weights_file": str(weights) if weights is not None else None}
     return FeatureSource("deep", label, model_fingerprint(model, weights, descriptor, calibration),
                          EmbedRequest(model, weights, options.device, options.runtime, descriptor=descriptor,
-                                      calibration=calibration))
+                                      calibration=calibration), settings)
 
 
 def descriptor_source(name: str) -> FeatureSource:

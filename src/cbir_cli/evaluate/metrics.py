@@ -17,13 +17,12 @@ Conventions (shared by every function here)
     query ``i`` is relevant (see :func:`relevance_matrix`).
 
 The per-metric functions are strict: queries with ``num_relevant == 0`` make the
-metrics that divide by it raise ``ValueError`` (filter them out first).
-:func:`retrieval_metrics` does that filtering for you and reports how many queries
-were dropped.
+metrics that divide by it raise ``ValueError``; :func:`retrieval_metrics` drops them
+and reports how many. Every metric is a mean over queries of a per-query value
+(:func:`per_query_metrics`), which is what the bootstrap intervals resample.
 
-All functions work on whole arrays (no Python loop over queries); the ones that need
-``(q, K)`` float temporaries process the rows in blocks to bound memory, so
-``q = 60_000`` and ``K = 1_000`` is fine.
+All functions work on whole arrays (no Python loop over queries); ``(q, K)`` float
+temporaries are made in row blocks, so ``q = 60_000`` and ``K = 1_000`` is fine.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ __all__ = [
     "mean_average_precision",
     "ns_score",
     "num_relevant_from_labels",
+    "per_query_metrics",
     "precision_at_k",
     "recall_at_k",
     "relevance_matrix",
@@ -199,11 +199,13 @@ def recall_at_k(rel: Any, ks: int | Iterable[int]) -> dict[int, float]:
     columns are used (the missing results are treated as not relevant). Returns
     ``{k: value}`` in the order given; NaN when there are no queries.
     """
-    r = _check_rel(rel)
+    return {k: _mean(hit) for k, hit in _recall_rows(_check_rel(rel), _check_ks(ks)).items()}
+
+
+def _recall_rows(r: np.ndarray, ks: list[int]) -> dict[int, np.ndarray]:
     K = r.shape[1]
-    has = r.any(axis=1)
-    first = np.where(has, r.argmax(axis=1), K)  # rank (0-based) of first hit; K = none
-    return {k: _mean(first < min(k, K)) for k in _check_ks(ks)}
+    first = np.where(r.any(axis=1), r.argmax(axis=1), K)  # rank (0-based) of first hit; K = none
+    return {k: (first < min(k, K)).astype(np.float64) for k in ks}
 
 
 def top_k_accuracy(rel: Any, k: int) -> float:
@@ -224,8 +226,12 @@ def precision_at_k(rel: Any, k: int) -> float:
     are no queries.
     """
     (kk,) = _check_ks(k)
-    r = _check_rel(rel)
-    return _mean(r[:, :kk].sum(axis=1) / kk)
+    return _mean(_found(_check_rel(rel), kk) / kk)
+
+
+def _found(r: np.ndarray, k: int) -> np.ndarray:
+    """Relevant items among each query's first ``k`` results, float64 ``(q,)``."""
+    return r[:, :k].sum(axis=1).astype(np.float64)
 
 
 def ir_recall_at_k(rel: Any, num_relevant: Any, k: int) -> float:
@@ -237,8 +243,7 @@ def ir_recall_at_k(rel: Any, num_relevant: Any, k: int) -> float:
     """
     (kk,) = _check_ks(k)
     r = _check_rel(rel)
-    nr = _check_num_relevant(num_relevant, r)
-    return _mean(r[:, :kk].sum(axis=1) / nr)
+    return _mean(_found(r, kk) / _check_num_relevant(num_relevant, r))
 
 
 def average_precision(rel: Any, num_relevant: Any) -> np.ndarray:
@@ -277,10 +282,13 @@ def map_at_r(rel: Any, num_relevant: Any) -> float:
     results per query: raises ``ValueError`` if ``K < max(num_relevant)``.
     """
     r = _check_rel(rel)
-    nr = _check_num_relevant(num_relevant, r)
+    return _mean(_map_at_r_rows(r, _check_num_relevant(num_relevant, r)))
+
+
+def _map_at_r_rows(r: np.ndarray, nr: np.ndarray) -> np.ndarray:
     q, K = r.shape
     if q == 0:
-        return float("nan")
+        return np.zeros(0, dtype=np.float64)
     max_r = int(nr.max())
     if K < max_r:
         raise ValueError(
@@ -295,7 +303,7 @@ def map_at_r(rel: Any, num_relevant: Any) -> float:
         block = r[sl] & (ranks[None, :] < nr[sl, None])
         hits = np.cumsum(block, axis=1, dtype=np.int32)
         total[sl] = np.where(block, hits * inv_rank, 0.0).sum(axis=1)
-    return float((total / nr).mean())
+    return total / nr
 
 
 def ns_score(rel: Any, include_self: bool = False) -> float:
@@ -315,13 +323,49 @@ def ns_score(rel: Any, include_self: bool = False) -> float:
 
     NaN when there are no queries.
     """
-    r = _check_rel(rel)
-    if include_self:
-        return _mean(1.0 + r[:, :3].sum(axis=1))
-    return _mean(r[:, :4].sum(axis=1).astype(np.float64))
+    return _mean(_ns_rows(_check_rel(rel), include_self))
+
+
+def _ns_rows(r: np.ndarray, include_self: bool) -> np.ndarray:
+    return 1.0 + _found(r, 3) if include_self else _found(r, 4)
 
 
 # --------------------------------------------------------------------------- all at once
+
+
+def per_query_metrics(
+    rel: Any,
+    num_relevant: Any,
+    ks: Sequence[int] = (1,),
+    p_ks: Sequence[int] = (5,),
+    metrics: Iterable[str] = DEFAULT_METRICS,
+    ns_include_self: bool = True,
+) -> dict[str, np.ndarray]:
+    """Each metric's value for each query, float64 ``(q,)`` arrays keyed as in
+    :func:`retrieval_metrics` (``recall@1``, ``map``...): every metric here is the
+    mean of its array, so resampling queries (:mod:`.intervals`) resamples the
+    metric. Strict like the per-metric functions (``num_relevant >= 1``)."""
+    r = _check_rel(rel)
+    nr = _check_num_relevant(num_relevant, r)
+    chosen = set(metrics)
+    out: dict[str, np.ndarray] = {}
+    for m in METRIC_NAMES:  # fixed, readable key order
+        if m not in chosen:
+            continue
+        if m == "recall":
+            out.update({f"recall@{k}": hit for k, hit in _recall_rows(r, _check_ks(ks, "ks")).items()})
+        elif m == "precision":
+            out.update({f"precision@{k}": _found(r, k) / k for k in _check_ks(p_ks, "p_ks")})
+        elif m == "ir_recall":
+            out.update({f"ir_recall@{k}": _found(r, k) / nr for k in _check_ks(ks, "ks")})
+        elif m == "map":
+            out["map"] = average_precision(r, nr)
+        elif m == "map_at_r":
+            out["map@r"] = _map_at_r_rows(r, nr)
+        elif m == "ns":
+            out["ns_score"] = _ns_rows(r, ns_include_self)
+    return out
+
 
 
 def retrieval_metrics(
@@ -332,6 +376,7 @@ def retrieval_metrics(
     p_ks: Sequence[int] = (5,),
     metrics: Iterable[str] | None = None,
     ns_include_self: bool = True,
+    per_query: bool = False,
 ) -> dict[str, Any]:
     """Compute a set of retrieval metrics in one go.
 
@@ -354,7 +399,8 @@ def retrieval_metrics(
     Always present: ``"queries"`` (evaluated), ``"queries_without_positive"``
     (dropped), ``"k"`` (columns of ``retrieved_labels``) and ``"notes"`` (list of
     strings, e.g. when a requested ``k`` exceeds ``K``). Metric values are Python
-    floats (NaN if no query is left).
+    floats (NaN if no query is left). With ``per_query``, ``"per_query"`` holds
+    :func:`per_query_metrics` of the kept queries (each metric is their mean).
     """
     if metrics is None:
         chosen, explicit = list(DEFAULT_METRICS), False
@@ -362,10 +408,8 @@ def retrieval_metrics(
         chosen = [metrics] if isinstance(metrics, str) else list(metrics)
         unknown = [m for m in chosen if m not in METRIC_NAMES]
         if unknown:
-            raise ValueError(
-                f"unknown metric(s) {', '.join(map(repr, unknown))}; "
-                f"valid choices: {', '.join(METRIC_NAMES)}"
-            )
+            raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown))}; "
+                             f"valid choices: {', '.join(METRIC_NAMES)}")
         explicit = True
     ks_ = _check_ks(ks, "ks")
     p_ks_ = _check_ks(p_ks, "p_ks")
@@ -373,9 +417,7 @@ def retrieval_metrics(
     rel_all = relevance_matrix(query_labels, retrieved_labels)
     nr_all = _as_int_array(num_relevant, "num_relevant", 1)
     if nr_all.shape[0] != rel_all.shape[0]:
-        raise ValueError(
-            f"num_relevant has {nr_all.shape[0]} entries but there are {rel_all.shape[0]} queries"
-        )
+        raise ValueError(f"num_relevant has {nr_all.shape[0]} entries but there are {rel_all.shape[0]} queries")
     if nr_all.size and nr_all.min() < 0:
         raise ValueError("num_relevant must be >= 0")
     keep = nr_all > 0
@@ -392,33 +434,16 @@ def retrieval_metrics(
     notes: list[str] = []
     too_big = sorted({k for k in ks_ + p_ks_ if k > K})
     if too_big:
-        notes.append(
-            f"k={too_big} exceed the {K} results per query: recall uses all {K} columns, "
-            "precision still divides by k"
-        )
+        notes.append(f"k={too_big} exceed the {K} results per query: recall uses all {K} columns, "
+                     "precision still divides by k")
 
-    for m in METRIC_NAMES:  # fixed, readable key order
-        if m not in chosen:
-            continue
-        if m == "recall":
-            for k, v in recall_at_k(rel, ks_).items():
-                out[f"recall@{k}"] = v
-        elif m == "precision":
-            for k in p_ks_:
-                out[f"precision@{k}"] = precision_at_k(rel, k)
-        elif m == "ir_recall":
-            for k in ks_:
-                out[f"ir_recall@{k}"] = ir_recall_at_k(rel, nr, k)
-        elif m == "map":
-            out["map"] = mean_average_precision(rel, nr)
-        elif m == "map_at_r":
-            max_r = int(nr.max()) if nr.size else 0
-            if K < max_r and not explicit:
-                out["map@r"] = None
-                notes.append(f"map@r skipped: needs k >= max R = {max_r}, got {K}")
-            else:
-                out["map@r"] = map_at_r(rel, nr)
-        elif m == "ns":
-            out["ns_score"] = ns_score(rel, include_self=ns_include_self)
+    if "map_at_r" in chosen and not explicit and nr.size and K < int(nr.max()):
+        chosen.remove("map_at_r")
+        out["map@r"] = None
+        notes.append(f"map@r skipped: needs k >= max R = {int(nr.max())}, got {K}")
+    rows = per_query_metrics(rel, nr, ks_, p_ks_, chosen, ns_include_self)
+    out.update({name: _mean(values) for name, values in rows.items()})
+    if per_query:
+        out["per_query"] = rows
     out["notes"] = notes
     return out

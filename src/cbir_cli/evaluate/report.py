@@ -22,9 +22,16 @@ from typing import TYPE_CHECKING
 from ..errors import CbirError
 from ..imageio.thumbnails import ThumbnailFolder, Tile, compose_grid
 from ..paths import display_path
+from .provenance import describe_environment
+from .results import RECALL_IS_TOP_K
 
 if TYPE_CHECKING:
-    from .run import Evaluation, FeatureResult
+    from .results import Evaluation, FeatureResult
+
+# Rows of the settings table: (key of provenance.column_settings, label).
+SETTING_ROWS = (("model", "model"), ("weights", "weights"), ("weights_file", "weights file"),
+                ("precision", "precision"), ("runtime", "runtime"), ("device", "device"), ("dim", "dimensions"),
+                ("descriptor", "descriptor"), ("rerank", "re-ranking (query time)"), ("dba", "DBA (index time)"))
 
 THUMB = 112  # thumbnail box, px
 QUERY_COLOUR = (40, 90, 200)
@@ -90,6 +97,26 @@ def _img_tag(thumbs: ThumbnailFolder, path: str, css: str) -> str:
     return f'<img class="{css}" src="thumbs/{thumbs.name(path)}" title="{name}" alt="{name}">'
 
 
+def _setting(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def settings_table(evaluation: Evaluation) -> str:
+    """What made the figures: each column's model, weights, precision, runtime,
+    descriptor and re-ranking, and the tool and library versions."""
+    head = "".join(f"<th>{html.escape(r.label)}</th>" for r in evaluation.results)
+    rows = "".join(
+        f"<tr><td>{label}</td>" + "".join(f"<td>{html.escape(_setting(r.settings.get(key)))}</td>"
+                                          for r in evaluation.results) + "</tr>"
+        for key, label in SETTING_ROWS if any(key in r.settings for r in evaluation.results))
+    return (f"<h2>Settings</h2><table class='metrics settings'><tr><th>setting</th>{head}</tr>{rows}</table>"
+            f"<p>versions: {html.escape(describe_environment(evaluation.environment))}</p>")
+
+
 def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str], queries: int = 8,
                  top_k: int = 5) -> Path:
     """Write the report into ``out_dir`` (created); returns the path of index.html."""
@@ -107,16 +134,18 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str], querie
         f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
         for label, cells in evaluation.table_rows()
     )
-    notes = sorted({n for r in evaluation.results for n in r.metrics["notes"]})
+    notes = [RECALL_IS_TOP_K, *sorted({n for r in evaluation.results for n in r.metrics["notes"]})]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>cbir evaluate</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>cbir evaluate</h1><p>{html.escape(evaluation.dataset)}<br>",
-        f"relevance: <b>{html.escape(evaluation.relevance_label)}</b><br>",
+        f"relevant: <b>{html.escape(evaluation.relevance_label)}</b><br>",
+        f"{html.escape(evaluation.interval_label)}<br>",
         f"total {evaluation.seconds:.1f} s, peak RSS {evaluation.peak_rss_mb:.0f} MB "
         f"(largest worker {evaluation.peak_rss_children_mb:.0f} MB)</p>",
         f"<table class='metrics'><tr><th>metric</th>{head}</tr>{body}</table>",
         "".join(f"<p><i>note: {html.escape(n)}</i></p>" for n in notes),
+        settings_table(evaluation),
         f"<p>Sample queries (blue) and their top {top_k} results: "
         "<span style='color:rgb(30,160,60)'>relevant</span>, "
         "<span style='color:rgb(200,40,40)'>not relevant</span>.</p>",

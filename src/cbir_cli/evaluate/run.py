@@ -11,7 +11,12 @@ Pipeline, the same for every kind of feature (deep model or hand-crafted):
    removed *by index* (so duplicate images with equal scores cannot push the wrong
    row out); with re-ranking (:mod:`cbir_cli.search.rerank`, on by default) the
    query is kept out of its own expansion and ranking instead.
-3. metrics: :func:`cbir_cli.metrics.retrieval_metrics` over the ranked labels.
+3. metrics: :func:`.metrics.retrieval_metrics` over the ranked labels, each with a
+   bootstrap interval over the queries (:mod:`.intervals`).
+
+Hand-crafted baselines (hsv, hog, sift_bovw) rank without re-ranking unless
+``--rerank`` asks for it: they are the plain-search reference the deep model's
+figures are read against.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from ..errors import CbirError
 from ..pipeline.options import ExtractOptions
 from ..resolve import resolve_model
 from ..search.dba import DbaSettings
-from ..search.rerank import RerankSettings
-from .compare import Variant, compare_variants, model_descriptor, rank, ranking_backend
+from ..search.rerank import NO_RERANKING, RerankSettings
+from .compare import NO_DBA, Variant, compare_variants, model_descriptor, rank, ranking_backend
 from .datasets import RELEVANCE_KINDS, LabelledCollection
 from .features import (
     FeatureSource,
@@ -41,6 +46,9 @@ from .features import (
     descriptor_source,
     fingerprint_key,
 )
+from .intervals import Bootstrap
+from .provenance import column_settings, environment
+from .results import Evaluation, FeatureResult, metric_rows, recall_ks_shown
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,6 +83,8 @@ class EvaluationOptions:
     rerank: RerankSettings = field(default_factory=RerankSettings)  # query time
     dba: DbaSettings = field(default_factory=DbaSettings)  # index time (depth 0: none)
     compare: bool = False  # every descriptor / re-ranking variant of compare_variants()
+    rerank_baselines: bool = False  # re-rank the hand-crafted features too (--rerank given)
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)  # the intervals over queries
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.features if f not in FEATURE_KINDS]
@@ -96,7 +106,8 @@ class EvaluationOptions:
         """The columns to evaluate: every feature with these options, or the comparison."""
         if self.compare:
             return compare_variants()
-        return [Variant(f, self.descriptor if f == "deep" else None, self.rerank, self.dba) for f in self.features]
+        return [Variant(f, self.descriptor, self.rerank, self.dba) if f == "deep" or self.rerank_baselines
+                else Variant(f, None, NO_RERANKING, NO_DBA) for f in self.features]
 
 
 # ---------------------------------------------------------------------------
@@ -151,23 +162,15 @@ def default_depth(num_images: int, num_relevant_max: int, options: EvaluationOpt
 # ---------------------------------------------------------------------------
 # Stage 3: metrics.
 
-# (key in the metrics dict, label on screen). Keys are stable for --json users.
-def metric_rows(options: EvaluationOptions) -> list[tuple[str, str]]:
-    k = options.k
-    rows = [(f"recall@{kk}", f"R@{kk}") for kk in options.recall_ks]
-    rows += [("map@r", "MAP@R"), ("map", "mAP"), (f"precision@{k}", f"P@{k}"),
-             (f"ir_recall@{k}", f"IR-Recall@{k}"), ("top1_accuracy", "Top-1 acc"),
-             (f"top{k}_accuracy", f"Top-{k} acc"), ("ns_score", "N-S score (0-4)")]
-    return list(dict.fromkeys(rows))
-
-
 def score_rankings(labels: np.ndarray, ranked: np.ndarray, options: EvaluationOptions) -> dict[str, Any]:
     """Metrics of all-vs-all rankings (``ranked``: indices into ``labels``, the
     query itself excluded). Values the setting cannot support are None with a note:
     Recall@K beyond the ranking depth, MAP@R when depth < R, N-S unless every class
-    has exactly 4 images."""
+    has exactly 4 images. ``"intervals"`` holds each metric's bootstrap interval
+    over the queries (``options.bootstrap``), None where the metric is."""
     import numpy as np
 
+    from .intervals import bootstrap_intervals
     from .metrics import PAD_LABEL, num_relevant_from_labels, retrieval_metrics
 
     retrieved = np.where(ranked >= 0, labels[np.maximum(ranked, 0)], PAD_LABEL)
@@ -186,20 +189,13 @@ def score_rankings(labels: np.ndarray, ranked: np.ndarray, options: EvaluationOp
         wanted.append("ns")
     ks = sorted({1, options.k, *(kk for kk in options.recall_ks if kk <= depth)})
     raw = retrieval_metrics(labels, retrieved, num_relevant, ks=ks, p_ks=(options.k,), metrics=wanted,
-                            ns_include_self=True)
-    out: dict[str, Any] = {key: None for key, _ in metric_rows(options)}
-    for kk in options.recall_ks:
-        out[f"recall@{kk}"] = raw.get(f"recall@{kk}")
-    skipped_ks = [kk for kk in options.recall_ks if kk > depth]
+                            ns_include_self=True, per_query=True)
+    out: dict[str, Any] = {key: raw.get(key) for key, _ in metric_rows(options)}
+    skipped_ks = [kk for kk in recall_ks_shown(options) if f"recall@{kk}" not in raw]
     if skipped_ks:
         notes.append(f"R@{skipped_ks} not computed: only {depth} other images per query")
-    out["map@r"] = raw.get("map@r")
-    out["map"] = raw["map"]
-    out[f"precision@{options.k}"] = raw[f"precision@{options.k}"]
-    out[f"ir_recall@{options.k}"] = raw[f"ir_recall@{options.k}"]
-    out["top1_accuracy"] = raw["recall@1"]
-    out[f"top{options.k}_accuracy"] = raw[f"recall@{options.k}"]
-    out["ns_score"] = raw.get("ns_score")
+    shown = {key: values for key, values in raw["per_query"].items() if key in out}
+    intervals = bootstrap_intervals(shown, options.bootstrap)
     if depth < len(labels) - 1:
         notes.append(f"mAP over the top {depth} results (relevant images ranked lower count as misses)")
     if not raw["queries"]:
@@ -207,6 +203,8 @@ def score_rankings(labels: np.ndarray, ranked: np.ndarray, options: EvaluationOp
                      "at least 2 images)")
     # Undefined metrics are None (JSON null), never NaN: bare NaN is not JSON.
     out = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in out.items()}
+    out["intervals"] = {key: None if intervals.get(key) is None or out[key] is None else list(intervals[key])
+                        for key in out}
     out.update(queries=raw["queries"], queries_without_positive=raw["queries_without_positive"],
                gallery=len(labels) - 1, depth=depth, notes=notes + raw["notes"])
     return out
@@ -214,80 +212,6 @@ def score_rankings(labels: np.ndarray, ranked: np.ndarray, options: EvaluationOp
 
 # ---------------------------------------------------------------------------
 # Orchestration.
-
-
-@dataclass
-class FeatureResult:
-    feature: str
-    label: str
-    metrics: dict[str, Any]
-    store_dir: Path
-    embedded: int
-    cached: int
-    unreadable: list[tuple[str, str]]
-    seconds: dict[str, float]
-    collection: LabelledCollection  # the evaluated images (unreadable ones dropped)
-    neighbours: np.ndarray  # (n, neighbours_kept) indices into `collection`, -1 pad
-    ranking: str = ""  # the descriptor and re-ranking, in words
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"feature": self.feature, "label": self.label, "ranking": self.ranking, "metrics": self.metrics,
-                "store": str(self.store_dir), "embedded": self.embedded, "cached": self.cached,
-                "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
-
-
-@dataclass
-class Evaluation:
-    dataset: str
-    relevance: str
-    options: EvaluationOptions
-    results: list[FeatureResult]
-    seconds: float
-    peak_rss_mb: float
-    peak_rss_children_mb: float
-
-    @property
-    def relevance_label(self) -> str:
-        return ("superclass (same super_class_id counts as relevant)" if self.relevance == "superclass"
-                else "product (same class counts as relevant)")
-
-    def table_rows(self) -> list[tuple[str, list[str]]]:
-        """(label, one cell per feature) rows shared by the terminal table and the
-        HTML report."""
-        cell = _cell
-        rows = [(label, [cell(r.metrics.get(key)) for r in self.results]) for key, label in metric_rows(self.options)]
-        rows = [row for row in rows if any(c != "-" for c in row[1])]
-        rows += [
-            ("queries", [cell(r.metrics["queries"]) for r in self.results]),
-            ("queries without positive", [cell(r.metrics["queries_without_positive"]) for r in self.results]),
-            ("gallery size", [cell(r.metrics["gallery"]) for r in self.results]),
-            ("unreadable images", [cell(len(r.unreadable)) for r in self.results]),
-            ("embedded / cached", [f"{r.embedded} / {r.cached}" for r in self.results]),
-            ("features s", [f"{r.seconds['features']:.1f}" for r in self.results]),
-            ("search s", [f"{r.seconds['search']:.2f}" for r in self.results]),
-        ]
-        return rows
-
-    def compare_rows(self) -> tuple[list[str], list[list[str]]]:
-        """One row per result (a comparison): the headline metrics as columns."""
-        keys = [("recall@1", "R@1"), ("map", "mAP"), ("map@r", "MAP@R"),
-                (f"precision@{self.options.k}", f"P@{self.options.k}"), ("ns_score", "N-S")]
-        keys = [(key, label) for key, label in keys if any(r.metrics.get(key) is not None for r in self.results)]
-        rows = [[r.label, *(_cell(r.metrics.get(key)) for key, _ in keys), f"{r.seconds['features']:.1f}"]
-                for r in self.results]
-        return ["variant", *(label for _, label in keys), "features s"], rows
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "relevance": self.relevance, "relevance_label": self.relevance_label,
-                "results": [r.as_dict() for r in self.results], "seconds": round(self.seconds, 3),
-                "peak_rss_mb": round(self.peak_rss_mb, 1), "peak_rss_children_mb": round(self.peak_rss_children_mb, 1)}
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def peak_rss_mb() -> tuple[float, float]:
@@ -334,8 +258,11 @@ def evaluate_feature(collection: LabelledCollection, source: FeatureSource, cach
     labels = relevance_labels(evaluated, options.relevance)
     num_relevant_max = int(np.unique(labels, return_counts=True)[1].max()) - 1
     depth = default_depth(len(evaluated), num_relevant_max, options)
+    import faiss  # noqa: F401 -- loaded before the clock starts: its import is not search time
+
+    backend = ranking_backend(variant or Variant(source.feature))
     started = time.perf_counter()
-    ranked = rank_all_vs_all(cached.vectors, depth, ranking_backend(variant or Variant(source.feature)))
+    ranked = rank_all_vs_all(cached.vectors, depth, backend)
     searched = time.perf_counter()
     metrics = score_rankings(labels, ranked, options)
     scored = time.perf_counter()
@@ -364,11 +291,12 @@ def evaluate(collection: LabelledCollection, options: EvaluationOptions,
         prepared = time.perf_counter() - preparing
         result = evaluate_feature(collection, source, cache_root, options, variant)
         result.ranking = variant.describe(model_descriptor(options.model, options.weights))
+        result.settings = column_settings(source, variant)
         result.seconds["features"] += prepared  # e.g. fitting the BoVW vocabulary
         results.append(result)
     own, children = peak_rss_mb()
     return Evaluation(collection.describe(), options.relevance, options, results,
-                      time.perf_counter() - started, own, children)
+                      time.perf_counter() - started, own, children, collection.kind, environment())
 
 
 def parse_features(text: str) -> tuple[str, ...]:
