@@ -28,6 +28,7 @@ from ..store.vectors import ShardVectors
 if TYPE_CHECKING:
     import numpy as np
 
+    from .dedup_verify import DedupVerification
     from .searcher import Searcher
 
 ProgressCallback = Callable[[int, int], None]  # (images done, total)
@@ -295,13 +296,29 @@ def connected_groups(a: np.ndarray, b: np.ndarray) -> list[list[int]]:
 
 
 def find_duplicates(searcher: Searcher, threshold: float, on_progress: ProgressCallback | None = None,
-                    chunk: int = QUERY_CHUNK) -> DedupResult:
+                    chunk: int = QUERY_CHUNK, verification: DedupVerification | None = None) -> DedupResult:
     """The groups of near-duplicate images of the index ``searcher`` has open (see
-    the module docstring). Nothing is changed."""
+    the module docstring); with ``verification``, also the pairs between its floor
+    and ``threshold`` that :mod:`.dedup_verify` verifies as the same picture.
+    Nothing is changed."""
     import numpy as np
 
     started = time.perf_counter()
-    a, b, s = find_links(searcher, threshold, chunk, on_progress)
+    notes = []
+    if verification is None or verification.floor >= threshold:
+        a, b, s = find_links(searcher, threshold, chunk, on_progress)
+    else:
+        from .dedup_verify import nearest_candidates, verify_pairs
+
+        a, b, s = find_links(searcher, verification.floor, chunk, on_progress)
+        below = s < threshold
+        check = below & nearest_candidates(a, b, s, verification.neighbours)
+        verified = np.zeros(len(a), dtype=bool)
+        verified[check] = verify_pairs(searcher, a[check], b[check], verification.workers)
+        keep = ~below | verified
+        a, b, s = a[keep], b[keep], s[keep]
+        notes.append(f"{int(check.sum())} pairs below {threshold:g} checked, {int(verified.sum())} verified as the "
+                     f"same picture ({verification.describe()})")
     by_group: dict[int, list[tuple[int, int, float]]] = {}
     components = connected_groups(a, b)
     group_of = {i: g for g, members in enumerate(components) for i in members}
@@ -314,7 +331,6 @@ def find_duplicates(searcher: Searcher, threshold: float, on_progress: ProgressC
         to_best = vectors @ vectors[0]
         members = [Member(m.id, m.path, m.width, m.height, m.bytes, float(t)) for m, t in zip(members, to_best)]
         groups.append(DuplicateGroup(members, sorted(by_group[g], key=lambda link: -link[2])))
-    notes = []
     if not searcher.index_type.startswith(("flat", "exact")):
         notes.append(f"the {searcher.index_type} index is approximate: a pair its nearest-neighbour search misses "
                      "is not linked")

@@ -1,0 +1,87 @@
+"""``cbir dedup``'s second look: pairs the global descriptor scores below the
+threshold but above a floor are checked with local features and geometry
+(:mod:`.verify`); a pair verified as the same picture is linked whatever its
+cosine. This is what finds greyscale copies and heavy crops, which a global
+descriptor scores like merely similar photos.
+
+Cost: one local-feature extraction per image that has a candidate pair (on the
+fly, from the files; in parallel) and one match per pair; at most
+:data:`NEIGHBOURS` candidate pairs per image keep that linear in the index size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import CbirError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .searcher import Searcher
+
+# Candidate pairs need at least this cosine: the copies protocol's greyscale and
+# quarter-area crops score above it with the default descriptor, while most
+# pairs of unrelated photos score below it (bench/dedup_peers.py).
+FLOOR = 0.5
+# Candidates per image, its nearest first: a copy is among its original's
+# nearest few images even when their cosine is low.
+NEIGHBOURS = 5
+
+
+@dataclass(frozen=True)
+class DedupVerification:
+    floor: float = FLOOR
+    neighbours: int = NEIGHBOURS
+    workers: int = 0  # 0: one per core
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.floor <= 1.0:
+            raise CbirError(f"the verification floor is a cosine similarity in (0, 1] (got {self.floor:g})")
+        if self.neighbours < 1:
+            raise CbirError(f"verify at least 1 neighbour per image (got {self.neighbours})")
+
+    def describe(self) -> str:
+        return (f"pairs from similarity {self.floor:g} (each image's {self.neighbours} nearest) verified with "
+                "local features and geometry")
+
+
+def nearest_candidates(a: np.ndarray, b: np.ndarray, s: np.ndarray, neighbours: int) -> np.ndarray:
+    """Mask of the pairs ``(a[i], b[i], s[i])`` that are among the ``neighbours``
+    best-scoring pairs of either of their images."""
+    import numpy as np
+
+    keep = np.zeros(len(a), dtype=bool)
+    order = np.argsort(-s, kind="stable")
+    taken: dict[int, int] = {}
+    for i in order.tolist():
+        x, y = int(a[i]), int(b[i])
+        if taken.get(x, 0) < neighbours or taken.get(y, 0) < neighbours:
+            keep[i] = True
+            taken[x] = taken.get(x, 0) + 1
+            taken[y] = taken.get(y, 0) + 1
+    return keep
+
+
+def verify_pairs(searcher: Searcher, a: np.ndarray, b: np.ndarray, workers: int = 0) -> np.ndarray:
+    """Mask of the pairs of image ids ``(a[i], b[i])`` whose files are verified as the
+    same picture (:func:`.verify.verify`); an unreadable file verifies nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from ..imageio.local_features import extract_file
+    from .verify import verify_keys
+
+    ids = sorted(set(a.tolist()) | set(b.tolist()))
+    workers = workers or os.cpu_count() or 1
+    # OpenCV's detection releases the GIL: threads extract in parallel.
+    with ThreadPoolExecutor(workers) as pool:
+        features = dict(zip(ids, pool.map(lambda i: extract_file(searcher.row(i).path), ids)))
+        pairs = list(zip(a.tolist(), b.tolist()))
+        step = max(1, len(pairs) // (4 * workers) + 1)
+        chunks = [pairs[i:i + step] for i in range(0, len(pairs), step)]
+        checks = [c for part in pool.map(lambda chunk: verify_keys(features.get, chunk), chunks) for c in part]
+    return np.array([c.same_picture for c in checks], dtype=bool)
