@@ -111,7 +111,7 @@ def run_cbir(folder: Path, index: Path) -> dict[str, dict[str, object]]:
     import numpy as np
 
     from cbir_cli.search.dedup import connected_groups, find_links
-    from cbir_cli.search.dedup_verify import FLOOR, NEIGHBOURS, nearest_candidates, verify_pairs
+    from cbir_cli.search.dedup_verify import FLOOR, NEIGHBOURS, nearest_pairs, verify_pairs
     from cbir_cli.search.searcher import Searcher
 
     cbir = [sys.executable, "-m", "cbir_cli"]
@@ -128,17 +128,21 @@ def run_cbir(folder: Path, index: Path) -> dict[str, dict[str, object]]:
                       "seconds": time.perf_counter() - started, "notes": result["notes"]}
     searcher = Searcher.open(index)
     names = {r.id: Path(r.path).name for r in searcher.rows}
-    a, b, s = find_links(searcher, FLOOR)
+    a, b, s = find_links(searcher, COSINE_GRID[0])
     started = time.perf_counter()
-    candidates = nearest_candidates(a, b, s, NEIGHBOURS)
-    verified = np.zeros(len(a), dtype=bool)
-    verified[candidates] = verify_pairs(searcher, a[candidates], b[candidates])
+    # Every image's nearest pairs from the floor up, verified once; at threshold t
+    # those below t join the links (as cbir dedup does at t).
+    ca, cb, cs = nearest_pairs(searcher, NEIGHBOURS, FLOOR, 1.01)
+    verified = verify_pairs(searcher, ca, cb)
     verify_seconds = time.perf_counter() - started
     for t in COSINE_GRID:
-        for label, links in ((f"cbir cosine >= {t:g}", s >= t), (f"cbir verify, cosine >= {t:g}", (s >= t) | verified)):
-            groups = [[names[i] for i in g] for g in connected_groups(a[links], b[links])]
+        for label, extra in ((f"cbir cosine >= {t:g}", np.zeros(len(ca), bool)),
+                             (f"cbir verify, cosine >= {t:g}", verified & (cs < t))):
+            links_a = np.concatenate([a[s >= t], ca[extra]])
+            links_b = np.concatenate([b[s >= t], cb[extra]])
+            groups = [[names[i] for i in g] for g in connected_groups(links_a, links_b)]
             out[label] = {"pairs": group_pairs(groups), "threshold": t}
-    out["_verify"] = {"candidate_pairs": int(candidates.sum()), "verified": int(verified.sum()),
+    out["_verify"] = {"candidate_pairs": len(ca), "verified": int(verified.sum()),
                       "seconds": verify_seconds, "images": searcher.count}
     return out
 

@@ -104,3 +104,19 @@ def test_dedup_groups_a_grey_copy_the_global_descriptor_scores_below_its_thresho
                                    "--no-verify", "--json"])
     assert out.exit_code == 0 and {grey, original} not in [{m["id"] for m in g["members"]}
                                                              for g in json.loads(out.stdout)["groups"]]
+
+
+def test_query_verify_puts_the_original_of_a_crop_first(tmp_path, tiny_embedder):
+    folder, index_dir = tmp_path / "photos", tmp_path / "index"
+    folder.mkdir()
+    for i in range(4):
+        textured(20 + i).save(folder / f"img_{i}.png")
+    index_folder(folder, index_dir, options=ExtractOptions(workers=0), embedder=tiny_embedder)
+    query = tmp_path / "crop.png"
+    centre_crop(textured(22).convert("L").convert("RGB"), 0.5).save(query)  # grey and a quarter of the area
+    out = CliRunner().invoke(app, ["query", str(query), "--index", str(index_dir), "-k", "1", "--verify", "--json"])
+    assert out.exit_code == 0, out.output
+    answer = json.loads(out.stdout)[0]
+    original = Searcher.open(index_dir).id_of_path(folder / "img_2.png")
+    assert answer["verified"] == [original]
+    assert [(r["rank"], r["id"]) for r in answer["results"]] == [(1, original)]

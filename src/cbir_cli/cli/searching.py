@@ -62,6 +62,10 @@ def query_cmd(
     qe: QeOpt = 3,
     qe_alpha: QeAlphaOpt = 3.0,
     as_json: JsonOpt = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check the first 5 results against each query with "
+                                         "local features and geometry; results verified as the same picture "
+                                         "(a crop, a greyscale or edited copy) move first and are listed under "
+                                         "'verified' in --json. Reads their files.")] = False,
 ) -> None:
     """Find the K indexed images most similar to each query: image files, a region of them (--box), or
     indexed images (--id, --path); optionally only below a folder or above a score. Re-ranked (query
@@ -77,7 +81,13 @@ def query_cmd(
         request.check()
         searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
                                  rerank=rerank_choice(rerank, qe, qe_alpha))
-        answers = answer_queries(searcher, request, k)
+        if verify:
+            from ..search.verified_queries import CANDIDATES, verify_answers
+
+            answers = answer_queries(searcher, request, max(k, CANDIDATES))
+            verify_answers(answers, k)
+        else:
+            answers = answer_queries(searcher, request, k)
         written = _write_visuals(answers, report, grid)
         if as_json:
             typer.echo(json.dumps([a.as_dict() for a in answers], indent=2))

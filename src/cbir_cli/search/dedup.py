@@ -305,20 +305,15 @@ def find_duplicates(searcher: Searcher, threshold: float, on_progress: ProgressC
 
     started = time.perf_counter()
     notes = []
-    if verification is None or verification.floor >= threshold:
-        a, b, s = find_links(searcher, threshold, chunk, on_progress)
-    else:
-        from .dedup_verify import nearest_candidates, verify_pairs
+    a, b, s = find_links(searcher, threshold, chunk, on_progress)
+    if verification is not None and verification.floor < threshold:
+        from .dedup_verify import nearest_pairs, verify_pairs
 
-        a, b, s = find_links(searcher, verification.floor, chunk, on_progress)
-        below = s < threshold
-        check = below & nearest_candidates(a, b, s, verification.neighbours)
-        verified = np.zeros(len(a), dtype=bool)
-        verified[check] = verify_pairs(searcher, a[check], b[check], verification.workers)
-        keep = ~below | verified
-        a, b, s = a[keep], b[keep], s[keep]
-        notes.append(f"{int(check.sum())} pairs below {threshold:g} checked, {int(verified.sum())} verified as the "
-                     f"same picture ({verification.describe()})")
+        ca, cb, cs = nearest_pairs(searcher, verification.neighbours, verification.floor, threshold, chunk)
+        verified = verify_pairs(searcher, ca, cb, verification.workers)
+        a, b, s = (np.concatenate(x) for x in ((a, ca[verified]), (b, cb[verified]), (s, cs[verified])))
+        notes.append(f"{len(ca)} pairs below {threshold:g} checked, {int(verified.sum())} verified as the same "
+                     f"picture ({verification.describe()})")
     by_group: dict[int, list[tuple[int, int, float]]] = {}
     components = connected_groups(a, b)
     group_of = {i: g for g, members in enumerate(components) for i in members}

@@ -48,21 +48,33 @@ class DedupVerification:
                 "local features and geometry")
 
 
-def nearest_candidates(a: np.ndarray, b: np.ndarray, s: np.ndarray, neighbours: int) -> np.ndarray:
-    """Mask of the pairs ``(a[i], b[i], s[i])`` that are among the ``neighbours``
-    best-scoring pairs of either of their images."""
+def nearest_pairs(searcher: Searcher, neighbours: int, floor: float, below: float,
+                  chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each indexed image's ``neighbours`` nearest other images scoring in
+    ``[floor, below)``, once per pair: ``(a, b, score)`` with ``a < b``. A k-NN
+    search, not a range search: the candidates grow with the index, not with the
+    square of it."""
     import numpy as np
 
-    keep = np.zeros(len(a), dtype=bool)
-    order = np.argsort(-s, kind="stable")
-    taken: dict[int, int] = {}
-    for i in order.tolist():
-        x, y = int(a[i]), int(b[i])
-        if taken.get(x, 0) < neighbours or taken.get(y, 0) < neighbours:
-            keep[i] = True
-            taken[x] = taken.get(x, 0) + 1
-            taken[y] = taken.get(y, 0) + 1
-    return keep
+    from ..store.vectors import ShardVectors
+
+    ids = np.fromiter((r.id for r in searcher.rows), dtype=np.int64, count=len(searcher.rows))
+    vectors = ShardVectors(searcher.store)  # positions in live-row order, as searcher.rows
+    parts = []
+    k = min(neighbours + 1, len(ids))
+    for start in range(0, len(ids), chunk):
+        positions = np.arange(start, min(len(ids), start + chunk))
+        scores, found = searcher.backend.search(vectors[positions], k)
+        queries = np.repeat(ids[positions], scores.shape[1])
+        scores, found = scores.ravel(), found.ravel()
+        keep = (found >= 0) & (found != queries) & (scores >= floor) & (scores < below)
+        parts.append((np.minimum(queries, found)[keep], np.maximum(queries, found)[keep], scores[keep]))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a, b, s = (np.concatenate(x) for x in zip(*parts))
+    _, first = np.unique(np.stack([a, b], axis=1), axis=0, return_index=True)
+    first = np.sort(first)
+    return a[first], b[first], s[first]
 
 
 def verify_pairs(searcher: Searcher, a: np.ndarray, b: np.ndarray, workers: int = 0) -> np.ndarray:
