@@ -111,16 +111,16 @@ def run_cbir(folder: Path, index: Path) -> dict[str, dict[str, object]]:
     import numpy as np
 
     from cbir_cli.search.dedup import connected_groups, find_links
-    from cbir_cli.search.dedup_verify import FLOOR, NEIGHBOURS, nearest_pairs, verify_pairs
+    from cbir_cli.search.dedup_verify import DedupVerification, candidate_pairs, verify_pairs
     from cbir_cli.search.searcher import Searcher
 
     cbir = [sys.executable, "-m", "cbir_cli"]
-    subprocess.run([*cbir, "index", str(folder), "--index-dir", str(index)], check=True,
-                   stdout=subprocess.DEVNULL)
+    if not (index / "store.json").exists():
+        subprocess.run([*cbir, "index", str(folder), "--index", str(index)], check=True, stdout=subprocess.DEVNULL)
     out: dict[str, dict[str, object]] = {}
     for label, extra in (("cbir dedup (default: verify)", []), ("cbir dedup --no-verify", ["--no-verify"])):
         started = time.perf_counter()
-        done = subprocess.run([*cbir, "dedup", "--index-dir", str(index), "--json", *extra], check=True,
+        done = subprocess.run([*cbir, "dedup", "--index", str(index), "--json", *extra], check=True,
                               capture_output=True, text=True)
         result = json.loads(done.stdout)
         groups = [[Path(m["path"]).name for m in g["members"]] for g in result["groups"]]
@@ -132,7 +132,7 @@ def run_cbir(folder: Path, index: Path) -> dict[str, dict[str, object]]:
     started = time.perf_counter()
     # Every image's nearest pairs from the floor up, verified once; at threshold t
     # those below t join the links (as cbir dedup does at t).
-    ca, cb, cs = nearest_pairs(searcher, NEIGHBOURS, FLOOR, 1.01)
+    ca, cb, cs = candidate_pairs(searcher, DedupVerification(), 1.01)
     verified = verify_pairs(searcher, ca, cb)
     verify_seconds = time.perf_counter() - started
     for t in COSINE_GRID:
@@ -171,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="cbir-dedup-peers-"))
+    truth = work / "truth.json"
     try:
-        group, kind = build_folder(args, work / "photos")
+        if truth.exists():  # --keep of an earlier run with the same arguments: reuse its folder and index
+            group, kind = json.loads(truth.read_text())
+        else:
+            group, kind = build_folder(args, work / "photos")
+            truth.write_text(json.dumps([group, kind]))
         runs = {**run_cbir(work / "photos", work / "index"), **run_hashes(work / "photos")}
     finally:
         if args.keep is None:

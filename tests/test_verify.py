@@ -46,9 +46,9 @@ def test_different_synthetic_photos_are_not_verified():
     assert not check.same_picture, check
 
 
-def test_verified_first_moves_verified_candidates_ahead_most_inliers_first():
+def test_verified_first_moves_verified_candidates_ahead_in_search_order():
     yes, more, no = Verification(50, 40, 0.2), Verification(90, 80, 0.2), Verification(50, 5, 1.5)
-    assert verified_first([7, 8, 9, 10], [no, yes, no, more]) == [10, 8, 7, 9]
+    assert verified_first([7, 8, 9, 10], [no, yes, no, more]) == [8, 10, 7, 9]
 
 
 def test_verify_ranked_uses_each_querys_features_and_candidates(monkeypatch):
@@ -80,9 +80,9 @@ def test_oxford_crop_and_grey_copy_verified_two_similar_flowers_rejected():
 def test_dedup_groups_a_grey_copy_the_global_descriptor_scores_below_its_threshold(tmp_path, tiny_embedder):
     folder, index_dir = tmp_path / "photos", tmp_path / "index"
     folder.mkdir()
-    # Few images: the random test model ranks the grey copy last among its
-    # neighbours, and each image's 5 nearest are verified.
-    for i in range(4):
+    # The random test model ranks the grey copy last among its original's 6
+    # neighbours: beyond the 5 nearest; the colour-blind second look finds it.
+    for i in range(6):
         textured(10 + i).save(folder / f"img_{i}.png")
     textured(12).convert("L").convert("RGB").save(folder / "img_2_grey.png")
     index_folder(folder, index_dir, options=ExtractOptions(workers=0), embedder=tiny_embedder)
@@ -120,3 +120,14 @@ def test_query_verify_puts_the_original_of_a_crop_first(tmp_path, tiny_embedder)
     original = Searcher.open(index_dir).id_of_path(folder / "img_2.png")
     assert answer["verified"] == [original]
     assert [(r["rank"], r["id"]) for r in answer["results"]] == [(1, original)]
+
+
+def test_grey_signature_is_colour_blind_and_detects_grey_pictures():
+    from cbir_cli.imageio.grey_signature import grey_signature
+
+    photo = textured(5)
+    mine, mine_grey = grey_signature(photo)
+    copy, copy_grey = grey_signature(photo.convert("L").convert("RGB"))
+    other, _ = grey_signature(textured(6))
+    assert copy_grey and not mine_grey
+    assert float(mine @ copy) > 0.99 > float(mine @ other)

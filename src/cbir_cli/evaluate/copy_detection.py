@@ -166,17 +166,27 @@ def rank_queries(gallery: np.ndarray, queries: np.ndarray, depth: int,
 
 def verify_copy_ranking(ranked: np.ndarray, queries: Sequence[CopyQuery], gallery_paths: Sequence[str],
                         candidates: int) -> tuple[np.ndarray, int]:
-    """:func:`~cbir_cli.search.verify.verify_ranked` of the copies' rankings: each
-    copy is made again (in memory) for its local features; the gallery's are
-    extracted once per run, for the candidates only."""
+    """:func:`~cbir_cli.search.verify.verify_ranked` of the copies' rankings, with
+    the colour-blind second look (:mod:`cbir_cli.search.colour_blind`) for grey
+    copies. Each copy is made again (in memory) for its local features; the
+    gallery's are extracted once per run, for the candidates only."""
+    from ..imageio.grey_signature import grey_signature
     from ..imageio.local_features import extract, extract_file
+    from ..search.colour_blind import GreySignatures
     from ..search.verify import FeatureCache, verify_ranked
 
+    signatures = GreySignatures(gallery_paths)
+    second_look: dict[int, list[int]] = {}
+
     def copy_features(q: int):
-        return extract(render_copy(queries[q], lambda i: load_image(gallery_paths[i])))
+        copy = render_copy(queries[q], lambda i: load_image(gallery_paths[i]))
+        signature, grey = grey_signature(copy)
+        if grey:
+            second_look[q] = signatures.nearest(signature)
+        return extract(copy)
 
     gallery = FeatureCache(lambda i: extract_file(gallery_paths[i]))
-    return verify_ranked(ranked, copy_features, gallery, candidates)
+    return verify_ranked(ranked, copy_features, gallery, candidates, more=lambda q: second_look.get(q, ()))
 
 
 def _copies_key(protocol: CopyProtocol, queries: Sequence[CopyQuery], paths: Sequence[str],

@@ -307,9 +307,9 @@ def find_duplicates(searcher: Searcher, threshold: float, on_progress: ProgressC
     notes = []
     a, b, s = find_links(searcher, threshold, chunk, on_progress)
     if verification is not None and verification.floor < threshold:
-        from .dedup_verify import nearest_pairs, verify_pairs
+        from .dedup_verify import candidate_pairs, verify_pairs
 
-        ca, cb, cs = nearest_pairs(searcher, verification.neighbours, verification.floor, threshold, chunk)
+        ca, cb, cs = candidate_pairs(searcher, verification, threshold, chunk)
         verified = verify_pairs(searcher, ca, cb, verification.workers)
         a, b, s = (np.concatenate(x) for x in ((a, ca[verified]), (b, cb[verified]), (s, cs[verified])))
         notes.append(f"{len(ca)} pairs below {threshold:g} checked, {int(verified.sum())} verified as the same "

@@ -2,10 +2,13 @@
 threshold but above a floor are checked with local features and geometry
 (:mod:`.verify`); a pair verified as the same picture is linked whatever its
 cosine. This is what finds greyscale copies and heavy crops, which a global
-descriptor scores like merely similar photos.
+descriptor scores like merely similar photos. Grey images also get a colour-blind
+second look (:func:`grey_pairs`): a greyscale copy's original can be far down
+its CNN neighbours.
 
-Cost: one local-feature extraction per image that has a candidate pair (on the
-fly, from the files; in parallel) and one match per pair; at most
+Cost: a reduced decode of every image (the grey signatures), one local-feature
+extraction per image that has a candidate pair (on the fly, from the files; in
+parallel) and one match per pair; at most
 :data:`NEIGHBOURS` candidate pairs per image keep that linear in the index size.
 """
 
@@ -36,6 +39,7 @@ class DedupVerification:
     floor: float = FLOOR
     neighbours: int = NEIGHBOURS
     workers: int = 0  # 0: one per core
+    grey_look: bool = True  # the colour-blind second look for grey images
 
     def __post_init__(self) -> None:
         if not 0.0 < self.floor <= 1.0:
@@ -44,8 +48,9 @@ class DedupVerification:
             raise CbirError(f"verify at least 1 neighbour per image (got {self.neighbours})")
 
     def describe(self) -> str:
-        return (f"pairs from similarity {self.floor:g} (each image's {self.neighbours} nearest) verified with "
-                "local features and geometry")
+        look = ", and grey images' look-alikes in grey levels," if self.grey_look else ""
+        return (f"pairs from similarity {self.floor:g} (each image's {self.neighbours} nearest){look} verified "
+                "with local features and geometry")
 
 
 def nearest_pairs(searcher: Searcher, neighbours: int, floor: float, below: float,
@@ -77,6 +82,32 @@ def nearest_pairs(searcher: Searcher, neighbours: int, floor: float, below: floa
     return a[first], b[first], s[first]
 
 
+def grey_pairs(searcher: Searcher, below: float, k: int = 0,
+               workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The colour-blind second look (:mod:`.colour_blind`): each grey image with the
+    ``k`` images whose grey levels look most like it, as ``(a, b, cosine)`` with
+    ``a < b``, pairs scoring ``>= below`` left out (linked already). One reduced
+    decode per indexed image."""
+    import numpy as np
+
+    from .colour_blind import GREY_CANDIDATES, GreySignatures
+
+    ids = np.fromiter((r.id for r in searcher.rows), dtype=np.int64, count=len(searcher.rows))
+    signatures = GreySignatures([r.path for r in searcher.rows], workers)
+    matrix = signatures.matrix()
+    pairs = set()
+    for position in np.flatnonzero(signatures.grey).tolist():
+        for other in signatures.nearest(matrix[position], k or GREY_CANDIDATES, exclude=position):
+            x, y = int(ids[position]), int(ids[other])
+            pairs.add((min(x, y), max(x, y)))
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a, b = (np.array(x, dtype=np.int64) for x in zip(*sorted(pairs)))
+    scores = np.einsum("ij,ij->i", searcher.backend.vectors(a), searcher.backend.vectors(b))
+    keep = scores < below
+    return a[keep], b[keep], scores[keep].astype(np.float32)
+
+
 def verify_pairs(searcher: Searcher, a: np.ndarray, b: np.ndarray, workers: int = 0) -> np.ndarray:
     """Mask of the pairs of image ids ``(a[i], b[i])`` whose files are verified as the
     same picture (:func:`.verify.verify`); an unreadable file verifies nothing."""
@@ -97,3 +128,19 @@ def verify_pairs(searcher: Searcher, a: np.ndarray, b: np.ndarray, workers: int 
         chunks = [pairs[i:i + step] for i in range(0, len(pairs), step)]
         checks = [c for part in pool.map(lambda chunk: verify_keys(features.get, chunk), chunks) for c in part]
     return np.array([c.same_picture for c in checks], dtype=bool)
+
+
+def candidate_pairs(searcher: Searcher, verification: DedupVerification, below: float,
+                    chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs worth verifying, once each: :func:`nearest_pairs` and, unless
+    ``verification.grey_look`` is off, :func:`grey_pairs`."""
+    import numpy as np
+
+    a, b, s = nearest_pairs(searcher, verification.neighbours, verification.floor, below, chunk)
+    if verification.grey_look:
+        ga, gb, gs = grey_pairs(searcher, below, workers=verification.workers)
+        a, b, s = np.concatenate([a, ga]), np.concatenate([b, gb]), np.concatenate([s, gs])
+        _, first = np.unique(np.stack([a, b], axis=1), axis=0, return_index=True)
+        first = np.sort(first)
+        a, b, s = a[first], b[first], s[first]
+    return a, b, s

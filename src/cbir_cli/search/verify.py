@@ -134,9 +134,10 @@ def verify_keys(features: FeatureSource, pairs: Iterable[tuple[int, int]]) -> li
 
 
 def verified_first(candidates: Sequence[int], checks: Sequence[Verification]) -> list[int]:
-    """``candidates`` (best first) with the verified ones moved to the front, most
-    inliers first; the others keep their order."""
-    verified = sorted((i for i, c in enumerate(checks) if c.same_picture), key=lambda i: -checks[i].inliers)
+    """``candidates`` (best first) with the verified ones moved to the front; each
+    part keeps the search's order (several verified candidates are all copies: the
+    search's best of them stays first)."""
+    verified = [i for i, c in enumerate(checks) if c.same_picture]
     rest = [i for i, c in enumerate(checks) if not c.same_picture]
     return [candidates[i] for i in verified + rest]
 
@@ -149,23 +150,30 @@ CANDIDATES = 5
 
 
 def verify_ranked(ranked: np.ndarray, query_features: FeatureSource, gallery_features: FeatureSource,
-                  candidates: int = CANDIDATES) -> tuple[np.ndarray, int]:
+                  candidates: int = CANDIDATES,
+                  more: Callable[[int], Sequence[int]] | None = None) -> tuple[np.ndarray, int]:
     """``ranked`` ((queries, depth) gallery keys, best first, -1 padded) with each
-    query's verified candidates among its first ``candidates`` moved to the front
-    (:func:`verified_first`); also how many pairs were verified as copies."""
+    query's verified candidates -- its first ``candidates``, then ``more(q)``'s
+    (a second look's) -- moved to the front in that order; also how many pairs
+    were verified as copies."""
+    import numpy as np
+
     out = ranked.copy()
     found = 0
     for q in range(len(ranked)):
-        head = [int(i) for i in ranked[q, :candidates] if i >= 0]
-        if not head:
-            continue
-        mine = query_features(q)
+        mine = query_features(q)  # first: it may be what ``more`` looks with
         if mine is None:
             continue
+        head = list(dict.fromkeys([int(i) for i in ranked[q, :candidates] if i >= 0]
+                                  + [int(i) for i in (more(q) if more is not None else ())]))
         checks = []
         for key in head:
             theirs = gallery_features(key)
             checks.append(verify(mine, theirs) if theirs is not None else NOT_VERIFIED)
-        found += sum(c.same_picture for c in checks)
-        out[q, :len(head)] = verified_first(head, checks)
+        verified = [head[i] for i, c in enumerate(checks) if c.same_picture]
+        found += len(verified)
+        if verified:
+            rest = [int(i) for i in ranked[q] if int(i) not in set(verified)]
+            row = (verified + rest)[:ranked.shape[1]]
+            out[q] = np.asarray(row + [-1] * (ranked.shape[1] - len(row)), dtype=ranked.dtype)
     return out, found
