@@ -131,3 +131,22 @@ def test_grey_signature_is_colour_blind_and_detects_grey_pictures():
     other, _ = grey_signature(textured(6))
     assert copy_grey and not mine_grey
     assert float(mine @ copy) > 0.99 > float(mine @ other)
+
+
+def test_copies_protocol_verifies_candidates_crops_and_grey_copies_find_their_original(tmp_path):
+    from cbir_cli.evaluate.copy_detection import CopyProtocol, evaluate_copies
+    from cbir_cli.evaluate.run import EvaluationOptions
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(5):  # the random test model ranks anything anywhere: all 5 are candidates
+        textured(30 + i).save(root / f"p{i}.png")
+    options = EvaluationOptions(model="test_tiny", features_dir=tmp_path / "feats",
+                                extract=ExtractOptions(workers=0, progress=False))
+    kinds = ("crop_side50", "gray")
+    plain = evaluate_copies(root, options, CopyProtocol(4, 0, kinds, verify=0)).results[0]
+    verified = evaluate_copies(root, options, CopyProtocol(4, 0, kinds)).results[0]
+    assert plain.verification is None
+    assert verified.verification["verified_pairs"] >= 8 and verified.as_dict()["verification"]["candidates"] == 5
+    assert verified.scores.top1 == {"crop_side50": 1.0, "gray": 1.0}
+    assert all(verified.scores.top1[k] >= plain.scores.top1[k] for k in kinds)
