@@ -9,8 +9,8 @@ run end to end on any folder of images.
 3. ranking: each copy searches the gallery through a search backend (exact, and
    re-ranked as the options say), whole gallery up to
    :data:`~.run.FULL_RANKING_MAX` images;
-4. verification (default): each copy's first :data:`~cbir_cli.search.verify.CANDIDATES`
-   results are checked with local features and geometry
+4. verification (default): each copy's first :data:`VERIFY_CANDIDATES` results
+   (and, for a grey copy, the 5 most alike in grey levels) are checked with local features and geometry
    (:mod:`cbir_cli.search.verify`); those verified as the same picture move first;
 5. scores: top-1 and mAP per distortion (:func:`.copies.score_copies`).
 """
@@ -32,7 +32,6 @@ from ..imageio.decode import load_image
 from ..imageio.files import list_images
 from ..imageio.local_features import DEFAULT_DETECTOR
 from ..models.protocol import embed_images
-from ..search.verify import CANDIDATES as VERIFY_CANDIDATES
 from .compare import model_descriptor, rank, ranking_backend
 from .copies import (
     DEFAULT_COUNT,
@@ -66,6 +65,10 @@ if TYPE_CHECKING:
     from ..pipeline.options import ExtractOptions
     from ..search.protocol import SearchBackend
 
+# Candidates verified per copy: measured on 40 Oxford-17 originals, a quarter-area
+# crop's original is within the global descriptor's top 5 for 75 % of copies and
+# its top 20 for 92.5 % (top-1 after verification 0.725 at 5, 0.90 at 20).
+VERIFY_CANDIDATES = 20
 # Beyond FULL_RANKING_MAX gallery images each copy keeps this many results; an
 # original ranked lower counts as a miss (1/rank ~ 0).
 COPY_DEPTH = 1000
