@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..search.dedup_verify import FLOOR as DEFAULT_FLOOR
 from .common import IndexDirOpt, JsonOpt, cli_errors, command, printable, stderr, stdout
 
 PROGRESS_FROM = 5000  # images; a smaller index is compared in seconds
@@ -33,6 +34,12 @@ def dedup_cmd(
                                                     "index. Lists what it would do unless --yes. Nothing is ever "
                                                     "deleted.", show_default=False)] = None,
     yes: Annotated[bool, typer.Option("--yes", help="With --move-to: really move.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Also link pairs below the threshold (each "
+                                         "image's nearest, down to --floor) that local features and geometry "
+                                         "verify as the same picture: greyscale copies, crops. Reads the files of "
+                                         "the candidate pairs.")] = True,
+    floor: Annotated[float, typer.Option("--floor", min=0.0, max=1.0, help="With --verify: the lowest cosine "
+                                         "similarity of a pair worth verifying.")] = DEFAULT_FLOOR,
 ) -> None:
     """Find groups of near-duplicate images in the index; optionally move the duplicates aside.
 
@@ -54,7 +61,10 @@ def dedup_cmd(
                 stderr().print(f"note: {choice.note}", markup=False)
             threshold = choice.threshold
         check_threshold(threshold)
-        result = _find(searcher, threshold, progress=not (as_json or as_csv))
+        from ..search.dedup_verify import DedupVerification
+
+        verification = DedupVerification(floor) if verify else None
+        result = _find(searcher, threshold, verification, progress=not (as_json or as_csv))
         plan = None
         if move_to is not None:
             from ..pipeline.dedup_moves import apply_moves, plan_moves
@@ -79,15 +89,16 @@ def dedup_cmd(
             _print_moves(plan, yes)
 
 
-def _find(searcher, threshold: float, progress: bool):
+def _find(searcher, threshold: float, verification, progress: bool):
     from ..search.dedup import find_duplicates
 
     if not progress or searcher.count < PROGRESS_FROM:
-        return find_duplicates(searcher, threshold)
+        return find_duplicates(searcher, threshold, verification=verification)
     from tqdm import tqdm
 
     with tqdm(total=searcher.count, desc="comparing", unit="img") as bar:
-        return find_duplicates(searcher, threshold, on_progress=lambda done, _total: bar.update(done - bar.n))
+        return find_duplicates(searcher, threshold, on_progress=lambda done, _total: bar.update(done - bar.n),
+                               verification=verification)
 
 
 def _print_groups(result) -> None:

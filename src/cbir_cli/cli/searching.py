@@ -71,6 +71,10 @@ def query_cmd(
     qe: QeOpt = 3,
     qe_alpha: QeAlphaOpt = 3.0,
     as_json: JsonOpt = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check the first 5 results against each query with "
+                                         "local features and geometry; results verified as the same picture "
+                                         "(a crop, a greyscale or edited copy) move first and are listed under "
+                                         "'verified' in --json. Reads their files.")] = False,
 ) -> None:
     """Find the K indexed images most similar to each query image.
 
@@ -96,7 +100,13 @@ def query_cmd(
         bad = [(path, error) for path, error in map(_unopenable, request.images) if error]
         if bad and len(request.images) == 1 and not (request.ids or request.paths):
             raise bad[0][1]  # the only query: its reason is the error
-        answers, bad = _answer_each(searcher, request, k, bad)
+        if verify:
+            from ..search.verified_queries import CANDIDATES, verify_answers
+
+            answers, bad = _answer_each(searcher, request, max(k, CANDIDATES), bad)
+            verify_answers(answers, k)
+        else:
+            answers, bad = _answer_each(searcher, request, k, bad)
         written = _write_visuals(answers, report, grid)
         if as_json:
             typer.echo(json.dumps([a.as_dict() for a in answers], indent=2))

@@ -28,6 +28,7 @@ from ..store.vectors import ShardVectors
 if TYPE_CHECKING:
     import numpy as np
 
+    from .dedup_verify import DedupVerification
     from .searcher import Searcher
 
 ProgressCallback = Callable[[int, int], None]  # (images done, total)
@@ -119,12 +120,6 @@ def default_descriptor_key() -> str:
     from ..models.registry import DEFAULT_DESCRIPTOR
 
     return descriptor_key({"descriptor": DEFAULT_DESCRIPTOR.fingerprint()})
-
-
-def threshold_help() -> str:
-    """One line per measured model and descriptor (for ``--help`` and the README)."""
-    return "; ".join(f"{model} ({descriptor}): {m.describe()}"
-                     for (model, descriptor), m in MEASURED_THRESHOLDS.items())
 
 
 def check_threshold(threshold: float) -> float:
@@ -295,13 +290,24 @@ def connected_groups(a: np.ndarray, b: np.ndarray) -> list[list[int]]:
 
 
 def find_duplicates(searcher: Searcher, threshold: float, on_progress: ProgressCallback | None = None,
-                    chunk: int = QUERY_CHUNK) -> DedupResult:
+                    chunk: int = QUERY_CHUNK, verification: DedupVerification | None = None) -> DedupResult:
     """The groups of near-duplicate images of the index ``searcher`` has open (see
-    the module docstring). Nothing is changed."""
+    the module docstring); with ``verification``, also the pairs between its floor
+    and ``threshold`` that :mod:`.dedup_verify` verifies as the same picture.
+    Nothing is changed."""
     import numpy as np
 
     started = time.perf_counter()
+    notes = []
     a, b, s = find_links(searcher, threshold, chunk, on_progress)
+    if verification is not None and verification.floor < threshold:
+        from .dedup_verify import candidate_pairs, verify_pairs
+
+        ca, cb, cs = candidate_pairs(searcher, verification, threshold, chunk)
+        verified = verify_pairs(searcher, ca, cb, verification.workers)
+        a, b, s = (np.concatenate(x) for x in ((a, ca[verified]), (b, cb[verified]), (s, cs[verified])))
+        notes.append(f"{len(ca)} pairs below {threshold:g} checked, {int(verified.sum())} verified as the same "
+                     f"picture ({verification.describe()})")
     by_group: dict[int, list[tuple[int, int, float]]] = {}
     components = connected_groups(a, b)
     group_of = {i: g for g, members in enumerate(components) for i in members}
@@ -314,7 +320,6 @@ def find_duplicates(searcher: Searcher, threshold: float, on_progress: ProgressC
         to_best = vectors @ vectors[0]
         members = [Member(m.id, m.path, m.width, m.height, m.bytes, float(t)) for m, t in zip(members, to_best)]
         groups.append(DuplicateGroup(members, sorted(by_group[g], key=lambda link: -link[2])))
-    notes = []
     if not searcher.index_type.startswith(("flat", "exact")):
         notes.append(f"the {searcher.index_type} index is approximate: a pair its nearest-neighbour search misses "
                      "is not linked")
