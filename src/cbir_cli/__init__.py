@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CbirError": "cbir_cli.errors",
-    "list_models": "cbir_cli.models.registry",
+    "list_models": "cbir_cli.models.family",
+    "model_config": "cbir_cli.models.family",
     "get_model_config": "cbir_cli.models.registry",
     "load_embedder": "cbir_cli.models.loading",
     "extract_folder": "cbir_cli.pipeline.sync",

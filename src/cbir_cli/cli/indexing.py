@@ -46,7 +46,9 @@ from .common import (
 )
 from .scaling import (
     LOCAL_ENGINE,
+    BackendCollectionOpt,
     BackendOpt,
+    BackendUriOpt,
     EngineOpt,
     MilvusCollectionOpt,
     MilvusUriOpt,
@@ -98,6 +100,8 @@ def index_cmd(
     ray_address: RayAddressOpt = "auto",
     ray_actors: RayActorsOpt = None,
     backend: BackendOpt = None,
+    backend_uri: BackendUriOpt = None,
+    backend_collection: BackendCollectionOpt = None,
     milvus_uri: MilvusUriOpt = None,
     milvus_collection: MilvusCollectionOpt = None,
     rebuild_backend: RebuildBackendOpt = False,
@@ -106,7 +110,7 @@ def index_cmd(
     """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
     if folder is None and not rebuild_backend:
         raise typer.BadParameter("missing FOLDER (only --rebuild-backend runs without one)", param_hint="FOLDER")
-    spec = backend_choice(backend, milvus_uri, milvus_collection)
+    spec = backend_choice(backend, backend_uri, backend_collection, milvus_uri, milvus_collection)
     with cli_errors():
         from ..pipeline.sync import index_folder
         from ..resolve import resolve_index_dir

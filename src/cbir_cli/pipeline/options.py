@@ -21,8 +21,6 @@ DECODE_CHOICES = ("auto", "cpu", "gpu", "nvimgcodec")
 # The choices that decode on the model's device, and the library each uses
 # (cbir_cli.imageio.gpu_decode.DeviceJpegDecoder).
 DEVICE_DECODE_LIBRARIES = {"gpu": "torchvision", "nvimgcodec": "nvimgcodec"}
-# Executors: this machine (pipeline.local), or a Ray cluster (pipeline.ray_executor).
-ENGINES = ("local", "ray")
 
 
 def default_workers() -> int:

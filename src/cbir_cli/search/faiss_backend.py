@@ -21,7 +21,7 @@ from ..store.manifest import INDEX_DIR
 from ..store.vectors import ShardVectors, row_table
 from ..store.verdicts import file_stamp, verify_file
 from .exact import as_queries, empty_results, rerank
-from .protocol import BackendCheck
+from .protocol import BackendBase, BackendCheck
 
 if TYPE_CHECKING:
     import faiss
@@ -272,10 +272,11 @@ class _AppendedVectors:
         return out
 
 
-class FaissBackend:
+class FaissBackend(BackendBase):
     """The :class:`~cbir_cli.search.protocol.SearchBackend` on Faiss (see the module docstring)."""
 
     name = "faiss"
+    read_meta = staticmethod(read_index_meta)
 
     def __init__(self) -> None:
         import numpy as np
