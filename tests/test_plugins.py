@@ -95,6 +95,8 @@ def test_index_and_query_with_the_plugins_model_and_backend_by_name(fake_plugin,
     Image.open(images[0]).rotate(90).save(folder / "extra" / "turned.png")
     assert run_json(["index", str(folder), "--workers", "0", "--json"])["added"] == 1
     assert json.loads((index_env / "manifest.json").read_text())["search_backend"] == {"name": "fakebackend"}
+    check = runner.invoke(app, ["check"])
+    assert check.exit_code == 0 and "fakebackend keeps nothing on disk" in check.output, check.output
 
 
 def test_a_cnn_option_on_a_plugin_model_and_unknown_names_are_one_line_errors(fake_plugin, image_folder,
