@@ -7,27 +7,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import CbirError
 from ..store.feature_store import FeatureStore
-from .backends import BackendSpec
+from .backends import BackendSpec, InFolderBackendType
 from .protocol import SearchBackend
 
 # Where `--backend milvus` keeps a Milvus Lite database when no address is given.
 DEFAULT_LITE_NAME = "milvus.db"
 
 
-class FaissType:
+class FaissType(InFolderBackendType):
     """Faiss: the saved index lives in the index folder and records its own type."""
 
     name = "faiss"
     description = "Faiss, embedded in the index folder (the default)"
-
-    def choose(self, requested: BackendSpec, recorded: BackendSpec | None, index_type: str | None,
-               store: FeatureStore) -> BackendSpec:
-        if requested.uri or requested.collection:
-            raise CbirError("faiss keeps its index in the index folder: --backend-uri and --backend-collection "
-                            "are for a backend outside it (milvus)")
-        return BackendSpec("faiss")
 
     def open(self, spec: BackendSpec, root: Path) -> SearchBackend:
         from .faiss_backend import FaissBackend

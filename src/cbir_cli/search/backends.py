@@ -65,6 +65,20 @@ class BackendType(Protocol):
         ...
 
 
+class InFolderBackendType:
+    """Defaults for a backend type whose index lives in the index folder: nothing
+    to choose but its name (not part of the protocol)."""
+
+    name: str
+
+    def choose(self, requested: BackendSpec, recorded: BackendSpec | None, index_type: str | None,
+               store: FeatureStore) -> BackendSpec:
+        if requested.uri or requested.collection:
+            raise CbirError(f"{self.name} keeps its index in the index folder: --backend-uri and "
+                            "--backend-collection are for a backend outside it")
+        return BackendSpec(self.name)
+
+
 BACKEND_TYPES: Registry[BackendType] = Registry("cbir_cli.backends", "search backend", {
     "faiss": "cbir_cli.search.backend_types:FAISS",
     "milvus": "cbir_cli.search.backend_types:MILVUS",

@@ -15,7 +15,7 @@ from PIL import Image
 from cbir_cli.errors import CbirError
 from cbir_cli.models.protocol import EmbedderBase, model_fingerprint_of
 from cbir_cli.models.registry import ModelConfig
-from cbir_cli.search.backends import BackendSpec
+from cbir_cli.search.backends import BackendSpec, InFolderBackendType
 from cbir_cli.search.protocol import BackendBase, BackendCheck
 from cbir_cli.search.range import pack_ranges
 
@@ -80,23 +80,22 @@ class FakeFamily:
 
 
 class ExactBackend(BackendBase):
-    """A :class:`~cbir_cli.search.protocol.SearchBackend`: the live vectors in one
-    numpy matrix, searched exactly; nothing is saved (readers build it again)."""
+    """A :class:`~cbir_cli.search.protocol.SearchBackend`: the live vectors by row
+    id, searched exactly in numpy; nothing is saved (readers build it again)."""
 
     name = "fakebackend"
+    index_type = "exact (numpy)"
 
     def __init__(self) -> None:
-        self.index_type = "exact (numpy)"
-        self.ids = np.zeros(0, dtype=np.int64)
-        self.matrix = np.zeros((0, 0), dtype=np.float32)
+        self.rows: dict[int, np.ndarray] = {}
 
     @property
     def count(self) -> int:
-        return len(self.ids)
+        return len(self.rows)
 
     def build(self, store: Any, index_type: str, persist: bool = True) -> None:
-        self.ids = np.array([r.id for r in store.live_rows()], dtype=np.int64)
-        self.matrix = np.asarray(store.load_vectors(), dtype=np.float32)
+        self.rows = {}
+        self.add(np.array([r.id for r in store.live_rows()], dtype=np.int64), store.load_vectors())
 
     def refresh(self, store: Any, index_type: str | None = None) -> bool:
         return False  # nothing saved to bring up to date
@@ -105,33 +104,32 @@ class ExactBackend(BackendBase):
         return False
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        vectors = np.asarray(vectors, dtype=np.float32)
-        self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
-        self.matrix = np.concatenate([self.matrix, vectors]) if len(self.matrix) else vectors
+        self.rows.update(zip((int(i) for i in ids), np.asarray(vectors, dtype=np.float32)))
 
     def remove(self, ids: np.ndarray) -> None:
-        keep = ~np.isin(self.ids, np.asarray(ids, dtype=np.int64))
-        self.ids, self.matrix = self.ids[keep], self.matrix[keep]
+        for i in ids:
+            self.rows.pop(int(i), None)
 
-    def _scores(self, queries: np.ndarray) -> np.ndarray:
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        return queries @ self.matrix.T if len(self.ids) else np.zeros((len(queries), 0), np.float32)
+    def _scored(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row ids, scores (nq, n)), each query's columns best first."""
+        ids = np.fromiter(self.rows, dtype=np.int64, count=len(self.rows))
+        matrix = np.stack(list(self.rows.values())) if self.rows else np.zeros((0, 1), np.float32)
+        scores = np.atleast_2d(np.asarray(queries, dtype=np.float32)) @ matrix.T
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return ids[order], np.take_along_axis(scores, order, axis=1)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        all_scores = self._scores(queries)
-        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
-        scores = np.full((len(all_scores), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(all_scores), k), -1, dtype=np.int64)
-        scores[:, :order.shape[1]] = np.take_along_axis(all_scores, order, axis=1)
-        ids[:, :order.shape[1]] = self.ids[order]
-        return scores, ids
+        ids, scores = self._scored(queries)
+        pad = max(0, k - ids.shape[1])
+        return (np.pad(scores[:, :k], ((0, 0), (0, pad)), constant_values=-np.inf),
+                np.pad(ids[:, :k], ((0, 0), (0, pad)), constant_values=-1))
 
     def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return pack_ranges([(row[row >= threshold], self.ids[row >= threshold]) for row in self._scores(queries)])
+        ids, scores = self._scored(queries)
+        return pack_ranges([(s[s >= threshold], i[s >= threshold]) for s, i in zip(scores, ids)])
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        position = {int(i): p for p, i in enumerate(self.ids)}
-        return self.matrix[[position[int(i)] for i in ids]]
+        return np.stack([self.rows[int(i)] for i in ids])
 
     def check(self, store: Any, live_vectors: np.ndarray) -> BackendCheck:
         return BackendCheck(state="current", notes=["fakebackend keeps nothing on disk"])
@@ -140,17 +138,11 @@ class ExactBackend(BackendBase):
         return {"index_type": "exact"}
 
 
-class ExactBackendType:
+class ExactBackendType(InFolderBackendType):
     """The ``fakebackend`` :class:`~cbir_cli.search.backends.BackendType`."""
 
     name = "fakebackend"
     description = "exact numpy search, nothing saved (test plugin)"
-
-    def choose(self, requested: BackendSpec, recorded: BackendSpec | None, index_type: str | None,
-               store: Any) -> BackendSpec:
-        if requested.uri or requested.collection:
-            raise CbirError("fakebackend keeps nothing outside the index folder")
-        return BackendSpec("fakebackend")
 
     def open(self, spec: BackendSpec, root: Path) -> ExactBackend:
         return ExactBackend()
