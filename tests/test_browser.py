@@ -1,14 +1,17 @@
 """End to end in a real headless Chromium: the page uploads an image (file chooser
 and drag-and-drop), shows the expected top result, "more like this" works, and an
-upload error is shown on the page.
+upload error is shown on the page; the first impression (issue 26): an empty state
+with nothing broken, the header in a user's words, a keyboard path through a
+search, tiles with their folder and a name that opens the full image.
 
 Needs Debian's ``chromium`` (or $CBIR_CHROMIUM) and the ``playwright`` Python
 package (its bundled browsers are never used or downloaded). Skipped with the
 reason when either is missing; ``.ci/run`` installs both.
 
-The screenshot of the final page is always taken; with ``CBIR_UPDATE_SCREENSHOT=1``
-it is also copied to ``docs/screenshot.png`` (the README's), so an ordinary test
-run never rewrites a tracked file.
+Screenshots (1280x900) are always taken; with ``CBIR_UPDATE_SCREENSHOT=1`` they are
+also saved, reduced to 256 colours, as the README's ``docs/web-empty.png``,
+``docs/screenshot.png`` (results) and ``docs/box-search.png`` (a region), so an
+ordinary test run never rewrites a tracked file.
 """
 
 from __future__ import annotations
@@ -29,17 +32,22 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 N_IMAGES = 12
 TIMEOUT_MS = 20_000
+VIEWPORT = {"width": 1280, "height": 900}
+ALL_THUMBNAILS_LOADED = "[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)"
 
 
 @pytest.fixture
 def live_server(tmp_path, tiny_embedder):
     """(base URL, images folder) of a real HTTP server on a free loopback port."""
+    from cbir_cli.search.rerank import RerankSettings
     from cbir_cli.search.searcher import Searcher
     from cbir_cli.serve.app import create_app, make_http_server, server_url
 
     folder, index_dir = tmp_path / "images", tmp_path / "index"
     build_index(folder, index_dir, tiny_embedder, N_IMAGES)
-    server = make_http_server(create_app(Searcher.open(index_dir, embedder=tiny_embedder)), "127.0.0.1", 0)
+    # Re-ranked, as `cbir serve` searches.
+    searcher = Searcher.open(index_dir, embedder=tiny_embedder, rerank=RerankSettings())
+    server = make_http_server(create_app(searcher), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server_url(server), folder
@@ -55,7 +63,7 @@ def page(tmp_path):
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1180, "height": 760},
+            viewport=VIEWPORT,
         )
         try:
             tab = context.pages[0] if context.pages else context.new_page()
@@ -63,6 +71,22 @@ def page(tmp_path):
             yield tab
         finally:
             context.close()
+
+
+def screenshot(page, tmp_path: Path, name: str) -> Path:
+    """The viewport as a PNG; saved into docs/ (256 colours: a few tens of KB) with
+    ``CBIR_UPDATE_SCREENSHOT=1``."""
+    shot = tmp_path / name
+    page.evaluate("document.activeElement && document.activeElement.blur()")  # no focus ring in the picture
+    page.screenshot(path=str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("CBIR_UPDATE_SCREENSHOT") == "1":
+        from PIL import Image
+
+        (REPO / "docs").mkdir(exist_ok=True)
+        with Image.open(shot) as image:
+            image.convert("RGB").quantize(256).save(REPO / "docs" / name, optimize=True)
+    return shot
 
 
 def top_name(page) -> str:
@@ -90,7 +114,7 @@ def test_upload_shows_the_same_image_first_and_more_like_this_works(live_server,
     assert page.locator('.result[data-rank="1"] .score').inner_text() == "1.000"
     assert page.locator('.result[data-rank="1"] .rank').inner_text() == "#1"
     # thumbnails really load (decoded by the browser, not broken-image icons)
-    page.wait_for_function("[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
 
     # 2. click the second result: "more like this" puts it first
     second = page.locator('.result[data-rank="2"]')
@@ -125,13 +149,85 @@ def test_upload_shows_the_same_image_first_and_more_like_this_works(live_server,
     page.set_input_files("#file", str(folder / "img_003.jpg"))
     wait_for_results_of(page, "img_003.jpg")
     assert top_name(page) == "img_003.jpg" and page.locator(".result").count() == N_IMAGES
-    page.wait_for_function("[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)")
-    shot = tmp_path / "screenshot.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
-    if os.environ.get("CBIR_UPDATE_SCREENSHOT") == "1":
-        (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
+    assert screenshot(page, tmp_path, "screenshot.png").stat().st_size > 20_000
+
+
+def focused(page) -> str:
+    """What has the keyboard focus: #id, or tag.class[data-rank of its tile]."""
+    return page.evaluate("""() => { const e = document.activeElement; if (e.id) return '#' + e.id;
+        const tile = e.closest('.result'); return e.tagName.toLowerCase() + '.' + e.className
+        + (tile ? '@' + tile.dataset.rank : ''); }""")
+
+
+def test_first_impression_header_empty_state_keyboard_path_and_tiles(live_server, page, tmp_path):
+    """Issue 26: before any search only what can be used is shown (no broken query
+    image); the header speaks a user's words (details on hover and in /api/health);
+    Tab reaches the drop zone, Enter opens it, then K, folder, score and every tile;
+    a tile names its file and rank (alt text) and its folder; its name opens the full
+    image, its picture searches for more like it."""
+    url, folder = live_server
+    page.goto(url)
+    summary = "12 images · test_tiny · exact search, re-ranked"
+    page.wait_for_function("s => document.getElementById('health').textContent === s", arg=summary)
+    details = page.locator("#health").get_attribute("title")
+    assert "flat; re-ranked: " in details and "test_tiny" in details
+    health = page.evaluate("fetch('/api/health').then(r => r.json())")
+    assert health["summary"] == summary and health["index_type"].startswith("flat; re-ranked")
+
+    # 1. the empty state: the drop zone and a one-line hint; no image at all, so none broken
+    assert page.locator("#query").is_hidden() and page.locator("#region").is_hidden()
+    assert page.evaluate("[...document.images].filter(i => i.offsetParent !== null).length") == 0
+    assert page.locator("#hint").inner_text() == "Choose or drop a photo to find the most similar images in the index."
+    assert page.locator("#dropzone").is_visible()
+    screenshot(page, tmp_path, "web-empty.png")
+
+    # 2. the keyboard: Tab to the drop zone, Enter opens the file chooser
+    page.keyboard.press("Tab")
+    assert focused(page) == "#dropzone"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(folder / "img_005.jpg"))
+    wait_for_results_of(page, "img_005.jpg")
+    assert page.locator("#query-img").get_attribute("alt") == "query: img_005.jpg"
+    order = []
+    for _ in range(7):
+        page.keyboard.press("Tab")
+        order.append(focused(page))
+    assert order == ["#k", "#under", "#min-score", "button.picture@1", "a.name@1", "button.picture@2", "a.name@2"]
+    second = page.locator('.result[data-rank="2"]')
+    second_name = second.locator(".name").inner_text()
+    assert second.locator("img").get_attribute("alt") == f"{second_name}, rank 2: search for more like it"
+    page.keyboard.press("Shift+Tab")  # back to the second tile's picture: Enter searches with it
+    assert focused(page) == "button.picture@2"
+    page.keyboard.press("Enter")
+    wait_for_results_of(page, second_name)
+    assert top_name(page) == second_name
+
+    # 3. scores follow the order; a tile shows its folder, full path on hover
+    scores = [float(t.split()[0]) for t in page.locator(".result .score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True)
+    tile = page.locator('.result[data-rank="3"]')
+    assert tile.locator(".folder").inner_text() == "…/images"
+    assert tile.locator(".folder").get_attribute("title") == str(folder)
+
+    # 4. the name opens the full image in a new tab; the picture searches for more like it
+    third_id, third_name = tile.get_attribute("data-id"), tile.locator(".name").inner_text()
+    with page.context.expect_page() as opened:
+        tile.locator(".name").click()
+    opened.value.wait_for_load_state()
+    assert opened.value.url == f"{url.rstrip('/')}/api/images/{third_id}"
+    opened.value.close()
+    assert top_name(page) == second_name  # opening the image did not search
+    tile.locator(".picture").click()
+    wait_for_results_of(page, third_name)
+    assert top_name(page) == third_name
+
+    # 5. a phone-width window: nothing wider than the screen
+    page.set_viewport_size({"width": 420, "height": 900})
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 420
+    page.set_viewport_size(VIEWPORT)
 
 
 def drag(page, start: tuple[float, float], end: tuple[float, float], on: str = "#query-img") -> None:
@@ -193,13 +289,11 @@ def test_drawing_a_region_searches_with_it_and_moving_it_searches_again(live_ser
     page.wait_for_function("document.getElementById('status').textContent.startsWith('4 results')")
     wait_for_top(page, "img_003.jpg")
 
+    # The title says what was searched: a region of the upload, not the upload.
+    assert page.locator("#status").inner_text() == "4 results for a region of two-photos.png"
     page.mouse.move(0, 0)
-    page.wait_for_function("[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)")
-    shot = tmp_path / "box-search.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("CBIR_UPDATE_SCREENSHOT") == "1":
-        shutil.copyfile(shot, REPO / "docs" / "box-search.png")
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
+    screenshot(page, tmp_path, "box-search.png")
 
     page.click("#clear-box")
     page.wait_for_function("document.getElementById('box').hidden")

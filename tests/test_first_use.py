@@ -23,6 +23,7 @@ def only_mobilenet_cached(tmp_path, monkeypatch) -> Path:
     checkpoints.mkdir(parents=True)
     (checkpoints / "mobilenet_v2-b0353104.pth").write_bytes(b"x")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))  # where "the note was said" is remembered
     return checkpoints
 
 
@@ -32,6 +33,14 @@ def test_resnet50_is_the_default_when_its_weights_can_be_downloaded(only_mobilen
     monkeypatch.setattr(resolve, "weights_downloadable", lambda config: False)
     offline = resolve.choose_default_model()
     assert offline.name == "mobilenet_v2" and "resnet50 weights are not installed" in offline.notice
+
+
+def test_the_fallback_note_is_said_once_not_on_every_new_index(only_mobilenet_cached, monkeypatch):
+    """Issue 22 item 6: it was repeated on every new index and every evaluation."""
+    monkeypatch.setattr(resolve, "weights_downloadable", lambda config: False)
+    first, second = resolve.choose_default_model(), resolve.choose_default_model()
+    assert "shown once" in first.notice
+    assert second == resolve.ModelChoice("mobilenet_v2")  # the same model, silently
 
 
 def test_offline_the_download_probe_never_touches_the_network(monkeypatch):

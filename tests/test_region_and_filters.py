@@ -126,19 +126,51 @@ def test_under_keeps_only_a_folder_and_still_returns_k(indexed):
     assert sorted(names(all_b["results"])) == [f"img_{i:03d}.jpg" for i in range(6, 12)]
 
 
-def test_a_query_whose_filter_passes_nothing_says_so(indexed, tmp_path):
+def test_a_query_whose_min_score_passes_nothing_says_so(indexed):
     root, index_dir, _ = indexed
     query = str(root / "photos" / "a" / "img_001.jpg")
-    elsewhere = tmp_path / "not-indexed"
-    result = CliRunner().invoke(app, ["query", query, "--index", str(index_dir), "--under", str(elsewhere)])
+    result = CliRunner().invoke(app, ["query", query, "--index", str(index_dir), "--min-score", "1",
+                                      "--under", "b"])
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    assert f"note: {query}: no result below --under / at or above --min-score" in result.stderr
+    assert f"note: {query}: no result at or above --min-score" in result.stderr
     # --json stays a plain list for programs (no hits), the note goes to stderr all the same.
     result = CliRunner().invoke(app, ["query", query, "--index", str(index_dir), "--min-score", "1", "--json",
-                                      "--under", str(elsewhere)])
+                                      "--under", "b"])
     assert json.loads(result.stdout)[0]["results"] == []
     assert "no result" in result.stderr
+
+
+def test_under_is_one_rule_relative_to_the_indexed_folder(indexed, tmp_path, monkeypatch):
+    """Issue 22 item 3: a relative --under was read from the current directory in the
+    CLI and from the indexed folder on the web; now from the indexed folder in both,
+    whatever the current directory, and in the library too."""
+    root, index_dir, _ = indexed
+    query = str(root / "photos" / "a" / "img_001.jpg")
+    monkeypatch.chdir(tmp_path)  # nowhere near the photos
+    relative = query_json(query, "--index", str(index_dir), "-k", "3", "--under", "b")[0]["results"]
+    assert len(relative) == 3 and all("/photos/b/" in h["path"] for h in relative)
+    searcher = Searcher.open(index_dir)
+    hits = searcher.search_ids([0], k=3, result_filter=ResultFilter.make(under="./b/../b"))[0]
+    assert [h.path for h in hits] == [h["path"] for h in query_json("--id", "0", "--index", str(index_dir),
+                                                                    "-k", "3", "--no-rerank",
+                                                                    "--under", str(root / "photos" / "b"))[0]
+                                      ["results"]]
+
+
+@pytest.mark.parametrize("under", ["not-there", "../index", "/definitely/elsewhere"])
+def test_under_outside_the_index_is_a_one_line_error(indexed, under):
+    """It used to be exit 0, no results and a note."""
+    root, index_dir, _ = indexed
+    query = str(root / "photos" / "a" / "img_001.jpg")
+    result = CliRunner().invoke(app, ["query", query, "--index", str(index_dir), "--under", under])
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no indexed image below this folder" in lines[0]
+    assert str(root / "photos") in lines[0]
+    with pytest.raises(CbirError, match="no indexed image below"):
+        Searcher.open(index_dir).search_ids([0], k=3, result_filter=ResultFilter.make(under=under))
 
 
 def test_min_score_keeps_only_scores_above_it(indexed):
@@ -255,6 +287,8 @@ def test_api_box_under_and_min_score(client, indexed):
     # under: relative to the indexed folder (or absolute); still k results.
     only_a = upload(client, composite(), box="0.5,0,1,1", under="a").json["results"]
     assert len(only_a) == 3 and all("/photos/a/" in h["path"] for h in only_a)
+    outside = upload(client, composite(), under="../elsewhere")
+    assert outside.status_code == 400 and "no indexed image below" in outside.json["error"]
     top = answer.json["results"][0]
     by_id = client.get(f"/api/search?id={top['id']}&k=5&min_score={top['score'] - 1e-3:.6f}&box=0,0,1,1")
     assert by_id.status_code == 200 and by_id.json["results"][0]["id"] == top["id"]

@@ -93,6 +93,8 @@ def test_health_reports_model_count_and_index_type(client, indexed):
     assert info["status"] == "ok"
     assert info["model"] == "test_tiny" and info["count"] == N_IMAGES + 1
     assert info["index_type"] == "flat" and info["dim"] > 0
+    # The page's header, in a user's words (this searcher is opened without re-ranking).
+    assert info["summary"] == f"{N_IMAGES + 1} images · test_tiny · exact search, not re-ranked"
     assert info["max_k"] == MAX_K and info["index"] == str(indexed[1])
 
 
@@ -148,7 +150,7 @@ def test_thumbnail_is_a_small_jpeg_and_is_cached(searcher, monkeypatch):
     app = create_app(searcher)
     client = app.test_client()
     calls = []
-    import cbir_cli.serve.app as server
+    import cbir_cli.serve.files as server
 
     real = server.make_thumbnail
     monkeypatch.setattr(server, "make_thumbnail", lambda *a, **kw: calls.append(a) or real(*a, **kw))
@@ -164,7 +166,7 @@ def test_thumbnail_is_a_small_jpeg_and_is_cached(searcher, monkeypatch):
 
 
 def test_thumbnail_cache_evicts_the_least_recently_used(indexed, monkeypatch):
-    import cbir_cli.serve.app as server
+    import cbir_cli.serve.files as server
 
     made = []
     monkeypatch.setattr(server, "make_thumbnail",

@@ -15,13 +15,14 @@ from .errors import CbirError
 from .models.family import model_config
 from .models.registry import CnnConfig, DescriptorSettings, get_model_config
 from .models.weights import torch_hub_checkpoint_dir, weights_downloadable
-from .paths import default_index_dir
+from .paths import cache_root, default_index_dir
 
 if TYPE_CHECKING:
     from .store.feature_store import FeatureStore
 
 DEFAULT_MODEL = "resnet50"
 FALLBACK_MODEL = "mobilenet_v2"
+FALLBACK_NOTED = f"{FALLBACK_MODEL}-instead-of-{DEFAULT_MODEL}"  # marker: the fallback note was said
 
 
 def resolve_index_dir(index_dir: str | os.PathLike[str] | None) -> Path:
@@ -50,12 +51,27 @@ def choose_default_model() -> ModelChoice:
     if (checkpoints / str(resnet.weights_file)).exists():
         return ModelChoice(DEFAULT_MODEL)
     if (checkpoints / str(fallback.weights_file)).exists() and not weights_downloadable(resnet):
-        return ModelChoice(FALLBACK_MODEL, notice=(
-            f"note: {DEFAULT_MODEL} weights are not installed ({checkpoints / str(resnet.weights_file)}) and "
-            "cannot be downloaded now; "
-            f"using {FALLBACK_MODEL}, whose weights are (name {DEFAULT_MODEL} as the model to require it)"
-        ))
+        notice = (f"note: {DEFAULT_MODEL} weights are not installed ({checkpoints / str(resnet.weights_file)}) and "
+                  f"cannot be downloaded now; using {FALLBACK_MODEL}, whose weights are (name {DEFAULT_MODEL} as "
+                  "the model to require it; this note is shown once)")
+        return ModelChoice(FALLBACK_MODEL, notice=notice if first_time(FALLBACK_NOTED) else None)
     return ModelChoice(DEFAULT_MODEL)
+
+
+def first_time(marker: str) -> bool:
+    """True the first time it is asked about ``marker`` (a file in the cache then
+    remembers it), so a notice that holds for every run is said once, not on every
+    new index or evaluation; True again wherever the cache cannot be written."""
+    path = cache_root() / "notices" / marker
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x"):
+            pass
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def resolve_model(model: str | None, weights: str | os.PathLike[str] | None,

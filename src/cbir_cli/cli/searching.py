@@ -18,8 +18,8 @@ from .common import (
     QeOpt,
     RerankOpt,
     RuntimeOpt,
-    app,
     cli_errors,
+    command,
     printable,
     rerank_choice,
     stderr,
@@ -27,14 +27,17 @@ from .common import (
 )
 
 
-@app.command("query")
+@command("query")
 def query_cmd(
-    images: Annotated[Optional[list[Path]], typer.Argument(help="Query image file(s).", show_default=False)] = None,
-    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="Results per query.")] = 5,
-    ids: Annotated[Optional[list[int]], typer.Option("--id", help="More like this: an indexed image (its id, as "
+    images: Annotated[Optional[list[Path]], typer.Argument(metavar="IMAGE", help="Query image file(s).",
+                                                                   show_default=False)] = None,
+    k: Annotated[int, typer.Option("-k", "--top-k", metavar="K", min=1, max=1000, help="Results per query.")] = 5,
+    ids: Annotated[Optional[list[int]], typer.Option("--id", metavar="ID",
+        help="More like this: an indexed image (its id, as "
                                                      "printed by --json or the web page) is the query, by its "
                                                      "stored vector. Repeatable.", show_default=False)] = None,
-    paths: Annotated[Optional[list[Path]], typer.Option("--path", help="More like this: an indexed file, by path; "
+    paths: Annotated[Optional[list[Path]], typer.Option("--path", metavar="FILE",
+        help="More like this: an indexed file, by path; "
                                                         "its stored vector is the query. Repeatable.",
                                                         show_default=False)] = None,
     box: Annotated[Optional[str], typer.Option("--box", metavar="X0,Y0,X1,Y1",
@@ -43,17 +46,22 @@ def query_cmd(
                                                     "(e.g. 0.5,0,1,1 = the right half). With --id/--path, the "
                                                     "region of the indexed file is embedded.",
                                                show_default=False)] = None,
-    under: Annotated[Optional[Path], typer.Option("--under", help="Only results below this folder.",
+    under: Annotated[Optional[Path], typer.Option("--under", metavar="FOLDER",
+                                                  help="Only results below this folder: absolute, or relative "
+                                                       "to the indexed folder (as on the web page). An error if "
+                                                       "no indexed image lies below it.",
                                                   show_default=False)] = None,
-    min_score: Annotated[Optional[float], typer.Option("--min-score", min=-1.0, max=1.0,
+    min_score: Annotated[Optional[float], typer.Option("--min-score", metavar="SCORE", min=-1.0, max=1.0,
                                                        help="Only results with at least this cosine similarity "
                                                             "(fewer than K if fewer qualify).",
                                                        show_default=False)] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Also write an HTML page (index.html) and "
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="DIR",
+        help="Also write an HTML page (index.html) and "
                                                    "results.png of the queries and their results, with "
                                                    "thumbnails and scores, into this folder.",
                                                    show_default=False)] = None,
-    grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write the queries and their results as one "
+    grid: Annotated[Optional[Path], typer.Option("--grid", metavar="PNG",
+        help="Also write the queries and their results as one "
                                                  "PNG thumbnail grid with scores.", show_default=False)] = None,
     index_dir: IndexDirOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
@@ -63,9 +71,12 @@ def query_cmd(
     qe_alpha: QeAlphaOpt = 3.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the K indexed images most similar to each query: image files, a region of them (--box), or
-    indexed images (--id, --path); optionally only below a folder or above a score. Re-ranked (query
-    expansion, DBA; --no-rerank: plain); scores are cosine similarities."""
+    """Find the K indexed images most similar to each query image.
+
+    Queries: image files, a region of them (--box), or indexed images (--id, --path); optionally only
+    below a folder or above a score. Re-ranked (query expansion, DBA; --no-rerank: plain). score: cosine
+    similarity, never rising down the list; a re-ranked hit whose own cosine is higher shows it beside
+    (cosine)."""
     with cli_errors():
         from ..imageio.region import Box
         from ..search.filters import ResultFilter
@@ -77,6 +88,8 @@ def query_cmd(
         request.check()
         searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
                                  rerank=rerank_choice(rerank, qe, qe_alpha))
+        if request.result_filter is not None:  # a wrong --under fails before the model loads
+            request.result_filter.allowed_ids(searcher.rows)
         answers = answer_queries(searcher, request, k)
         written = _write_visuals(answers, report, grid)
         if as_json:
@@ -86,8 +99,7 @@ def query_cmd(
         for path in written:
             stderr().print(f"wrote {path}", markup=False)
         # An empty answer is not an error, but it should never look like one that failed silently.
-        narrowed = request.result_filter is not None and request.result_filter.active
-        why = " below --under / at or above --min-score" if narrowed else ""
+        why = " at or above --min-score" if min_score is not None else ""
         for answer in answers:
             if not answer.hits:
                 stderr().print(f"note: {printable(answer.view.label)}: no result{why}", markup=False)
@@ -105,12 +117,18 @@ def _write_visuals(answers, report: Path | None, grid: Path | None) -> list[Path
     return written
 
 
+def _cosine_cell(hit) -> str:
+    """The cosine beside the score, only where they differ (re-ranking lifted the hit)."""
+    return f"{hit.cosine:.4f}" if f"{hit.cosine:.4f}" != f"{hit.score:.4f}" else ""
+
+
 def _print_answers(answers) -> None:
     import sys
 
     if not sys.stdout.isatty():
-        # Piped: one plain line per hit (query, rank, score, path, tab-separated),
-        # never wrapped, whatever the terminal width.
+        # Piped: one plain line per hit (query, rank, score, path; tab-separated), never
+        # wrapped, whatever the terminal width; four fields as scripts expect (--json
+        # has the cosine too).
         for answer in answers:
             for h in answer.hits:
                 typer.echo(f"{printable(answer.view.label)}\t{h.rank}\t{h.score:.4f}\t{printable(h.path)}")
@@ -122,16 +140,23 @@ def _print_answers(answers) -> None:
         table = Table(title=printable(answer.view.label), title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
+        reordered = any(_cosine_cell(h) for h in answer.hits)
+        if reordered:
+            table.add_column("cosine", justify="right")
         table.add_column("id", justify="right")
         table.add_column("path", overflow="fold")
         for h in answer.hits:
-            table.add_row(str(h.rank), f"{h.score:.4f}", str(h.id), printable(h.path))
+            cells = [str(h.rank), f"{h.score:.4f}", *([_cosine_cell(h)] if reordered else []), str(h.id),
+                     printable(h.path)]
+            table.add_row(*cells)
         if not answer.hits:
             table.caption = "no result passes the filter"
+        elif reordered:
+            table.caption = "score: the lowest cosine down to this rank; cosine: the hit's own, where higher"
         console.print(table)
 
 
-@app.command("serve")
+@command("serve")
 def serve_cmd(
     index_dir: IndexDirOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind. The default serves this machine only.")]

@@ -120,10 +120,17 @@ def _apply_limit(collection: LabelledCollection, limit: int | None) -> LabelledC
     return subset
 
 
-def _check_root(root: str | os.PathLike[str]) -> Path:
+# Where a missing sop dataset comes from and what its folder holds (said when it is not there).
+SOP_ORIGIN = ("Stanford Online Products (Song et al., CVPR 2016: Stanford_Online_Products.zip from "
+              "https://cvgl.stanford.edu/projects/lifted_struct/) unpacks into a folder holding Ebay_test.txt and "
+              "Ebay_train.txt (a header line `image_id class_id super_class_id path`, then one line per image) "
+              "and the images at those paths (bicycle_final/..., chair_final/...); give that folder as the root")
+
+
+def _check_root(root: str | os.PathLike[str], origin: str | None = None) -> Path:
     path = Path(root).expanduser().absolute()
     if not path.exists():
-        raise CbirError(f"{display_path(path)}: dataset folder does not exist")
+        raise CbirError(f"{display_path(path)}: dataset folder does not exist" + (f"; {origin}" if origin else ""))
     if not path.is_dir():
         raise CbirError(f"{display_path(path)}: not a folder")
     return path
@@ -187,7 +194,7 @@ def load_sop(root: str | os.PathLike[str], split: str = "test", limit: int | Non
 
     if split not in SOP_SPLITS:
         raise CbirError(f"unknown split {split!r} for the sop layout; choose one of: {', '.join(SOP_SPLITS)}")
-    root_path = _check_root(root)
+    root_path = _check_root(root, SOP_ORIGIN)
     files = ["Ebay_test.txt", "Ebay_train.txt"] if split == "all" else [f"Ebay_{split}.txt"]
     paths: list[str] = []
     labels: list[int] = []
@@ -195,7 +202,7 @@ def load_sop(root: str | os.PathLike[str], split: str = "test", limit: int | Non
     for name in files:
         list_file = root_path / name
         if not list_file.is_file():
-            raise CbirError(f"{display_path(list_file)}: not found (the sop layout needs {name} in the dataset folder)")
+            raise CbirError(f"{display_path(list_file)}: not found; {SOP_ORIGIN}")
         p, c, s = read_sop_file(list_file, root_path)
         twice = set(paths) & set(p)
         if twice:

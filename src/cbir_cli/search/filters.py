@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import CbirError
-from ..paths import normalise_path
+from ..paths import common_folder, display_path, normalise_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,8 +37,14 @@ GROWTH = 4
 
 @dataclass(frozen=True)
 class ResultFilter:
-    """``under``: a folder (stored-path form, see :func:`make`); ``min_score``: the
-    lowest cosine similarity kept."""
+    """``under``: a folder, absolute (stored-path form) or relative to the indexed
+    folder (see :func:`make`); ``min_score``: the lowest cosine similarity kept.
+
+    One rule for the CLI, the library and the web API: a relative folder is read
+    from the indexed folder -- the deepest folder holding every indexed image, which
+    the results' ``folder`` is relative to (the web has no current directory, and
+    a query means the same from anywhere). A folder below which no indexed image
+    lies (a typo, or outside the index) is an error, not an empty answer."""
 
     under: str | None = None
     min_score: float | None = None
@@ -46,32 +52,51 @@ class ResultFilter:
     @classmethod
     def make(cls, under: str | os.PathLike[str] | None = None, min_score: float | None = None,
              base: str | os.PathLike[str] | None = None) -> ResultFilter:
-        """Validated; ``under`` is made absolute (relative to ``base``, default the
-        working directory) and normalised like stored paths."""
+        """Validated. ``under``: ``~`` expanded; absolute, it is normalised like stored
+        paths; relative, it is kept so and read from the indexed folder at search time
+        (``base``: read it from this folder now instead)."""
         if min_score is not None and not -1.0 <= float(min_score) <= 1.0:
             raise CbirError(f"the minimum score is a cosine similarity in [-1, 1] (got {min_score:g})")
         folder = None
         if under is not None and str(under).strip():
-            raw = os.fspath(under)
-            if base is not None and not os.path.isabs(os.path.expanduser(raw)):
+            raw = os.path.expanduser(os.fspath(under))
+            if base is not None and not os.path.isabs(raw):
                 raw = os.path.join(os.fspath(base), raw)
-            folder = normalise_path(os.path.expanduser(raw)).rstrip(os.sep) or os.sep
+            if os.path.isabs(raw):
+                folder = normalise_path(raw).rstrip(os.sep) or os.sep
+            else:
+                folder = os.path.normpath(raw)
         return cls(folder, None if min_score is None else float(min_score))
 
     @property
     def active(self) -> bool:
         return self.under is not None or self.min_score is not None
 
-    def admits_path(self, path: str) -> bool:
-        return self.under is None or path.startswith(self.under.rstrip(os.sep) + os.sep)
+    def folder_in(self, indexed_folder: str) -> str | None:
+        """``under`` as an absolute folder, a relative one read from ``indexed_folder``."""
+        if self.under is None or os.path.isabs(self.under):
+            return self.under
+        return normalise_path(os.path.join(indexed_folder, self.under)).rstrip(os.sep) or os.sep
 
     def allowed_ids(self, rows: Sequence[Row]) -> np.ndarray | None:
-        """Sorted ids of the rows below ``under`` (None: no folder filter)."""
+        """Sorted ids of the rows below ``under`` (None: no folder filter). Raises
+        :class:`CbirError` when no row lies below it."""
         import numpy as np
 
         if self.under is None:
             return None
-        return np.sort(np.fromiter((r.id for r in rows if self.admits_path(r.path)), dtype=np.int64))
+        # The indexed folder is worked out (one pass over every path) only where needed.
+        indexed = common_folder([r.path for r in rows]) if rows and not os.path.isabs(self.under) else None
+        folder = self.folder_in(indexed or os.sep)
+        assert folder is not None
+        prefix = folder.rstrip(os.sep) + os.sep
+        ids = np.sort(np.fromiter((r.id for r in rows if r.path.startswith(prefix)), dtype=np.int64))
+        if not len(ids) and rows:
+            indexed = indexed or common_folder([r.path for r in rows])
+            given = "" if folder == self.under else f" ({display_path(folder)})"
+            raise CbirError(f"{display_path(self.under)}{given}: no indexed image below this folder (the indexed "
+                            f"folder, which a relative one is read from, is {display_path(indexed)})")
+        return ids
 
 
 NO_FILTER = ResultFilter()

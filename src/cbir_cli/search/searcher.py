@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from ..store.vectors import RowTable, row_table
 from .backends import backend_for
 from .filters import PassingCount, ResultFilter, filtered_search, passing_counts
 from .rerank import RerankingBackend, reranked
+from .scores import json_score, rank_scores
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,13 +44,15 @@ ALLOWED_CACHE_ENTRIES = 8  # folder filters remembered per Searcher
 @dataclass(frozen=True)
 class Hit:
     rank: int
-    score: float
+    score: float  # follows the order: never rises down the list (see .scores)
     id: int
     path: str  # as stored: printable() / display_path() to show it, json_path() for JSON
+    cosine: float  # the plain cosine to the query; equals score unless re-ranking reordered
 
     def as_dict(self) -> dict[str, Any]:
-        """For JSON: the path printable, with its exact bytes when that lost some."""
-        return {**asdict(self), **json_path(self.path)}
+        """For JSON: scores rounded, the path printable, with its exact bytes when that lost some."""
+        return {"rank": self.rank, "score": json_score(self.score), "cosine": json_score(self.cosine),
+                "id": self.id, **json_path(self.path)}
 
 
 def open_backend(store: FeatureStore, backend: SearchBackend | None = None,
@@ -217,13 +220,10 @@ class Searcher:
             scores, ids = self.backend.search(queries, min(k, self.count))
         results = []
         for score_row, id_row in zip(scores, ids):
-            hits = []
-            for score, image_id in zip(score_row, id_row):
-                if image_id < 0:
-                    continue
-                row = self.row(int(image_id))
-                hits.append(Hit(len(hits) + 1, float(score), row.id, row.path))
-            results.append(hits)
+            found = [(float(cosine), self.row(int(image_id))) for cosine, image_id in zip(score_row, id_row)
+                     if image_id >= 0]
+            results.append([Hit(rank, score, row.id, row.path, cosine) for rank, (score, (cosine, row))
+                            in enumerate(zip(rank_scores(c for c, _ in found), found), start=1)])
         return results
 
     def search_images(self, images: Sequence[PILImage.Image], k: int = 5, box: Box | None = None,

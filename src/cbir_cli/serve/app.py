@@ -20,23 +20,23 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import mimetypes
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, ImageError
-from ..imageio import thumbnails
 from ..imageio.decode import DecodeBudget, DecodeBusy, decode_image
 from ..imageio.region import Box
 from ..models.protocol import embed_images
-from ..paths import display_path, json_path, lossless_path
+from ..paths import display_path
 from ..pipeline.indexed_files import IndexedFiles, NotTheIndexedFile
 from ..search.filters import ResultFilter
+from .api_errors import ApiError
+from .files import ThumbnailCache, read_checked, register_file_routes
 from .http import HttpServer
 from .live import LiveSearcher
+from .results import hit_json, index_summary
 
 if TYPE_CHECKING:
     from flask import Flask, Response
@@ -52,8 +52,6 @@ DEFAULT_MAX_UPLOAD_MB = 20.0
 # The search form has at most 5 fields; Werkzeug's own limits, named in the 413s.
 MAX_FORM_PARTS = 1000
 MAX_FORM_FIELD_BYTES = 500_000
-THUMBNAIL_SIZE = 256
-THUMBNAIL_CACHE_ENTRIES = 512  # ~10 KB each: a few MB at most
 # Decoded rasters of all concurrent uploads and thumbnails together: one image at
 # the per-image cap (imageio.decode.MAX_DECODE_BYTES) fits, so anything legal is
 # decoded, one huge image at a time. bench/serve_uploads.py: 8 concurrent 9400x9400
@@ -61,60 +59,7 @@ THUMBNAIL_CACHE_ENTRIES = 512  # ~10 KB each: a few MB at most
 DECODE_BUDGET_BYTES = 400 * 1024 * 1024
 DECODE_WAIT_SECONDS = 60.0  # then 503: a request never waits for decodes forever
 log = logging.getLogger(__name__)
-
-
-class ApiError(CbirError):
-    """An error answered to the client with an HTTP status."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ThumbnailCache:
-    """A small thread-safe LRU of JPEG thumbnails keyed by image id and content hash
-    (so a re-indexed, changed file never gets its old thumbnail)."""
-
-    def __init__(self, capacity: int = THUMBNAIL_CACHE_ENTRIES, size: int = THUMBNAIL_SIZE) -> None:
-        self.capacity = capacity
-        self.size = size
-        self._entries: OrderedDict[tuple[int, str], bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: tuple[int, str], source: str | os.PathLike[str] | BinaryIO,
-            budget: DecodeBudget | None = None) -> bytes:
-        """The thumbnail of ``key``, made from ``source`` (an image file, or one
-        already open) only when it is not cached."""
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-        # Made outside the lock: decoding a large photo must not block other thumbnails.
-        data = make_thumbnail(source, self.size, budget)
-        with self._lock:
-            self._entries[key] = data
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-        return data
-
-
-def make_thumbnail(source: str | os.PathLike[str] | BinaryIO, size: int = THUMBNAIL_SIZE,
-                   budget: DecodeBudget | None = None) -> bytes:
-    """A JPEG no larger than ``size`` x ``size`` (aspect kept) of an image file
-    (a path, or a file already open and checked). Raises ImageError."""
-    import io
-
-    if isinstance(source, (str, os.PathLike)):
-        img = thumbnails.thumbnail(source, size, budget)
-    else:
-        img = thumbnails.thumbnail(decode_image(read_checked(source), "indexed image", size, budget), size)
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=85)
-    return out.getvalue()
+__all__ = ["ApiError", "ThumbnailCache", "create_app", "make_http_server", "server_url"]
 
 
 def parse_k(raw: str | None) -> int:
@@ -151,32 +96,6 @@ def parse_narrowing(values: Any, searcher: Searcher) -> tuple[Box | None, Result
     return box, ResultFilter.make(values.get("under") or None, min_score, base=searcher.folder)
 
 
-def read_checked(fh: BinaryIO) -> bytes:
-    """All of an opened (checked, size-capped) indexed file."""
-    from ..errors import ImageError
-
-    try:
-        return fh.read()
-    except OSError as exc:
-        raise ImageError("indexed image", exc.strerror or str(exc)) from None
-
-
-def content_disposition(path: str) -> str:
-    """``inline`` with the file's name for the browser, whatever bytes it holds
-    (newlines, non-UTF-8...): an ASCII fallback plus the RFC 5987 ``filename*``."""
-    from urllib.parse import quote
-
-    name = os.fsencode(os.path.basename(path)).decode("utf-8", "replace")
-    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
-    return f"inline; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
-
-
-def hit_json(hit: Hit) -> dict[str, Any]:
-    return {"rank": hit.rank, "score": round(hit.score, 6), "id": hit.id,
-            "name": os.path.basename(display_path(hit.path)), **json_path(hit.path),
-            "image_url": f"/api/images/{hit.id}", "thumbnail_url": f"/api/thumbnails/{hit.id}"}
-
-
 def too_large_reason(exc: Exception, content_length: int | None, max_upload_mb: float) -> str:
     """Why Werkzeug refused a request body (its 413 carries no reason): the whole
     body over the upload limit, or one of its form limits, told by where it was raised."""
@@ -201,7 +120,7 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     loads its model now, so a missing index or missing weights fail at start-up with
     a :class:`CbirError`, not on the first request. ``rerank``: how an opened index
     is searched (default: re-ranked, :mod:`cbir_cli.search.rerank`)."""
-    from flask import Flask, jsonify, request, send_file, send_from_directory
+    from flask import Flask, jsonify, request, send_from_directory
     from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
     if searcher is None:
@@ -226,7 +145,6 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     app.config.update(MAX_FORM_PARTS=MAX_FORM_PARTS, MAX_FORM_MEMORY_SIZE=MAX_FORM_FIELD_BYTES)
     app.json.sort_keys = False
     app.extensions["cbir"] = live
-    thumbnails = ThumbnailCache()
     files = app.extensions["cbir-files"] = IndexedFiles()
     # One query at a time through the model: a CPU model already uses every core,
     # and concurrent batches would only multiply peak memory.
@@ -306,7 +224,9 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     @app.get("/api/health")
     def health():
         searcher = live.current()
-        return jsonify(status="ok", **searcher.info(), generation=searcher.store.generation, reloads=live.reloads,
+        # summary: the page's header, in a user's words; the rest: its details.
+        return jsonify(status="ok", summary=index_summary(searcher), **searcher.info(),
+                       generation=searcher.store.generation, reloads=live.reloads,
                        reload_error=live.last_error, max_k=MAX_K, max_upload_mb=max_upload_mb)
 
     @app.get("/api/search")
@@ -348,31 +268,7 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
             hits = searcher.search_images([image], k, box, result_filter)[0]
         return results(searcher, {"name": name, **({"box": box.text} if box else {})}, k, hits)
 
-    @app.get("/api/images/<int:image_id>")
-    def original(image_id: int):
-        searcher = live.current()
-        row = lookup(searcher, image_id)
-        fh = files.open(searcher, row)  # still the indexed image; sent from this very descriptor
-        mimetype = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
-        response = send_file(fh, mimetype=mimetype, conditional=True, etag=row.sha256[:32], max_age=3600)
-        response.headers["Content-Disposition"] = content_disposition(row.path)
-        raw_name = lossless_path(os.path.basename(row.path))
-        if raw_name is not None:  # filename* shows U+FFFD for the bytes that are not UTF-8
-            response.headers["X-Filename-Bytes"] = raw_name
-        return response
-
-    @app.get("/api/thumbnails/<int:image_id>")
-    def thumbnail(image_id: int):
-        import io
-
-        searcher = live.current()
-        row = lookup(searcher, image_id)
-        try:
-            with files.open(searcher, row) as fh:  # checked on every request, cached or not
-                data = thumbnails.get((image_id, row.sha256), fh, budget)
-        except ImageError as exc:
-            raise ApiError(f"image {image_id} is in the index but cannot be read: {exc.reason}", 404) from None
-        return send_file(io.BytesIO(data), mimetype="image/jpeg", max_age=3600)
+    register_file_routes(app, live, files, budget, lookup)
 
     return app
 

@@ -40,6 +40,7 @@ function narrowing() {
 
 function showQuery(src, name) {
   $("query-img").src = src;
+  $("query-img").alt = `query: ${name}`;
   $("query-name").textContent = name;
   $("query").hidden = false;
   setBox(null);
@@ -59,44 +60,77 @@ async function callApi(url, options) {
   return body;
 }
 
+// The folder as a tile shows it: its own name, the part that tells folders apart
+// (the full path is on hover).
+function shortFolder(folder) {
+  const parts = folder.split(/[\\/]/).filter(Boolean);
+  return parts.length > 1 ? `…/${parts[parts.length - 1]}` : folder;
+}
+
+// The score follows the order; the image's own cosine is shown beside it where
+// re-ranking placed it below a less similar one (then the two differ).
+function scoreCell(hit) {
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = hit.score.toFixed(3);
+  if (hit.cosine.toFixed(3) !== hit.score.toFixed(3)) {
+    const cosine = document.createElement("span");
+    cosine.className = "cosine";
+    cosine.textContent = ` (cos ${hit.cosine.toFixed(3)})`;
+    score.title = "score: the lowest cosine down to this rank; in brackets: this image's own cosine";
+    score.append(cosine);
+  }
+  return score;
+}
+
 function renderResults(data) {
   const list = $("results");
   list.replaceChildren();
   for (const hit of data.results) {
     const item = document.createElement("li");
     item.className = "result";
-    item.tabIndex = 0;
     item.dataset.id = hit.id;
     item.dataset.rank = hit.rank;
-    item.title = `${hit.path}\nclick: more like this`;
 
+    // The picture searches for more like it; the name opens the full image.
+    const picture = document.createElement("button");
+    picture.type = "button";
+    picture.className = "picture";
+    picture.title = "more like this";
     const img = document.createElement("img");
     img.src = hit.thumbnail_url;
-    img.alt = hit.name;
+    img.alt = `${hit.name}, rank ${hit.rank}: search for more like it`;
     img.loading = "lazy";
+    picture.append(img);
+    picture.addEventListener("click", () => searchById(hit.id, hit.name));
 
     const meta = document.createElement("div");
     meta.className = "meta";
     const rank = document.createElement("span");
     rank.className = "rank";
     rank.textContent = `#${hit.rank}`;
-    const score = document.createElement("span");
-    score.className = "score";
-    score.textContent = hit.score.toFixed(3);
-    meta.append(rank, score);
+    meta.append(rank, scoreCell(hit));
 
-    const name = document.createElement("div");
+    const name = document.createElement("a");
     name.className = "name";
+    name.href = hit.image_url;
+    name.target = "_blank";
+    name.rel = "noopener";
     name.textContent = hit.name;
+    name.title = `${hit.path}\nopen the full image`;
 
-    item.append(img, meta, name);
-    item.addEventListener("click", () => searchById(hit.id, hit.name));
-    item.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); searchById(hit.id, hit.name); }
-    });
+    const folder = document.createElement("span");
+    folder.className = "folder";
+    folder.textContent = shortFolder(hit.folder);
+    folder.title = hit.folder;
+
+    item.append(picture, meta, name, folder);
     list.append(item);
   }
-  setStatus(`${data.results.length} results for ${data.query.name}`);
+  const what = data.query.box ? `a region of ${data.query.name}` : data.query.name;
+  setStatus(`${data.results.length} results for ${what}`);
+  $("hint").textContent = "Click a picture to search for more like it, its name to open the full image. "
+    + "Drag on the query image to search with a region of it.";
 }
 
 async function run(query) {
@@ -236,7 +270,8 @@ function setUpRegion() {
 async function loadHealth() {
   try {
     const info = await callApi("/api/health");
-    $("health").textContent = `${info.count} images · model ${info.model} · ${info.index_type} index`;
+    $("health").textContent = info.summary;
+    $("health").title = `${info.index}\n${info.dim}-d ${info.model} (${info.weights}) vectors; ${info.index_type}`;
     $("k").max = String(info.max_k);
   } catch (e) {
     $("health").textContent = `server unavailable: ${e.message}`;
