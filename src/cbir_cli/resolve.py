@@ -25,6 +25,16 @@ FALLBACK_MODEL = "mobilenet_v2"
 FALLBACK_NOTED = f"{FALLBACK_MODEL}-instead-of-{DEFAULT_MODEL}"  # marker: the fallback note was said
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model as asked for (None: decided by :func:`resolve_model` and
+    :func:`resolve_descriptor`): a registered name, a weights file, a descriptor."""
+
+    model: str | None = None
+    weights: str | os.PathLike[str] | None = None
+    descriptor: DescriptorSettings | None = None
+
+
 def resolve_index_dir(index_dir: str | os.PathLike[str] | None) -> Path:
     """The index folder asked for, else ``$CBIR_INDEX``, else the per-user data dir."""
     return Path(index_dir).expanduser() if index_dir is not None else default_index_dir()

@@ -8,12 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import remedy_text
 from .common import (
     AUTO_DECODE,
     AUTO_DEVICE,
     AUTO_PRECISION,
     AUTO_RUNTIME,
-    REMEDIES,
     SPEED_PANEL,
     BatchOpt,
     DbaAlphaOpt,
@@ -46,6 +46,7 @@ from .common import (
     printable,
     show_progress,
     stderr,
+    stdout,
     warn_skip,
 )
 from .scaling import (
@@ -102,6 +103,9 @@ def index_cmd(
     milvus_uri: MilvusUriOpt = None,
     milvus_collection: MilvusCollectionOpt = None,
     rebuild_backend: RebuildBackendOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the run plan (index folder, model, device, "
+                                          "runtime, precision, descriptor, backend, index type, decode, engine) "
+                                          "and stop: nothing is written, no model is loaded.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
@@ -109,16 +113,25 @@ def index_cmd(
         raise typer.BadParameter("missing FOLDER (only --rebuild-backend runs without one)", param_hint="FOLDER")
     spec = backend_choice(backend, backend_uri, backend_collection, milvus_uri, milvus_collection)
     with cli_errors():
+        from ..pipeline.options import IndexSettings
         from ..pipeline.sync import index_folder
-        from ..resolve import resolve_index_dir
+        from ..resolve import ModelSettings, resolve_index_dir
 
         target = resolve_index_dir(index_dir)
         kind = index_type.value if index_type else None
+        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
+                                  runtime=runtime, decode=decode, precision=precision,
+                                  shard_dtype=shard_dtype)
+        settings = ModelSettings(model, weights, descriptor_choice(pooling, gem_p, input_mode, scales))
+        index = IndexSettings(kind, spec, dba_choice(dba, dba_alpha), rebuild_backend)
+        if dry_run:
+            print_plan(target, settings, options, index, engine, rebuild, as_json)
+            return
         if folder is None:
             from ..search.backends import rebuild_backend as rebuild_search_backend
             from ..search.backends import recorded_spec
 
-            store = rebuild_search_backend(target, kind, spec, dba=dba_choice(dba, dba_alpha))
+            store = rebuild_search_backend(target, kind, spec, dba=index.dba)
             if as_json:
                 recorded = recorded_spec(store)
                 typer.echo(json.dumps({"index": str(target), "rebuilt_backend": True, "store_count": store.count,
@@ -127,16 +140,35 @@ def index_cmd(
             stderr().print(f"re-populated the search backend of {target} (and its DBA vectors) from its "
                            f"{store.count} stored vectors", markup=False)
             return
-        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
-                                  runtime=runtime, decode=decode, precision=precision,
-                                  shard_dtype=shard_dtype)
         with executor_for(engine, ray_address, ray_actors, options) as executor:
-            summary = index_folder(folder, target, model, weights, options, index_type=kind, rebuild=rebuild,
-                                   on_skip=warn_skip, on_notice=notice, executor=executor, backend=spec,
-                                   rebuild_backend=rebuild_backend,
-                                   descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
-                                   dba=dba_choice(dba, dba_alpha))
+            summary = index_folder(folder, target, settings, options=options, index=index, rebuild=rebuild,
+                                   on_skip=warn_skip, on_notice=notice, executor=executor)
         print_summary(summary, target, as_json, "indexed")
+
+
+def print_plan(target: Path, settings, options, index, engine: str, rebuild: bool, as_json: bool) -> None:
+    """``--dry-run``: the run plan, as :func:`~cbir_cli.pipeline.run_plan.plan_run`
+    makes it for ``cbir index`` (the same call the run makes), on stdout."""
+    from ..pipeline.executor import EXECUTOR_TYPES
+    from ..pipeline.run_plan import plan_run
+
+    EXECUTOR_TYPES.get(engine)  # an unknown engine fails as the run would
+    plan = plan_run(target, settings, options, index, engine=engine, rebuild=rebuild)
+    for line in plan.notices:
+        notice(line)
+    shown = plan.as_dict()
+    if as_json:
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    backend = shown["backend"]
+    shown["backend"] = " ".join([backend["name"], *(f"{k}={v}" for k, v in backend.items() if k != "name")])
+    shown["exists"] = "yes" if plan.exists else "no (a new index)"
+    del shown["notices"]
+    width = max(map(len, shown))
+    out = stdout()
+    out.print("run plan (dry run: nothing written, no model loaded)", markup=False)
+    for key, value in shown.items():
+        out.print(f"  {key.ljust(width)}  {printable(str(value))}", markup=False)
 
 
 @command("extract")
@@ -200,7 +232,7 @@ def check_cmd(
             if not repaired.changed:
                 stderr().print("nothing to repair", markup=False)
         report = check_index(resolve_index_dir(index_dir))
-        repair = REMEDIES.get(report.repair or "")
+        repair = remedy_text(report.repair, cli=True)
         if as_json:
             typer.echo(json.dumps({**report.as_dict(), "repair": repair}, indent=2))
         else:

@@ -157,6 +157,11 @@ def refresh_backend(store: FeatureStore, index_type: str | None, rebuild: bool =
         return backend.refresh(store, index_type)
 
 
+def saved_index_type(store: FeatureStore) -> str:
+    """The index type the store's backend was last built with (auto when unknown)."""
+    return _saved_index_type(store, backend_for(store))
+
+
 def _saved_index_type(store: FeatureStore, backend: SearchBackend) -> str:
     try:
         meta = backend.read_meta(store)
