@@ -10,37 +10,16 @@ import typer
 
 from ..errors import remedy_text
 from .common import (
-    AUTO_DECODE,
-    AUTO_DEVICE,
-    AUTO_PRECISION,
-    AUTO_RUNTIME,
     SPEED_PANEL,
-    BatchOpt,
-    DbaAlphaOpt,
-    DbaOpt,
-    DecodeOpt,
-    DeviceOpt,
     FolderArg,
-    GemPOpt,
     IndexDirOpt,
     IndexType,
-    InputOpt,
     JsonOpt,
     ModelOpt,
     OptionalFolderArg,
-    PoolingOpt,
-    PrecisionOpt,
-    RuntimeOpt,
-    ScalesOpt,
-    ShardDtypeOpt,
-    ShardOpt,
     WeightsOpt,
-    WorkersOpt,
     cli_errors,
     command,
-    dba_choice,
-    descriptor_choice,
-    extract_options,
     notice,
     print_summary,
     printable,
@@ -49,23 +28,20 @@ from .common import (
     stdout,
     warn_skip,
 )
-from .scaling import (
-    LOCAL_ENGINE,
-    BackendCollectionOpt,
-    BackendOpt,
-    BackendUriOpt,
-    EngineOpt,
-    MilvusCollectionOpt,
-    MilvusUriOpt,
-    RayActorsOpt,
-    RayAddressOpt,
-    RebuildBackendOpt,
-    backend_choice,
-    executor_for,
+from .option_groups import (
+    BackendOptions,
+    DbaOptions,
+    DescriptorOptions,
+    EmbedOptions,
+    EngineOptions,
+    ShardOptions,
+    grouped,
 )
+from .scaling import RebuildBackendOpt
 
 
 @command("index")
+@grouped
 def index_cmd(
     folder: OptionalFolderArg = None,
     index_dir: IndexDirOpt = None,
@@ -80,28 +56,13 @@ def index_cmd(
                                                        "to switch --model or the descriptor: without descriptor "
                                                        "options it gets the default one); the previous index keeps "
                                                        "serving until the new one is complete.")] = False,
-    pooling: PoolingOpt = None,
-    gem_p: GemPOpt = None,
-    input_mode: InputOpt = None,
-    scales: ScalesOpt = None,
-    dba: DbaOpt = None,
-    dba_alpha: DbaAlphaOpt = None,
-    device: DeviceOpt = AUTO_DEVICE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    shard_size: ShardOpt = 1024,
-    shard_dtype: ShardDtypeOpt = None,
-    runtime: RuntimeOpt = AUTO_RUNTIME,
-    decode: DecodeOpt = AUTO_DECODE,
-    precision: PrecisionOpt = AUTO_PRECISION,
-    engine: EngineOpt = LOCAL_ENGINE,
-    ray_address: RayAddressOpt = "auto",
-    ray_actors: RayActorsOpt = None,
-    backend: BackendOpt = None,
-    backend_uri: BackendUriOpt = None,
-    backend_collection: BackendCollectionOpt = None,
-    milvus_uri: MilvusUriOpt = None,
-    milvus_collection: MilvusCollectionOpt = None,
+    *,
+    descriptor: DescriptorOptions,
+    dba: DbaOptions,
+    embed: EmbedOptions,
+    shards: ShardOptions,
+    engine: EngineOptions,
+    backend: BackendOptions,
     rebuild_backend: RebuildBackendOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the run plan (index folder, model, device, "
                                           "runtime, precision, descriptor, backend, index type, decode, engine) "
@@ -111,7 +72,7 @@ def index_cmd(
     """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
     if folder is None and not rebuild_backend:
         raise typer.BadParameter("missing FOLDER (only --rebuild-backend runs without one)", param_hint="FOLDER")
-    spec = backend_choice(backend, backend_uri, backend_collection, milvus_uri, milvus_collection)
+    spec = backend.spec()
     with cli_errors():
         from ..pipeline.options import IndexSettings
         from ..pipeline.sync import index_folder
@@ -119,13 +80,11 @@ def index_cmd(
 
         target = resolve_index_dir(index_dir)
         kind = index_type.value if index_type else None
-        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
-                                  runtime=runtime, decode=decode, precision=precision,
-                                  shard_dtype=shard_dtype)
-        settings = ModelSettings(model, weights, descriptor_choice(pooling, gem_p, input_mode, scales))
-        index = IndexSettings(kind, spec, dba_choice(dba, dba_alpha), rebuild_backend)
+        options = embed.extract_options(show_progress(as_json), shards)
+        settings = ModelSettings(model, weights, descriptor.settings())
+        index = IndexSettings(kind, spec, dba.settings(), rebuild_backend)
         if dry_run:
-            print_plan(target, settings, options, index, engine, rebuild, as_json)
+            print_plan(target, settings, options, index, engine.engine, rebuild, as_json)
             return
         if folder is None:
             from ..search.backends import rebuild_backend as rebuild_search_backend
@@ -140,7 +99,7 @@ def index_cmd(
             stderr().print(f"re-populated the search backend of {target} (and its DBA vectors) from its "
                            f"{store.count} stored vectors", markup=False)
             return
-        with executor_for(engine, ray_address, ray_actors, options) as executor:
+        with engine.executor(options) as executor:
             summary = index_folder(folder, target, settings, options=options, index=index, rebuild=rebuild,
                                    on_skip=warn_skip, on_notice=notice, executor=executor)
         print_summary(summary, target, as_json, "indexed")
@@ -172,40 +131,28 @@ def print_plan(target: Path, settings, options, index, engine: str, rebuild: boo
 
 
 @command("extract")
+@grouped
 def extract_cmd(
     folder: FolderArg,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT",
                                       help="Output folder for .npy shards + manifest.json.")],
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    pooling: PoolingOpt = None,
-    gem_p: GemPOpt = None,
-    input_mode: InputOpt = None,
-    scales: ScalesOpt = None,
-    device: DeviceOpt = AUTO_DEVICE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    shard_size: ShardOpt = 1024,
-    shard_dtype: ShardDtypeOpt = None,
-    runtime: RuntimeOpt = AUTO_RUNTIME,
-    decode: DecodeOpt = AUTO_DECODE,
-    precision: PrecisionOpt = AUTO_PRECISION,
-    engine: EngineOpt = LOCAL_ENGINE,
-    ray_address: RayAddressOpt = "auto",
-    ray_actors: RayActorsOpt = None,
+    *,
+    descriptor: DescriptorOptions,
+    embed: EmbedOptions,
+    shards: ShardOptions,
+    engine: EngineOptions,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
     with cli_errors():
         from ..pipeline.sync import extract_folder
 
-        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
-                                  runtime=runtime, decode=decode, precision=precision,
-                                  shard_dtype=shard_dtype)
-        descriptor = descriptor_choice(pooling, gem_p, input_mode, scales)
-        with executor_for(engine, ray_address, ray_actors, options) as executor:
+        options = embed.extract_options(show_progress(as_json), shards)
+        with engine.executor(options) as executor:
             summary = extract_folder(folder, out, model, weights, options, on_skip=warn_skip, on_notice=notice,
-                                     executor=executor, descriptor=descriptor)
+                                     executor=executor, descriptor=descriptor.settings())
         print_summary(summary, out, as_json, "extracted")
 
 

@@ -27,6 +27,7 @@ from ..store.feature_store import FeatureStore
 from .options import ExtractOptions, IndexSettings, decode_for
 
 if TYPE_CHECKING:
+    from ..models.protocol import Embedder
     from ..models.registry import DescriptorSettings
     from ..search.backends import BackendSpec
 
@@ -125,7 +126,7 @@ def choose_index_type(requested: str | None, backend: BackendSpec | None, existi
 def plan_run(index_dir: str | os.PathLike[str] | None, model: ModelSettings | None = None,
              options: ExtractOptions | None = None, index: IndexSettings | None = None,
              engine: str = LOCAL_ENGINE, rebuild: bool = False,
-             existing: FeatureStore | bool | None = True) -> RunPlan:
+             existing: FeatureStore | bool | None = True, embedder: Embedder | None = None) -> RunPlan:
     """The plan for indexing into ``index_dir`` with these settings.
 
     Args:
@@ -138,6 +139,8 @@ def plan_run(index_dir: str | os.PathLike[str] | None, model: ModelSettings | No
         rebuild: whether everything is embedded again into a new index.
         existing: the index as it is (None: there is none); True (default): read it
             from ``index_dir`` without writing anything.
+        embedder: a model already loaded (tests, benchmarks): the plan is its
+            model, descriptor, device and runtime.
 
     Returns:
         The :class:`RunPlan`; no model is loaded and nothing is written.
@@ -153,6 +156,8 @@ def plan_run(index_dir: str | os.PathLike[str] | None, model: ModelSettings | No
     if existing is True:
         existing = FeatureStore.open(folder, check_files=False) if FeatureStore.exists(folder) else None
     store = existing if isinstance(existing, FeatureStore) else None
+    if embedder is not None:
+        return _embedder_plan(embedder, folder, options, index, engine, rebuild, store)
     choice = resolve_model(model.model, model.weights, store)
     descriptor, descriptor_notice = resolve_descriptor(model.descriptor, choice.name, store, rebuild)
     local = engine == LOCAL_ENGINE
@@ -175,3 +180,19 @@ def plan_run(index_dir: str | os.PathLike[str] | None, model: ModelSettings | No
     notices = tuple(n for n in (choice.notice, descriptor_notice) if n)
     return RunPlan(folder, choice.name, choice.weights, descriptor, device, runtime, precision, decode, backend,
                    index_type, engine, exists=store is not None, rebuild=rebuild, notices=notices)
+
+
+def _embedder_plan(embedder: Embedder, folder: Path, options: ExtractOptions, index: IndexSettings, engine: str,
+                   rebuild: bool, store: FeatureStore | None) -> RunPlan:
+    """The plan around a model already loaded: its own choices, the index's for the rest."""
+    from ..models.loading import runtime_of
+
+    config = embedder.config
+    device = getattr(embedder, "device", None)
+    backend = choose_backend(index.backend, index.index_type, store, folder)
+    return RunPlan(folder, config.name, None, getattr(config, "descriptor", None),
+                   "cpu" if device is None else str(device), runtime_of(embedder),
+                   str(embedder.fingerprint().get("precision", "fp32")),
+                   decode_for(options.decode, None if device is None else str(device), config), backend,
+                   choose_index_type(index.index_type, backend, store), engine, exists=store is not None,
+                   rebuild=rebuild)

@@ -206,10 +206,8 @@ def _sync_folder(root: str | os.PathLike[str], index_dir: Path, model: ModelSett
 
     with write_transaction(index_dir, rebuild=rebuild, shard_size=options.shard_size,
                            shard_dtype=options.shard_dtype) as txn:
-        if embedder is not None:  # a loaded model: the plan is its (index and backend choices still apply)
-            model = replace(model, model=embedder.config.name)
         plan = plan_run(index_dir, model, options, index, engine=getattr(executor, "name", LOCAL_ENGINE),
-                        rebuild=rebuild, existing=txn.existing)
+                        rebuild=rebuild, existing=txn.existing, embedder=embedder)
         if embedder is not None:
             fingerprint = embedder.fingerprint()
             request = EmbedRequest(plan.model, model.weights, options.device, options.runtime, embedder)
