@@ -1,7 +1,8 @@
 """cbir-cli: content-based image retrieval with pretrained CNN features and Faiss.
 
 The public Python API is imported lazily so that ``import cbir_cli`` (and
-``cbir --help``) never pays for torch or faiss.
+``cbir --help``) never pays for torch or faiss. Every public function names the
+index folder ``index_dir`` (the store layer's own classes call theirs ``root``).
 """
 
 from __future__ import annotations
