@@ -106,13 +106,10 @@ def choose_backend(requested: BackendSpec | None, index_type: str | None, existi
 
 def choose_index_type(requested: str | None, backend: BackendSpec | None, existing: FeatureStore | None) -> str:
     """The requested index type, else the one the index was saved with, else auto."""
-    from ..search.faiss_backend import INDEX_TYPES
-
     if requested is not None:
-        if requested not in INDEX_TYPES:
-            from ..errors import CbirError
+        from ..search.faiss_backend import resolve_index_type
 
-            raise CbirError(f"unknown index type {requested!r}; choose one of: {', '.join(INDEX_TYPES)}")
+        resolve_index_type(requested, 0)  # an unknown type fails now
         return requested
     if backend is not None and backend.index_type:
         return backend.index_type
