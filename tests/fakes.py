@@ -14,7 +14,7 @@ from PIL import Image
 
 from cbir_cli.pipeline.executor import EmbedRequest, FailureCallback, VectorSink
 from cbir_cli.pipeline.plan import HashResult, Item
-from cbir_cli.search.protocol import BackendCheck
+from cbir_cli.search.protocol import BackendBase, BackendCheck
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class FakeEmbedder:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class FakeBackend:
+class FakeBackend(BackendBase):
     """A :class:`~cbir_cli.search.protocol.SearchBackend`: exact search over numpy arrays."""
 
     name = "fake"
@@ -114,6 +114,9 @@ class FakeBackend:
 
     def check(self, store: Any, live_vectors: np.ndarray) -> BackendCheck:
         return BackendCheck()
+
+    def read_meta(self, store: Any) -> dict[str, Any] | None:
+        return None  # nothing is ever saved
 
 
 class CountingExecutor:

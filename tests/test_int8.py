@@ -102,12 +102,12 @@ def test_auto_precision_is_int8_on_the_cpu_for_measured_models():
 
 
 def test_auto_keeps_an_existing_fp32_store_fp32(tmp_path, image_folder, cache, monkeypatch):
-    from cbir_cli.pipeline import sync
+    from cbir_cli.pipeline import run_plan
 
     folder = image_folder(4)
     index_folder(folder, tmp_path / "idx", "test_tiny", options=ExtractOptions(workers=0, device="cpu",
                                                                                precision="fp32"))
-    monkeypatch.setattr(sync, "default_precision", lambda *a, **k: "int8")  # as for a registry model on the CPU
+    monkeypatch.setattr(run_plan, "default_precision", lambda *a, **k: "int8")  # as for a registry model on the CPU
     make_image(50).save(folder / "more.jpg", quality=90)
     summary = index_folder(folder, tmp_path / "idx", "test_tiny", options=ExtractOptions(workers=0, device="cpu"))
     assert summary.added == 1 and "precision" not in FeatureStore.open(tmp_path / "idx").fingerprint

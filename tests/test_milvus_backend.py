@@ -140,7 +140,7 @@ def test_the_backend_is_recorded_and_additions_changes_removals_are_mirrored(ima
 def test_check_finds_a_dropped_collection_and_rebuild_backend_restores_it(image_folder, tmp_path, tiny_embedder):
     folder = image_folder(6)
     target = tmp_path / "index"
-    index(folder, target, "--backend", "milvus", "--milvus-collection", "my_images")
+    index(folder, target, "--backend", "milvus", "--backend-collection", "my_images")
     store = FeatureStore.open(target)
     backend = backend_for(store)
     backend.client().drop_collection("my_images")

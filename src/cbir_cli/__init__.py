@@ -1,7 +1,8 @@
 """cbir-cli: content-based image retrieval with pretrained CNN features and Faiss.
 
 The public Python API is imported lazily so that ``import cbir_cli`` (and
-``cbir --help``) never pays for torch or faiss.
+``cbir --help``) never pays for torch or faiss. Every public function names the
+index folder ``index_dir`` (the store layer's own classes call theirs ``root``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CbirError": "cbir_cli.errors",
-    "list_models": "cbir_cli.models.registry",
+    "list_models": "cbir_cli.models.family",
+    "model_config": "cbir_cli.models.family",
     "get_model_config": "cbir_cli.models.registry",
     "load_embedder": "cbir_cli.models.loading",
     "extract_folder": "cbir_cli.pipeline.sync",

@@ -3,22 +3,61 @@ non-zero exit; anything else is a bug and keeps its traceback.
 
 Messages name concepts ("the index", "the model"), never command-line flags: the
 library is also used from Python and from the web server. Where there is a standard
-way out, the error carries it as a :attr:`CbirError.remedy` key; ``str(exc)``
-appends the library's wording of it and the CLI its own (with the command to run).
+way out, the error carries it as a :attr:`CbirError.remedy` key into
+:data:`REMEDIES`, the one table that words each remedy twice: ``str(exc)`` appends
+the library's wording, the CLI its own (with the command to run). One row per key,
+both wordings required, so the two can no longer drift apart.
 """
 
 from __future__ import annotations
 
-# Remedy keys and how the library words them; the CLI has its own wording with flags.
-REMEDIES = {
-    "rebuild": "rebuild the index from its images",
-    "recover": "recover the manifest from the shards (a repair), or rebuild the index from its images",
-    "build": "build an index first",
-    "other-model": "use another index folder, the model and weights it was built with, or rebuild it",
-    "weights-file": "or use a local state-dict file as the model's weights",
-    "rebuild-backend": "re-populate the search backend from the index's stored vectors",
-    "shard-dtype": "rebuild the index from its images to change it, or keep the index's shard dtype",
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One standard way out of an error, worded twice: ``library`` names concepts
+    (for Python callers and the web server), ``cli`` names the command to run."""
+
+    library: str
+    cli: str
+
+
+# The one remedy table: key -> both wordings (a CbirError carries the key).
+REMEDIES: dict[str, Remedy] = {
+    "rebuild": Remedy(
+        "rebuild the index from its images",
+        "repair with `cbir check --repair`, then `cbir index FOLDER` embeds again what was lost "
+        "(or start over with `cbir index FOLDER --rebuild`)"),
+    "recover": Remedy(
+        "recover the manifest from the shards (a repair), or rebuild the index from its images",
+        "recover it with `cbir check --repair` (same --index), or start over with `cbir index FOLDER --rebuild`"),
+    "build": Remedy(
+        "build an index first",
+        "build one with `cbir index FOLDER`, or name an existing one with --index DIR"),
+    "other-model": Remedy(
+        "use another index folder, the model and weights it was built with, or rebuild it",
+        "use another --index/--out folder, the same --model/--weights as before, or --rebuild"),
+    "weights-file": Remedy(
+        "or use a local state-dict file as the model's weights",
+        "or pass a local state dict with --weights FILE"),
+    "rebuild-backend": Remedy(
+        "re-populate the search backend from the index's stored vectors",
+        "repair with `cbir index --rebuild-backend` (no re-embedding)"),
+    "shard-dtype": Remedy(
+        "rebuild the index from its images to change it, or keep the index's shard dtype",
+        "leave out --shard-dtype to keep the index's, or change it with `cbir index FOLDER --rebuild "
+        "--shard-dtype ...` (embeds everything again)"),
 }
+
+
+def remedy_text(key: str | None, cli: bool = False) -> str | None:
+    """How to word the remedy ``key`` (None: no remedy): the library's words, or
+    with ``cli`` the command line's."""
+    remedy = REMEDIES.get(key or "")
+    if remedy is None:
+        return None
+    return remedy.cli if cli else remedy.library
 
 
 class CbirError(Exception):
@@ -35,9 +74,8 @@ class CbirError(Exception):
             self.remedy = remedy
 
     def __str__(self) -> str:
-        if self.remedy in REMEDIES:
-            return f"{self.message}; {REMEDIES[self.remedy]}"
-        return self.message
+        remedy = remedy_text(self.remedy)
+        return f"{self.message}; {remedy}" if remedy else self.message
 
 
 class ImageError(CbirError):

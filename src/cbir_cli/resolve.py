@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .models.registry import DescriptorSettings, get_model_config
+from .errors import CbirError
+from .models.family import model_config
+from .models.registry import CnnConfig, DescriptorSettings, get_model_config
 from .models.weights import torch_hub_checkpoint_dir, weights_downloadable
 from .paths import cache_root, default_index_dir
 
@@ -21,6 +23,16 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "resnet50"
 FALLBACK_MODEL = "mobilenet_v2"
 FALLBACK_NOTED = f"{FALLBACK_MODEL}-instead-of-{DEFAULT_MODEL}"  # marker: the fallback note was said
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model as asked for (None: decided by :func:`resolve_model` and
+    :func:`resolve_descriptor`): a registered name, a weights file, a descriptor."""
+
+    model: str | None = None
+    weights: str | os.PathLike[str] | None = None
+    descriptor: DescriptorSettings | None = None
 
 
 def resolve_index_dir(index_dir: str | os.PathLike[str] | None) -> Path:
@@ -85,13 +97,19 @@ def resolve_model(model: str | None, weights: str | os.PathLike[str] | None,
 
 
 def resolve_descriptor(requested: DescriptorSettings | None, model: str, existing: FeatureStore | None = None,
-                       rebuild: bool = False) -> tuple[DescriptorSettings, str | None]:
+                       rebuild: bool = False) -> tuple[DescriptorSettings | None, str | None]:
     """The descriptor to embed with, and a notice when it is not the model's default.
 
     The one asked for; else, growing an ``existing`` store, the one its vectors were
     made with (a store made before descriptors were configurable records none: the
-    legacy GAP / centre crop); else -- a new store, or a rebuild -- the model's default."""
-    default = get_model_config(model).descriptor
+    legacy GAP / centre crop); else -- a new store, or a rebuild -- the model's default.
+    None for a model that is no CNN (its family makes one vector per image its own way)."""
+    config = model_config(model)
+    if not isinstance(config, CnnConfig):
+        if requested is not None:
+            raise CbirError(f"--pooling, --input and --scales pool a CNN's feature map; {model} has none")
+        return None, None
+    default = config.descriptor
     if requested is not None:
         return requested, None
     if existing is not None and not rebuild and str(existing.fingerprint.get("model")) == model:

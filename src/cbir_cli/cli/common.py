@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
-from ..errors import CbirError
+from ..errors import CbirError, remedy_text
 from ..evaluate.datasets import RELEVANCE_KINDS
 from ..models.loading import DEVICES, RUNTIMES
 from ..models.quantize import PRECISIONS
@@ -119,20 +119,6 @@ AUTO_DEVICE, AUTO_RUNTIME, AUTO_DECODE = Device("auto"), Runtime("auto"), Decode
 AUTO_PRECISION = Precision("auto")
 PRODUCT_RELEVANCE = Relevance("product")
 
-# How the CLI words the library's remedies (cbir_cli.errors.REMEDIES), with commands.
-REMEDIES = {
-    "rebuild": "repair with `cbir check --repair`, then `cbir index FOLDER` embeds again what was lost "
-               "(or start over with `cbir index FOLDER --rebuild`)",
-    "recover": "recover it with `cbir check --repair` (same --index), or start over with `cbir index FOLDER --rebuild`",
-    "build": "build one with `cbir index FOLDER`, or name an existing one with --index DIR",
-    "other-model": "use another --index/--out folder, the same --model/--weights as before, or --rebuild",
-    "weights-file": "or pass a local state dict with --weights FILE",
-    "rebuild-backend": "repair with `cbir index --rebuild-backend` (no re-embedding)",
-    "shard-dtype": "leave out --shard-dtype to keep the index's, or change it with `cbir index FOLDER --rebuild "
-                   "--shard-dtype ...` (embeds everything again)",
-}
-
-
 def printable(text: str) -> str:
     """``text`` safe to print as (part of) one terminal line: control characters
     (newlines, ESC, bidi overrides...) written as escapes (``\\n``, ``\\x1b``,
@@ -150,7 +136,7 @@ def printable(text: str) -> str:
 
 def error_line(exc: CbirError) -> str:
     """The one line a domain error prints, with the CLI's remedy."""
-    remedy = REMEDIES.get(exc.remedy or "")
+    remedy = remedy_text(exc.remedy, cli=True)
     message = printable(exc.message)
     return f"{message}; {remedy}" if remedy else message
 

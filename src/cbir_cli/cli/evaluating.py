@@ -10,43 +10,25 @@ import typer
 
 from ..evaluate.datasets import DATASET_KINDS
 from .common import (
-    AUTO_DECODE,
-    AUTO_DEVICE,
-    AUTO_PRECISION,
     PRODUCT_RELEVANCE,
-    BatchOpt,
-    DbaAlphaOpt,
-    DbaOpt,
-    DecodeOpt,
-    DeviceOpt,
-    GemPOpt,
-    InputOpt,
     JsonOpt,
-    PoolingOpt,
-    PrecisionOpt,
-    QeAlphaOpt,
-    QeOpt,
     Relevance,
-    ScalesOpt,
     WeightsOpt,
-    WorkersOpt,
     _choices,
     cli_errors,
     command,
-    dba_choice,
-    descriptor_choice,
-    extract_options,
-    rerank_choice,
     show_progress,
     stderr,
     stdout,
 )
+from .option_groups import DbaOptions, DescriptorOptions, EmbedOptions, EvaluationRerankOptions, grouped
 
 COPIES = "copies"
 EvaluateDataset = _choices("EvaluateDataset", (*DATASET_KINDS, COPIES))
 
 
 @command("evaluate")
+@grouped
 def evaluate_cmd(
     dataset: Annotated[EvaluateDataset, typer.Option("--dataset", help="sop (Stanford Online Products: Ebay_test.txt, "
                                                      "Ebay_train.txt), folder "
@@ -61,18 +43,10 @@ def evaluate_cmd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model for --features deep. Default: "
                                                  "resnet50, else installed mobilenet_v2.", show_default=False)] = None,
     weights: WeightsOpt = None,
-    pooling: PoolingOpt = None,
-    gem_p: GemPOpt = None,
-    input_mode: InputOpt = None,
-    scales: ScalesOpt = None,
-    rerank: Annotated[Optional[bool], typer.Option("--rerank/--no-rerank", help="Re-rank: alpha query expansion "
-                                                   "with DBA vectors, the plain top-1 kept first. Default: the deep "
-                                                   "model re-ranks, the hand-crafted baselines do not (--rerank: "
-                                                   "them too).", show_default=False)] = None,
-    qe: QeOpt = 3,
-    qe_alpha: QeAlphaOpt = 3.0,
-    dba: DbaOpt = None,
-    dba_alpha: DbaAlphaOpt = None,
+    *,
+    descriptor: DescriptorOptions,
+    rerank: EvaluationRerankOptions,
+    dba: DbaOptions,
     compare: Annotated[bool, typer.Option("--compare", help="Evaluate every descriptor / re-ranking variant of "
                                           "the deep model side by side (one row each).")] = False,
     features: Annotated[str, typer.Option("--features", help="deep, hsv, hog, sift_bovw, a comma list, or all "
@@ -100,11 +74,7 @@ def evaluate_cmd(
                                       "distortions' random parts.")] = 0,
     distortions: Annotated[Optional[str], typer.Option("--distortions", help="copies: a comma list of "
                                                        "distortions (default: all).", show_default=False)] = None,
-    device: DeviceOpt = AUTO_DEVICE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    decode: DecodeOpt = AUTO_DECODE,
-    precision: PrecisionOpt = AUTO_PRECISION,
+    embed: EmbedOptions,
     as_json: JsonOpt = False,
 ) -> None:
     """Score retrieval on a labelled dataset, or copy detection on any folder of images.
@@ -120,14 +90,12 @@ def evaluate_cmd(
 
         options = EvaluationOptions(
             features=parse_features(features), model=model, weights=weights, relevance=relevance.value,
-            descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
-            rerank=rerank_choice(rerank is not False, qe, qe_alpha), rerank_baselines=rerank is True,
+            descriptor=descriptor.settings(), rerank=rerank.settings(), rerank_baselines=rerank.baselines,
             bootstrap=Bootstrap(bootstrap), compare=compare,
             recall_ks=parse_ks(recall_at, "--recall-at"), k=k, depth=depth, features_dir=features_dir,
-            extract=extract_options(batch_size, workers, 1024, device, progress=show_progress(as_json), decode=decode,
-                                    precision=precision),
+            extract=embed.extract_options(show_progress(as_json)),
         )
-        dba_settings = dba_choice(dba, dba_alpha)
+        dba_settings = dba.settings()
         if dba_settings is not None:
             options.dba = dba_settings
         if dataset.value == COPIES:

@@ -8,61 +8,40 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import remedy_text
 from .common import (
-    AUTO_DECODE,
-    AUTO_DEVICE,
-    AUTO_PRECISION,
-    AUTO_RUNTIME,
-    REMEDIES,
     SPEED_PANEL,
-    BatchOpt,
-    DbaAlphaOpt,
-    DbaOpt,
-    DecodeOpt,
-    DeviceOpt,
     FolderArg,
-    GemPOpt,
     IndexDirOpt,
     IndexType,
-    InputOpt,
     JsonOpt,
     ModelOpt,
     OptionalFolderArg,
-    PoolingOpt,
-    PrecisionOpt,
-    RuntimeOpt,
-    ScalesOpt,
-    ShardDtypeOpt,
-    ShardOpt,
     WeightsOpt,
-    WorkersOpt,
     cli_errors,
     command,
-    dba_choice,
-    descriptor_choice,
-    extract_options,
     notice,
     print_summary,
     printable,
     show_progress,
     stderr,
+    stdout,
     warn_skip,
 )
-from .scaling import (
-    LOCAL_ENGINE,
-    BackendOpt,
-    EngineOpt,
-    MilvusCollectionOpt,
-    MilvusUriOpt,
-    RayActorsOpt,
-    RayAddressOpt,
-    RebuildBackendOpt,
-    backend_choice,
-    executor_for,
+from .option_groups import (
+    BackendOptions,
+    DbaOptions,
+    DescriptorOptions,
+    EmbedOptions,
+    EngineOptions,
+    ShardOptions,
+    grouped,
 )
+from .scaling import RebuildBackendOpt
 
 
 @command("index")
+@grouped
 def index_cmd(
     folder: OptionalFolderArg = None,
     index_dir: IndexDirOpt = None,
@@ -77,44 +56,41 @@ def index_cmd(
                                                        "to switch --model or the descriptor: without descriptor "
                                                        "options it gets the default one); the previous index keeps "
                                                        "serving until the new one is complete.")] = False,
-    pooling: PoolingOpt = None,
-    gem_p: GemPOpt = None,
-    input_mode: InputOpt = None,
-    scales: ScalesOpt = None,
-    dba: DbaOpt = None,
-    dba_alpha: DbaAlphaOpt = None,
-    device: DeviceOpt = AUTO_DEVICE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    shard_size: ShardOpt = 1024,
-    shard_dtype: ShardDtypeOpt = None,
-    runtime: RuntimeOpt = AUTO_RUNTIME,
-    decode: DecodeOpt = AUTO_DECODE,
-    precision: PrecisionOpt = AUTO_PRECISION,
-    engine: EngineOpt = LOCAL_ENGINE,
-    ray_address: RayAddressOpt = "auto",
-    ray_actors: RayActorsOpt = None,
-    backend: BackendOpt = None,
-    milvus_uri: MilvusUriOpt = None,
-    milvus_collection: MilvusCollectionOpt = None,
+    *,
+    descriptor: DescriptorOptions,
+    dba: DbaOptions,
+    embed: EmbedOptions,
+    shards: ShardOptions,
+    engine: EngineOptions,
+    backend: BackendOptions,
     rebuild_backend: RebuildBackendOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the run plan (index folder, model, device, "
+                                          "runtime, precision, descriptor, backend, index type, decode, engine) "
+                                          "and stop: nothing is written, no model is loaded.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER and build a searchable index (incremental, resumable)."""
     if folder is None and not rebuild_backend:
         raise typer.BadParameter("missing FOLDER (only --rebuild-backend runs without one)", param_hint="FOLDER")
-    spec = backend_choice(backend, milvus_uri, milvus_collection)
+    spec = backend.spec()
     with cli_errors():
+        from ..pipeline.options import IndexSettings
         from ..pipeline.sync import index_folder
-        from ..resolve import resolve_index_dir
+        from ..resolve import ModelSettings, resolve_index_dir
 
         target = resolve_index_dir(index_dir)
         kind = index_type.value if index_type else None
+        options = embed.extract_options(show_progress(as_json), shards)
+        settings = ModelSettings(model, weights, descriptor.settings())
+        index = IndexSettings(kind, spec, dba.settings(), rebuild_backend)
+        if dry_run:
+            print_plan(target, settings, options, index, engine.engine, rebuild, as_json)
+            return
         if folder is None:
             from ..search.backends import rebuild_backend as rebuild_search_backend
             from ..search.backends import recorded_spec
 
-            store = rebuild_search_backend(target, kind, spec, dba=dba_choice(dba, dba_alpha))
+            store = rebuild_search_backend(target, kind, spec, dba=index.dba)
             if as_json:
                 recorded = recorded_spec(store)
                 typer.echo(json.dumps({"index": str(target), "rebuilt_backend": True, "store_count": store.count,
@@ -123,53 +99,60 @@ def index_cmd(
             stderr().print(f"re-populated the search backend of {target} (and its DBA vectors) from its "
                            f"{store.count} stored vectors", markup=False)
             return
-        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
-                                  runtime=runtime, decode=decode, precision=precision,
-                                  shard_dtype=shard_dtype)
-        with executor_for(engine, ray_address, ray_actors, options) as executor:
-            summary = index_folder(folder, target, model, weights, options, index_type=kind, rebuild=rebuild,
-                                   on_skip=warn_skip, on_notice=notice, executor=executor, backend=spec,
-                                   rebuild_backend=rebuild_backend,
-                                   descriptor=descriptor_choice(pooling, gem_p, input_mode, scales),
-                                   dba=dba_choice(dba, dba_alpha))
+        with engine.executor(options) as executor:
+            summary = index_folder(folder, target, settings, options=options, index=index, rebuild=rebuild,
+                                   on_skip=warn_skip, on_notice=notice, executor=executor)
         print_summary(summary, target, as_json, "indexed")
 
 
+def print_plan(target: Path, settings, options, index, engine: str, rebuild: bool, as_json: bool) -> None:
+    """``--dry-run``: the run plan, as :func:`~cbir_cli.pipeline.run_plan.plan_run`
+    makes it for ``cbir index`` (the same call the run makes), on stdout."""
+    from ..pipeline.executor import EXECUTOR_TYPES
+    from ..pipeline.run_plan import plan_run
+
+    EXECUTOR_TYPES.get(engine)  # an unknown engine fails as the run would
+    plan = plan_run(target, settings, options, index, engine=engine, rebuild=rebuild)
+    for line in plan.notices:
+        notice(line)
+    shown = plan.as_dict()
+    if as_json:
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    backend = shown["backend"]
+    shown["backend"] = " ".join([backend["name"], *(f"{k}={v}" for k, v in backend.items() if k != "name")])
+    shown["exists"] = "yes" if plan.exists else "no (a new index)"
+    del shown["notices"]
+    width = max(map(len, shown))
+    out = stdout()
+    out.print("run plan (dry run: nothing written, no model loaded)", markup=False)
+    for key, value in shown.items():
+        out.print(f"  {key.ljust(width)}  {printable(str(value))}", markup=False)
+
+
 @command("extract")
+@grouped
 def extract_cmd(
     folder: FolderArg,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT",
                                       help="Output folder for .npy shards + manifest.json.")],
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    pooling: PoolingOpt = None,
-    gem_p: GemPOpt = None,
-    input_mode: InputOpt = None,
-    scales: ScalesOpt = None,
-    device: DeviceOpt = AUTO_DEVICE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    shard_size: ShardOpt = 1024,
-    shard_dtype: ShardDtypeOpt = None,
-    runtime: RuntimeOpt = AUTO_RUNTIME,
-    decode: DecodeOpt = AUTO_DECODE,
-    precision: PrecisionOpt = AUTO_PRECISION,
-    engine: EngineOpt = LOCAL_ENGINE,
-    ray_address: RayAddressOpt = "auto",
-    ray_actors: RayActorsOpt = None,
+    *,
+    descriptor: DescriptorOptions,
+    embed: EmbedOptions,
+    shards: ShardOptions,
+    engine: EngineOptions,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image below FOLDER into .npy shards + manifest (features only, no search index)."""
     with cli_errors():
         from ..pipeline.sync import extract_folder
 
-        options = extract_options(batch_size, workers, shard_size, device, progress=show_progress(as_json),
-                                  runtime=runtime, decode=decode, precision=precision,
-                                  shard_dtype=shard_dtype)
-        descriptor = descriptor_choice(pooling, gem_p, input_mode, scales)
-        with executor_for(engine, ray_address, ray_actors, options) as executor:
+        options = embed.extract_options(show_progress(as_json), shards)
+        with engine.executor(options) as executor:
             summary = extract_folder(folder, out, model, weights, options, on_skip=warn_skip, on_notice=notice,
-                                     executor=executor, descriptor=descriptor)
+                                     executor=executor, descriptor=descriptor.settings())
         print_summary(summary, out, as_json, "extracted")
 
 
@@ -196,7 +179,7 @@ def check_cmd(
             if not repaired.changed:
                 stderr().print("nothing to repair", markup=False)
         report = check_index(resolve_index_dir(index_dir))
-        repair = REMEDIES.get(report.repair or "")
+        repair = remedy_text(report.repair, cli=True)
         if as_json:
             typer.echo(json.dumps({**report.as_dict(), "repair": repair}, indent=2))
         else:

@@ -20,23 +20,28 @@ from .common import (
 
 @command("models")
 def models_cmd(as_json: JsonOpt = False) -> None:
-    """List the available models and whether their weights are installed."""
+    """List the registered models (every family's, plugins' included) and whether
+    their weights are installed; then the search backends and engines."""
     with cli_errors():
-        from ..models.registry import list_models
-        from ..models.weights import weights_status
+        from ..models.family import model_table
+        from ..pipeline.executor import EXECUTOR_TYPES
+        from ..search.backends import BACKEND_TYPES
 
-        rows = [(m, weights_status(m.name)) for m in list_models()]
+        rows = model_table()
         if as_json:
-            typer.echo(json.dumps([{**m.as_dict(), "weights_status": st} for m, st in rows], indent=2))
+            typer.echo(json.dumps([{**m.as_dict(), "family": family, "weights_status": st} for family, m, st in rows],
+                                  indent=2))
             return
         from rich.table import Table
 
         table = Table()
-        for col in ("name", "dim", "input", "weights", "description"):
+        for col in ("name", "family", "dim", "input", "weights", "description"):
             table.add_column(col)
-        for m, st in rows:
-            table.add_row(m.name, str(m.dim), f"{m.input_size}px", st, m.description)
+        for family, m, st in rows:
+            table.add_row(m.name, family, str(m.dim), f"{m.input_size}px", st, m.description)
         stdout().print(table)
+        for label, registry in (("search backends (--backend)", BACKEND_TYPES), ("engines (--engine)", EXECUTOR_TYPES)):
+            stdout().print(f"{label}: {', '.join(registry.names())}", markup=False, highlight=False)
 
 
 @command("install", weights_app)

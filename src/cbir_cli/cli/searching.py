@@ -15,20 +15,18 @@ from .common import (
     DeviceOpt,
     IndexDirOpt,
     JsonOpt,
-    QeAlphaOpt,
-    QeOpt,
-    RerankOpt,
     RuntimeOpt,
     cli_errors,
     command,
     printable,
-    rerank_choice,
     stderr,
     stdout,
 )
+from .option_groups import RerankOptions, grouped
 
 
 @command("query")
+@grouped
 def query_cmd(
     images: Annotated[Optional[list[Path]], typer.Argument(metavar="IMAGE", help="Query image file(s).",
                                                                    show_default=False)] = None,
@@ -67,9 +65,8 @@ def query_cmd(
     index_dir: IndexDirOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     runtime: RuntimeOpt = AUTO_RUNTIME,
-    rerank: RerankOpt = True,
-    qe: QeOpt = 3,
-    qe_alpha: QeAlphaOpt = 3.0,
+    *,
+    rerank: RerankOptions,
     as_json: JsonOpt = False,
     verify: Annotated[bool, typer.Option("--verify", help="Check the first 5 results against each query with "
                                          "local features and geometry; results verified as the same picture "
@@ -92,7 +89,7 @@ def query_cmd(
                                ResultFilter.make(under, min_score))
         request.check()
         searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
-                                 rerank=rerank_choice(rerank, qe, qe_alpha))  # the model loads when used
+                                 rerank=rerank.settings())  # the model loads when used
         if request.result_filter is not None:  # a wrong --under fails before the model loads
             request.result_filter.allowed_ids(searcher.rows)
         # Files that cannot be opened are named before the model loads (the torch
@@ -220,6 +217,7 @@ def _print_answers(answers) -> None:
 
 
 @command("serve")
+@grouped
 def serve_cmd(
     index_dir: IndexDirOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind. The default serves this machine only.")]
@@ -229,16 +227,15 @@ def serve_cmd(
     runtime: RuntimeOpt = AUTO_RUNTIME,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001,
                                                  help="Largest accepted upload, in MB.")] = 20.0,
-    rerank: RerankOpt = True,
-    qe: QeOpt = 3,
-    qe_alpha: QeAlphaOpt = 3.0,
+    *,
+    rerank: RerankOptions,
 ) -> None:
     """Serve the search web page and JSON API over an index (model loaded once at start-up)."""
     with cli_errors():
         from ..serve.app import create_app, is_loopback, make_http_server, server_url
 
         app_ = create_app(index_dir=index_dir, device=device.value, max_upload_mb=max_upload_mb,
-                          runtime=runtime.value, rerank=rerank_choice(rerank, qe, qe_alpha))
+                          runtime=runtime.value, rerank=rerank.settings())
         server = make_http_server(app_, host, port)
         searcher = app_.extensions["cbir"].current()
         err = stderr()

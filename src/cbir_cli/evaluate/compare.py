@@ -48,11 +48,11 @@ class Variant:
 def model_descriptor(model: str | None, weights: Any = None) -> DescriptorSettings | None:
     """The descriptor a deep model uses when none is asked for (its registry default)."""
     from ..errors import CbirError
-    from ..models.registry import get_model_config
+    from ..models.family import model_config
     from ..resolve import resolve_model
 
     try:
-        return get_model_config(resolve_model(model, weights).name).descriptor
+        return getattr(model_config(resolve_model(model, weights).name), "descriptor", None)
     except CbirError:
         return None
 

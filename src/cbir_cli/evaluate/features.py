@@ -21,14 +21,15 @@ from ..fsutil import atomic_write_bytes
 from ..imageio.decode import load_image
 from ..models.bovw import BovwEncoder
 from ..models.descriptors import HANDCRAFTED_DRAFT, descriptor_embedder
-from ..models.loading import default_precision, model_fingerprint, resolve_device, resolve_runtime
+from ..models.loading import model_fingerprint
 from ..models.quantize import sample_calibration
-from ..models.registry import get_model_config
 from ..paths import cache_root, normalise_path
 from ..pipeline.executor import EmbedRequest
 from ..pipeline.local import LocalExecutor
 from ..pipeline.options import ExtractOptions, ExtractSummary
+from ..pipeline.run_plan import RunPlan, plan_run
 from ..pipeline.sync import sync_files
+from ..resolve import ModelSettings
 from ..store.transaction import write_transaction
 from .datasets import LabelledCollection
 
@@ -77,22 +78,23 @@ class FeatureSource:
 
 
 def deep_source(model: str, weights: Path | None, options: ExtractOptions, paths: Sequence[str] = (),
-                descriptor: DescriptorSettings | None = None, label: str | None = None) -> FeatureSource:
+                descriptor: DescriptorSettings | None = None, label: str | None = None,
+                plan: RunPlan | None = None) -> FeatureSource:
     """A registry model with ``descriptor`` (default: the model's); with int8
-    precision, calibrated on a seeded sample of ``paths``."""
-    calibration = None
-    precision = default_precision(model, options.device, options.runtime) if options.precision == "auto" \
-        else options.precision
-    if precision == "int8":
-        calibration = sample_calibration(paths, LocalExecutor(options).hash_files)
-    label = label or f"deep ({model})"
+    precision, calibrated on a seeded sample of ``paths``. Device, runtime and
+    precision are the run plan's (:func:`~cbir_cli.pipeline.run_plan.plan_run`, as
+    for ``cbir index``); ``plan``: one made already (``model`` and the rest are then
+    its)."""
+    if plan is None:
+        plan = plan_run(cache_root() / "features", ModelSettings(model, weights, descriptor), options, existing=None)
+    calibration = sample_calibration(paths, LocalExecutor(options).hash_files) if plan.precision == "int8" else None
+    label = label or f"deep ({plan.model})"
     if calibration is not None:
         label = f"{label[:-1]}, int8)" if label.endswith(")") else f"{label} (int8)"
-    device = resolve_device(options.device)
-    settings = {"precision": precision, "runtime": resolve_runtime(options.runtime, device, get_model_config(model)),
-                "device": device, "weights_file": str(weights) if weights is not None else None}
-    return FeatureSource("deep", label, model_fingerprint(model, weights, descriptor, calibration),
-                         EmbedRequest(model, weights, options.device, options.runtime, descriptor=descriptor,
+    settings = {"precision": plan.precision, "runtime": plan.runtime, "device": plan.device,
+                "weights_file": str(plan.weights) if plan.weights is not None else None}
+    return FeatureSource("deep", label, model_fingerprint(plan.model, plan.weights, plan.descriptor, calibration),
+                         EmbedRequest(plan.model, plan.weights, plan.device, plan.runtime, descriptor=plan.descriptor,
                                       calibration=calibration), settings)
 
 

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
 from ..pipeline.options import ExtractOptions
-from ..resolve import resolve_model
+from ..pipeline.run_plan import plan_run
+from ..resolve import ModelSettings
 from ..search.dba import DbaSettings
 from ..search.rerank import NO_RERANKING, RerankSettings
 from .compare import NO_DBA, Variant, compare_variants, model_descriptor, rank, ranking_backend
@@ -234,12 +235,14 @@ def feature_source(feature: str, collection: LabelledCollection, cache_root: Pat
                    on_notice: NotifyCallback | None, variant: Variant | None = None) -> FeatureSource:
     """What computes ``feature`` (for deep: ``variant``'s descriptor, else the options')."""
     if feature == "deep":
-        choice = resolve_model(options.model, options.weights)
-        if choice.notice and on_notice:
-            on_notice(choice.notice)
         descriptor = variant.descriptor if variant is not None else options.descriptor
+        plan = plan_run(cache_root, ModelSettings(options.model, options.weights, descriptor), options.extract,
+                        existing=None)  # the same choices as `cbir index` makes
+        for line in plan.notices:
+            if on_notice:
+                on_notice(line)
         label = variant.name if variant is not None and variant.name else None
-        return deep_source(choice.name, choice.weights, options.extract, collection.paths, descriptor, label)
+        return deep_source(plan.model, plan.weights, options.extract, collection.paths, plan.descriptor, label, plan)
     if feature == "sift_bovw":
         encoder = bovw_vocabulary(collection, cache_root, options.bovw_vocab_size, options.bovw_fit_images, on_notice)
         return bovw_source(encoder)

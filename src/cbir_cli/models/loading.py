@@ -1,7 +1,8 @@
 """The one way to get an :class:`~cbir_cli.models.protocol.Embedder`, and the one
-place that decides where it runs: :func:`load_embedder` picks the device
-(``auto``: CUDA when present) and the runtime (``auto``: ONNX Runtime on the CPU,
-PyTorch on CUDA) for registry models, and builds hand-crafted descriptors too.
+place that decides where it runs: :func:`load_embedder` hands a model to its
+family (:mod:`.family`) and builds hand-crafted descriptors; :func:`resolve_device`
+(``auto``: CUDA when present) and :func:`resolve_runtime` (``auto``: ONNX Runtime on
+the CPU, PyTorch on CUDA) are what the families decide with.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import sys
 from typing import Any
 
 from ..errors import CbirError
-from .protocol import Embedder, model_fingerprint_of
+from .family import DEFAULT_FAMILY, family_of
+from .protocol import Embedder
 from .quantize import Calibration
 from .registry import DescriptorSettings, ModelConfig, get_model_config
-from .weights import weights_id_for
 
 DEVICES = ("auto", "cpu", "cuda")
 RUNTIMES = ("auto", "torch", "onnx")
@@ -68,8 +69,9 @@ def resolve_runtime(runtime: str, device: str, config: ModelConfig) -> str:
 def load_embedder(name: str, weights: str | os.PathLike[str] | None = None, device: str = "auto",
                   runtime: str = "torch", descriptor: DescriptorSettings | None = None,
                   calibration: Calibration | None = None) -> Embedder:
-    """A registered model with its weights on a device, or a hand-crafted descriptor
-    (``weights``: sift_bovw's vocabulary file).
+    """A registered model (``resnet50``, ``family:model`` of a plugin family) with its
+    weights on a device, or a hand-crafted descriptor (``weights``: sift_bovw's
+    vocabulary file).
 
     ``runtime``: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``auto`` (the faster one
     for the device). Every runtime gives the same fingerprint and interchangeable
@@ -80,21 +82,8 @@ def load_embedder(name: str, weights: str | os.PathLike[str] | None = None, devi
 
     if name in DESCRIPTORS:
         return descriptor_embedder(name, weights)
-    config = get_model_config(name).with_descriptor(descriptor)
-    # An int8 index is queried where int8 runs, whatever ``auto`` would pick.
-    device = "cpu" if calibration is not None and device == "auto" else resolve_device(device)
-    if calibration is not None:
-        if device != "cpu" or runtime == "torch":
-            raise CbirError("int8 precision runs on the CPU with ONNX Runtime only; use fp32 precision here")
-        runtime = "onnx"
-    if resolve_runtime(runtime, device, config) == "onnx":
-        from .onnx_embedder import load_onnx_embedder
-
-        return load_onnx_embedder(config, weights, calibration=calibration)
-    from .torch_embedder import TorchEmbedder, build_backbone
-
-    module, weights_id = build_backbone(config, weights)
-    return TorchEmbedder(config, module, weights_id, device)
+    family, model = family_of(name)
+    return family.load(model, weights, device, runtime, descriptor, calibration)
 
 
 # Models whose int8 vectors were measured as good as fp32 on every dataset (README,
@@ -117,12 +106,9 @@ def default_precision(name: str, device: str = "auto", runtime: str = "auto") ->
 def model_fingerprint(name: str, weights: str | os.PathLike[str] | None = None,
                       descriptor: DescriptorSettings | None = None,
                       calibration: Calibration | None = None) -> dict[str, Any]:
-    """What an embedder of this registry model would record, without building it."""
-    config = get_model_config(name).with_descriptor(descriptor)
-    fingerprint = model_fingerprint_of(config, weights_id_for(config, weights))
-    if calibration is not None:
-        fingerprint.update(calibration.fingerprint())
-    return fingerprint
+    """What an embedder of this registered model would record, without building it."""
+    family, model = family_of(name)
+    return family.fingerprint(model, weights, descriptor, calibration)
 
 
 def keep_int8_model(name: str, weights: str | os.PathLike[str] | None, descriptor: DescriptorSettings | None,
@@ -132,7 +118,10 @@ def keep_int8_model(name: str, weights: str | os.PathLike[str] | None, descripto
     again; returns the model's key (see :mod:`.int8_store`)."""
     from .onnx_embedder import keep_int8_in_index
 
-    return keep_int8_in_index(get_model_config(name).with_descriptor(descriptor), weights, calibration, index_dir)
+    family, model = family_of(name)
+    if family.name != DEFAULT_FAMILY:
+        raise CbirError(f"int8 precision is for the built-in CNN models; use fp32 precision with {name}")
+    return keep_int8_in_index(get_model_config(model).with_descriptor(descriptor), weights, calibration, index_dir)
 
 
 def shared_calibration_for(name: str, weights: str | os.PathLike[str] | None,
@@ -160,26 +149,11 @@ def runtime_of(embedder: Embedder) -> str:
 
 
 def fingerprint_problems(fp: dict[str, Any], weights_path: str | None, where: Any) -> list[str]:
-    """Whether the registry can still make vectors like the ones ``fp`` describes:
-    the model is known, with the same dimension and preprocessing, and a weights file
-    (if one was used) still has the recorded hash. ``where`` names the record."""
+    """Whether the model's family can still make vectors like the ones ``fp``
+    describes: the model is known, with the same dimension and preprocessing, and a
+    weights file (if one was used) still has the recorded hash. ``where`` names the record."""
     try:
-        config = get_model_config(str(fp.get("model")))
-    except CbirError:
-        return [f"{where}: unknown model {fp.get('model')!r}; its vectors cannot be queried"]
-    problems = []
-    try:
-        descriptor_of(fp)
+        family, _ = family_of(str(fp.get("model")))
     except CbirError as exc:
-        problems.append(f"{where}: {exc.message}")
-    if fp.get("dim") != config.dim:
-        problems.append(f"{where}: model {config.name} makes {config.dim}-d vectors, manifest says {fp.get('dim')}")
-    if fp.get("preprocessing") != config.preprocessing():
-        problems.append(f"{where}: model {config.name}'s preprocessing changed since these vectors were made")
-    if weights_path:
-        try:
-            if weights_id_for(config, weights_path) != fp.get("weights"):
-                problems.append(f"{weights_path}: weights file changed since the index was built")
-        except CbirError as exc:
-            problems.append(str(exc))
-    return problems
+        return [f"{where}: {exc.message}; its vectors cannot be queried"]
+    return family.fingerprint_problems(fp, weights_path, where)

@@ -34,7 +34,7 @@ from .int8_store import find_int8_model, int8_model_key, keep_int8_model
 from .preprocess import image_preprocessor
 from .protocol import EmbedderBase, model_fingerprint_of
 from .quantize import Calibration, quantize_onnx, quantized_path
-from .registry import ModelConfig
+from .registry import CnnConfig
 from .scales import embed_batch
 from .torch_embedder import TorchEmbedder, build_backbone, pooling_module
 from .weights import torch_hub_checkpoint_dir, weights_id_for
@@ -62,7 +62,7 @@ def onnx_cache_dir() -> Path:
     return cache_root() / "onnx"
 
 
-def export_key(config: ModelConfig, weights_id: str) -> str:
+def export_key(config: CnnConfig, weights_id: str) -> str:
     """Cache key: everything that determines the exported graph and its weights.
     (torch's version from package metadata: no torch import on the query path.)"""
     from importlib.metadata import version
@@ -72,7 +72,7 @@ def export_key(config: ModelConfig, weights_id: str) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_export_path(config: ModelConfig, weights_id: str, cache_dir: Path | None = None) -> Path:
+def cached_export_path(config: CnnConfig, weights_id: str, cache_dir: Path | None = None) -> Path:
     return (cache_dir or onnx_cache_dir()) / f"{config.name}-{export_key(config, weights_id)}.onnx"
 
 
@@ -99,7 +99,7 @@ def _embedding_graph(embedder: TorchEmbedder) -> torch.nn.Module:
     return EmbeddingGraph().eval()
 
 
-def check_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+def check_shapes(config: CnnConfig) -> list[tuple[int, int]]:
     """Input (height, width) pairs an export is checked on: the square input and a
     full-image-like rectangle of another size (height and width are dynamic)."""
     size = config.input_size
@@ -171,7 +171,7 @@ class OnnxEmbedder(EmbedderBase):
 
     device = "cpu"
 
-    def __init__(self, config: ModelConfig, weights_id: str, model_path: Path, threads: int | None = None,
+    def __init__(self, config: CnnConfig, weights_id: str, model_path: Path, threads: int | None = None,
                  calibration: Calibration | None = None) -> None:
         self.config = config
         self.weights_id = weights_id
@@ -238,12 +238,12 @@ class OnnxEmbedder(EmbedderBase):
         return out.astype(np.float32, copy=False)
 
 
-def _official_weights_present(config: ModelConfig, weights: str | os.PathLike[str] | None) -> bool:
+def _official_weights_present(config: CnnConfig, weights: str | os.PathLike[str] | None) -> bool:
     return weights is not None or not config.weights_file or \
         (torch_hub_checkpoint_dir() / config.weights_file).is_file()
 
 
-def int8_model_path(config: ModelConfig, weights: str | os.PathLike[str] | None, calibration: Calibration,
+def int8_model_path(config: CnnConfig, weights: str | os.PathLike[str] | None, calibration: Calibration,
                     cache_dir: Path | None = None) -> Path:
     """The int8 model of ``calibration``: the index's checksummed copy when it has
     one (no photos, cache or weights needed), else the cached one, else quantised
@@ -261,7 +261,7 @@ def int8_model_path(config: ModelConfig, weights: str | os.PathLike[str] | None,
     return int8_path
 
 
-def shared_int8_calibration(config: ModelConfig, weights: str | os.PathLike[str] | None) -> Calibration | None:
+def shared_int8_calibration(config: CnnConfig, weights: str | os.PathLike[str] | None) -> Calibration | None:
     """The calibration every new int8 index of this model reuses, once one was made
     (see :mod:`.calibration_cache`); None before that."""
     if not _official_weights_present(config, weights):
@@ -269,7 +269,7 @@ def shared_int8_calibration(config: ModelConfig, weights: str | os.PathLike[str]
     return shared_calibration(cached_export_path(config, weights_id_for(config, weights)))
 
 
-def keep_int8_in_index(config: ModelConfig, weights: str | os.PathLike[str] | None, calibration: Calibration,
+def keep_int8_in_index(config: CnnConfig, weights: str | os.PathLike[str] | None, calibration: Calibration,
                        index_dir: str | os.PathLike[str]) -> str:
     """Make the index at ``index_dir`` hold its int8 model (see :mod:`.int8_store`);
     returns the model's key."""
@@ -280,7 +280,7 @@ def keep_int8_in_index(config: ModelConfig, weights: str | os.PathLike[str] | No
     return key
 
 
-def load_onnx_embedder(config: ModelConfig, weights: str | os.PathLike[str] | None = None,
+def load_onnx_embedder(config: CnnConfig, weights: str | os.PathLike[str] | None = None,
                        cache_dir: Path | None = None, calibration: Calibration | None = None) -> OnnxEmbedder:
     """The ONNX embedder of a registered model. A cached export is used without
     building the PyTorch model, but only while the weights it was made from are

@@ -1,4 +1,4 @@
-"""Preprocessing derived from a :class:`~cbir_cli.models.registry.ModelConfig` and
+"""Preprocessing derived from a :class:`~cbir_cli.models.registry.CnnConfig` and
 its :class:`~cbir_cli.models.registry.DescriptorSettings`: RGB PIL image -> uint8
 pixels, with Pillow and numpy only (no torch on the query path).
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image as PILImage
 
-    from .registry import ModelConfig
+    from .registry import CnnConfig
 
 # PIL resampling filters by torchvision InterpolationMode name.
 _PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -66,7 +66,7 @@ def centre_crop_pixels(img: PILImage.Image, resize: int, crop: int, interpolatio
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def full_image_size(width: int, height: int, short: int, config: ModelConfig,
+def full_image_size(width: int, height: int, short: int, config: CnnConfig,
                     step: int | None = None) -> tuple[int, int]:
     """Model input (width, height) for a full image of ``width`` x ``height`` whose
     short side becomes ``short``: the long side keeps the aspect ratio (at most
@@ -77,7 +77,7 @@ def full_image_size(width: int, height: int, short: int, config: ModelConfig,
     return (long, short) if width > height else (short, long)
 
 
-def full_image_pixels(img: PILImage.Image, short: int, config: ModelConfig, step: int | None = None) -> np.ndarray:
+def full_image_pixels(img: PILImage.Image, short: int, config: CnnConfig, step: int | None = None) -> np.ndarray:
     """The whole image (the centre of one wider than :data:`MAX_ASPECT`) resized to
     :func:`full_image_size`."""
     import numpy as np
@@ -93,7 +93,7 @@ def full_image_pixels(img: PILImage.Image, short: int, config: ModelConfig, step
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def preprocess_image(img: PILImage.Image, config: ModelConfig) -> Pixels:
+def preprocess_image(img: PILImage.Image, config: CnnConfig) -> Pixels:
     """RGB PIL image -> the model input of ``config`` (see the module docstring):
     ``crop`` resizes the short side to ``resize_size`` x scale and takes the centre
     square of ``input_size`` x scale (rounded to the stride when scaled); ``full``
@@ -109,7 +109,7 @@ def preprocess_image(img: PILImage.Image, config: ModelConfig) -> Pixels:
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def image_preprocessor(config: ModelConfig) -> Callable[[PILImage.Image], Pixels]:
+def image_preprocessor(config: CnnConfig) -> Callable[[PILImage.Image], Pixels]:
     """A picklable preprocessing function (usable in decoding worker processes)."""
     return partial(preprocess_image, config=config)
 

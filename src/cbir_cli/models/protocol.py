@@ -46,6 +46,16 @@ class Embedder(Protocol):
         ...
 
 
+@runtime_checkable
+class TextEmbedder(Embedder, Protocol):
+    """An Embedder whose model also has a text tower (its config's ``has_text``):
+    words land in the same space as images, so a sentence can query an index."""
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> float32 (n, dim), rows L2-normalised, comparable with :meth:`embed`'s."""
+        ...
+
+
 def embed_images(embedder: Embedder, images: Sequence[PILImage.Image]) -> np.ndarray:
     """Preprocess and embed decoded RGB images in one batch (the query path)."""
     import numpy as np
@@ -55,15 +65,18 @@ def embed_images(embedder: Embedder, images: Sequence[PILImage.Image]) -> np.nda
     return embedder.embed([embedder.preprocess(img) for img in images])
 
 
-def model_fingerprint_of(config: Any, weights_id: str) -> dict[str, Any]:
-    """The fingerprint of a registry model's vectors (every runtime reports this one).
-    The legacy descriptor (GAP, centre crop) adds no key, so stores made before
-    descriptors were configurable keep their fingerprint."""
+def model_fingerprint_of(config: Any, weights_id: str, family: str | None = None) -> dict[str, Any]:
+    """The fingerprint of a registered model's vectors (every runtime reports this
+    one): ``family`` is recorded for a plugin family's models (the built-in CNNs add
+    no key); a CNN's legacy descriptor (GAP, centre crop) adds no key either, so
+    stores made before families and descriptors existed keep their fingerprint."""
     fingerprint = {"model": config.name, "weights": weights_id, "dim": config.dim,
                    "preprocessing": config.preprocessing()}
-    descriptor = config.descriptor.fingerprint()
-    if descriptor is not None:
-        fingerprint["descriptor"] = descriptor
+    if family is not None:
+        fingerprint["family"] = family
+    descriptor = getattr(config, "descriptor", None)
+    if descriptor is not None and descriptor.fingerprint() is not None:
+        fingerprint["descriptor"] = descriptor.fingerprint()
     return fingerprint
 
 

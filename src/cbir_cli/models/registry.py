@@ -1,7 +1,9 @@
-"""Model registry: one config per model, from which everything else is derived.
+"""The model configs, and the table of the built-in CNN family
+(:mod:`.cnn_family`): one config per model, from which everything else is derived.
 
-Each :class:`ModelConfig` carries the backbone, the pretrained weights (a
-torchvision weights enum member and its file name), the embedding dimension, the
+:class:`ModelConfig` is what every family's config has; each :class:`CnnConfig`
+carries the backbone, the pretrained weights (a torchvision weights enum member
+and its file name), the embedding dimension, the
 preprocessing (resize, crop, mean/std, interpolation), the network's output stride
 and the :class:`DescriptorSettings` (pooling, input, scales) that turn its last
 convolutional feature map into one vector. The preprocessing an embedder applies
@@ -133,7 +135,9 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything that defines the vectors a model produces."""
+    """What every model family's config has: the name users type (``family:model``
+    outside the built-in CNN family), the vectors' dimension and the input pixels.
+    A family subclasses it with its own fields (:class:`CnnConfig`)."""
 
     name: str
     description: str
@@ -143,16 +147,9 @@ class ModelConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
-    # torchvision weights enum member, e.g. "ResNet50_Weights.IMAGENET1K_V1"; None for
-    # models whose weights are made in code (the random test models).
-    torchvision_weights: str | None = None
-    # File name torchvision caches the weights under (TORCH_HOME/hub/checkpoints/).
-    weights_file: str | None = None
-    weights_url: str | None = None
     tags: tuple[str, ...] = field(default=())
-    # Total stride of the last feature map: full-image inputs are rounded to multiples of it.
-    stride: int = 32
-    descriptor: DescriptorSettings = DEFAULT_DESCRIPTOR
+    # Whether the family's embedders also embed words (``embed_text``, see models.protocol.TextEmbedder).
+    has_text: bool = False
 
     def preprocessing(self) -> dict[str, Any]:
         """The part of the config that determines the input pixels (recorded in stores)."""
@@ -167,7 +164,35 @@ class ModelConfig:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def with_descriptor(self, descriptor: DescriptorSettings | None) -> ModelConfig:
+    @property
+    def draft_size(self) -> int:
+        """The smallest short side decoding may reduce an image to (JPEG draft mode)
+        without the preprocessing having to enlarge it again."""
+        return self.resize_size
+
+    @property
+    def gpu_decodable(self) -> bool:
+        """Whether the device JPEG decoder (resize, centre crop) reproduces this
+        model's preprocessing: unknown for a family's own preprocessing."""
+        return False
+
+
+@dataclass(frozen=True)
+class CnnConfig(ModelConfig):
+    """A CNN of the built-in family: its torchvision weights, its output stride and
+    how its last convolutional feature map is pooled into one vector."""
+
+    # torchvision weights enum member, e.g. "ResNet50_Weights.IMAGENET1K_V1"; None for
+    # models whose weights are made in code (the random test models).
+    torchvision_weights: str | None = None
+    # File name torchvision caches the weights under (TORCH_HOME/hub/checkpoints/).
+    weights_file: str | None = None
+    weights_url: str | None = None
+    # Total stride of the last feature map: full-image inputs are rounded to multiples of it.
+    stride: int = 32
+    descriptor: DescriptorSettings = DEFAULT_DESCRIPTOR
+
+    def with_descriptor(self, descriptor: DescriptorSettings | None) -> CnnConfig:
         """This model with ``descriptor`` (None: keep the model's default)."""
         return self if descriptor is None or descriptor == self.descriptor else replace(self, descriptor=descriptor)
 
@@ -177,8 +202,6 @@ class ModelConfig:
 
     @property
     def draft_size(self) -> int:
-        """The smallest short side decoding may reduce an image to (JPEG draft mode)
-        without the preprocessing having to enlarge it again."""
         top = max(self.descriptor.scales)
         if self.descriptor.input == "crop":
             return round(self.resize_size * top)
@@ -186,17 +209,16 @@ class ModelConfig:
 
     @property
     def gpu_decodable(self) -> bool:
-        """Whether the device JPEG decoder reproduces this preprocessing (it resizes
-        and centre-crops at one scale)."""
+        """The device decoder resizes and centre-crops at one scale."""
         return self.descriptor.one_input_shape
 
 
-_REGISTRY: dict[str, ModelConfig] = {}
+_REGISTRY: dict[str, CnnConfig] = {}
 _BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {}
 
 
-def register_model(config: ModelConfig, builder: Callable[[], torch.nn.Module]) -> ModelConfig:
-    """Add a model. ``builder`` returns the classifier with *random* weights (its
+def register_model(config: CnnConfig, builder: Callable[[], torch.nn.Module]) -> CnnConfig:
+    """Add a CNN to the built-in family. ``builder`` returns the classifier with *random* weights (its
     trunk is taken by :func:`trunk_of`); pretrained weights are loaded separately."""
     if config.name in _REGISTRY:
         raise ValueError(f"model {config.name!r} is already registered")
@@ -205,11 +227,11 @@ def register_model(config: ModelConfig, builder: Callable[[], torch.nn.Module]) 
     return config
 
 
-def list_models() -> list[ModelConfig]:
+def list_models() -> list[CnnConfig]:
     return list(_REGISTRY.values())
 
 
-def get_model_config(name: str) -> ModelConfig:
+def get_model_config(name: str) -> CnnConfig:
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -284,7 +306,7 @@ def trunk_of(name: str, classifier: torch.nn.Module) -> torch.nn.Module:
     return classifier
 
 register_model(
-    ModelConfig(
+    CnnConfig(
         name="resnet50",
         description="torchvision ResNet-50, ImageNet (IMAGENET1K_V1), 2048-d",
         dim=2048,
@@ -296,7 +318,7 @@ register_model(
     _resnet50,
 )
 register_model(
-    ModelConfig(
+    CnnConfig(
         name="mobilenet_v2",
         description="torchvision MobileNetV2, ImageNet (IMAGENET1K_V1), 1280-d",
         dim=1280,
@@ -308,7 +330,7 @@ register_model(
     _mobilenet_v2,
 )
 register_model(
-    ModelConfig(
+    CnnConfig(
         name="test_tiny",
         description="tiny random-weight CNN (seed 0), 256-d, 64 px input, stride 8: for tests only",
         dim=256,

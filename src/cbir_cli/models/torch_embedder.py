@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .preprocess import image_preprocessor
 from .protocol import EmbedderBase, model_fingerprint_of
-from .registry import DescriptorSettings, ModelConfig, build_classifier, trunk_of
+from .registry import CnnConfig, DescriptorSettings, build_classifier, trunk_of
 from .scales import embed_batch
 from .weights import apply_state_dict, pretrained_state_dict, weights_id_for
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 GEM_EPS = 1e-6
 
 
-def build_backbone(config: ModelConfig, weights: str | os.PathLike[str] | None = None) -> tuple[torch.nn.Module, str]:
+def build_backbone(config: CnnConfig, weights: str | os.PathLike[str] | None = None) -> tuple[torch.nn.Module, str]:
     """The model's convolutional trunk (feature map out) in eval mode, and a weights
     id for the store manifest.
 
@@ -65,7 +65,7 @@ def pooling_module(descriptor: DescriptorSettings) -> torch.nn.Module:
 class TorchEmbedder(EmbedderBase):
     """A model ready to turn uint8 image tensors into L2-normalised float32 vectors."""
 
-    def __init__(self, config: ModelConfig, module: torch.nn.Module, weights_id: str, device: str = "cpu") -> None:
+    def __init__(self, config: CnnConfig, module: torch.nn.Module, weights_id: str, device: str = "cpu") -> None:
         import torch
 
         self.config = config

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, WeightsUnavailableError
 from ..fsutil import file_sha256
-from .registry import HEADS, ModelConfig, get_model_config
+from .registry import HEADS, CnnConfig, get_model_config
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,7 @@ def torch_hub_checkpoint_dir() -> Path:
     return Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
 
 
-def _offline_message(config: ModelConfig, reason: str) -> str:
+def _offline_message(config: CnnConfig, reason: str) -> str:
     cache = torch_hub_checkpoint_dir()
     # One sentence of alternatives, without a final full stop: the CLI appends its
     # remedy ("; or pass a local state dict with --weights FILE").
@@ -82,7 +82,7 @@ def _offline_message(config: ModelConfig, reason: str) -> str:
     )
 
 
-def _load_official_state_dict(config: ModelConfig) -> dict[str, Any]:
+def _load_official_state_dict(config: CnnConfig) -> dict[str, Any]:
     from torchvision.models import get_weight
 
     assert config.torchvision_weights and config.weights_file
@@ -120,7 +120,7 @@ def _load_file_state_dict(path: Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def apply_state_dict(model: torch.nn.Module, state: dict[str, Any], config: ModelConfig, source: str) -> None:
+def apply_state_dict(model: torch.nn.Module, state: dict[str, Any], config: CnnConfig, source: str) -> None:
     head = HEADS.get(config.name, "")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(head + ".")] if head else result.missing_keys
@@ -134,7 +134,7 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, Any], config: Mode
         raise WeightsUnavailableError(f"{source}: not a {config.name} state dict ({'; '.join(detail)})")
 
 
-def weights_id_for(config: ModelConfig, weights: str | os.PathLike[str] | None) -> str:
+def weights_id_for(config: CnnConfig, weights: str | os.PathLike[str] | None) -> str:
     """The weights identity recorded in stores; computable without building the model.
 
     A local file that *is* the model's official weights (its sha256 has the prefix
@@ -152,7 +152,7 @@ def weights_id_for(config: ModelConfig, weights: str | os.PathLike[str] | None) 
     return official
 
 
-def weights_downloadable(config: ModelConfig, timeout: float = 3.0) -> bool:
+def weights_downloadable(config: CnnConfig, timeout: float = 3.0) -> bool:
     """Whether the official weights file answers at its URL now (a HEAD request,
     nothing downloaded); False offline, or with ``$CBIR_OFFLINE`` set."""
     if not config.weights_url or os.environ.get(OFFLINE_ENV):
@@ -166,7 +166,7 @@ def weights_downloadable(config: ModelConfig, timeout: float = 3.0) -> bool:
         return False
 
 
-def pretrained_state_dict(config: ModelConfig, weights: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
+def pretrained_state_dict(config: CnnConfig, weights: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
     """The state dict for ``config`` and where it came from: the local file
     ``weights``, else the config's official weights (torchvision cache, then a
     download, then a clear error)."""

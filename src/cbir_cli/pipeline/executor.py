@@ -12,13 +12,14 @@ tests add fakes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..models.quantize import Calibration
+from ..plugins import Registry
 from .plan import HashResult, Item
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
     from ..models.protocol import Embedder
     from ..models.registry import DescriptorSettings
+    from .options import ExtractOptions
 
 # (index into the items, one-line reason) for a file that could not be embedded.
 FailureCallback = Callable[[int, str], None]
@@ -101,3 +103,25 @@ class Executor(Protocol):
         many were embedded. With :attr:`embeds_unhashed`, only the items' paths
         matter: their hashes may still be empty, filled in by the sink."""
         ...
+
+
+@runtime_checkable
+class ExecutorType(Protocol):
+    """What the ``cbir_cli.executors`` registry holds (``--engine NAME``): one way of
+    running the pipeline's work."""
+
+    name: str
+    #: One line for ``cbir models``.
+    description: str
+
+    def open(self, options: ExtractOptions, settings: Mapping[str, Any]) -> AbstractContextManager[Executor | None]:
+        """An executor for a run with ``options``, held open for the run (None: the
+        library's default, this machine). ``settings``: the engine's own options as
+        the CLI gathered them (``address``, ``actors``); one it does not know is ignored."""
+        ...
+
+
+EXECUTOR_TYPES: Registry[ExecutorType] = Registry("cbir_cli.executors", "engine", {
+    "local": "cbir_cli.pipeline.executor_types:LOCAL",
+    "ray": "cbir_cli.pipeline.executor_types:RAY",
+})

@@ -20,12 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CbirError
 from ..imageio.files import list_images
 from ..imageio.gpu_decode import DeviceJpegDecoder, EncodedJpegDataset
 from ..imageio.readers import ImageFolderDataset, ReadChunk, assemble_on_cpu, read_chunks
 from .executor import EmbedRequest, FailureCallback, VectorSink
-from .options import DECODE_CHOICES, DEVICE_DECODE_LIBRARIES, ExtractOptions
+from .options import DEVICE_DECODE_LIBRARIES, ExtractOptions, decode_for
 from .plan import HashResult, Item, hash_one
 from .writer import BackgroundWriter
 
@@ -38,23 +37,12 @@ Batch = tuple[list[int], "torch.Tensor | None", list[tuple[int, str]]]
 
 
 def resolve_decode(decode: str, embedder: Any) -> str:
-    """``cpu``, ``gpu`` or ``nvimgcodec`` for this embedder. ``gpu`` means "decode
-    JPEGs with torchvision on the embedder's device": nvJPEG on CUDA; on a CPU model
-    it is torchvision's libjpeg in the main process (what the tests exercise);
-    ``nvimgcodec`` the same with nvImageCodec (its CPU backend on a CPU model). Embedders
-    without a device (hand-crafted descriptors, which run on PIL images in the
-    workers) always decode on the CPU."""
-    if decode not in DECODE_CHOICES:
-        raise CbirError(f"unknown decode {decode!r}; choose one of: {', '.join(DECODE_CHOICES)}")
-    if getattr(embedder, "device", None) is None:
-        return "cpu"
-    if not getattr(embedder.config, "gpu_decodable", True):
-        # The device decoder resizes and centre-crops at one scale; full-image and
-        # multi-scale inputs are made on the CPU (models.preprocess).
-        return "cpu"
-    if decode == "auto":
-        return "gpu" if getattr(embedder, "on_cuda", False) else "cpu"
-    return decode
+    """``cpu``, ``gpu`` or ``nvimgcodec`` for this embedder (see
+    :func:`~.options.decode_for`, which the run plan decides with too)."""
+    device = getattr(embedder, "device", None)
+    if device is not None and getattr(embedder, "on_cuda", False) and not str(device).startswith("cuda"):
+        device = "cuda"
+    return decode_for(decode, None if device is None else str(device), getattr(embedder, "config", None))
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
 from ..imageio.nvimgcodec_decode import require_nvimgcodec
@@ -12,6 +12,11 @@ from ..models.loading import DEVICES, RUNTIMES
 from ..models.quantize import PRECISIONS
 from ..store.shard_format import SHARD_DTYPES
 from ..store.transaction import DEFAULT_SHARD_SIZE
+
+if TYPE_CHECKING:
+    from ..models.registry import ModelConfig
+    from ..search.backends import BackendSpec
+    from ..search.dba import DbaSettings
 
 # Where JPEGs are decoded: cpu (Pillow, in the workers), gpu (torchvision's
 # decode_jpeg on the model's device, nvJPEG on CUDA), nvimgcodec (nvImageCodec on the
@@ -21,8 +26,25 @@ DECODE_CHOICES = ("auto", "cpu", "gpu", "nvimgcodec")
 # The choices that decode on the model's device, and the library each uses
 # (cbir_cli.imageio.gpu_decode.DeviceJpegDecoder).
 DEVICE_DECODE_LIBRARIES = {"gpu": "torchvision", "nvimgcodec": "nvimgcodec"}
-# Executors: this machine (pipeline.local), or a Ray cluster (pipeline.ray_executor).
-ENGINES = ("local", "ray")
+
+
+def decode_for(decode: str, device: str | None, config: ModelConfig | None) -> str:
+    """``cpu``, ``gpu`` or ``nvimgcodec``: where a model on ``device`` (None: a
+    hand-crafted descriptor, which runs on PIL images in the workers) gets its JPEGs
+    decoded. ``gpu`` means "decode with torchvision on the model's device": nvJPEG on
+    CUDA, libjpeg in the main process on the CPU; ``nvimgcodec`` the same with
+    nvImageCodec. ``auto``: gpu when the model runs on CUDA."""
+    if decode not in DECODE_CHOICES:
+        raise CbirError(f"unknown decode {decode!r}; choose one of: {', '.join(DECODE_CHOICES)}")
+    if device is None or config is None:
+        return "cpu"
+    if not getattr(config, "gpu_decodable", True):
+        # The device decoder resizes and centre-crops at one scale; full-image and
+        # multi-scale inputs are made on the CPU (models.preprocess).
+        return "cpu"
+    if decode == "auto":
+        return "gpu" if device.startswith("cuda") else "cpu"
+    return decode
 
 
 def default_workers() -> int:
@@ -67,6 +89,22 @@ class ExtractOptions:
             raise CbirError(f"unknown shard dtype {self.shard_dtype!r}; choose one of: {', '.join(SHARD_DTYPES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise CbirError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How the search side of an index is kept (``cbir index``; not *what* is embedded).
+
+    ``index_type``: see :data:`cbir_cli.search.faiss_backend.INDEX_TYPES` (None: the
+    saved index's type, else auto). ``backend``: the search backend to use from now on
+    (None: the recorded one, else Faiss). ``dba``: database-side augmentation for
+    re-ranking (None: the saved one's, else on). ``rebuild_backend``: re-populate the
+    backend from the shards instead of updating it."""
+
+    index_type: str | None = None
+    backend: BackendSpec | None = None
+    dba: DbaSettings | None = None
+    rebuild_backend: bool = False
 
 
 @dataclass

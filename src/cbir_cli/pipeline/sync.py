@@ -13,22 +13,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
 from ..imageio.files import is_under, source_location
 from ..models.int8_store import prune_int8_models
-from ..models.loading import default_precision, keep_int8_model, model_fingerprint, shared_calibration_for
+from ..models.loading import keep_int8_model, model_fingerprint, shared_calibration_for
 from ..models.quantize import Calibration, sample_calibration
 from ..paths import display_path
-from ..resolve import resolve_descriptor, resolve_index_dir, resolve_model
+from ..resolve import ModelSettings, resolve_index_dir
 from ..store.feature_store import FeatureStore
 from ..store.transaction import WriteTransaction, write_transaction
 from .executor import EmbedRequest, Executor
 from .index_roots import record_root, root_key
 from .local import LocalExecutor
-from .options import ExtractOptions, ExtractSummary
+from .options import ExtractOptions, ExtractSummary, IndexSettings
 from .plan import HashesInBackground, Item, Plan, holds_nothing, plan_fresh, plan_sync
+from .run_plan import LOCAL_ENGINE, RunPlan, choose_index_type, plan_run
 from .statcache import StatCache
 
 if TYPE_CHECKING:
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 
     from ..models.protocol import Embedder
     from ..models.registry import DescriptorSettings
-    from ..search.backends import BackendSpec
-    from ..search.dba import DbaSettings
 
 SkipCallback = Callable[[str, str], None]
 NoticeCallback = Callable[[str], None]
@@ -147,29 +146,23 @@ def sync_files(txn: WriteTransaction, root: Path | str | None, files: Sequence[P
         stat_cache.save(keep_unlisted=root is None)
 
 
-def choose_calibration(options: ExtractOptions, model: str, weights: str | os.PathLike[str] | None,
-                       descriptor: DescriptorSettings | None, existing: FeatureStore | None, rebuild: bool,
-                       files: Sequence[Path | str], executor: Executor) -> Calibration | None:
-    """The int8 calibration to embed with, or None for fp32. ``auto`` follows the
-    store, and for a new one :func:`~cbir_cli.models.loading.default_precision`
-    decides; an int8 store keeps its calibration, so its vectors stay comparable; a
-    new int8 store, or a rebuild, takes the calibration its model already has
-    (:mod:`cbir_cli.models.calibration_cache`: calibrating takes minutes, once),
-    else calibrates on a seeded sample of the folder
+def choose_calibration(plan: RunPlan, existing: FeatureStore | None, files: Sequence[Path | str],
+                       executor: Executor) -> Calibration | None:
+    """The int8 calibration to embed with, or None for an fp32 plan (the plan's
+    precision: :func:`~.run_plan.choose_precision`). An int8 index keeps its
+    calibration, so its vectors stay comparable; a new int8 index, or a rebuild,
+    takes the calibration its model already has (:mod:`cbir_cli.models.calibration_cache`:
+    calibrating takes minutes, once), else calibrates on a seeded sample of the folder
     (:func:`~cbir_cli.models.quantize.sample_calibration`)."""
-    from ..models.descriptors import DESCRIPTORS
-
-    if options.precision == "fp32" or model in DESCRIPTORS:
+    if plan.precision != "int8":
         return None
-    same_model = existing is not None and existing.fingerprint.get("model") == model
+    same_model = existing is not None and existing.fingerprint.get("model") == plan.model
     stored = Calibration.from_fingerprint(existing.fingerprint, existing.root) \
         if same_model and existing is not None else None
-    if options.precision == "auto" and stored is None and (
-            same_model or default_precision(model, options.device, options.runtime) == "fp32"):
-        return None
-    if stored is not None and not rebuild:
+    if stored is not None and not plan.rebuild:
         return stored
-    return shared_calibration_for(model, weights, descriptor) or sample_calibration(files, executor.hash_files)
+    return (shared_calibration_for(plan.model, plan.weights, plan.descriptor)
+            or sample_calibration(files, executor.hash_files))
 
 
 def begin_int8(txn: WriteTransaction, request: EmbedRequest, rebuild: bool,
@@ -193,13 +186,10 @@ def begin_int8(txn: WriteTransaction, request: EmbedRequest, rebuild: bool,
         return None
 
 
-def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | None,
-                 weights: str | os.PathLike[str] | None, options: ExtractOptions | None,
+def _sync_folder(root: str | os.PathLike[str], index_dir: Path, model: ModelSettings, options: ExtractOptions | None,
                  embedder: Embedder | None, on_skip: SkipCallback | None, on_notice: NoticeCallback | None,
-                 rebuild: bool, executor: Executor | None,
-                 after_commit: Callable[[FeatureStore], None] | None = None,
-                 on_begin: Callable[[FeatureStore], None] | None = None,
-                 descriptor: DescriptorSettings | None = None) -> ExtractSummary:
+                 rebuild: bool, executor: Executor | None, index: IndexSettings | None = None,
+                 after_commit: Callable[[FeatureStore, RunPlan], None] | None = None) -> ExtractSummary:
     options = options or ExtractOptions()
     executor = executor or LocalExecutor(options)
     started = time.perf_counter()
@@ -218,31 +208,33 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
         if on_skip:
             on_skip(display_path(path), reason)
 
-    with write_transaction(store_dir, rebuild=rebuild, shard_size=options.shard_size,
+    with write_transaction(index_dir, rebuild=rebuild, shard_size=options.shard_size,
                            shard_dtype=options.shard_dtype) as txn:
+        plan = plan_run(index_dir, model, options, index, engine=getattr(executor, "name", LOCAL_ENGINE),
+                        rebuild=rebuild, existing=txn.existing, embedder=embedder)
         if embedder is not None:
             fingerprint = embedder.fingerprint()
-            request = EmbedRequest(embedder.config.name, weights, options.device, options.runtime, embedder)
+            request = EmbedRequest(plan.model, model.weights, options.device, options.runtime, embedder)
         else:
-            choice = resolve_model(model, weights, txn.existing)
-            settings, descriptor_notice = resolve_descriptor(descriptor, choice.name, txn.existing, rebuild)
-            for notice in (choice.notice, descriptor_notice):
-                if notice and on_notice:
+            for notice in plan.notices:
+                if on_notice:
                     on_notice(notice)
-            calibration = choose_calibration(options, choice.name, choice.weights, settings, txn.existing, rebuild,
-                                             files, executor)
+            calibration = choose_calibration(plan, txn.existing, files, executor)
             if calibration is not None:  # the index will keep its int8 model (see begin_int8 below)
-                calibration = replace(calibration, index_dir=str(store_dir))
-            fingerprint = model_fingerprint(choice.name, choice.weights, settings, calibration)
-            request = EmbedRequest(choice.name, choice.weights, options.device, options.runtime,
-                                   descriptor=settings, calibration=calibration)
+                calibration = replace(calibration, index_dir=str(index_dir))
+            fingerprint = model_fingerprint(plan.model, plan.weights, plan.descriptor, calibration)
+            request = EmbedRequest(plan.model, plan.weights, plan.device, plan.runtime,
+                                   descriptor=plan.descriptor, calibration=calibration)
         store = txn.begin(fingerprint)
         int8_model = None if embedder is not None else begin_int8(txn, request, rebuild, on_notice)
         for repair in txn.repairs:
             if on_notice:
                 on_notice(f"repaired: {repair}")
-        if on_begin is not None:
-            on_begin(store)
+        if index is not None:  # the search backend, checked before any work and recorded
+            from ..search.backends import check_target, record_spec
+
+            check_target(plan.backend, store)
+            record_spec(store, plan.backend)
         root_note = record_root(store, root_key(root_path), rebuild)
         if root_note and on_notice:
             on_notice(root_note)
@@ -251,67 +243,101 @@ def _sync_folder(root: str | os.PathLike[str], store_dir: Path, model: str | Non
         sync_files(txn, root_path, files, request, executor, summary, skip)
         txn.commit()
         if int8_model is not None and store.committed:
-            prune_int8_models(store_dir, int8_model or None)
+            prune_int8_models(index_dir, int8_model or None)
         summary.store_count = store.count
         if after_commit is not None and store.committed:
-            after_commit(store)
+            after_commit(store, plan)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def sync_folder(root: str | os.PathLike[str], store_dir: str | os.PathLike[str], model: str | None = None,
+def sync_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str], model: str | None = None,
                 weights: str | os.PathLike[str] | None = None, options: ExtractOptions | None = None,
                 embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
                 on_notice: NoticeCallback | None = None, rebuild: bool = False,
                 executor: Executor | None = None, descriptor: DescriptorSettings | None = None) -> ExtractSummary:
-    """``cbir extract``: make the store at ``store_dir`` hold one vector per readable
-    image below ``root``: embed new and changed files, drop deleted ones, keep the rest.
+    """Make the vectors at ``index_dir`` hold one vector per readable image below
+    ``root``: embed new and changed files, drop deleted ones, keep the rest. No
+    search index is built (see :func:`index_folder`).
 
-    ``model``: default the store's own model, else the default model (see
-    :func:`cbir_cli.resolve.resolve_model`); it is loaded only if there is something
-    to embed. ``embedder``: an already loaded one instead (tests pass the tiny model).
-    ``rebuild``: embed everything again into a new store that replaces the old one in
-    a single commit at the end; an interrupted rebuild leaves the previous store
-    untouched. ``executor``: how images become vectors (default: this machine).
-    ``descriptor``: pooling, input and scales (default: a growing store's own, else
-    the model's default; see :func:`cbir_cli.resolve.resolve_descriptor`).
+    Args:
+        root: a folder of images (searched recursively) or a URL (``s3://bucket/prefix``).
+        index_dir: the folder of shards and manifest.
+        model: a registered model name (default: the folder's own model, else the
+            default one; see :func:`cbir_cli.resolve.resolve_model`); loaded only if
+            there is something to embed.
+        weights: a local weights file instead of the model's pretrained weights.
+        options: how embedding runs (device, runtime, precision, batch size...).
+        embedder: an already loaded model instead (tests pass the tiny model).
+        on_skip: called with (path, reason) for each image that could not be read.
+        on_notice: called with each notice (a fallback model, a repair...).
+        rebuild: embed everything again into a new store that replaces the old one
+            in one commit at the end; an interrupted rebuild leaves it untouched.
+        executor: how images become vectors (default: this machine).
+        descriptor: pooling, input and scales (default: a growing store's own,
+            else the model's; see :func:`cbir_cli.resolve.resolve_descriptor`).
+
+    Returns:
+        What the run did (:class:`~.options.ExtractSummary`).
+
+    Raises:
+        CbirError: a missing folder, an unknown model, an index made by another
+            model, an interrupted run (:class:`~cbir_cli.errors.Interrupted`).
     """
-    return _sync_folder(root, Path(store_dir).expanduser(), model, weights, options, embedder, on_skip, on_notice,
-                        rebuild, executor, descriptor=descriptor)
+    return _sync_folder(root, Path(index_dir).expanduser(), ModelSettings(model, weights, descriptor), options,
+                        embedder, on_skip, on_notice, rebuild, executor)
 
 
-extract_folder = sync_folder
+def extract_folder(root: str | os.PathLike[str], out_dir: str | os.PathLike[str], model: str | None = None,
+                   weights: str | os.PathLike[str] | None = None, options: ExtractOptions | None = None,
+                   **settings: Any) -> ExtractSummary:
+    """``cbir extract``: features only, into the folder ``out_dir`` (``.npy`` shards
+    and ``manifest.json``, no search index), for use outside cbir. The same run as
+    :func:`sync_folder`, whose keyword arguments (``embedder``, ``on_skip``,
+    ``on_notice``, ``rebuild``, ``executor``, ``descriptor``) it takes."""
+    return sync_folder(root, out_dir, model, weights, options, **settings)
 
 
 def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str] | None = None,
-                 model: str | None = None, weights: str | os.PathLike[str] | None = None,
-                 options: ExtractOptions | None = None, index_type: str | None = None, rebuild: bool = False,
-                 embedder: Embedder | None = None, on_skip: SkipCallback | None = None,
-                 on_notice: NoticeCallback | None = None, executor: Executor | None = None,
-                 descriptor: DescriptorSettings | None = None, dba: DbaSettings | None = None,
-                 backend: BackendSpec | None = None, rebuild_backend: bool = False) -> ExtractSummary:
+                 model: str | ModelSettings | None = None, weights: str | os.PathLike[str] | None = None,
+                 options: ExtractOptions | None = None, *, index: IndexSettings | None = None,
+                 index_type: str | None = None, descriptor: DescriptorSettings | None = None, rebuild: bool = False,
+                 embedder: Embedder | None = None, executor: Executor | None = None,
+                 on_skip: SkipCallback | None = None, on_notice: NoticeCallback | None = None) -> ExtractSummary:
     """``cbir index``: :func:`sync_folder`, then bring the search backend and its DBA
-    vectors up to date with the committed store, all in one write transaction.
-    ``index_type``: see :data:`cbir_cli.search.faiss_backend.INDEX_TYPES`; default:
-    the saved index's type, else auto. ``dba``: database-side augmentation for
-    re-ranking (:mod:`cbir_cli.search.dba`); default: the saved one's, else on.
-    ``backend``: the search backend to use from now on (recorded in the index;
-    default: the recorded one, else Faiss); it is checked before any work, so an
-    unreachable or incompatible one writes nothing. ``rebuild_backend``:
-    re-populate it (and the DBA vectors) from the shards instead of updating it."""
-    from ..search.backends import check_target, choose_spec, record_spec, refresh_backend
-    from ..search.faiss_backend import resolve_index_type
+    vectors up to date with the committed store, all in one write transaction. Every
+    choice is made by :func:`~.run_plan.plan_run` (what ``cbir index --dry-run`` prints).
 
-    if index_type is not None and (backend is None or backend.name == "faiss"):
-        resolve_index_type(index_type, 0)  # validate before any work
+    Args:
+        root: a folder of images or a URL (``s3://bucket/prefix``).
+        index_dir: the index folder (default: ``$CBIR_INDEX``, else the per-user one).
+        model: a model name, or :class:`~cbir_cli.resolve.ModelSettings` (model,
+            weights, descriptor) as one object; default: the index's, else the default.
+        weights, descriptor: see :func:`sync_folder` (when ``model`` is a name).
+        options: how embedding runs (:class:`~.options.ExtractOptions`).
+        index: backend, index type, DBA, rebuild_backend
+            (:class:`~.options.IndexSettings`); default: the index's, else Faiss, auto, on.
+        index_type: shorthand for ``IndexSettings(index_type=...)``.
+        rebuild, embedder, executor, on_skip, on_notice: see :func:`sync_folder`.
 
-    def begin(store: FeatureStore) -> None:
-        spec = choose_spec(backend, index_type, store)
-        check_target(spec, store)
-        record_spec(store, spec)
+    Returns:
+        What the run did (:class:`~.options.ExtractSummary`).
 
-    def refresh(store: FeatureStore) -> None:
-        refresh_backend(store, index_type, rebuild=rebuild_backend, dba=dba)
+    Raises:
+        CbirError: as :func:`sync_folder`; also an unknown index type, an unreachable
+            or incompatible backend (checked before any work: nothing is written).
+    """
+    from ..search.backends import refresh_backend
 
-    return _sync_folder(root, resolve_index_dir(index_dir), model, weights, options, embedder, on_skip, on_notice,
-                        rebuild, executor, after_commit=refresh, on_begin=begin, descriptor=descriptor)
+    settings = model if isinstance(model, ModelSettings) else ModelSettings(model, weights, descriptor)
+    index = index or IndexSettings()
+    if index_type is not None:
+        index = replace(index, index_type=index_type)
+    if index.index_type is not None:
+        choose_index_type(index.index_type, None, None)  # validate before any work
+
+    def refresh(store: FeatureStore, plan: RunPlan) -> None:
+        refresh_backend(store, index.index_type, rebuild=index.rebuild_backend, dba=index.dba)
+
+    return _sync_folder(root, resolve_index_dir(index_dir), settings, options, embedder, on_skip, on_notice,
+                        rebuild, executor, index=index, after_commit=refresh)

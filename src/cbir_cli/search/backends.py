@@ -1,7 +1,8 @@
 """Which search backend an index uses: recorded in its manifest by the writer that
 chose it, so every reader (queries, the web server, ``cbir check``) gets the same
 one without being told. One small factory, :func:`backend_for`; no caller names
-an engine.
+an engine. Backends are registered by name (:data:`BACKEND_TYPES`, the
+``cbir_cli.backends`` entry points; the built-ins are in :mod:`.backend_types`).
 
 The record (``manifest["search_backend"]``): ``{"name": "milvus", "uri": ...,
 "collection": ..., "index_type": ...}``. No record means Faiss, the embedded
@@ -15,9 +16,10 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..errors import CbirError
+from ..plugins import Registry
 from ..store.feature_store import FeatureStore
 from ..store.locking import writer_lock
 
@@ -27,24 +29,60 @@ if TYPE_CHECKING:
     from .dba import DbaSettings
     from .protocol import SearchBackend
 
-BACKENDS = ("faiss", "milvus")
 MANIFEST_KEY = "search_backend"
-# Where `--backend milvus` keeps a Milvus Lite database when no address is given.
-DEFAULT_LITE_NAME = "milvus.db"
 
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A backend choice: the engine and, for Milvus, where and which collection."""
+    """A backend choice: the registered name and, for a backend outside the index
+    folder, where (``uri``) and which ``collection``; ``index_type`` where the
+    backend does not keep it itself."""
 
     name: str = "faiss"
     uri: str | None = None
     collection: str | None = None
     index_type: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.name not in BACKENDS:
-            raise CbirError(f"unknown search backend {self.name!r}; choose one of: {', '.join(BACKENDS)}")
+
+@runtime_checkable
+class BackendType(Protocol):
+    """What the ``cbir_cli.backends`` registry holds: one kind of search backend."""
+
+    #: The name users type (``--backend NAME``) and the manifest records.
+    name: str
+    #: One line for ``cbir models``.
+    description: str
+
+    def choose(self, requested: BackendSpec, recorded: BackendSpec | None, index_type: str | None,
+               store: FeatureStore) -> BackendSpec:
+        """What a writer records for ``requested`` (this type's name): its defaults
+        filled in from ``recorded`` (the store's record, when of this type) and the
+        store; a CbirError for what it cannot use, before any work."""
+        ...
+
+    def open(self, spec: BackendSpec, root: Path) -> SearchBackend:
+        """The backend ``spec`` describes for the index folder ``root``, not loaded."""
+        ...
+
+
+class InFolderBackendType:
+    """Defaults for a backend type whose index lives in the index folder: nothing
+    to choose but its name (not part of the protocol)."""
+
+    name: str
+
+    def choose(self, requested: BackendSpec, recorded: BackendSpec | None, index_type: str | None,
+               store: FeatureStore) -> BackendSpec:
+        if requested.uri or requested.collection:
+            raise CbirError(f"{self.name} keeps its index in the index folder: --backend-uri and "
+                            "--backend-collection are for a backend outside it")
+        return BackendSpec(self.name)
+
+
+BACKEND_TYPES: Registry[BackendType] = Registry("cbir_cli.backends", "search backend", {
+    "faiss": "cbir_cli.search.backend_types:FAISS",
+    "milvus": "cbir_cli.search.backend_types:MILVUS",
+})
 
 
 def recorded_spec(store: FeatureStore) -> BackendSpec | None:
@@ -56,27 +94,14 @@ def recorded_spec(store: FeatureStore) -> BackendSpec | None:
 
 def choose_spec(requested: BackendSpec | None, index_type: str | None, store: FeatureStore) -> BackendSpec | None:
     """What a writer records: the ``requested`` backend (its defaults filled in), else
-    the recorded one; ``index_type`` (when given) replaces a recorded Milvus type."""
-    from .milvus_backend import milvus_index_type
-    from .milvus_client import check_collection_name, check_uri, default_collection, import_pymilvus, is_lite
-
+    the recorded one; ``index_type`` (when given) replaces a recorded type the backend
+    does not keep itself."""
     recorded = recorded_spec(store)
     spec = requested or recorded
-    if spec is None or spec.name == "faiss":
-        return spec
-    import_pymilvus()  # the extra is missing: say so before any work
-    same = recorded if recorded is not None and recorded.name == "milvus" else BackendSpec("milvus")
-    uri = spec.uri or same.uri or DEFAULT_LITE_NAME
-    if is_lite(uri) and uri != same.uri:
-        check_uri(uri)
-        # A path the user gave is relative to here; the default lives in the index folder.
-        path = (store.root / uri if spec.uri is None else Path(uri).expanduser()).absolute()
-        uri = path.name if path.parent == store.root.absolute() else str(path)
-    collection = spec.collection or same.collection or default_collection(store.root)
-    check_collection_name(collection)
-    chosen = BackendSpec("milvus", uri, collection, index_type or spec.index_type or same.index_type)
-    milvus_index_type(chosen.index_type or "auto", store.count, is_lite(uri))  # refuse what it cannot build
-    return chosen
+    if spec is None:  # no record: Faiss, which keeps its own index type
+        return None
+    same = recorded if recorded is not None and recorded.name == spec.name else None
+    return BACKEND_TYPES.get(spec.name).choose(spec, same, index_type, store)
 
 
 def record_spec(store: FeatureStore, spec: BackendSpec | None) -> None:
@@ -85,17 +110,9 @@ def record_spec(store: FeatureStore, spec: BackendSpec | None) -> None:
 
 
 def make_backend(spec: BackendSpec | None, root: Path) -> SearchBackend:
-    if spec is None or spec.name == "faiss":
-        from .faiss_backend import FaissBackend
-
-        return FaissBackend()
-    from .milvus_backend import MilvusBackend
-    from .milvus_client import is_lite
-
-    uri = str(spec.uri)
-    if is_lite(uri) and not os.path.isabs(uri):
-        uri = str(Path(root).absolute() / uri)
-    return MilvusBackend(uri, str(spec.collection))
+    """The registered backend ``spec`` names (None: Faiss), not loaded."""
+    spec = spec or BackendSpec()
+    return BACKEND_TYPES.get(spec.name).open(spec, Path(root))
 
 
 def backend_for(store: FeatureStore) -> SearchBackend:
@@ -106,11 +123,8 @@ def backend_for(store: FeatureStore) -> SearchBackend:
 def check_target(spec: BackendSpec | None, store: FeatureStore) -> None:
     """Before a writer does any work: a backend outside the store (a Milvus server or
     database) is reachable and holds nothing incompatible, so a failure writes nothing."""
-    backend = make_backend(spec, store.root)
-    target_check = getattr(backend, "check_target", None)
-    if target_check is not None:
-        with opened(backend):
-            target_check(store.fingerprint)
+    with opened(make_backend(spec, store.root)) as backend:
+        backend.check_target(store.fingerprint)
 
 
 @contextmanager
@@ -120,9 +134,7 @@ def opened(backend: SearchBackend) -> Iterator[SearchBackend]:
     try:
         yield backend
     finally:
-        close: Any = getattr(backend, "close", None)
-        if close is not None:
-            close()
+        backend.close()
 
 
 def refresh_backend(store: FeatureStore, index_type: str | None, rebuild: bool = False,
@@ -145,12 +157,14 @@ def refresh_backend(store: FeatureStore, index_type: str | None, rebuild: bool =
         return backend.refresh(store, index_type)
 
 
-def _saved_index_type(store: FeatureStore, backend: SearchBackend) -> str:
-    from .faiss_backend import read_index_meta
+def saved_index_type(store: FeatureStore) -> str:
+    """The index type the store's backend was last built with (auto when unknown)."""
+    return _saved_index_type(store, backend_for(store))
 
-    read_meta: Any = getattr(backend, "read_meta", None)
+
+def _saved_index_type(store: FeatureStore, backend: SearchBackend) -> str:
     try:
-        meta = read_meta(store) if read_meta is not None else read_index_meta(store)
+        meta = backend.read_meta(store)
     except CbirError:  # a damaged Faiss meta: rebuild with the default
         meta = None
     return str((meta or {}).get("index_type", "auto"))

@@ -31,7 +31,7 @@ from .faiss_index import (  # noqa: F401 (re-exported: callers import them from 
     resolve_index_type,
     search_index,
 )
-from .protocol import BackendCheck
+from .protocol import BackendBase, BackendCheck
 from .saved_index import (  # noqa: F401 (re-exported)
     INDEX_FILE,
     INDEX_META,
@@ -72,10 +72,11 @@ class _AppendedVectors:
         return out
 
 
-class FaissBackend:
+class FaissBackend(BackendBase):
     """The :class:`~cbir_cli.search.protocol.SearchBackend` on Faiss (see the module docstring)."""
 
     name = "faiss"
+    read_meta = staticmethod(read_index_meta)
 
     def __init__(self) -> None:
         import numpy as np

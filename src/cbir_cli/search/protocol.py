@@ -21,7 +21,7 @@ search answers Faiss's packed ``(lims, scores, ids)`` (see :mod:`.range`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -96,3 +96,29 @@ class SearchBackend(Protocol):
         """Compare what is saved for ``store`` with its verified ``live_vectors``
         (rows in live-row order), without changing anything."""
         ...
+
+    def check_target(self, fingerprint: dict[str, Any]) -> None:
+        """Before a writer does any work: where the backend keeps its index (a server,
+        a database) is reachable and holds nothing incompatible with vectors of
+        ``fingerprint``; a CbirError otherwise, so that a failure writes nothing."""
+        ...
+
+    def read_meta(self, store: FeatureStore) -> dict[str, Any] | None:
+        """What was saved with the store's index (at least ``index_type``), None when
+        nothing readable was."""
+        ...
+
+    def close(self) -> None:
+        """Let go of any connection or file it holds (it may be used again after)."""
+        ...
+
+
+class BackendBase:
+    """Defaults for a backend that keeps its index inside the index folder and holds
+    no connection (not part of the protocol)."""
+
+    def check_target(self, fingerprint: dict[str, Any]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

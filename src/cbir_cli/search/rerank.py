@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError, CorruptStoreError
 from .dba import (
@@ -346,10 +346,13 @@ class RerankingBackend:
         return self.inner.vectors(ids)
 
     def close(self) -> None:
-        """Let go of the inner backend's connection, if it holds one (Milvus)."""
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            close()
+        self.inner.close()
+
+    def check_target(self, fingerprint: dict[str, Any]) -> None:
+        self.inner.check_target(fingerprint)
+
+    def read_meta(self, store: FeatureStore) -> dict[str, Any] | None:
+        return self.inner.read_meta(store)
 
     def check(self, store: FeatureStore, live_vectors: np.ndarray) -> BackendCheck:
         report = self.inner.check(store, live_vectors)
