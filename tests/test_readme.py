@@ -1,7 +1,8 @@
-"""The README does not drift from the code (issue 22 item 8): every ``cbir ...``
-command line it shows names a real command and only that command's options, every
-``--option`` it names exists (in the CLI, or in the bench script it is given to),
-and the ``dedup --csv`` columns it lists are the real header."""
+"""The README and the docs pages do not drift from the code (issue 22 item 8, issue
+23 item 3): every ``cbir ...`` command line they show names a real command and only
+that command's options, every ``--option`` they name exists (in the CLI, or in the
+bench script it is given to), and the ``dedup --csv`` columns they list are the real
+header."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 from functools import cache
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -20,20 +22,23 @@ from cbir_cli.pipeline.sync import index_folder
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
+# The README and every page of the docs site, by name relative to the repository.
+PAGES = {str(p.relative_to(REPO)): p.read_text(encoding="utf-8")
+         for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
 OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-zA-Z])\b")
 # A command line ends at a comment, a pipe, a redirection or a sentence.
 END_OF_COMMAND = re.compile(r"\s#|\s\|\s|\s>\s|;|&&|\bcbir |\. ")
 OTHER_TOOLS = ("pip ", "ray ", "pytest", "curl ", "python -m pytest", "git ", "docker ", "nvidia-smi", "lint-imports",
-               "ruff ", "uv ")
+               "ruff ", "uv ", "helm ", "kubectl ", "mkdocs ")
 
 
-def code_segments() -> list[str]:
+def code_segments(text: str = README) -> list[str]:
     """Inline code of the prose (possibly wrapped over lines of one paragraph) and the
-    lines of indented code blocks."""
-    lines = README.splitlines()
+    lines of indented code blocks (a YAML list item's ``- `` dropped)."""
+    lines = text.splitlines()
     prose = "\n".join(line if not line.startswith("    ") else "" for line in lines)
     spans = [" ".join(s.split()) for paragraph in prose.split("\n\n") for s in re.findall(r"`([^`]+)`", paragraph)]
-    return spans + [line.strip() for line in lines if line.startswith("    ")]
+    return spans + [line.strip().removeprefix("- ") for line in lines if line.startswith("    ")]
 
 
 @cache
@@ -59,10 +64,10 @@ def bench_options(script: str) -> set[str]:
     return set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', (REPO / "bench" / script).read_text()))
 
 
-def cbir_command_lines() -> list[tuple[str, str, str]]:
+def cbir_command_lines(text: str = README) -> list[tuple[str, str, str]]:
     """(command, the rest of its line, the code it came from) for every ``cbir ...`` shown."""
     found = []
-    for segment in code_segments():
+    for segment in code_segments(text):
         for match in re.finditer(r"(?:^|[\s($])cbir ([a-z][a-z-]*)(?: ([a-z]+))?", segment):
             name = f"weights {match[2]}" if match[1] == "weights" else match[1]
             rest = END_OF_COMMAND.split(segment[match.end():], maxsplit=1)[0]
@@ -75,9 +80,10 @@ def test_the_readme_shows_commands_at_all():
     assert {"index", "query", "serve", "dedup", "evaluate", "check", "extract", "weights install"} <= names
 
 
-def test_every_cbir_command_line_names_a_real_command_and_its_options():
+@pytest.mark.parametrize("page", PAGES)
+def test_every_cbir_command_line_names_a_real_command_and_its_options(page):
     problems = []
-    for name, rest, segment in cbir_command_lines():
+    for name, rest, segment in cbir_command_lines(PAGES[page]):
         if name not in cli_options():
             problems.append(f"no command `cbir {name}`: {segment}")
             continue
@@ -86,12 +92,13 @@ def test_every_cbir_command_line_names_a_real_command_and_its_options():
     assert not problems, "\n".join(problems)
 
 
-def test_every_option_the_readme_names_exists():
+@pytest.mark.parametrize("page", PAGES)
+def test_every_option_the_page_names_exists(page):
     everything = set().union(*cli_options().values())
     scripts = {p.name for p in (REPO / "bench").glob("*.py")}
     every_bench = set().union(*(bench_options(s) for s in scripts))
     problems = []
-    for segment in code_segments():
+    for segment in code_segments(PAGES[page]):
         script = re.search(r"bench/([\w-]+\.py)", segment)
         if script and script[1] in scripts:
             unknown = [o for o in OPTION.findall(segment.split("#")[0]) if o.startswith("--")
@@ -104,9 +111,26 @@ def test_every_option_the_readme_names_exists():
     assert not problems, "\n".join(problems)
 
 
-def test_the_dedup_csv_columns_the_readme_lists_are_the_real_header(image_folder, tmp_path, tiny_embedder):
-    listed = re.search(r"cbir dedup --csv .*# one row per image: (.+)", README)
-    assert listed, "the README shows `cbir dedup --csv` with its columns"
+def test_the_docs_site_has_every_page_and_the_pages_in_its_nav():
+    nav = re.findall(r":\s*([\w-]+\.md)\s*$", (REPO / "mkdocs.yml").read_text(encoding="utf-8"), re.M)
+    pages = sorted(p.name for p in (REPO / "docs").glob("*.md"))
+    assert sorted(nav) == pages
+    for name in ("usage", "search-and-filters", "search-by-words", "web", "duplicates", "evaluation", "performance",
+                 "scaling-out", "reliability", "architecture", "extending", "changelog", "api"):
+        assert f"{name}.md" in pages
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    assert len(README.splitlines()) <= 250
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", README))
+    # mkdocs --strict checks the links between pages; the README is outside the site.
+    assert all((REPO / "docs" / name).is_file() for name in linked), linked
+    assert linked >= {p.name for p in (REPO / "docs").glob("*.md")} - {"index.md"}
+
+
+def test_the_dedup_csv_columns_the_docs_list_are_the_real_header(image_folder, tmp_path, tiny_embedder):
+    listed = re.search(r"cbir dedup --csv .*# one row per image: (.+)", "\n".join(PAGES.values()))
+    assert listed, "the docs show `cbir dedup --csv` with its columns"
     columns = [c.strip() for c in listed[1].split(",")]
     target = tmp_path / "index"
     index_folder(image_folder(2), target, options=ExtractOptions(workers=0), embedder=tiny_embedder)
