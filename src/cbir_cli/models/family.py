@@ -75,7 +75,8 @@ class ModelFamily(Protocol):
 
 
 MODEL_FAMILIES: Registry[ModelFamily] = Registry(
-    "cbir_cli.models", "model family", {DEFAULT_FAMILY: "cbir_cli.models.cnn_family:CNN_FAMILY"})
+    "cbir_cli.models", "model family", {DEFAULT_FAMILY: "cbir_cli.models.cnn_family:CNN_FAMILY",
+                                        "clip": "cbir_cli.models.clip_family:CLIP_FAMILY"})
 
 
 def split_model_name(name: str) -> tuple[str, str]:

@@ -1,0 +1,155 @@
+"""The clip family (issue 24) on a tiny open_clip model with random weights: a
+custom config registered with open_clip, its checkpoint saved in open_clip's
+format and loaded through ``--weights`` -- the real loading code, no download."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cbir_cli.cli import app
+
+open_clip = pytest.importorskip("open_clip")
+runner = CliRunner()
+TINY = "cbir-tiny-clip"
+MODEL = f"clip:{TINY}"
+TINY_CONFIG = {"embed_dim": 24,
+               "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's config registered with open_clip; returns its checkpoint (a state dict)."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(folder / f"{TINY}.json")
+    torch.manual_seed(0)
+    checkpoint = folder / "tiny_clip.pt"
+    torch.save(open_clip.create_model(TINY).state_dict(), checkpoint)
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_embedder(tiny_clip):
+    from cbir_cli.models.loading import load_embedder
+
+    return load_embedder(MODEL, weights=tiny_clip, device="cpu")
+
+
+def invoke_json(args: list[str]) -> object:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_image_and_text_vectors_have_the_models_dim_and_unit_length(tiny_clip_embedder, tiny_clip):
+    from conftest import make_image
+
+    from cbir_cli.models.protocol import TextEmbedder
+
+    images = tiny_clip_embedder.embed_images([make_image(1), make_image(2, size=(40, 90))])
+    texts = tiny_clip_embedder.embed_text(["a yellow flower", "a dog on a beach at night"])
+    assert isinstance(tiny_clip_embedder, TextEmbedder)
+    assert images.shape == (2, 24) and texts.shape == (2, 24) and images.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
+    assert not np.allclose(texts[0], texts[1])
+    fp = tiny_clip_embedder.fingerprint()
+    assert (fp["model"], fp["family"], fp["dim"], fp["pretrained"]) == (MODEL, "clip", 24, None)
+    assert fp["weights"].startswith("file-sha256:")
+
+
+def test_a_file_that_is_not_the_models_checkpoint_is_one_line(tiny_clip, tmp_path):
+    from cbir_cli.errors import CbirError
+    from cbir_cli.models.loading import load_embedder
+
+    wrong = tmp_path / "wrong.pt"
+    import torch
+
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(CbirError, match="not an open_clip cbir-tiny-clip checkpoint"):
+        load_embedder(MODEL, weights=wrong, device="cpu")
+
+
+def test_offline_without_weights_names_the_file_and_how_to_supply_it(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from cbir_cli.errors import WeightsUnavailableError
+    from cbir_cli.models.loading import load_embedder
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(WeightsUnavailableError) as caught:
+        load_embedder("clip:ViT-B-32/laion2b_s34b_b79k", device="cpu")
+    message = caught.value.message
+    assert "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in message and "open_clip_pytorch_model.bin" in message
+    assert "--weights FILE" in message and "CBIR_OFFLINE is set" in message and "\n" not in message
+
+
+def test_cbir_models_lists_the_clip_models_with_text():
+    rows = invoke_json(["models", "--json"])
+    clip = next(r for r in rows if r["name"] == "clip:ViT-B-32/laion2b_s34b_b79k")
+    assert (clip["family"], clip["dim"], clip["has_text"]) == ("clip", 512, True)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def test_text_combined_and_negative_queries_rank_by_the_documented_sum(tiny_clip, tiny_clip_embedder,
+                                                                       image_folder, index_env, tmp_path):
+    from conftest import make_image
+
+    from cbir_cli.imageio.decode import load_image
+    from cbir_cli.search.searcher import Searcher
+
+    folder = image_folder(12)
+    summary = invoke_json(["index", str(folder), "--model", MODEL, "--weights", str(tiny_clip),
+                           "--workers", "0", "--json"])
+    assert summary["added"] == 12
+    searcher = Searcher.open(index_env)
+    ids = np.array([r.id for r in searcher.rows], dtype=np.int64)
+    stored = searcher.backend.vectors(ids)
+    query_file = tmp_path / "beach.jpg"
+    make_image(99).save(query_file, quality=90)
+    image = tiny_clip_embedder.embed_images([load_image(query_file, draft_size=32)])[0]
+    text = tiny_clip_embedder.embed_text(["a red square", "at night", "people"])
+
+    def expect(q: np.ndarray) -> list[int]:
+        return [int(i) for i in ids[np.argsort(-(stored @ _unit(q)), kind="stable")]]
+
+    cases = [
+        (["--text", "a red square"], text[0]),
+        (["--text", "a red square", "--text", "2:at night"], text[0] + 2 * text[1]),
+        ([str(query_file), "--text", "at night", "--not", "people"], image + text[1] - text[2]),
+        ([str(query_file), "--not", "0.5:people"], image - 0.5 * text[2]),
+    ]
+    for args, q in cases:
+        answer, = invoke_json(["query", *args, "-k", "12", "--no-rerank", "--json"])
+        assert [h["id"] for h in answer["results"]] == expect(q), args
+        np.testing.assert_allclose([h["cosine"] for h in answer["results"]],
+                                   np.sort(stored @ _unit(q))[::-1], atol=2e-4)
+    answer, = invoke_json(["query", "--text", "at night", "--not", "people", "--json", "-k", "3"])
+    assert (answer["text"], answer["not"], len(answer["results"])) == (["at night"], ["people"], 3)
+    # --min-score filters a word query as any other: the hits above it, in the same order.
+    cosines = np.sort(stored @ _unit(text[0]))[::-1]
+    threshold = float((cosines[5] + cosines[6]) / 2)
+    answer, = invoke_json(["query", "--text", "a red square", "--no-rerank", "--json", "-k", "12",
+                           "--min-score", f"{threshold:.6f}"])
+    assert [h["id"] for h in answer["results"]] == expect(text[0])[:6]
+
+
+def test_a_text_query_on_a_model_without_a_text_tower_is_one_line(image_folder, index_env):
+    folder = image_folder(4)
+    invoke_json(["index", str(folder), "--model", "test_tiny", "--workers", "0", "--json"])
+    result = runner.invoke(app, ["query", "--text", "a yellow flower"])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "test_tiny has no text tower" in lines[0] and "clip:ViT-B-32/laion2b_s34b_b79k" in lines[0]
