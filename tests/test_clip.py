@@ -153,3 +153,39 @@ def test_a_text_query_on_a_model_without_a_text_tower_is_one_line(image_folder, 
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
     assert "test_tiny has no text tower" in lines[0] and "clip:ViT-B-32/laion2b_s34b_b79k" in lines[0]
+
+
+def test_text_query_metrics_against_a_hand_computed_case():
+    from cbir_cli.evaluate.text_queries import class_prompt, score_text_queries
+
+    images = np.array([[1, 0], [0.8, 0.6], [0.6, 0.8], [0, 1]], dtype=np.float32)
+    labels = np.array([0, 1, 0, 1])
+    queries = np.array([[1, 0], [0.6, 0.8]], dtype=np.float32)
+    ap, recall = score_text_queries(queries, np.array([0, 1]), images, labels, (1, 2))
+    # class 0 ranks images 0,1,2,3 (labels 0,1,0,1): AP = (1/1 + 2/3) / 2;
+    # class 1 ranks 2,1,3,0 (labels 0,1,1,0): AP = (1/2 + 2/3) / 2, no hit at rank 1.
+    np.testing.assert_allclose(ap, [(1 + 2 / 3) / 2, (1 / 2 + 2 / 3) / 2])
+    np.testing.assert_array_equal(recall[1], [1, 0])
+    np.testing.assert_array_equal(recall[2], [1, 1])
+    assert class_prompt("a photo of a {}", "golden_retriever") == "a photo of a golden retriever"
+
+
+def test_cbir_evaluate_text_queries_per_class_and_overall(tiny_clip, tmp_path):
+    from conftest import make_image
+
+    root = tmp_path / "classes"
+    for c, name in enumerate(["red_square", "blue_circle", "tree"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            make_image(10 * c + i).save(root / name / f"{i}.jpg", quality=90)
+    base = ["evaluate", "--dataset", "folder", "--root", str(root), "--text-queries", "--workers", "0",
+            "--features-dir", str(tmp_path / "features"), "--recall-at", "1,2", "--json"]
+    out = invoke_json([*base, "--model", MODEL, "--weights", str(tiny_clip), "--prompt", "a picture of {}"])
+    assert [c["prompt"] for c in out["classes"]] == ["a picture of blue circle", "a picture of red square",
+                                                     "a picture of tree"]
+    assert all(c["images"] == 3 and 0 < c["ap"] <= 1 for c in out["classes"])
+    assert out["overall"]["map"] == pytest.approx(np.mean([c["ap"] for c in out["classes"]]))
+    assert out["overall"]["recall@2"] == pytest.approx(np.mean([c["recall@2"] for c in out["classes"]]))
+    result = runner.invoke(app, [*base, "--model", "test_tiny"])
+    assert result.exit_code != 0
+    assert "model test_tiny has no text tower; use one that has: clip:" in result.output
