@@ -143,6 +143,21 @@ def test_text_combined_and_negative_queries_rank_by_the_documented_sum(tiny_clip
     answer, = invoke_json(["query", "--text", "a red square", "--no-rerank", "--json", "-k", "12",
                            "--min-score", f"{threshold:.6f}"])
     assert [h["id"] for h in answer["results"]] == expect(text[0])[:6]
+    # The JSON API's text/not fields (the web server) make the same query.
+    from cbir_cli.serve.app import create_app
+
+    client = create_app(Searcher.open(index_env)).test_client()
+    found = client.get("/api/search", query_string={"text": "at night", "not": "people", "k": 12})
+    assert found.status_code == 200, found.get_json()
+    body = found.get_json()
+    assert (body["query"]["text"], body["query"]["not"]) == (["at night"], ["people"])
+    with query_file.open("rb") as fh:
+        posted = client.post("/api/search", data={"image": (fh, "beach.jpg"), "text": "at night", "not": "people",
+                                                  "k": "12"}).get_json()
+    assert posted["query"]["text"] == ["at night"]
+    # A searcher opened without re-ranking: the plain cosine order of the documented sum.
+    assert [h["id"] for h in body["results"]] == expect(text[1] - text[2])
+    assert [h["id"] for h in posted["results"]] == expect(image + text[1] - text[2])
 
 
 def test_a_text_query_on_a_model_without_a_text_tower_is_one_line(image_folder, index_env):

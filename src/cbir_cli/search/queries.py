@@ -93,10 +93,10 @@ def answer_queries(searcher: Searcher, request: QueryRequest, k: int) -> list[An
 
 def _word_answer(searcher: Searcher, request: QueryRequest, files: list[str], indexed: list[tuple[int, str]],
                  k: int) -> Answer:
-    from .word_queries import word_query_label, word_query_vector
+    from .word_queries import load_query_images, search_words, word_query_label
 
-    query = word_query_vector(searcher, files, [i for i, _ in indexed], request.texts, request.negatives)
-    hits = searcher.search_vectors(query[None, :], k, result_filter=request.result_filter)[0]
+    hits = search_words(searcher, request.texts, request.negatives, k, request.result_filter,
+                        load_query_images(searcher, files), [i for i, _ in indexed])
     label = word_query_label(files, [label for _, label in indexed], request.texts, request.negatives)
     extra: dict[str, Any] = {"text": list(request.texts), "not": list(request.negatives)}
     if files:

@@ -29,9 +29,11 @@ from ..paths import display_path
 
 if TYPE_CHECKING:
     import numpy as np
+    from PIL import Image as PILImage
 
     from ..models.protocol import TextEmbedder
-    from .searcher import Searcher
+    from .filters import ResultFilter
+    from .searcher import Hit, Searcher
 
 # rclip's form: a number, a colon, the words.
 _WEIGHTED = re.compile(r"^(?P<weight>\d+(?:\.\d*)?|\.\d+):(?P<text>.+)$")
@@ -81,12 +83,12 @@ def word_query_label(files: Sequence[str], indexed: Sequence[str], texts: Sequen
     return " + ".join(parts) + "".join(f' - "{t}"' for t in negatives)
 
 
-def word_query_vector(searcher: Searcher, files: Sequence[str], indexed_ids: Sequence[int],
+def word_query_vector(searcher: Searcher, images: Sequence[PILImage.Image], indexed_ids: Sequence[int],
                       texts: Sequence[str], negatives: Sequence[str]) -> np.ndarray:
-    """The combined query of image files, indexed images, texts and ``--not`` texts."""
+    """The combined query of decoded images, indexed images, texts and ``--not`` texts."""
     import numpy as np
 
-    if not (files or indexed_ids or texts):
+    if not (images or indexed_ids or texts):
         raise CbirError("--not needs something to search for: words (--text) or images to steer away from")
     embedder = text_embedder(searcher)
     weighted = [parse_term(t) for t in texts]
@@ -94,10 +96,9 @@ def word_query_vector(searcher: Searcher, files: Sequence[str], indexed_ids: Seq
     if any(not t for _, t in weighted + weighted_not):
         raise CbirError("an empty --text or --not term: give some words")
     parts, weights = [], []
-    if files:
-        draft = embedder.config.draft_size
-        parts.append(embed_images(embedder, [load_image(p, draft_size=draft) for p in files]))
-        weights += [1.0] * len(files)
+    if images:
+        parts.append(embed_images(embedder, images))
+        weights += [1.0] * len(images)
     if indexed_ids:
         parts.append(searcher.backend.vectors(np.asarray(indexed_ids, dtype=np.int64)))
         weights += [1.0] * len(indexed_ids)
@@ -109,3 +110,17 @@ def word_query_vector(searcher: Searcher, files: Sequence[str], indexed_ids: Seq
                 else np.zeros((0, dim), dtype=np.float32))
     positive = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, dim), dtype=np.float32)
     return combine_query(positive, weights, negative, [w for w, _ in weighted_not])
+
+
+def load_query_images(searcher: Searcher, files: Sequence[str]) -> list[PILImage.Image]:
+    """Image files decoded for a word query (the model checked for a text tower first)."""
+    draft = text_embedder(searcher).config.draft_size
+    return [load_image(p, draft_size=draft) for p in files]
+
+
+def search_words(searcher: Searcher, texts: Sequence[str], negatives: Sequence[str], k: int,
+                 result_filter: ResultFilter | None = None, images: Sequence[PILImage.Image] = (),
+                 indexed_ids: Sequence[int] = ()) -> list[Hit]:
+    """The hits of one combined query (see the module docstring)."""
+    query = word_query_vector(searcher, images, indexed_ids, texts, negatives)
+    return searcher.search_vectors(query[None, :], k, result_filter=result_filter)[0]
