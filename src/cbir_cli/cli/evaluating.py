@@ -98,8 +98,10 @@ def evaluate_cmd(
     text_queries: Annotated[bool, typer.Option("--text-queries", help="folder: each class folder's name, in "
                                                "--prompt, queries all images by words (a model with a text "
                                                "tower, clip:...); mAP and R@K per class and overall.")] = False,
-    prompt: Annotated[str, typer.Option("--prompt", help="Template of --text-queries: {} is the class name "
-                                        "(underscores read as spaces).")] = "a photo of a {}",
+    prompt: Annotated[str, typer.Option("--prompt", metavar="TEMPLATE",
+                                        help="Template of --text-queries: its empty pair of braces is the class "
+                                             "name (underscores read as spaces). Default: 'a photo of a' and the "
+                                             "name.", show_default=False)] = "a photo of a {}",
     device: DeviceOpt = AUTO_DEVICE,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
