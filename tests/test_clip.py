@@ -113,6 +113,12 @@ def test_text_combined_and_negative_queries_rank_by_the_documented_sum(tiny_clip
     summary = invoke_json(["index", str(folder), "--model", MODEL, "--weights", str(tiny_clip),
                            "--workers", "0", "--json"])
     assert summary["added"] == 12
+    # Incremental: nothing to do the second time; `cbir check` finds the model able to make these vectors.
+    again = invoke_json(["index", str(folder), "--model", MODEL, "--weights", str(tiny_clip), "--workers", "0",
+                         "--json"])
+    assert again["added"] == 0
+    checked = runner.invoke(app, ["check"])
+    assert checked.exit_code == 0, checked.output
     searcher = Searcher.open(index_env)
     ids = np.array([r.id for r in searcher.rows], dtype=np.int64)
     stored = searcher.backend.vectors(ids)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import CbirError
 from .clip_config import FAMILY, OPENAI_MEAN, OPENAI_STD, ClipConfig, clip_fingerprint
-from .family import Weights
+from .family import Weights, vector_problems
 from .protocol import Embedder
 from .quantize import Calibration
 from .registry import DescriptorSettings
@@ -123,18 +123,7 @@ class ClipFamily:
             config = clip_config(str(fp.get("model")).partition(":")[2])
         except CbirError as exc:
             return [f"{where}: {exc.message}"]
-        problems = []
-        if fp.get("dim") != config.dim:
-            problems.append(f"{where}: model {config.name} makes {config.dim}-d vectors, manifest says {fp.get('dim')}")
-        if fp.get("preprocessing") != config.preprocessing():
-            problems.append(f"{where}: model {config.name}'s preprocessing changed since these vectors were made")
-        if weights_path:
-            try:
-                if clip_weights_id(config, weights_path) != fp.get("weights"):
-                    problems.append(f"{weights_path}: weights file changed since the index was built")
-            except CbirError as exc:
-                problems.append(str(exc))
-        return problems
+        return vector_problems(fp, config, weights_path, where, lambda path: clip_weights_id(config, path))
 
 
 CLIP_FAMILY = ClipFamily()
