@@ -210,3 +210,27 @@ def test_cbir_evaluate_text_queries_per_class_and_overall(tiny_clip, tmp_path):
     result = runner.invoke(app, [*base, "--model", "test_tiny"])
     assert result.exit_code != 0
     assert "model test_tiny has no text tower; use one that has: clip:" in result.output
+
+
+def test_onnx_towers_equal_torch_and_are_cached(tiny_clip, tiny_clip_embedder, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from conftest import make_image
+
+    from cbir_cli.models.clip_onnx import clip_export_paths
+    from cbir_cli.models.loading import load_embedder
+    from cbir_cli.models.protocol import TextEmbedder
+
+    monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
+    onnx = load_embedder(MODEL, weights=tiny_clip, device="cpu", runtime="onnx")
+    assert isinstance(onnx, TextEmbedder) and type(onnx).__name__ == "ClipOnnxEmbedder"
+    assert onnx.fingerprint() == tiny_clip_embedder.fingerprint()
+    images = [make_image(5), make_image(6, size=(90, 40))]
+    texts = ["a red square", "a dog on a beach at night"]
+    np.testing.assert_allclose((onnx.embed_images(images) * tiny_clip_embedder.embed_images(images)).sum(1), 1,
+                               atol=1e-4)
+    np.testing.assert_allclose((onnx.embed_text(texts) * tiny_clip_embedder.embed_text(texts)).sum(1), 1, atol=1e-4)
+    image_file, text_file = clip_export_paths(onnx.config, onnx.weights_id, tmp_path / "cache" / "onnx")
+    assert image_file.is_file() and text_file.is_file()
+    stamp = image_file.stat().st_mtime_ns
+    load_embedder(MODEL, weights=tiny_clip, device="cpu", runtime="onnx")
+    assert image_file.stat().st_mtime_ns == stamp  # read from the cache, not exported again
