@@ -234,3 +234,9 @@ def test_onnx_towers_equal_torch_and_are_cached(tiny_clip, tiny_clip_embedder, t
     stamp = image_file.stat().st_mtime_ns
     load_embedder(MODEL, weights=tiny_clip, device="cpu", runtime="onnx")
     assert image_file.stat().st_mtime_ns == stamp  # read from the cache, not exported again
+
+
+def test_cbir_models_prints_clip_names_whole_on_a_narrow_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = runner.invoke(app, ["models"], terminal_width=80)
+    assert result.exit_code == 0 and "clip:ViT-B-32/laion2b_s34b_b79k" in result.output, result.output
