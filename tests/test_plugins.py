@@ -105,7 +105,7 @@ def test_a_cnn_option_on_a_plugin_model_and_unknown_names_are_one_line_errors(fa
     for args, message in (
         (["--model", "fake:tiny", "--pooling", "mac"], "--pooling, --input and --scales pool a CNN's feature map"),
         (["--model", "fake:huge"], "unknown model fake:huge; choose one of: fake:tiny, fake:small"),
-        (["--model", "nofamily:x"], "unknown model family 'nofamily'; choose one of: cnn, fake"),
+        (["--model", "nofamily:x"], "unknown model family 'nofamily'; choose one of: cnn, clip, fake"),
         (["--model", "fake:tiny", "--backend", "nope"], "unknown search backend 'nope'; choose one of: faiss, "
                                                         "milvus, fakebackend"),
         (["--model", "fake:tiny", "--engine", "nope"], "unknown engine 'nope'; choose one of: local, ray"),

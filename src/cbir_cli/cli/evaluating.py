@@ -74,6 +74,13 @@ def evaluate_cmd(
                                       "distortions' random parts.")] = 0,
     distortions: Annotated[Optional[str], typer.Option("--distortions", help="copies: a comma list of "
                                                        "distortions (default: all).", show_default=False)] = None,
+    text_queries: Annotated[bool, typer.Option("--text-queries", help="folder: each class folder's name, in "
+                                               "--prompt, queries all images by words (a model with a text "
+                                               "tower, clip:...); mAP and R@K per class and overall.")] = False,
+    prompt: Annotated[str, typer.Option("--prompt", metavar="TEMPLATE",
+                                        help="Template of --text-queries: its empty pair of braces is the class "
+                                             "name (underscores read as spaces). Default: 'a photo of a' and the "
+                                             "name.", show_default=False)] = "a photo of a {}",
     embed: EmbedOptions,
     as_json: JsonOpt = False,
 ) -> None:
@@ -104,6 +111,9 @@ def evaluate_cmd(
         collection = load_collection(dataset.value, root, split, limit)
         err = stderr()
         err.print(f"evaluating {collection.describe()}")
+        if text_queries:
+            _evaluate_text_queries(collection, options, prompt, as_json)
+            return
         result = evaluate(collection, options, on_notice=err.print)
         report_path = None
         if report is not None:
@@ -131,6 +141,30 @@ def evaluate_cmd(
                   f"(largest worker {result.peak_rss_children_mb:.0f} MB)")
         if report_path:
             out.print(f"report: {report_path}")
+
+
+def _evaluate_text_queries(collection, options, prompt: str, as_json: bool) -> None:
+    from rich.table import Table
+
+    from ..evaluate.text_queries import evaluate_text_queries
+
+    result = evaluate_text_queries(collection, options, prompt, on_notice=stderr().print)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2, allow_nan=False))
+        return
+    table = Table(title=f"{result.dataset}\ntext queries ({result.model}): {prompt!r} per class folder",
+                  title_justify="left")
+    for name in ("class", "images", "AP", *(f"R@{k}" for k in result.ks)):
+        table.add_column(name, justify="left" if name == "class" else "right")
+    for row in result.classes:
+        table.add_row(row["class"], str(row["images"]), f"{row['ap']:.4f}",
+                      *(f"{row[f'recall@{k}']:.0f}" for k in result.ks))
+    table.add_row("overall (mean)", "", f"{result.overall['map']:.4f}",
+                  *(f"{result.overall[f'recall@{k}']:.4f}" for k in result.ks))
+    out = stdout()
+    out.print(table)
+    for note in result.notes:
+        out.print(f"note: {note}")
 
 
 def _evaluate_copies(root: Path, options, count: int, seed: int, distortions: str | None,

@@ -35,7 +35,9 @@ def models_cmd(as_json: JsonOpt = False) -> None:
         from rich.table import Table
 
         table = Table()
-        for col in ("name", "family", "dim", "input", "weights", "description"):
+        # A name is typed back (--model): never cut short; the description wraps instead.
+        table.add_column("name", no_wrap=True)
+        for col in ("family", "dim", "input", "weights", "description"):
             table.add_column(col)
         for family, m, st in rows:
             table.add_row(m.name, family, str(m.dim), f"{m.input_size}px", st, m.description)

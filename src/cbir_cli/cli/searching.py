@@ -39,6 +39,13 @@ def query_cmd(
         help="More like this: an indexed file, by path; "
                                                         "its stored vector is the query. Repeatable.",
                                                         show_default=False)] = None,
+    texts: Annotated[Optional[list[str]], typer.Option("--text", metavar="WORDS",
+        help="Search by words (a model with a text tower: clip:...). Repeatable; with images and --not, "
+             "every term goes into ONE query: the sum of their unit vectors minus the --not ones, "
+             "renormalised. 'N:words' weighs a term N times (default 1).", show_default=False)] = None,
+    negatives: Annotated[Optional[list[str]], typer.Option("--not", metavar="WORDS",
+        help="Steer away from these words: subtracted from the query (see --text). Repeatable.",
+        show_default=False)] = None,
     box: Annotated[Optional[str], typer.Option("--box", metavar="X0,Y0,X1,Y1",
                                                help="Search with this region of each query image: pixels of the "
                                                     "upright image, or fractions 0-1 of its width and height "
@@ -73,9 +80,10 @@ def query_cmd(
                                          "(a crop, a greyscale or edited copy) move first and are listed under "
                                          "'verified' in --json. Reads their files.")] = False,
 ) -> None:
-    """Find the K indexed images most similar to each query image.
+    """Find the K indexed images most similar to each query image, or to words.
 
-    Queries: image files, a region of them (--box), or indexed images (--id, --path); optionally only
+    Queries: image files, a region of them (--box), indexed images (--id, --path), or words (--text, with
+    --not to steer away; all terms then make one query); optionally only
     below a folder or above a score. Re-ranked (query expansion, DBA; --no-rerank: plain). score: cosine
     similarity, never rising down the list; a re-ranked hit whose own cosine is higher shows it beside
     (cosine)."""
@@ -86,7 +94,7 @@ def query_cmd(
         from ..search.searcher import Searcher
 
         request = QueryRequest(images or [], ids or [], paths or [], Box.parse(box) if box is not None else None,
-                               ResultFilter.make(under, min_score))
+                               ResultFilter.make(under, min_score), texts=texts or [], negatives=negatives or [])
         request.check()
         searcher = Searcher.open(index_dir, device=device.value, runtime=runtime.value,
                                  rerank=rerank.settings())  # the model loads when used
@@ -97,7 +105,13 @@ def query_cmd(
         bad = [(path, error) for path, error in map(_unopenable, request.images) if error]
         if bad and len(request.images) == 1 and not (request.ids or request.paths):
             raise bad[0][1]  # the only query: its reason is the error
-        if verify:
+        if request.texts or request.negatives:  # all terms make one query: no per-file answers
+            from ..search.queries import answer_queries
+
+            if bad:
+                raise bad[0][1]
+            answers = answer_queries(searcher, request, k)
+        elif verify:
             from ..search.verified_queries import CANDIDATES, verify_answers
 
             answers, bad = _answer_each(searcher, request, max(k, CANDIDATES), bad)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CbirError
-from .family import Weights
+from .family import Weights, vector_problems
 from .protocol import Embedder, model_fingerprint_of
 from .quantize import Calibration
 from .registry import CnnConfig, DescriptorSettings, get_model_config, model_names
@@ -70,17 +70,7 @@ class CnnFamily:
             DescriptorSettings.from_fingerprint(fp.get("descriptor"))
         except CbirError as exc:
             problems.append(f"{where}: {exc.message}")
-        if fp.get("dim") != config.dim:
-            problems.append(f"{where}: model {config.name} makes {config.dim}-d vectors, manifest says {fp.get('dim')}")
-        if fp.get("preprocessing") != config.preprocessing():
-            problems.append(f"{where}: model {config.name}'s preprocessing changed since these vectors were made")
-        if weights_path:
-            try:
-                if weights_id_for(config, weights_path) != fp.get("weights"):
-                    problems.append(f"{weights_path}: weights file changed since the index was built")
-            except CbirError as exc:
-                problems.append(str(exc))
-        return problems
+        return problems + vector_problems(fp, config, weights_path, where, lambda path: weights_id_for(config, path))
 
 
 CNN_FAMILY = CnnFamily()

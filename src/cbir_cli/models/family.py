@@ -17,7 +17,7 @@ fingerprint an embedder records names the model by its full name (what
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..plugins import Registry
@@ -75,7 +75,8 @@ class ModelFamily(Protocol):
 
 
 MODEL_FAMILIES: Registry[ModelFamily] = Registry(
-    "cbir_cli.models", "model family", {DEFAULT_FAMILY: "cbir_cli.models.cnn_family:CNN_FAMILY"})
+    "cbir_cli.models", "model family", {DEFAULT_FAMILY: "cbir_cli.models.cnn_family:CNN_FAMILY",
+                                        "clip": "cbir_cli.models.clip_family:CLIP_FAMILY"})
 
 
 def split_model_name(name: str) -> tuple[str, str]:
@@ -112,6 +113,27 @@ def model_table() -> list[tuple[str, ModelConfig, str]]:
         family = MODEL_FAMILIES.get(family_name)
         rows.extend((family_name, family.config(m), family.weights_status(m)) for m in family.model_names())
     return rows
+
+
+def vector_problems(fp: dict[str, Any], config: ModelConfig, weights_path: str | None, where: Any,
+                    weights_id: Callable[[str], str]) -> list[str]:
+    """Why ``config`` with the weights at ``weights_path`` (``weights_id``: their
+    identity) no longer makes the vectors ``fp`` records: dimension, preprocessing,
+    weights; what every family's :meth:`ModelFamily.fingerprint_problems` checks."""
+    from ..errors import CbirError
+
+    problems = []
+    if fp.get("dim") != config.dim:
+        problems.append(f"{where}: model {config.name} makes {config.dim}-d vectors, manifest says {fp.get('dim')}")
+    if fp.get("preprocessing") != config.preprocessing():
+        problems.append(f"{where}: model {config.name}'s preprocessing changed since these vectors were made")
+    if weights_path:
+        try:
+            if weights_id(weights_path) != fp.get("weights"):
+                problems.append(f"{weights_path}: weights file changed since the index was built")
+        except CbirError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def text_models() -> list[str]:

@@ -1,6 +1,7 @@
 """One ``cbir query`` run: image files, indexed images by id or by path, an optional
 region of each, an optional filter -- answered in the order given, each with what
-it looked like (for ``--report``/``--grid``)."""
+it looked like (for ``--report``/``--grid``). With words (``--text``/``--not``),
+all of them make one combined query instead (:mod:`.word_queries`)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,19 @@ class QueryRequest:
     paths: Sequence[str | os.PathLike[str]] = ()
     box: Box | None = None
     result_filter: ResultFilter | None = None
+    texts: Sequence[str] = ()  # words to search for (--text)
+    negatives: Sequence[str] = ()  # words to steer away from (--not)
+
+    @property
+    def has_words(self) -> bool:
+        return bool(self.texts or self.negatives)
 
     def check(self) -> None:
-        if not (self.images or self.ids or self.paths):
-            raise CbirError("nothing to search with: give query images, indexed image ids or indexed paths")
+        if not (self.images or self.ids or self.paths or self.texts):
+            raise CbirError("nothing to search with: give query images, indexed image ids, indexed paths or "
+                            "words (--text)")
+        if self.has_words and self.box is not None:
+            raise CbirError("--box cannot be combined with --text/--not: search by words with whole images")
 
 
 @dataclass
@@ -57,6 +67,8 @@ def answer_queries(searcher: Searcher, request: QueryRequest, k: int) -> list[An
     files = [str(p) for p in request.images]
     indexed = [(int(i), f"id {int(i)}") for i in request.ids]
     indexed += [(searcher.id_of_path(p), display_path(p)) for p in request.paths]
+    if request.has_words:
+        return [_word_answer(searcher, request, files, indexed, k)]
     if request.box is None:
         # Only image files need the model; indexed images are their stored vectors.
         if files:
@@ -77,3 +89,18 @@ def answer_queries(searcher: Searcher, request: QueryRequest, k: int) -> list[An
         answers.append(Answer(QueryView(f"{label} [{request.box.text}]", image=region), hits, image_id,
                               {"box": request.box.text}))
     return answers
+
+
+def _word_answer(searcher: Searcher, request: QueryRequest, files: list[str], indexed: list[tuple[int, str]],
+                 k: int) -> Answer:
+    from .word_queries import load_query_images, search_words, word_query_label
+
+    hits = search_words(searcher, request.texts, request.negatives, k, request.result_filter,
+                        load_query_images(searcher, files), [i for i, _ in indexed])
+    label = word_query_label(files, [label for _, label in indexed], request.texts, request.negatives)
+    extra: dict[str, Any] = {"text": list(request.texts), "not": list(request.negatives)}
+    if files:
+        extra["images"] = [display_path(f) for f in files]
+    if indexed:
+        extra["ids"] = [i for i, _ in indexed]
+    return Answer(QueryView(label, path=files[0] if len(files) == 1 and not indexed else None), hits, None, extra)

@@ -242,9 +242,32 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
                        generation=searcher.store.generation, reloads=live.reloads,
                        reload_error=live.last_error, max_k=MAX_K, max_upload_mb=max_upload_mb)
 
+    def word_search(values: Any, image: Any = None, image_id: int | None = None, name: str | None = None):
+        """Search by words (``text``, ``not``: repeatable fields), with the image or
+        indexed image given: one combined query (:mod:`cbir_cli.search.word_queries`)."""
+        from ..search.word_queries import word_query_vector
+
+        searcher = live.current()
+        k = parse_k(values.get("k"))
+        box, result_filter = parse_narrowing(values, searcher)
+        if box is not None:
+            raise ApiError("box cannot be combined with text/not: search by words with whole images", 400)
+        texts, negatives = values.getlist("text"), values.getlist("not")
+        with embedding_slots:  # words and images are embedded outside the search lock, as uploads are
+            query = word_query_vector(searcher, [image] if image is not None else [],
+                                      [image_id] if image_id is not None else [], texts, negatives)
+        with search_lock:
+            hits = searcher.search_vectors(query[None, :], k, result_filter=result_filter)[0]
+        query = {"text": texts, "not": negatives, **({"id": image_id} if image_id is not None else {}),
+                 **({"name": name} if name else {})}
+        return results(searcher, query, k, hits)
+
     @app.get("/api/search")
     def search_by_id():
         searcher = live.current()
+        if request.args.get("text") or request.args.get("not"):
+            raw_id = request.args.get("id")
+            return word_search(request.args, image_id=parse_id(raw_id) if raw_id else None)
         image_id = parse_id(request.args.get("id"))
         k = parse_k(request.args.get("k"))
         box, result_filter = parse_narrowing(request.args, searcher)
@@ -279,6 +302,8 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
                                  budget=budget)
         except ImageError as exc:
             raise ApiError(f"{name}: {exc.reason}", 400) from None
+        if request.form.get("text") or request.form.get("not"):
+            return word_search(request.form, image=image, name=name)
         hits = search_image(searcher, image, k, box, result_filter)
         return results(searcher, {"name": name, **({"box": box.text} if box else {})}, k, hits)
 
