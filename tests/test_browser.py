@@ -1,6 +1,7 @@
 """End to end in a real headless Chromium: the page uploads an image (file chooser
 and drag-and-drop), shows the expected top result, "more like this" works, and an
-upload error is shown on the page; the first impression (issue 26): an empty state
+upload error is shown on the page; words search an index of a CLIP model
+(issue 24) and the word box says why it is disabled on any other; the first impression (issue 26): an empty state
 with nothing broken, the header in a user's words, a keyboard path through a
 search, tiles with their folder and a name that opens the full image.
 
@@ -36,23 +37,34 @@ VIEWPORT = {"width": 1280, "height": 900}
 ALL_THUMBNAILS_LOADED = "[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)"
 
 
-@pytest.fixture
-def live_server(tmp_path, tiny_embedder):
+def serve_index(tmp_path: Path, embedder):
     """(base URL, images folder) of a real HTTP server on a free loopback port."""
     from cbir_cli.search.rerank import RerankSettings
     from cbir_cli.search.searcher import Searcher
     from cbir_cli.serve.app import create_app, make_http_server, server_url
 
     folder, index_dir = tmp_path / "images", tmp_path / "index"
-    build_index(folder, index_dir, tiny_embedder, N_IMAGES)
+    build_index(folder, index_dir, embedder, N_IMAGES)
     # Re-ranked, as `cbir serve` searches.
-    searcher = Searcher.open(index_dir, embedder=tiny_embedder, rerank=RerankSettings())
+    searcher = Searcher.open(index_dir, embedder=embedder, rerank=RerankSettings())
     server = make_http_server(create_app(searcher), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server_url(server), folder
     server.close()
     thread.join(5)
+
+
+@pytest.fixture
+def live_server(tmp_path, tiny_embedder):
+    """An index of the tiny CNN (no text tower)."""
+    yield from serve_index(tmp_path, tiny_embedder)
+
+
+@pytest.fixture
+def clip_server(tmp_path, tiny_clip_embedder):
+    """An index of the tiny CLIP model (random weights): it answers words."""
+    yield from serve_index(tmp_path, tiny_clip_embedder)
 
 
 @pytest.fixture
@@ -297,6 +309,53 @@ def test_drawing_a_region_searches_with_it_and_moving_it_searches_again(live_ser
 
     page.click("#clear-box")
     page.wait_for_function("document.getElementById('box').hidden")
+
+
+def test_words_typed_and_entered_search_a_clip_index_alone_and_with_the_image(clip_server, page):
+    """Issue 24: the word box is labelled and reached by Tab after the drop zone;
+    Enter searches by the words (the order the JSON API gives), the status line and
+    the title name them; with "and the image below" ticked, the image shown and the
+    words make one query, named as such."""
+    url, folder = clip_server
+    page.goto(url)
+    page.wait_for_function("!document.getElementById('words').disabled")
+    assert page.evaluate("fetch('/api/health').then(r => r.json())")["has_text"] is True
+    assert page.locator("label[for=words]").inner_text() == "Search by words"
+    assert page.locator("#words-note").inner_text() == "Describe the picture you want; Enter searches."
+    page.keyboard.press("Tab")
+    assert focused(page) == "#dropzone"
+    page.keyboard.press("Tab")
+    assert focused(page) == "#words"
+    page.keyboard.type("a yellow flower")
+    page.keyboard.press("Enter")
+    wait_for_results_of(page, "“a yellow flower”")
+    assert page.title() == "cbir: “a yellow flower”"
+    assert page.locator(".result").count() == N_IMAGES and page.locator("#query").is_hidden()
+    shown = page.locator(".result").evaluate_all("tiles => tiles.map(t => Number(t.dataset.id))")
+    api = page.evaluate("fetch('/api/search?text=a%20yellow%20flower&k=12').then(r => r.json())")
+    assert shown == [hit["id"] for hit in api["results"]]
+
+    # words with the image shown: one combined query
+    page.set_input_files("#file", str(folder / "img_003.jpg"))
+    wait_for_results_of(page, "img_003.jpg")
+    assert page.title() == "cbir: img_003.jpg"
+    page.check("#with-image")
+    page.focus("#words")
+    page.keyboard.press("Enter")
+    wait_for_results_of(page, "img_003.jpg + “a yellow flower”")
+    assert page.title() == "cbir: img_003.jpg + “a yellow flower”"
+    assert page.locator("#query").is_visible()
+
+
+def test_on_a_cnn_index_the_word_box_is_disabled_and_says_it_needs_a_clip_model(live_server, page):
+    url, _ = live_server
+    page.goto(url)
+    page.wait_for_function("document.getElementById('words-note').textContent !== ''")
+    assert page.locator("#words").is_visible() and page.locator("#words").is_disabled()
+    assert page.locator("#words-go").is_disabled()
+    note = page.locator("#words-note").inner_text()
+    assert note == "Searching by words needs a CLIP model; this index uses test_tiny."
+    assert page.evaluate("fetch('/api/health').then(r => r.json())")["has_text"] is False
 
 
 def test_the_dedup_report_page_shows_every_group_with_its_thumbnails(page, tmp_path, tiny_embedder):

@@ -5,42 +5,16 @@ format and loaded through ``--weights`` -- the real loading code, no download.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODEL  # the tiny model; its fixtures (tiny_clip, tiny_clip_embedder): conftest
 from typer.testing import CliRunner
 
 from cbir_cli.cli import app
 
 open_clip = pytest.importorskip("open_clip")
 runner = CliRunner()
-TINY = "cbir-tiny-clip"
-MODEL = f"clip:{TINY}"
-TINY_CONFIG = {"embed_dim": 24,
-               "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model's config registered with open_clip; returns its checkpoint (a state dict)."""
-    import torch
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(folder / f"{TINY}.json")
-    torch.manual_seed(0)
-    checkpoint = folder / "tiny_clip.pt"
-    torch.save(open_clip.create_model(TINY).state_dict(), checkpoint)
-    return checkpoint
-
-
-@pytest.fixture(scope="session")
-def tiny_clip_embedder(tiny_clip):
-    from cbir_cli.models.loading import load_embedder
-
-    return load_embedder(MODEL, weights=tiny_clip, device="cpu")
 
 
 def invoke_json(args: list[str]) -> object:

@@ -69,6 +69,10 @@ def query_cmd(
     grid: Annotated[Optional[Path], typer.Option("--grid", metavar="PNG",
         help="Also write the queries and their results as one "
                                                  "PNG thumbnail grid with scores.", show_default=False)] = None,
+    preview: Annotated[bool, typer.Option("--preview",
+        help="Also draw each query's top hits inline in the terminal: kitty graphics, iTerm2 (WezTerm, mintty) "
+             "or sixel, told from the environment (CBIR_PREVIEW=kitty|iterm2|sixel|none overrides); where "
+             "it cannot, one line says why.")] = False,
     index_dir: IndexDirOpt = None,
     device: DeviceOpt = AUTO_DEVICE,
     runtime: RuntimeOpt = AUTO_RUNTIME,
@@ -119,10 +123,11 @@ def query_cmd(
         else:
             answers, bad = _answer_each(searcher, request, k, bad)
         written = _write_visuals(answers, report, grid)
+        protocol = _preview_protocol(as_json) if preview else None
         if as_json:
             typer.echo(json.dumps([a.as_dict() for a in answers], indent=2))
         else:
-            _print_answers(answers)
+            _print_answers(answers, protocol)
         for path in written:
             stderr().print(f"wrote {path}", markup=False)
         # An empty answer is not an error, but it should never look like one that failed silently.
@@ -196,7 +201,20 @@ def _cosine_cell(hit) -> str:
     return f"{hit.cosine:.4f}" if f"{hit.cosine:.4f}" != f"{hit.score:.4f}" else ""
 
 
-def _print_answers(answers) -> None:
+def _preview_protocol(as_json: bool) -> str | None:
+    """The terminal's image protocol for --preview, or None after one line saying why."""
+    import os
+    import sys
+
+    from ..imageio.terminal_preview import detect_protocol
+
+    protocol, why = (None, "stdout is JSON (--json)") if as_json else detect_protocol(os.environ, sys.stdout.isatty())
+    if protocol is None:
+        stderr().print(f"note: --preview draws nothing: {why}; the results follow as text", markup=False)
+    return protocol
+
+
+def _print_answers(answers, preview: str | None = None) -> None:
     import sys
 
     if not sys.stdout.isatty():
@@ -228,6 +246,12 @@ def _print_answers(answers) -> None:
         elif reordered:
             table.caption = "score: the lowest cosine down to this rank; cosine: the hit's own, where higher"
         console.print(table)
+        if preview is not None:
+            from ..imageio.terminal_preview import inline_image
+            from ..search.gallery import query_preview
+
+            console.file.write(inline_image(query_preview(answer.view, answer.hits), preview))
+            console.file.flush()
 
 
 @command("serve")

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from .searcher import Hit
 
 THUMB = 128
+# A terminal preview: one row a terminal's width can hold.
+PREVIEW_THUMB = 96
+PREVIEW_HITS = 6
 QUERY_COLOUR = (40, 90, 200)
 HIT_COLOUR = (150, 150, 150)
 KEEP_COLOUR = (30, 160, 60)
@@ -71,11 +74,24 @@ def _query_thumb(thumbs: ThumbnailFolder, query: QueryView) -> PILImage.Image | 
     return thumbs.get(query.path) if query.path else None
 
 
+def _hit_tile(thumbs: ThumbnailFolder, hit: Hit) -> Tile:
+    return Tile(thumbs.get(hit.path), HIT_COLOUR, f"#{hit.rank} {hit.score:.3f}")
+
+
 def query_tiles(queries: Sequence[QueryView], results: Sequence[Sequence[Hit]],
                 thumbs: ThumbnailFolder) -> list[list[Tile]]:
     return [[Tile(_query_thumb(thumbs, q), QUERY_COLOUR, "query")]
-            + [Tile(thumbs.get(h.path), HIT_COLOUR, f"#{h.rank} {h.score:.3f}") for h in hits[:MAX_GRID_COLUMNS]]
+            + [_hit_tile(thumbs, h) for h in hits[:MAX_GRID_COLUMNS]]
             for q, hits in zip(queries[:MAX_GRID_ROWS], results)]
+
+
+def query_preview(query: QueryView, hits: Sequence[Hit], count: int = PREVIEW_HITS) -> PILImage.Image:
+    """One row for a terminal (``cbir query --preview``): the query where it is a
+    picture (words have none), then its top ``count`` hits with rank and score."""
+    thumbs = ThumbnailFolder(None, PREVIEW_THUMB)
+    pictured = query.image is not None or query.path is not None
+    tiles = [Tile(_query_thumb(thumbs, query), QUERY_COLOUR, "query")] if pictured else []
+    return compose_grid([tiles + [_hit_tile(thumbs, h) for h in hits[:count]]], PREVIEW_THUMB)
 
 
 def write_query_grid(target: str | os.PathLike[str], queries: Sequence[QueryView],

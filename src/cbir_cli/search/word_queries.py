@@ -64,14 +64,18 @@ def combine_query(positives: np.ndarray, positive_weights: Sequence[float], nega
     return (query / norm).astype(np.float32)
 
 
+def has_text_tower(model_name: str) -> bool:
+    """Whether the index's model can embed words (a hand-crafted descriptor cannot)."""
+    try:
+        return model_config(model_name).has_text
+    except CbirError:
+        return False
+
+
 def text_embedder(searcher: Searcher) -> TextEmbedder:
     """The store's model when it has a text tower; else one line naming the models that do."""
     name = searcher.model_name
-    try:
-        has_text = model_config(name).has_text
-    except CbirError:  # a hand-crafted descriptor
-        has_text = False
-    if not has_text:
+    if not has_text_tower(name):
         raise CbirError(f"{searcher.store.root}: its model {name} has no text tower, so words cannot search it; "
                         f"index with one that has: {', '.join(text_models())}")
     return searcher.embedder  # type: ignore[return-value]  # has_text: the family's embedders embed words

@@ -236,9 +236,12 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
 
     @app.get("/api/health")
     def health():
+        from ..search.word_queries import has_text_tower
+
         searcher = live.current()
-        # summary: the page's header, in a user's words; the rest: its details.
+        # summary: the page's header, in a user's words; the rest: its details; has_text: the page's word box.
         return jsonify(status="ok", summary=index_summary(searcher), **searcher.info(),
+                       has_text=has_text_tower(searcher.model_name),
                        generation=searcher.store.generation, reloads=live.reloads,
                        reload_error=live.last_error, max_k=MAX_K, max_upload_mb=max_upload_mb)
 

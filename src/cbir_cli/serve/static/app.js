@@ -1,12 +1,14 @@
-// The search page: upload (or drop) an image, or click a result, and show the
-// K nearest indexed images. Drag on the query image to search with a region of
+// The search page: upload (or drop) an image, click a result, or type words
+// (on an index whose model has a text tower: CLIP), alone or with the image
+// shown, and show the K nearest indexed images. Drag on the query image to search with a region of
 // it; the rectangle can be moved and resized, and each change searches again.
 // Plain DOM, no build step. Names from the index are inserted with textContent
 // only, never as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let lastQuery = null; // {file} or {id}: re-run when K, a filter or the region changes
+let lastQuery = null; // {file}, {id, name}, either with {text}, or {text}: re-run when K or a filter changes
+let currentImage = null; // the image shown as the query ({file} or {id, name}): words may be added to it
 let queryUrl = null;  // object URL of the uploaded query, revoked when replaced
 let latest = 0;       // number of the newest search: older answers arriving late are dropped
 let box = null;       // the region, in fractions of the query image: {x0, y0, x1, y1}, or null
@@ -28,9 +30,10 @@ function readK() {
 }
 
 // The optional parameters: region, folder, minimum score (as the API names them).
-function narrowing() {
+// A word query searches with whole images (the API refuses a region with words).
+function narrowing(query) {
   const out = {};
-  if (box) out.box = [box.x0, box.y0, box.x1, box.y1].map((v) => v.toFixed(4)).join(",");
+  if (box && !query.text) out.box = [box.x0, box.y0, box.x1, box.y1].map((v) => v.toFixed(4)).join(",");
   const under = $("under").value.trim();
   if (under) out.under = under;
   const minScore = $("min-score").value.trim();
@@ -43,7 +46,25 @@ function showQuery(src, name) {
   $("query-img").alt = `query: ${name}`;
   $("query-name").textContent = name;
   $("query").hidden = false;
+  $("with-image-label").hidden = $("words").disabled;
   setBox(null);
+}
+
+function hideQuery() {
+  currentImage = null;
+  $("query").hidden = true;
+  $("with-image-label").hidden = true;
+  $("with-image").checked = false;
+  setBox(null);
+}
+
+// Which kind of query ran, in the status line and the tab's title: an image, a
+// region of one, words (“…”), or an image + words.
+function describe(data, query) {
+  const name = data.query.name || query.name;
+  if (!data.query.text) return data.query.box ? `a region of ${name}` : name;
+  const words = data.query.text.map((t) => `“${t}”`);
+  return (name ? [name, ...words] : words).join(" + ");
 }
 
 async function callApi(url, options) {
@@ -83,7 +104,7 @@ function scoreCell(hit) {
   return score;
 }
 
-function renderResults(data) {
+function renderResults(data, query) {
   const list = $("results");
   list.replaceChildren();
   for (const hit of data.results) {
@@ -127,8 +148,9 @@ function renderResults(data) {
     item.append(picture, meta, name, folder);
     list.append(item);
   }
-  const what = data.query.box ? `a region of ${data.query.name}` : data.query.name;
+  const what = describe(data, query);
   setStatus(`${data.results.length} results for ${what}`);
+  document.title = `cbir: ${what}`;
   $("hint").textContent = "Click a picture to search for more like it, its name to open the full image. "
     + "Drag on the query image to search with a region of it.";
 }
@@ -146,7 +168,8 @@ async function run(query) {
   setStatus("searching…");
   try {
     let data;
-    const extra = narrowing();
+    const extra = narrowing(query);
+    if (query.text) extra.text = query.text;
     if (query.file) {
       const form = new FormData();
       form.append("image", query.file, query.file.name);
@@ -154,10 +177,11 @@ async function run(query) {
       for (const [key, value] of Object.entries(extra)) form.append(key, value);
       data = await callApi("/api/search", { method: "POST", body: form });
     } else {
-      const params = new URLSearchParams({ id: String(query.id), k: String(k), ...extra });
+      const params = new URLSearchParams({ k: String(k), ...extra });
+      if (query.id !== undefined) params.set("id", String(query.id));
       data = await callApi(`/api/search?${params}`);
     }
-    if (mine === latest) renderResults(data);
+    if (mine === latest) renderResults(data, query);
   } catch (e) {
     if (mine !== latest) return;
     $("results").replaceChildren();
@@ -170,13 +194,45 @@ function searchByFile(file) {
   if (queryUrl) URL.revokeObjectURL(queryUrl);
   queryUrl = URL.createObjectURL(file);
   showQuery(queryUrl, file.name);
-  run({ file });
+  currentImage = { file };
+  run(currentImage);
 }
 
 function searchById(id, name) {
   showQuery(`/api/thumbnails/${id}`, name);
   window.scrollTo({ top: 0, behavior: "smooth" });
-  run({ id });
+  currentImage = { id, name };
+  run(currentImage);
+}
+
+// Enter (or the button) in the word box: the words alone, or with the image
+// shown when "and the image below" is ticked.
+function searchByWords(e) {
+  e.preventDefault();
+  const text = $("words").value.trim();
+  if (!text) {
+    setStatus("Type some words to search by.", true);
+    return;
+  }
+  if (currentImage && $("with-image").checked) {
+    setBox(null); // words search with whole images
+    run({ ...currentImage, text });
+  } else {
+    hideQuery();
+    run({ text });
+  }
+}
+
+// Words need a model with a text tower; on any other index the box stays
+// disabled (out of the Tab order) and says why in one line.
+function setUpWords(info) {
+  const usable = Boolean(info.has_text);
+  $("words").disabled = !usable;
+  $("words-go").disabled = !usable;
+  $("with-image-label").hidden = !usable || !currentImage;
+  $("words-note").textContent = usable
+    ? "Describe the picture you want; Enter searches."
+    : `Searching by words needs a CLIP model; this index uses ${info.model}.`;
 }
 
 // ---------------------------------------------------------------- the region
@@ -253,17 +309,17 @@ function setUpRegion() {
     if (box && (box.x1 - box.x0 < MIN_BOX || box.y1 - box.y0 < MIN_BOX)) {
       // Too small to be a region: a click. Keep the previous one when moving/resizing.
       setBox(drawn.mode === "draw" ? null : drawn.start);
-      if (drawn.mode === "draw" && lastQuery) run(lastQuery);
+      if (drawn.mode === "draw" && currentImage) run(currentImage);
       return;
     }
-    if (lastQuery) run(lastQuery);
+    if (currentImage) run(currentImage);
   };
   frame.addEventListener("pointerup", finish);
   frame.addEventListener("pointercancel", finish);
 
   $("clear-box").addEventListener("click", () => {
     setBox(null);
-    if (lastQuery) run(lastQuery);
+    if (currentImage) run(currentImage);
   });
 }
 
@@ -273,6 +329,7 @@ async function loadHealth() {
     $("health").textContent = info.summary;
     $("health").title = `${info.index}\n${info.dim}-d ${info.model} (${info.weights}) vectors; ${info.index_type}`;
     $("k").max = String(info.max_k);
+    setUpWords(info);
   } catch (e) {
     $("health").textContent = `server unavailable: ${e.message}`;
   }
@@ -281,6 +338,7 @@ async function loadHealth() {
 function setUp() {
   const drop = $("dropzone");
   $("file").addEventListener("change", (e) => searchByFile(e.target.files[0]));
+  $("words-form").addEventListener("submit", searchByWords);
   for (const id of ["k", "under", "min-score"]) {
     $(id).addEventListener("change", () => { if (lastQuery) run(lastQuery); });
   }
