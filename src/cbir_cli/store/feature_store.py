@@ -265,7 +265,8 @@ class FeatureStore(Committing):
             if catalog is None:
                 return
             try:
-                catalog.build(self.manifest, self.shard_rows)  # O(rows) once, when it is stale
+                # O(rows) once, when it is stale; the rows are not kept (10M Row objects: GBs).
+                catalog.build(self.manifest, lambda shard: self.shard_rows(shard, cache=False))
             except CorruptStoreError:
                 catalog.close()  # a damaged rows file: the writer's repair comes first; next run builds it
                 return

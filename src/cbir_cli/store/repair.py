@@ -51,7 +51,7 @@ def drop_damaged_shards(store: FeatureStore, rehash: bool = False) -> list[str]:
                                       zip(files, stamps, ("sha256", "rows_sha256"))):
                     kept.append(shard)
                     continue
-                store.shard_rows(shard)
+                store.shard_rows(shard, cache=False)  # verified, not kept (10M rows: GBs)
                 vectors = store.read_shard(shard, mmap=False)
             except CorruptStoreError as exc:
                 problems = [exc.message]
