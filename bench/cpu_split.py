@@ -27,7 +27,9 @@ import threading
 import time
 from pathlib import Path
 
-from extract import SHARED, decode_core_ms, model_only_rate, premade_batches  # bench/ is sys.path[0]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.extract import decode_core_ms, model_only_rate, premade_batches
+from bench.harness import SHARED
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

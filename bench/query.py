@@ -38,9 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# ../shared next to the checkout, or $CBIR_SHARED (as the tests find it).
-SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import SHARED, percentiles_ms
+
 DIM = 2048
 K = 10
 
@@ -66,13 +66,6 @@ def rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
-    import numpy as np
-
-    ms = np.asarray(seconds) * 1000
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
 
 
 # ---------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from query import DIM, K, percentiles_ms, synthetic_vectors
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import percentiles_ms
+from bench.query import DIM, K, synthetic_vectors
 
 
 def parse_args() -> argparse.Namespace:

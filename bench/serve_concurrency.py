@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_uploads import bomb_png, post, serving, status_of  # the sibling bench's helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.serve_uploads import bomb_png, post, serving, status_of  # the sibling bench's helpers
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
-# ../shared next to the checkout, or $CBIR_SHARED (as the tests find it).
-SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import SHARED
+
 DEFAULT_DATASETS = ("oxford17flowers", "ukbench_mini")
 TOP = 10
 
