@@ -2,8 +2,8 @@
 """Where the CPU of one ``cbir index`` run goes: per thread of the main process and
 for the decoding workers, in core-ms per image, beside the same work done alone.
 
-    python bench/cpu_split.py                       # all Oxford-17 photos, mobilenet_v2 int8, 2 workers
-    python bench/cpu_split.py --precision fp32 --workers 1 --repeat 3
+    python -m bench.cpu_split                       # all Oxford-17 photos, mobilenet_v2 int8, 2 workers
+    python -m bench.cpu_split --precision fp32 --workers 1 --repeat 3
 
 ``bench/extract.py`` compares the pipeline with its ideal (cores / (decode + model
 core-s)); this script says what the pipeline spends beyond decode + model: the

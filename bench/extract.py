@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Extraction throughput: the full pipeline against the model alone, in one run.
 
-    python bench/extract.py                                  # 256 oxford17flowers images, mobilenet_v2
-    python bench/extract.py --limit 512 --runtime torch,onnx --workers 0,1,2
-    python bench/extract.py --synthesize 2000 --model resnet50 --random-weights --device cuda --batch-size 256 \
+    python -m bench.extract                                  # 256 oxford17flowers images, mobilenet_v2
+    python -m bench.extract --limit 512 --runtime torch,onnx --workers 0,1,2
+    python -m bench.extract --synthesize 2000 --model resnet50 --random-weights --device cuda --batch-size 256 \
         --decode cpu,gpu --workers 4,14
 
 For every (runtime, decode, workers) combination it prints:

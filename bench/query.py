@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Query latency, search-only latency per index type, recall@10 and memory, in one run.
 
-    python bench/query.py                     # real index (ukbench_mini) + 10k and 100k synthetic
-    python bench/query.py --sizes 10000       # quick
-    python bench/query.py --skip-real --sizes "" --million   # a real 1M-row store: build + query RSS
+    python -m bench.query                     # real index (ukbench_mini) + 10k and 100k synthetic
+    python -m bench.query --sizes 10000       # quick
+    python -m bench.query --skip-real --sizes "" --million   # a real 1M-row store: build + query RSS
 
 Parts:
 

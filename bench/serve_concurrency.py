@@ -4,8 +4,8 @@
 worst uploads on top (bench/serve_uploads.py's PNG bomb) to show the memory bound
 still holds while the clients search.
 
-    python bench/serve_concurrency.py                     # mobilenet_v2 over ../shared/datasets/ukbench_mini
-    python bench/serve_concurrency.py --model test_tiny   # no real weights needed
+    python -m bench.serve_concurrency                     # mobilenet_v2 over ../shared/datasets/ukbench_mini
+    python -m bench.serve_concurrency --model test_tiny   # no real weights needed
 
 Phases of ``--seconds`` each, alternated ``--rounds`` times (1 client, N clients,
 1, N, ...) so that a change in the machine's load hits both alike; printed per

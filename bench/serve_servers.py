@@ -2,8 +2,8 @@
 """Which WSGI server under ``cbir serve``: waitress (what it uses), gunicorn (gthread
 worker) and Werkzeug's development server (what it used), side by side, same app.
 
-    python bench/serve_servers.py                       # all three, ~2 minutes
-    python bench/serve_servers.py --servers waitress --slow 800
+    python -m bench.serve_servers                       # all three, ~2 minutes
+    python -m bench.serve_servers --servers waitress --slow 800
 
 Each server runs in its own process over the same small index (synthetic images,
 the tiny test model: the app's work is not what is measured). For each, a probe

@@ -2,8 +2,8 @@
 """float32 against float16 shards (``cbir index --shard-dtype float16``) on real
 images and the real model: does retrieval change, and what does it save on disk?
 
-    CBIR_SHARED=/work/shared python bench/shard_dtype.py
-    python bench/shard_dtype.py --datasets /path/to/oxford17flowers --model mobilenet_v2 --precision fp32
+    CBIR_SHARED=/work/shared python -m bench.shard_dtype
+    python -m bench.shard_dtype --datasets /path/to/oxford17flowers --model mobilenet_v2 --precision fp32
 
 Per dataset (folder layout: one sub-folder per class) the images are embedded once,
 by ``index_folder`` into a float32 index (what ``cbir index`` makes); the float16
