@@ -19,7 +19,8 @@ from bench import harness
 
 # The benches that import from bench/ (the harness or a sibling bench); their --help
 # needs no optional extra (the heavy imports are inside functions).
-CONVERTED = ("cpu_split", "extract", "query", "rerank", "scale", "serve_concurrency", "serve_servers", "shard_dtype")
+CONVERTED = ("cpu_split", "dedup_peers", "extract", "milvus_backend", "query", "rerank", "scale", "serve_concurrency",
+             "serve_servers", "shard_dtype")
 
 
 def test_write_result_writes_the_fields(tmp_path: Path) -> None:
