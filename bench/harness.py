@@ -23,8 +23,6 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,23 +34,6 @@ SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets
 # Distributions whose versions move the figures; those not installed are left out.
 LIBRARIES = ("cbir-cli", "numpy", "faiss-cpu", "faiss-gpu", "torch", "torchvision", "onnxruntime",
              "onnxruntime-gpu", "openvino", "pillow", "pillow-simd", "pymilvus", "ray", "waitress")
-
-
-class Stopwatch:
-    """Wall seconds of a ``with timed() as watch:`` block, in ``watch.seconds``."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.seconds = 0.0
-
-
-@contextmanager
-def timed() -> Iterator[Stopwatch]:
-    watch = Stopwatch()
-    try:
-        yield watch
-    finally:
-        watch.seconds = time.perf_counter() - watch.started
 
 
 def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
