@@ -2,8 +2,8 @@
 """Where the CPU of one ``cbir index`` run goes: per thread of the main process and
 for the decoding workers, in core-ms per image, beside the same work done alone.
 
-    python bench/cpu_split.py                       # all Oxford-17 photos, mobilenet_v2 int8, 2 workers
-    python bench/cpu_split.py --precision fp32 --workers 1 --repeat 3
+    python -m bench.cpu_split                       # all Oxford-17 photos, mobilenet_v2 int8, 2 workers
+    python -m bench.cpu_split --precision fp32 --workers 1 --repeat 3
 
 ``bench/extract.py`` compares the pipeline with its ideal (cores / (decode + model
 core-s)); this script says what the pipeline spends beyond decode + model: the
@@ -27,7 +27,9 @@ import threading
 import time
 from pathlib import Path
 
-from extract import SHARED, decode_core_ms, model_only_rate, premade_batches  # bench/ is sys.path[0]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.extract import decode_core_ms, model_only_rate, premade_batches
+from bench.harness import SHARED
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,7 @@
 the copies protocol's distortions: pair precision / recall per distortion and F1,
 each method at its default and at its best threshold.
 
-    python bench/dedup_peers.py --gallery 300 --copies 40 --json bench-dedup-peers.json
+    python -m bench.dedup_peers --gallery 300 --copies 40 --json bench-dedup-peers.json
 
 imagededup is not a dependency of cbir: install it beside cbir (``pip install
 imagededup``; a virtual environment made with ``--system-site-packages`` keeps
@@ -35,6 +35,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "oxford17flowers"
@@ -208,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {k: round(float(runs[k]["seconds"]), 2) for k in runs if "seconds" in runs[k]}
     print(f"verification: {verify_info['candidate_pairs']} candidate pairs, {verify_info['verified']} verified, "
           f"{verify_info['seconds']:.1f} s for {verify_info['images']} images")
+    record = {"gallery": args.gallery, "copies": args.copies, "seed": args.seed, "root": str(args.root),
+              "rows": dict(rows), "verification": verify_info, "seconds": seconds}
     if args.json:
-        args.json.write_text(json.dumps({"gallery": args.gallery, "copies": args.copies, "seed": args.seed,
-                                         "root": str(args.root), "rows": dict(rows), "verification": verify_info,
-                                         "seconds": seconds}, indent=1))
+        args.json.write_text(json.dumps(record, indent=1))
+    print(f"written {write_result('dedup_peers', record)}")
     return 0
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Extraction throughput: the full pipeline against the model alone, in one run.
 
-    python bench/extract.py                                  # 256 oxford17flowers images, mobilenet_v2
-    python bench/extract.py --limit 512 --runtime torch,onnx --workers 0,1,2
-    python bench/extract.py --synthesize 2000 --model resnet50 --random-weights --device cuda --batch-size 256 \
+    python -m bench.extract                                  # 256 oxford17flowers images, mobilenet_v2
+    python -m bench.extract --limit 512 --runtime torch,onnx --workers 0,1,2
+    python -m bench.extract --synthesize 2000 --model resnet50 --random-weights --device cuda --batch-size 256 \
         --decode cpu,gpu --workers 4,14
 
 For every (runtime, decode, workers) combination it prints:
@@ -41,10 +41,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/gpu_parts.py
-# ../shared next to the checkout, or $CBIR_SHARED (as the tests find it).
-SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import SHARED, peak_rss_mib
+
 DEFAULT_DATA = SHARED / "oxford17flowers"
 
 
@@ -78,13 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-check", action="store_true",
                    help="also time single-process decode+preprocess with and without Pillow draft mode")
     return p.parse_args(argv)
-
-
-def peak_rss_mib() -> tuple[float, float]:
-    """Peak resident set size (MiB) of this process and of its largest waited-for child."""
-    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return self_kib / 1024, child_kib / 1024
 
 
 def _synthesize_one(task: tuple[Path, int, tuple[int, int]]) -> Path:
@@ -415,7 +407,7 @@ class Row:
 
 def gpu_extras(args: argparse.Namespace, embedder, folder: Path, scratch: Path) -> list[str]:
     """Reference figures on CUDA (bench/gpu_parts.py)."""
-    import gpu_parts
+    from bench import gpu_parts
 
     lines = []
     device_decodes = [d for d in args.decode.split(",") if d.strip() in ("gpu", "nvimgcodec")] or ["gpu"]

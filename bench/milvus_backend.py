@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Milvus Lite against Faiss HNSW, both through cbir's SearchBackend, in one run.
 
-    python bench/milvus_backend.py                       # 100k x 512-d, 200 queries
-    python bench/milvus_backend.py --n 20000 --queries 100
+    python -m bench.milvus_backend                       # 100k x 512-d, 200 queries
+    python -m bench.milvus_backend --n 20000 --queries 100
 
 Data: seeded clustered unit vectors (1,000 centres plus noise, so nearest
 neighbours mean something; uniformly random vectors are all equidistant and no
@@ -25,10 +25,14 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import write_result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         build = f"{r['build_s']}" + (f"+{r['index_build_s']}" if "index_build_s" in r else "")
         print(f"{r['backend']:18} {build:>8} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} {r[f'recall@{args.k}']:9.3f}")
+    out = write_result("milvus_backend", results, extra={"n": args.n, "dim": args.dim, "queries": args.queries,
+                                                          "k": args.k})
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Query latency, search-only latency per index type, recall@10 and memory, in one run.
 
-    python bench/query.py                     # real index (ukbench_mini) + 10k and 100k synthetic
-    python bench/query.py --sizes 10000       # quick
-    python bench/query.py --skip-real --sizes "" --million   # a real 1M-row store: build + query RSS
+    python -m bench.query                     # real index (ukbench_mini) + 10k and 100k synthetic
+    python -m bench.query --sizes 10000       # quick
+    python -m bench.query --skip-real --sizes "" --million   # a real 1M-row store: build + query RSS
 
 Parts:
 
@@ -38,9 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# ../shared next to the checkout, or $CBIR_SHARED (as the tests find it).
-SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import SHARED, percentiles_ms
+
 DIM = 2048
 K = 10
 
@@ -66,13 +66,6 @@ def rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
-    import numpy as np
-
-    ms = np.asarray(seconds) * 1000
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
 
 
 # ---------------------------------------------------------------------------

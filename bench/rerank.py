@@ -2,8 +2,8 @@
 """Query latency with re-ranking (alpha-QE + DBA + the pinned raw top-1) against
 plain search, side by side in one run, on synthetic vectors.
 
-    python bench/rerank.py                        # 100k vectors, flat and ivfpq
-    python bench/rerank.py --sizes 10000 --queries 50
+    python -m bench.rerank                        # 100k vectors, flat and ivfpq
+    python -m bench.rerank --sizes 10000 --queries 50
 
 The vectors are bench/query.py's (seeded 2048-d unit vectors near a 16-d subspace).
 For each size the DBA vectors are computed once, through the IVF-PQ backend (its
@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from query import DIM, K, percentiles_ms, synthetic_vectors
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import percentiles_ms
+from bench.query import DIM, K, synthetic_vectors
 
 
 def parse_args() -> argparse.Namespace:

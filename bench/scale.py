@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Scale simulation: does per-image work stay flat as the collection grows?
 
-    python bench/scale.py                                # 100k, 1M, 10M rows, 32-d
-    python bench/scale.py --sizes 100000,1000000         # what fits a quick run
-    python bench/scale.py --sizes 100000 --dim 64 --keep /tmp/scale-stores
+    python -m bench.scale                                # 100k, 1M, 10M rows, 32-d
+    python -m bench.scale --sizes 100000,1000000         # what fits a quick run
+    python -m bench.scale --sizes 100000 --dim 64 --keep /tmp/scale-stores
 
 For each size it writes a synthetic store through the store's public write API
 (``FeatureStore.create`` + ``add_shard`` in 1,024-row shards, as ``cbir index``
@@ -40,7 +40,7 @@ with it (2048-d is 64x the 32-d default), and so does the IVF-PQ code size
 ``faiss_backend.factory_string``).
 
 The result (machine, load, versions, command, figures) is written as JSON under
-bench/results/.
+bench/results/ by ``bench.harness.write_result``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -58,8 +57,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import load_average, write_result
+
 FINGERPRINT_MODEL = "bench-scale"
 NEW_SHARD = 1024
 CHURN = 1000
@@ -350,23 +350,6 @@ def print_table(sizes: list[int], per_size: dict[int, dict[str, Any]], dim: int)
     return ratios
 
 
-def machine() -> dict[str, Any]:
-    import numpy as np
-
-    versions = {"python": platform.python_version(), "numpy": np.__version__}
-    try:
-        import faiss
-
-        versions["faiss"] = faiss.__version__
-    except ImportError:
-        pass
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    with open("/proc/meminfo") as fh:
-        mem = int(fh.readline().split()[1]) * 1024
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "memory_bytes": mem,
-            "load_average": os.getloadavg(), "versions": versions, "commit": git}
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000,10000000", help="comma list of collection sizes (rows)")
@@ -387,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="cbir-bench-scale-"))
-    started = machine()
+    load_start = load_average()
     per_size: dict[int, dict[str, Any]] = {}
     try:
         for n in sizes:
@@ -409,13 +392,9 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     ratios = print_table(sizes, per_size, args.dim)
-    out = args.out or RESULTS / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": started,
-        "load_average_end": os.getloadavg(), "dim": args.dim, "sizes": sizes,
-        "figures": {str(n): r for n, r in per_size.items()}, "growth_ratio_last_two": ratios,
-    }, indent=1))
+    out = write_result("scale", {str(n): r for n, r in per_size.items()}, out=args.out,
+                       extra={"load_start": load_start, "dim": args.dim, "sizes": sizes,
+                              "growth_ratio_last_two": ratios})
     print(f"written {out}")
 
 

@@ -4,8 +4,8 @@
 worst uploads on top (bench/serve_uploads.py's PNG bomb) to show the memory bound
 still holds while the clients search.
 
-    python bench/serve_concurrency.py                     # mobilenet_v2 over ../shared/datasets/ukbench_mini
-    python bench/serve_concurrency.py --model test_tiny   # no real weights needed
+    python -m bench.serve_concurrency                     # mobilenet_v2 over ../shared/datasets/ukbench_mini
+    python -m bench.serve_concurrency --model test_tiny   # no real weights needed
 
 Phases of ``--seconds`` each, alternated ``--rounds`` times (1 client, N clients,
 1, N, ...) so that a change in the machine's load hits both alike; printed per
@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_uploads import bomb_png, post, serving, status_of  # the sibling bench's helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.serve_uploads import bomb_png, post, serving, status_of  # the sibling bench's helpers
 
 REPO = Path(__file__).resolve().parents[1]
 

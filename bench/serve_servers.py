@@ -2,8 +2,8 @@
 """Which WSGI server under ``cbir serve``: waitress (what it uses), gunicorn (gthread
 worker) and Werkzeug's development server (what it used), side by side, same app.
 
-    python bench/serve_servers.py                       # all three, ~2 minutes
-    python bench/serve_servers.py --servers waitress --slow 800
+    python -m bench.serve_servers                       # all three, ~2 minutes
+    python -m bench.serve_servers --servers waitress --slow 800
 
 Each server runs in its own process over the same small index (synthetic images,
 the tiny test model: the app's work is not what is measured). For each, a probe
@@ -29,7 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+
 SERVERS = ("waitress", "gunicorn", "werkzeug")
 
 
@@ -46,11 +47,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_index(folder: Path, index_dir: Path) -> None:
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import make_image
-
     from cbir_cli.pipeline.options import ExtractOptions
     from cbir_cli.pipeline.sync import index_folder
+    from tests.conftest import make_image  # tests/ as a namespace package: the repository root is on sys.path
 
     folder.mkdir(parents=True)
     for i in range(20):

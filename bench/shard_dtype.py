@@ -2,8 +2,8 @@
 """float32 against float16 shards (``cbir index --shard-dtype float16``) on real
 images and the real model: does retrieval change, and what does it save on disk?
 
-    CBIR_SHARED=/work/shared python bench/shard_dtype.py
-    python bench/shard_dtype.py --datasets /path/to/oxford17flowers --model mobilenet_v2 --precision fp32
+    CBIR_SHARED=/work/shared python -m bench.shard_dtype
+    python -m bench.shard_dtype --datasets /path/to/oxford17flowers --model mobilenet_v2 --precision fp32
 
 Per dataset (folder layout: one sub-folder per class) the images are embedded once,
 by ``index_folder`` into a float32 index (what ``cbir index`` makes); the float16
@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
-# ../shared next to the checkout, or $CBIR_SHARED (as the tests find it).
-SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import SHARED
+
 DEFAULT_DATASETS = ("oxford17flowers", "ukbench_mini")
 TOP = 10
 

@@ -1,8 +1,8 @@
 """The README and the docs pages do not drift from the code (issue 22 item 8, issue
 23 item 3): every ``cbir ...`` command line they show names a real command and only
 that command's options, every ``--option`` they name exists (in the CLI, or in the
-bench script it is given to), and the ``dedup --csv`` columns they list are the real
-header."""
+bench script it is given to, named as ``bench/x.py`` or ``python -m bench.x``), and
+the ``dedup --csv`` columns they list are the real header."""
 
 from __future__ import annotations
 
@@ -99,11 +99,15 @@ def test_every_option_the_page_names_exists(page):
     every_bench = set().union(*(bench_options(s) for s in scripts))
     problems = []
     for segment in code_segments(PAGES[page]):
-        script = re.search(r"bench/([\w-]+\.py)", segment)
-        if script and script[1] in scripts:
+        # A bench named by path (`bench/query.py`) or as a module (`python -m bench.query`).
+        named = re.search(r"\bbench(/|\.)(\w+)(\.py)?\b", segment)
+        script = f"{named[2]}.py" if named and (named[1] == "." or named[3]) else None
+        if script and script not in scripts:
+            problems.append(f"no bench script bench/{script}: {segment}")
+        elif script:
             unknown = [o for o in OPTION.findall(segment.split("#")[0]) if o.startswith("--")
-                       and o not in bench_options(script[1]) and o not in everything]
-            problems += [f"bench/{script[1]} has no {o}: {segment}" for o in unknown]
+                       and o not in bench_options(script) and o not in everything]
+            problems += [f"bench/{script} has no {o}: {segment}" for o in unknown]
         elif not segment.startswith(OTHER_TOOLS) and "cbir " not in segment:
             # Prose: `--rerank` names an option of some command (or of a bench script).
             problems += [f"no option {o}: {segment}" for o in OPTION.findall(segment)
