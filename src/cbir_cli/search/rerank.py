@@ -215,9 +215,19 @@ class RerankingBackend:
             return DbaSettings()
 
     def _live_ids(self, store: FeatureStore) -> np.ndarray:
-        import numpy as np
+        """The live ids in row order: from the manifest and each shard's first id as
+        the saved search index records them (written by this writer's refresh just
+        before), without reading every rows file (10M rows: 43 s and 4.5 GB in
+        bench/scale.py); from the rows files where no current record exists."""
+        from ..store.vectors import row_table
+        from .saved_index import first_ids_of, read_index_meta
 
-        return np.fromiter((r.id for r in store.live_rows()), dtype=np.int64)
+        try:
+            meta = read_index_meta(store)
+        except CbirError:
+            meta = None
+        current = meta is not None and meta.get("generation") == store.generation
+        return row_table(store, first_ids_of(meta) if current else None).ids
 
     def _augment(self, store: FeatureStore, settings: DbaSettings, persist: bool,
                  previous: Augmentation | None = None) -> None:
