@@ -226,8 +226,13 @@ class RerankingBackend:
             meta = read_index_meta(store)
         except CbirError:
             meta = None
-        current = meta is not None and meta.get("generation") == store.generation
-        return row_table(store, first_ids_of(meta) if current else None).ids
+        first = first_ids_of(meta) if meta is not None and meta.get("generation") == store.generation else None
+        # A shard's ids are consecutive: its recorded first id must end at the max_id the
+        # manifest records, else the record is damaged (index.json has no checksum).
+        if first is not None and not all(shard.get("max_id") == first.get(shard["name"], -2) + shard["rows"] - 1
+                                         for shard in store.manifest["shards"]):
+            first = None
+        return row_table(store, first).ids
 
     def _augment(self, store: FeatureStore, settings: DbaSettings, persist: bool,
                  previous: Augmentation | None = None) -> None:
