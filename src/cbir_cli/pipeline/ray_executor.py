@@ -42,6 +42,7 @@ Ctrl-C or SIGTERM stops the job and commits the parts already adopted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -190,9 +191,14 @@ class RayExecutor:
         adopted: set[str] = set()
         bar = self._bar(len(items), f"embedding ({request.model}) on ray", "img")
         try:
-            with staging_sink.staging() as folder, ray_errors():
+            with staging_sink.staging() as folder, ray_errors(), contextlib.ExitStack() as stack:
                 job = self.pipeline(items, plan, folder, staging_sink.shard_dtype)
-                for out in job.iter_batches(batch_size=None, batch_format="numpy"):
+                batches = job.iter_batches(batch_size=None, batch_format="numpy")
+                # Closed on any exit (Ctrl-C, SIGTERM, an error): Ray Data's streaming executor
+                # stops before ray.shutdown(), instead of a thread of it touching a worker
+                # that is gone (Ray then ends the process with exit 1 and our message unsaid).
+                stack.callback(lambda: getattr(batches, "close", lambda: None)())
+                for out in batches:
                     if len(out["fatal"]) and out["fatal"][0]:
                         raise CbirError(str(out["fatal"][0]), str(out["remedy"][0]) or None)
                     for i, reason in zip(out["i"], out["reason"]):
