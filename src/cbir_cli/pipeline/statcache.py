@@ -31,13 +31,13 @@ from pathlib import Path
 from ..fsutil import atomic_write_bytes
 from ..imageio.files import stat_local
 from ..imageio.sources import SourceEntry
+from ..store.verdicts import RACY_SECONDS  # one "racily clean" rule for images and store files
 from .plan import HashResult
 
 STAT_CACHE = "stat-cache.json"
 # 2: entries [size, mtime_ns, etag, sha256]. Format 1's [size, mtime_ns, ctime_ns,
 # inode, sha256] (local files only) is read as the same stamp: no re-hashing.
 FORMAT = 2
-RACY_SECONDS = 2.0
 
 Stamp = tuple[int, int, str]  # size, mtime_ns, etag (see the module docstring)
 HashFiles = Callable[[Sequence[Path | str]], Iterable[HashResult]]

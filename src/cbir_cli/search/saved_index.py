@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CorruptStoreError
 from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256, read_json_meta
 from ..store.feature_store import FeatureStore
-from ..store.manifest import INDEX_DIR
+from ..store.manifest import INDEX_DIR, is_int
 from ..store.vectors import ShardVectors, row_table
 from ..store.verdicts import file_stamp, verify_file
 from .faiss_index import INDEX_TYPES, build_index, factory_string, needs_rerank, resolve_index_type
@@ -40,14 +40,10 @@ INDEX_META_KEYS = {"generation": int, "count": int, "index_type": str, "sha256":
 OPTIONAL_INDEX_META_KEYS = {"trained_count": int, "tombstones": int, "labels": str, "coverage": list}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _coverage_ok(coverage: list[Any]) -> bool:
     """Each entry: [shard name, rows, first row id, removed row numbers]."""
-    return all(isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and _is_int(e[1]) and _is_int(e[2])
-               and isinstance(e[3], list) and all(_is_int(r) and 0 <= r < e[1] for r in e[3]) for e in coverage)
+    return all(isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and is_int(e[1]) and is_int(e[2])
+               and isinstance(e[3], list) and all(is_int(r) and 0 <= r < e[1] for r in e[3]) for e in coverage)
 
 
 def meta_problem(meta: Any) -> bool:
