@@ -66,14 +66,14 @@ def load_result(name: str, results: Path = RESULTS) -> dict[str, Any]:
 
 def cell(value: Any) -> str:
     """One table cell: text as written, integers with thousands separators, floats to
-    three significant figures or so (a bench rounds what it means to show)."""
+    four significant figures at most, whole above 1,000 (a bench rounds what it means
+    to show: 0.1 stays 0.1)."""
     if isinstance(value, bool) or value is None:
         text = "-" if value is None else str(value).lower()
     elif isinstance(value, int):
         text = f"{value:,}"
     elif isinstance(value, float):
-        digits = 4 if abs(value) < 1 else 2 if abs(value) < 10 else 1 if abs(value) < 1000 else 0
-        text = f"{value:,.{digits}f}"
+        text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     else:
         text = str(value)
     return text.replace("|", "\\|")

@@ -48,7 +48,8 @@ def write(folder: Path, name: str, figures: object, **fields: object) -> None:
 
 def test_a_marker_block_is_filled_with_the_run_and_its_table(tmp_path: Path) -> None:
     write(tmp_path, "unit-20261206-101500", {"table": [{"n": 100000, "index": "flat", "p50 ms": 0.41234},
-                                                       {"n": 10000, "index": "a|b", "p50 ms": 12.3456}],
+                                                       {"n": 10000, "index": "a|b", "p50 ms": 12.3456},
+                                                       {"n": 1, "index": "c", "p50 ms": 0.1, "s": 12345.6}],
                                              "note": "cells: best of 3"})
     page = "Before.\n\n<!-- bench:unit-20261206-101500 -->\nold table\n<!-- /bench:unit-20261206-101500 -->\nAfter.\n"
     filled = tables.fill(page, tmp_path)
@@ -59,8 +60,9 @@ def test_a_marker_block_is_filled_with_the_run_and_its_table(tmp_path: Path) -> 
     assert "`python -m bench.unit --n 3`" in line and "2 cores (AMD EPYC)" in line
     assert "load 0.5 / 1.2 / 2.0" in line and "2026-12-06" in line and "commit 0123456" in line
     assert "bench/results/unit-20261206-101500.json" in line
-    assert "| n | index | p50 ms |" in filled
-    assert "| 100,000 | flat | 0.4123 |" in filled and "| 10,000 | a\\|b | 12.3 |" in filled
+    assert "| n | index | p50 ms | s |" in filled
+    assert "| 100,000 | flat | 0.4123 | - |" in filled and "| 10,000 | a\\|b | 12.35 | - |" in filled
+    assert "| 1 | c | 0.1 | 12,346 |" in filled  # a rounded figure is shown as rounded
     assert "cells: best of 3" in filled
     assert tables.fill(filled, tmp_path) == filled  # filling is idempotent
 
