@@ -73,8 +73,8 @@ def main() -> None:
         print(f"| {step} px | {len(shapes[step])} | {len(collection) / seconds[step]:.1f} | "
               f"{metrics['recall@1']:.4f} | {metrics['map']:.4f} | {metrics['map@r']:.4f} |")
         table.append({"long side rounded to": f"{step} px", "distinct input shapes": len(shapes[step]),
-                      "model img/s": round(len(collection) / seconds[step], 1), "R@1": round(metrics["recall@1"], 4),
-                      "mAP": round(metrics["map"], 4), "MAP@R": round(metrics["map@r"], 4)})
+                      "model img/s": round(len(collection) / seconds[step], 1), "R@1": f"{metrics['recall@1']:.4f}",
+                      "mAP": f"{metrics['map']:.4f}", "MAP@R": f"{metrics['map@r']:.4f}"})
     print(f"written {write_result('bucketing', {'table': table}, extra={'dataset': collection.describe()})}")
 
 
