@@ -33,6 +33,7 @@ from ..paths import display_path
 from ..pipeline.indexed_files import IndexedFiles, NotTheIndexedFile
 from ..search.filters import ResultFilter
 from .api_errors import ApiError
+from .embedding import EmbeddingSlots
 from .files import ThumbnailCache, read_checked, register_file_routes
 from .http import HttpServer
 from .live import LiveSearcher
@@ -134,7 +135,10 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     # (lazy imports, allocator, kernel selection) that should not land on a user.
     from PIL import Image
 
-    embed_images(embedder, [Image.new("RGB", (embedder.config.input_size,) * 2)])
+    def warm_up(model: Any) -> None:
+        embed_images(model, [Image.new("RGB", (embedder.config.input_size,) * 2)])
+
+    warm_up(embedder)
     if max_upload_mb <= 0:
         raise CbirError(f"upload limit must be > 0 MB (got {max_upload_mb})")
     live = LiveSearcher(searcher, device, runtime)
@@ -150,16 +154,17 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     # Embedding, most of a query's time, runs outside that lock: ONNX Runtime
     # sessions and torch modules in inference are thread-safe, so one client's model
     # run overlaps another's decode, search and HTTP exchange. At most one embedding
-    # per core at a time: more would only contend for the cores and multiply peak
-    # memory (uploads' decodes are bounded by the decode budget).
+    # per core at a time, each on as many threads as it can use (:mod:`.embedding`);
+    # uploads' decodes are bounded by the decode budget.
     search_lock = threading.Lock()
-    embedding_slots = threading.BoundedSemaphore(usable_cores())
+    embedding_slots = EmbeddingSlots(usable_cores())
+    embedding_slots.prepare(embedder, warm_up)
 
     def search_image(searcher: Searcher, image: Any, k: int, box: Box | None,
                      result_filter: ResultFilter) -> list[Hit]:
         region = box.crop(image) if box is not None else image
-        with embedding_slots:
-            vectors = embed_images(searcher.embedder, [region])
+        with embedding_slots.slot(searcher.embedder) as model:
+            vectors = embed_images(model, [region])
         with search_lock:
             return searcher.search_vectors(vectors, k, result_filter)[0]
 
@@ -256,7 +261,9 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
         if box is not None:
             raise ApiError("box cannot be combined with text/not: search by words with whole images", 400)
         texts, negatives = values.getlist("text"), values.getlist("not")
-        with embedding_slots:  # words and images are embedded outside the search lock, as uploads are
+        # Words and images are embedded outside the search lock, as uploads are (on
+        # the searcher's own model: the word tower is not split into sessions).
+        with embedding_slots.slot(searcher.embedder):
             query = word_query_vector(searcher, [image] if image is not None else [],
                                       [image_id] if image_id is not None else [], texts, negatives)
         with search_lock:
