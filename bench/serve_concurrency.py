@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="1-client / N-client phase pairs")
     p.add_argument("--bombs", type=int, default=8, help="worst-case uploads sent during the last phase")
     p.add_argument("--side", type=int, default=9400, help="the bomb PNG's width and height")
+    p.add_argument("--out", type=Path, help="the result file (default: bench/results/serve_concurrency-<time>.json)")
     return p.parse_args()
 
 
@@ -154,10 +155,10 @@ def main() -> None:
         "phases": phases, "with_bombs": with_bombs, "ratio_best": ratio, "best_req_per_s": best,
         "peak_rss_mb_before_bombs": before_bombs, "peak_rss_mb_after_bombs": peak, "bombs": answers,
         "load_before": load_before, "load_after": load_after,
-    }, extra={"settings": {"model": args.model, "images": str(args.images), "photos": len(photos), "cores": cores,
-                           "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
-                           "bombs": args.bombs, "side": args.side,
-                           "client": "threads of one process, one keep-alive connection each"}})
+    }, out=args.out, extra={"settings": {
+        "model": args.model, "images": str(args.images), "photos": len(photos), "cores": cores,
+        "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds, "bombs": args.bombs,
+        "side": args.side, "client": "threads of one process, one keep-alive connection each"}})
     print(f"result: {path}")
 
 
