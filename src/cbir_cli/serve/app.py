@@ -39,6 +39,7 @@ from .search_routes import MAX_K, lookup, register_search_routes
 if TYPE_CHECKING:
     from flask import Flask
 
+    from ..pipeline.run_plan import RunPlan
     from ..search.rerank import RerankSettings
     from ..search.searcher import Searcher
 
@@ -50,7 +51,7 @@ DEFAULT_MAX_UPLOAD_MB = 20.0
 # 16-bit PNG uploads keep the server's peak RSS below 1.5 GB with this.
 DECODE_BUDGET_BYTES = 400 * 1024 * 1024
 DECODE_WAIT_SECONDS = 60.0  # then 503: a request never waits for decodes forever
-__all__ = ["MAX_K", "ApiError", "ThumbnailCache", "create_app", "make_http_server", "server_url"]
+__all__ = ["MAX_K", "ApiError", "ThumbnailCache", "create_app", "make_http_server", "serve_plan", "server_url"]
 
 
 def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[str] | None = None,
@@ -66,8 +67,13 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
         from ..search.rerank import RerankSettings
         from ..search.searcher import Searcher
 
-        searcher = Searcher.open(index_dir, device=device, runtime=runtime,
+        plan = serve_plan(index_dir, device, runtime)
+        searcher = Searcher.open(plan.index_dir, device=plan.device, runtime=plan.runtime,
                                  rerank=rerank if rerank is not None else RerankSettings())
+    else:  # a searcher opened by the caller (tests, the Python API): the plan of its model
+        from ..pipeline.run_plan import plan_run
+
+        plan = plan_run(searcher.store.root, embedder=searcher.embedder, existing=searcher.store)
     embedder = searcher.embedder  # load the model now (see docstring)
     # One throw-away inference: the first forward pass pays seconds of one-off set-up
     # (lazy imports, allocator, kernel selection) that should not land on a user.
@@ -87,6 +93,7 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
     app.config.update(MAX_FORM_PARTS=MAX_FORM_PARTS, MAX_FORM_MEMORY_SIZE=MAX_FORM_FIELD_BYTES)
     app.json.sort_keys = False
     app.extensions["cbir"] = live
+    app.extensions["cbir-plan"] = plan
     files = app.extensions["cbir-files"] = IndexedFiles()
     embedding_slots = EmbeddingSlots(usable_cores())
     embedding_slots.prepare(embedder, warm_up)
@@ -105,12 +112,33 @@ def create_app(searcher: Searcher | None = None, index_dir: str | os.PathLike[st
         return jsonify(status="ok", summary=index_summary(searcher), **searcher.info(),
                        has_text=has_text_tower(searcher.model_name),
                        generation=searcher.store.generation, reloads=live.reloads,
-                       reload_error=live.last_error, max_k=MAX_K, max_upload_mb=max_upload_mb)
+                       reload_error=live.last_error, max_k=MAX_K, max_upload_mb=max_upload_mb,
+                       plan=plan.as_dict())
 
     register_search_routes(app, live, files, budget, embedding_slots)
     register_file_routes(app, live, files, budget, lookup)
 
     return app
+
+
+def serve_plan(index_dir: str | os.PathLike[str] | None = None, device: str = "auto",
+               runtime: str = "auto") -> RunPlan:
+    """The run plan ``cbir serve`` opens its index by (:mod:`cbir_cli.pipeline.run_plan`,
+    as ``cbir index`` and ``cbir evaluate`` decide): the index's model, descriptor,
+    precision and backend, with device and runtime settled on this machine.
+
+    Raises:
+        CbirError: no index at ``index_dir`` (the error opening it would give), a bad
+            device or runtime, a damaged manifest.
+    """
+    from ..pipeline.options import ExtractOptions
+    from ..pipeline.run_plan import plan_run
+    from ..store.feature_store import FeatureStore
+
+    plan = plan_run(index_dir, options=ExtractOptions(device=device, runtime=runtime))
+    if not plan.exists:
+        FeatureStore.open(plan.index_dir, check_files=False)  # serving needs an index: say why there is none
+    return plan
 
 
 def usable_cores() -> int:
