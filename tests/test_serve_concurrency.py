@@ -39,13 +39,17 @@ class CountingEmbedder:
                 self.in_flight -= 1
 
 
-def test_embeddings_overlap_up_to_the_cores(tmp_path, image_folder, tiny_embedder, monkeypatch):
+def serve_on_two_cores(tmp_path, image_folder, tiny_embedder, embedder, monkeypatch):
+    """6 images indexed with the tiny model, served with ``embedder`` on a 2-core machine."""
     folder = image_folder(6)
     index_folder(folder, tmp_path / "idx", embedder=tiny_embedder)
-    embedder = CountingEmbedder(tiny_embedder)
-    searcher = Searcher.open(tmp_path / "idx", embedder=embedder)
     monkeypatch.setattr("cbir_cli.serve.app.usable_cores", lambda: 2)
-    client = create_app(searcher).test_client()
+    return folder, create_app(Searcher.open(tmp_path / "idx", embedder=embedder)).test_client()
+
+
+def test_embeddings_overlap_up_to_the_cores(tmp_path, image_folder, tiny_embedder, monkeypatch):
+    embedder = CountingEmbedder(tiny_embedder)
+    folder, client = serve_on_two_cores(tmp_path, image_folder, tiny_embedder, embedder, monkeypatch)
     embedder.armed, embedder.entered, embedder.most = True, 0, 0
     photos = sorted(folder.iterdir())
 
@@ -95,12 +99,8 @@ class ThreadedFake:
 
 def test_a_lone_query_uses_every_thread_and_concurrent_ones_one_each(tmp_path, image_folder, tiny_embedder,
                                                                        monkeypatch):
-    folder = image_folder(6)
-    index_folder(folder, tmp_path / "idx", embedder=tiny_embedder)
     embedder = ThreadedFake(tiny_embedder)
-    searcher = Searcher.open(tmp_path / "idx", embedder=embedder)
-    monkeypatch.setattr("cbir_cli.serve.app.usable_cores", lambda: 2)
-    client = create_app(searcher).test_client()
+    folder, client = serve_on_two_cores(tmp_path, image_folder, tiny_embedder, embedder, monkeypatch)
     photos = sorted(folder.iterdir())
 
     def search(path):
@@ -140,3 +140,19 @@ def test_slots_drop_the_sessions_of_a_replaced_model():
         assert a is first and b is not first and b.threads == 1
     with slots.slot(second) as c, slots.slot(second) as d:  # the index was reloaded onto another model
         assert c is second and d.inner is None and d is not b and d.threads == 1
+
+
+def test_an_onnx_model_reopened_with_one_thread_gives_the_same_vectors(tiny_embedder, tmp_path):
+    import numpy as np
+    from conftest import make_image
+
+    from cbir_cli.models.onnx_embedder import OnnxEmbedder
+    from cbir_cli.models.protocol import embed_images
+
+    model = OnnxEmbedder.from_torch(tiny_embedder, cache_dir=tmp_path, threads=2)
+    single = model.with_threads(1)
+    assert single.session is not model.session and (single.threads, model.threads) == (1, 2)
+    assert single.session.get_session_options().intra_op_num_threads == 1
+    images = [make_image(i) for i in range(3)]
+    np.testing.assert_allclose(embed_images(single, images), embed_images(model, images), atol=1e-5)
+    assert single.fingerprint() == model.fingerprint()
