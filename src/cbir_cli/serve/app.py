@@ -1,14 +1,16 @@
 """``cbir serve``: the upload-and-search web page and its JSON API (Flask), served
 by waitress (:mod:`.http`).
 
-The app is made by :func:`create_app`, which opens the index and loads the model
-once, so every request reuses them; a new generation committed by ``cbir index``
+The app is made by :func:`create_app`, which opens the index by its run plan
+(:func:`serve_plan`) and loads the model once, so every request reuses them; its
+routes are added by concern: the search API (:mod:`.search_routes`), indexed files
+(:mod:`.files`), error answers (:mod:`.handlers`), the page and ``/api/health``
+(here). A new generation committed by ``cbir index``
 is picked up while serving (:mod:`.live`). Files are only ever reached through an
 integer id looked up in the index (``Searcher.row``): no request can name a path,
 so there is nothing to traverse and nothing to list; and a file is only sent,
 thumbnailed or decoded while it is still the image that was indexed
-(:mod:`cbir_cli.pipeline.indexed_files`). Every error, including Flask's own
-404/405/413, an OPTIONS request and an unexpected 500, is answered as JSON
+(:mod:`cbir_cli.pipeline.indexed_files`). Every error is answered as JSON
 ``{"error": message}``. Decoding (uploads, thumbnails) shares one memory budget
 (:class:`~cbir_cli.imageio.decode.DecodeBudget`).
 
