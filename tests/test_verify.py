@@ -80,6 +80,20 @@ def test_a_different_photo_or_its_mirror_is_not_verified():
         assert not check.same_picture and not check.mirrored, check
 
 
+def test_ratio_test_matches_are_those_of_a_full_sort():
+    from cbir_cli.search.verify import RATIO, _matches
+
+    a, b = extract(textured(3)), extract(distort(textured(3), "crop_side75", 0))
+    src, dst = _matches(a, b, RATIO)
+    sims = a.descriptors @ b.descriptors.T
+    order = np.argsort(-sims, axis=1)
+    two = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.take_along_axis(sims, order[:, :2], axis=1)))
+    good = two[:, 0] < RATIO * two[:, 1]
+    assert good.sum() > MIN_INLIERS
+    np.testing.assert_array_equal(src, a.points[good])
+    np.testing.assert_array_equal(dst, b.points[order[good, 0]])
+
+
 def test_verified_first_moves_verified_candidates_ahead_in_search_order():
     yes, more, no = Verification(50, 40, 0.2), Verification(90, 80, 0.2), Verification(50, 5, 1.5)
     assert verified_first([7, 8, 9, 10], [no, yes, no, more]) == [8, 10, 7, 9]

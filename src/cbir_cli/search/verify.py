@@ -86,13 +86,16 @@ def _matches(a: LocalFeatures, b: LocalFeatures, ratio: float) -> tuple[np.ndarr
         # so one matrix product finds every nearest and second-nearest neighbour.
         # OpenCV's, on the one thread verify() allows it: numpy's BLAS starts a
         # thread per core for each pair, which costs more than it saves here.
+        # The nearest and second nearest by two row maxima, the nearest masked out
+        # in between: a tenth of the time of a partial sort of each row, which was
+        # most of a pair's cost (ties fail the ratio test either way).
         sims = cv2.gemm(a.descriptors, b.descriptors, 1.0, None, 0.0, flags=cv2.GEMM_2_T)
-        top2 = np.argpartition(-sims, 1, axis=1)[:, :2]
-        best_two = np.take_along_axis(sims, top2, axis=1)
-        order = np.argsort(-best_two, axis=1)
-        nearest = np.take_along_axis(top2, order[:, :1], axis=1).ravel()
-        distances = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.take_along_axis(best_two, order, axis=1)))
-        good = distances[:, 0] < ratio * distances[:, 1]
+        rows = np.arange(len(sims))
+        nearest = sims.argmax(axis=1)
+        best = sims[rows, nearest]
+        sims[rows, nearest] = -np.inf
+        second = sims.max(axis=1)
+        good = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * best)) < ratio * np.sqrt(np.maximum(0.0, 2.0 - 2.0 * second))
         return a.points[good], b.points[nearest[good]]
     pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a.descriptors, b.descriptors, k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < ratio * p[1].distance]
