@@ -93,6 +93,41 @@ def test_ranks_and_scores_by_hand():
     assert scores.mean_top1 == 0.5 and scores.mean_map == 0.625 and scores.queries == 4
 
 
+def test_intervals_by_hand_over_the_originals():
+    from cbir_cli.evaluate.intervals import Bootstrap
+
+    # 4 originals (ids 10..13), 2 distortions, queries in no particular order.
+    # gray ranks by original: 1, 2, inf, 1; hflip: 1, 1, 1, 4.
+    kinds = ["hflip", "gray", "gray", "hflip", "gray", "hflip", "hflip", "gray"]
+    originals = [13, 12, 10, 11, 11, 12, 10, 13]
+    ranks = np.array([4, np.inf, 1, 1, 2, 1, 1, 1])
+    bootstrap = Bootstrap(resamples=200, seed=7)
+    scores = score_copies(ranks, kinds, originals, bootstrap)
+    assert scores.top1 == {"hflip": 0.75, "gray": 0.5}
+    # By hand: the draws resampled_means makes (rows of original positions 0..3 =
+    # ids 10..13), and each original's values.
+    draws = np.random.default_rng(7).integers(0, 4, size=(200, 4))
+    gray_hit, hflip_hit = np.array([1.0, 0, 0, 1]), np.array([1.0, 1, 1, 0])
+    gray_inv, hflip_inv = np.array([1.0, 0.5, 0, 1]), np.array([1.0, 1, 1, 0.25])
+
+    def interval(per_original):
+        return tuple(np.quantile(per_original[draws].mean(axis=1), [0.025, 0.975]))
+
+    assert scores.interval("top1", "gray") == pytest.approx(interval(gray_hit))
+    assert scores.interval("map", "hflip") == pytest.approx(interval(hflip_inv))
+    assert scores.interval("top1") == pytest.approx(interval((gray_hit + hflip_hit) / 2))
+    assert scores.interval("map") == pytest.approx(interval((gray_inv + hflip_inv) / 2))
+    low, high = scores.interval("top1")
+    assert low <= scores.mean_top1 <= high and low < high
+    assert scores.as_dict()["intervals"]["top1"]["gray"] == list(scores.interval("top1", "gray"))
+    # No bootstrap (or no originals): no intervals, the figures unchanged.
+    plain = score_copies(ranks, kinds, originals, Bootstrap(resamples=0))
+    assert plain.intervals is None and plain.interval("top1") is None and plain.top1 == scores.top1
+    # The enumerated bootstrap of [0, 0, 0, 1] is (0, 0.75) (tests/test_intervals.py).
+    one = score_copies(np.array([1, 3, 2, 5]), ["gray"] * 4, [0, 1, 2, 3], Bootstrap(resamples=10_000, seed=0))
+    assert one.interval("top1", "gray") == (0.0, 0.75)
+
+
 def run_copies(*args: str) -> dict:
     result = CliRunner().invoke(app, ["evaluate", "--dataset", "copies", *args, "--model", "test_tiny",
                                       "--workers", "0", "--json"])
@@ -118,9 +153,18 @@ def test_cli_end_to_end_counts_twins_and_caches_the_copies(tmp_path: Path):
     assert deep["queries"] == 18 and deep["copies_embedded"] == 18 and deep["embedded"] == 24
     assert deep["top1"]["resize50"] == 1.0 and deep["top1"]["jpeg20"] == 1.0
     assert 0 <= deep["top1"]["gray"] <= deep["map"]["gray"] <= 1
+    low, high = deep["intervals"]["top1"]["gray"]
+    assert low <= deep["top1"]["gray"] <= high and deep["intervals"]["mean_map"][0] <= deep["mean_map"]
+    assert any("bootstrap over the 6 originals" in n for n in first["notes"])
     second = run_copies(*args)
     assert second["results"][0]["copies_embedded"] == 0 and second["results"][0]["embedded"] == 0
     assert second["results"][0]["top1"] == deep["top1"]
+    for bootstrap, shown in (("1000", True), ("0", False)):
+        table = CliRunner().invoke(app, ["evaluate", "--dataset", "copies", *args, "--model", "test_tiny",
+                                         "--workers", "0", "--bootstrap", bootstrap])
+        assert table.exit_code == 0, table.output
+        # resize50: every copy finds its original, whatever the resample
+        assert ("1.000 [1.000, 1.000] / 1.000 [1.000, 1.000]" in table.output) is shown, table.output
 
 
 def test_cli_copies_errors_are_one_line(tmp_path: Path):

@@ -214,6 +214,22 @@ def test_default_threshold_is_looked_up_by_model_and_descriptor():
     assert mac.measured is None and mac.threshold == default.threshold and "mac-crop-1" in mac.note
 
 
+def test_a_clip_index_is_not_taken_for_the_legacy_cnn_descriptor():
+    # A CLIP index records its family and no descriptor (its vectors are CLIP's own
+    # projection): its note must not call that the CNNs' GAP-over-a-centre-crop, nor
+    # borrow that descriptor's threshold.
+    from cbir_cli.models.clip_config import FAMILY
+
+    clip = {"model": "clip_vit_b32", "weights": "x", "dim": 512, "preprocessing": {}, "family": FAMILY,
+            "pretrained": "openai"}
+    assert descriptor_key(clip) == "clip-own"
+    choice = default_threshold(clip)
+    default = MEASURED_THRESHOLDS["mobilenet_v2", default_descriptor_key()]
+    assert choice.measured is None and choice.threshold == default.threshold
+    assert LEGACY_DESCRIPTOR not in choice.note and "clip_vit_b32" in choice.note
+    assert f"{default.threshold:g}" in choice.note and default_descriptor_key() in choice.note
+
+
 def test_best_f1_threshold_separates_scores():
     positive = np.array([0.99, 0.97, 0.95, 0.93, 0.80])
     negative = np.concatenate([np.linspace(0.1, 0.85, 1000), [0.94]])

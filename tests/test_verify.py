@@ -46,6 +46,54 @@ def test_different_synthetic_photos_are_not_verified():
     assert not check.same_picture, check
 
 
+@pytest.mark.parametrize("kind", ["resize50", "gray", "crop_side75"])
+def test_a_mirrored_copy_is_verified_through_the_mirrored_features(kind):
+    from PIL import ImageOps
+
+    original = textured(3)
+    copy = ImageOps.mirror(distort(original, kind, 0))
+    check = verify(extract(copy), extract(original))
+    assert check.same_picture and check.mirrored, check
+    assert not verify(extract(copy), extract(original), mirror=False).same_picture  # SIFT alone: not a copy
+    assert not verify(extract(original), extract(original)).mirrored  # upright first
+
+
+def test_mirrored_features_are_those_detected_on_the_flipped_picture():
+    from PIL import ImageOps
+
+    from cbir_cli.imageio.local_features import mirrored
+
+    photo = textured(7)
+    flipped = mirrored(extract(photo))
+    detected = extract(ImageOps.mirror(photo))
+    check = verify(flipped, detected, mirror=False)
+    assert check.same_picture and check.inliers >= 0.7 * len(detected) and check.residual < 0.1, check
+    assert mirrored(extract(photo, "orb")) is None
+
+
+def test_a_different_photo_or_its_mirror_is_not_verified():
+    from PIL import ImageOps
+
+    mine = extract(textured(3))
+    for other in (textured(4), ImageOps.mirror(textured(4))):
+        check = verify(extract(other), mine)
+        assert not check.same_picture and not check.mirrored, check
+
+
+def test_ratio_test_matches_are_those_of_a_full_sort():
+    from cbir_cli.search.verify import RATIO, _matches
+
+    a, b = extract(textured(3)), extract(distort(textured(3), "crop_side75", 0))
+    src, dst = _matches(a, b, RATIO)
+    sims = a.descriptors @ b.descriptors.T
+    order = np.argsort(-sims, axis=1)
+    two = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.take_along_axis(sims, order[:, :2], axis=1)))
+    good = two[:, 0] < RATIO * two[:, 1]
+    assert good.sum() > MIN_INLIERS
+    np.testing.assert_array_equal(src, a.points[good])
+    np.testing.assert_array_equal(dst, b.points[order[good, 0]])
+
+
 def test_verified_first_moves_verified_candidates_ahead_in_search_order():
     yes, more, no = Verification(50, 40, 0.2), Verification(90, 80, 0.2), Verification(50, 5, 1.5)
     assert verified_first([7, 8, 9, 10], [no, yes, no, more]) == [8, 10, 7, 9]
@@ -70,11 +118,15 @@ def test_oxford_crop_and_grey_copy_verified_two_similar_flowers_rejected():
     if len(daffodils) < 2:
         pytest.skip(f"Oxford-17 not found under {OXFORD}")
     photo = Image.open(daffodils[0]).convert("RGB")
+    from PIL import ImageOps
+
     other = Image.open(daffodils[1]).convert("RGB")  # another daffodil photo: similar, not a copy
     mine = extract(photo)
     assert verify(extract(centre_crop(photo, 0.5)), mine).same_picture
     assert verify(extract(photo.convert("L").convert("RGB")), mine).same_picture
+    assert verify(extract(ImageOps.mirror(centre_crop(photo, 0.75))), mine).mirrored
     assert not verify(extract(other), mine).same_picture
+    assert not verify(extract(ImageOps.mirror(other)), mine).same_picture
 
 
 def test_dedup_groups_a_grey_copy_the_global_descriptor_scores_below_its_threshold(tmp_path, tiny_embedder):

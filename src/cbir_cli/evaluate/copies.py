@@ -39,7 +39,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
 from ..imageio.header import image_size
@@ -47,6 +47,8 @@ from ..imageio.header import image_size
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image as PILImage
+
+    from .intervals import Bootstrap
 
 DISTORTIONS: tuple[str, ...] = ("resize50", "jpeg20", "crop_side75", "crop_area50", "crop_side50", "hflip",
                                 "rot90", "rot10", "gray", "jitter", "blur2", "border10", "text")
@@ -78,6 +80,9 @@ class CopyScores:
     top1: dict[str, float]
     map: dict[str, float]
     queries: int
+    # Bootstrap intervals over the originals (:func:`copy_intervals`): {"top1": {kind:
+    # (low, high)}, "map": {...}, "mean_top1": (low, high), "mean_map": ...}; None: not drawn.
+    intervals: dict[str, Any] | None = None
 
     @property
     def mean_top1(self) -> float:
@@ -89,7 +94,21 @@ class CopyScores:
 
     def as_dict(self) -> dict[str, object]:
         return {"top1": self.top1, "map": self.map, "mean_top1": self.mean_top1, "mean_map": self.mean_map,
-                "queries": self.queries}
+                "queries": self.queries, "intervals": _listed(self.intervals)}
+
+    def interval(self, metric: str, kind: str | None = None) -> tuple[float, float] | None:
+        """The interval of ``metric`` ("top1", "map") for distortion ``kind``, or of its
+        mean over distortions (``kind`` None); None where none was drawn."""
+        if not self.intervals:
+            return None
+        return self.intervals[f"mean_{metric}"] if kind is None else self.intervals[metric].get(kind)
+
+
+def _listed(value: Any) -> Any:
+    """Intervals as JSON has them: tuples as lists."""
+    if isinstance(value, dict):
+        return {k: _listed(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
 
 
 def check_distortions(kinds: Sequence[str]) -> tuple[str, ...]:
@@ -255,9 +274,11 @@ def original_ranks(ranked: np.ndarray, originals: Sequence[int], twins: dict[int
     return ranks
 
 
-def score_copies(ranks: np.ndarray, kinds: Sequence[str]) -> CopyScores:
+def score_copies(ranks: np.ndarray, kinds: Sequence[str], originals: Sequence[int] | None = None,
+                 bootstrap: Bootstrap | None = None) -> CopyScores:
     """Top-1 (rank 1) and mAP (mean 1/rank) per distortion, from each query's rank
-    of its original and its distortion."""
+    of its original and its distortion; with ``originals`` (each query's) and
+    ``bootstrap``, their intervals too (:func:`copy_intervals`)."""
     import numpy as np
 
     kinds_array = np.asarray(kinds)
@@ -267,4 +288,39 @@ def score_copies(ranks: np.ndarray, kinds: Sequence[str]) -> CopyScores:
         mine = ranks[kinds_array == kind]
         top1[kind] = float(np.mean(mine == 1))
         mean_ap[kind] = float(np.mean(1.0 / mine))
-    return CopyScores(top1, mean_ap, len(ranks))
+    intervals = None
+    if originals is not None and bootstrap is not None and bootstrap.resamples:
+        intervals = copy_intervals(ranks, kinds, originals, bootstrap)
+    return CopyScores(top1, mean_ap, len(ranks), intervals)
+
+
+def copy_intervals(ranks: np.ndarray, kinds: Sequence[str], originals: Sequence[int],
+                   bootstrap: Bootstrap) -> dict[str, Any]:
+    """Percentile bootstrap intervals of every figure of :func:`score_copies`, over
+    the originals: a resample draws originals with replacement, each bringing all
+    its copies, so the per-distortion figures and their means move together (the
+    copies of one photo are not independent draws). Every original has one copy per
+    distortion, so each mean over distortions is the mean over originals of that
+    original's own mean."""
+    import numpy as np
+
+    from .intervals import bootstrap_intervals
+
+    kinds_array, originals_array = np.asarray(kinds), np.asarray(originals)
+    ranks = np.asarray(ranks, dtype=np.float64)
+    photos = np.unique(originals_array)
+    order = list(dict.fromkeys(kinds))
+    rank_of = np.full((len(order), len(photos)), np.nan)
+    for k, kind in enumerate(order):
+        mine = kinds_array == kind
+        rank_of[k, np.searchsorted(photos, originals_array[mine])] = ranks[mine]
+    if np.isnan(rank_of).any():
+        raise ValueError("every original needs exactly one copy per distortion")
+    hits, inverse = (rank_of == 1).astype(np.float64), 1.0 / rank_of
+    values = {**{f"top1/{kind}": hits[k] for k, kind in enumerate(order)},
+              **{f"map/{kind}": inverse[k] for k, kind in enumerate(order)},
+              "mean_top1": hits.mean(axis=0), "mean_map": inverse.mean(axis=0)}
+    found = bootstrap_intervals(values, bootstrap)
+    return {"top1": {kind: found[f"top1/{kind}"] for kind in order},
+            "map": {kind: found[f"map/{kind}"] for kind in order},
+            "mean_top1": found["mean_top1"], "mean_map": found["mean_map"]}

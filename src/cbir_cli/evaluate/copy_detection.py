@@ -123,10 +123,15 @@ class CopyEvaluation:
     notes: list[str] = field(default_factory=list)
 
     def table_rows(self) -> list[tuple[str, list[str]]]:
-        """(label, one "top-1 / mAP" cell per feature) per distortion, then the means."""
-        rows = [(kind, [f"{r.scores.top1[kind]:.3f} / {r.scores.map[kind]:.3f}" for r in self.results])
-                for kind in self.protocol.distortions]
-        rows.append(("mean", [f"{r.scores.mean_top1:.3f} / {r.scores.mean_map:.3f}" for r in self.results]))
+        """(label, one "top-1 / mAP" cell per feature, each with its interval where
+        drawn) per distortion, then the means."""
+        def cell(scores: CopyScores, kind: str | None) -> str:
+            top1 = scores.top1[kind] if kind else scores.mean_top1
+            mean_ap = scores.map[kind] if kind else scores.mean_map
+            return f"{_figure(top1, scores.interval('top1', kind))} / {_figure(mean_ap, scores.interval('map', kind))}"
+
+        rows = [(kind, [cell(r.scores, kind) for r in self.results]) for kind in self.protocol.distortions]
+        rows.append(("mean", [cell(r.scores, None) for r in self.results]))
         return rows
 
     def compare_rows(self) -> tuple[list[str], list[list[str]]]:
@@ -142,6 +147,10 @@ class CopyEvaluation:
                 "results": [r.as_dict() for r in self.results],
                 "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
                 "notes": self.notes, "seconds": round(self.seconds, 3), "peak_rss_mb": round(self.peak_rss_mb, 1)}
+
+
+def _figure(value: float, interval: tuple[float, float] | None) -> str:
+    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
 def copy_collection(root: str | Path) -> LabelledCollection:
@@ -321,7 +330,7 @@ def evaluate_copies(root: str | Path, options: EvaluationOptions, protocol: Copy
             verification = {"detector": DEFAULT_DETECTOR, "candidates": protocol.verify, "verified_pairs": verified}
             ranking += f", top {protocol.verify} verified ({DEFAULT_DETECTOR} + similarity RANSAC)"
         ranks = original_ranks(ranked, [q.original for q in queries], twins)
-        scores = score_copies(ranks, [q.kind for q in queries])
+        scores = score_copies(ranks, [q.kind for q in queries], [q.original for q in queries], options.bootstrap)
         results.append(CopyResult(variant.feature, source.label, ranking, scores, data.gallery.embedded,
                                   data.copies_embedded,
                                   {"features": embedded_at - feature_started, "search": searched_at - embedded_at,
@@ -329,6 +338,10 @@ def evaluate_copies(root: str | Path, options: EvaluationOptions, protocol: Copy
         if depth < len(gallery_paths):
             notes.append(f"each copy ranks the top {depth} of {len(gallery_paths)} images; an original ranked "
                          "lower counts as a miss")
+    bootstrap = options.bootstrap
+    if bootstrap.resamples and twins:
+        notes.append(f"{bootstrap.confidence:.0%} intervals: percentile bootstrap over the {len(twins)} originals "
+                     f"(each with all its copies), {bootstrap.resamples} resamples, seed {bootstrap.seed}")
     own, _ = peak_rss_mb()
     description = f"copies of {protocol.count} seeded images of {collection.root} ({len(collection)} images)"
     with_twins = sum(len(t) > 1 for t in (twins or {}).values())

@@ -77,11 +77,14 @@ FALLBACK_MODEL = "mobilenet_v2"
 
 def descriptor_key(fingerprint: dict[str, Any]) -> str:
     """A short name of how an index's vectors were pooled, from its fingerprint:
-    ``gap-crop`` (global average of a centre crop: stores without a ``descriptor``
-    record), else e.g. ``gem3-full-1+1.4`` (pooling, input, scales)."""
+    ``gap-crop`` (global average of a centre crop: a CNN store without a
+    ``descriptor`` record), ``FAMILY-own`` (a plugin family's model, CLIP say, whose
+    vectors are its own embedding: its fingerprint names the family and no
+    descriptor), else e.g. ``gem3-full-1+1.4`` (pooling, input, scales)."""
     record = fingerprint.get("descriptor")
     if not record:
-        return LEGACY_DESCRIPTOR
+        family = fingerprint.get("family")
+        return f"{family}-own" if family else LEGACY_DESCRIPTOR
     if not isinstance(record, dict):
         return str(record)
     pooling = str(record.get("pooling", "?"))

@@ -1,7 +1,7 @@
 """``cbir query --verify``: each answer's first candidates checked with local
 features and geometry (:mod:`.verify`); those verified as the same picture as
-the query (a copy of it, or its original) move first, most inliers first, and
-are listed under ``verified`` in the answer."""
+the query (a copy of it, mirrored or not, or its original) move first, in the
+search's order, and are listed under ``verified`` in the answer."""
 
 from __future__ import annotations
 
