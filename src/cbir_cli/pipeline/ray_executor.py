@@ -274,6 +274,7 @@ class RayExecutor:
         import pyarrow as pa
         import ray.data
 
+        _preserve_order()
         # Blocks of exactly one shard, decoded in batches that divide it: the actor's
         # bundles are then whole shards (see the module docstring).
         shard = self.options.shard_size
@@ -296,6 +297,7 @@ class RayExecutor:
 
         from ..store.verdicts import RACY_SECONDS
 
+        _preserve_order()
         with quiet_warnings():
             ds = ray.data.from_items(units, override_num_blocks=len(units))
             ds = ds.flat_map(list_unit, num_cpus=DECODE_CPUS)
@@ -309,12 +311,7 @@ class RayExecutor:
         """Decode in CPU tasks, then the model actor pool, over blocks of one shard."""
         import ray.data
 
-        resources = cluster_resources()
-        actors, actor_resources = self._actors(resources)
-        # Parts reach the driver in the plan's order, so rows get the ids a local run
-        # gives them and a killed run has committed a prefix of the plan.
-        with quiet_warnings():
-            ray.data.DataContext.get_current().execution_options.preserve_order = True
+        actors, actor_resources = self._actors(cluster_resources())
         shard = self.options.shard_size
         with quiet_warnings():
             ds = ds.map_batches(decode, batch_size=math.gcd(shard, self.options.batch_size), batch_format="numpy",
@@ -352,3 +349,12 @@ class RayExecutor:
 
         return tqdm(total=total, desc=desc, unit=unit, leave=leave)
 
+
+def _preserve_order() -> None:
+    """Parts reach the driver in the listing's order, so rows get the ids a local run
+    gives them and a killed run has committed a prefix of it. Set before the dataset
+    is made: a dataset keeps the context it was made with."""
+    import ray.data
+
+    with quiet_warnings():
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
