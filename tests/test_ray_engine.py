@@ -338,9 +338,12 @@ def test_with_a_private_instance_an_empty_folder_fails_before_ray_starts(tmp_pat
 
     monkeypatch.setattr(module, "connect", no_ray)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty tree" / "a" / "b").mkdir(parents=True)  # a streamed listing would find that out on Ray
     with module.RayExecutor(ExtractOptions(workers=0), module.RayOptions("local")) as executor:
         with pytest.raises(CbirError, match="empty: no image files found"):
             executor.list_images(tmp_path / "empty")
+        with pytest.raises(CbirError, match="empty tree: no image files found"):
+            executor.list_images(tmp_path / "empty tree")
         with pytest.raises(CbirError, match="missing: folder does not exist"):
             executor.list_images(tmp_path / "missing")
 

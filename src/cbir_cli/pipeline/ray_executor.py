@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
-from ..imageio.files import ImageList, list_images, listing_error
+from ..imageio.files import ImageList, iter_image_files, list_images, listing_error
 from ..imageio.sources import is_object_uri
 from .executor import EmbedRequest, FailureCallback, StagingSink, VectorSink
 from .options import DEVICE_DECODE_LIBRARIES, ExtractOptions
@@ -155,8 +155,11 @@ class RayExecutor:
             return list_images(root)
         if self._owns_session is None and starts_private_instance(self.ray_options.address):
             # The workers would be on this machine anyway: read the top folder before
-            # Ray starts, so a missing or empty folder is reported at once.
+            # Ray starts, so a missing or empty folder is reported at once (a tree of
+            # empty folders too: walked up to its first image, not listed).
             error, units = listing_units(str(root))
+            if error is None and next(iter_image_files(units[0]["folder"]), None) is None:
+                list_images(root)  # no image: its one-line error (or the folders it could not read)
         else:
             ray = self._connect()
             with ray_errors():
