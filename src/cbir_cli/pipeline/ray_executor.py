@@ -248,7 +248,7 @@ class RayExecutor:
         adopted: set[str] = set()
         bar = self._bar(total, desc, "img")
         try:
-            with sink.staging() as folder, ray_errors(), contextlib.ExitStack() as stack:
+            with _staging(sink) as folder, ray_errors(), contextlib.ExitStack() as stack:
                 batches = job(folder).iter_batches(batch_size=None, batch_format="numpy")
                 # Closed on any exit (Ctrl-C, SIGTERM, an error): Ray Data's streaming executor
                 # stops before ray.shutdown(), instead of a thread of it touching a worker
@@ -361,3 +361,20 @@ def _preserve_order() -> None:
 
     with quiet_warnings():
         ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+
+@contextlib.contextmanager
+def _staging(sink: StagingSink) -> Any:
+    """The sink's staging folder. A run that stops (Ctrl-C, SIGTERM, an error) may
+    leave an actor finishing a part after the folder was emptied, so removing it
+    fails (directory not empty): that folder is then a leftover, collected by the
+    next commit, and the run's own error is what is raised."""
+    staging = sink.staging()
+    folder = staging.__enter__()
+    try:
+        yield folder
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            staging.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    staging.__exit__(None, None, None)
