@@ -66,6 +66,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class PeakRss:
+    """The driver's peak resident memory during one run, sampled from /proc every
+    20 ms (``ru_maxrss`` is the whole process's peak, across runs)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                status = Path("/proc/self/status").read_text()
+            except OSError:
+                return
+            rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            self.peak_kb = max(self.peak_kb, rss)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak_kb / 1024, 1)
+
+
 class Timed:
     """An Executor wrapper that timestamps the phases and every commit."""
 
@@ -80,6 +107,13 @@ class Timed:
     def list_images(self, root: Path) -> list[Path]:
         files = self.inner.list_images(root)
         self.marks["listed"] = time.perf_counter() - self.t0
+        stream = getattr(files, "stream_into", None)
+        if stream is not None:  # the Ray engine's streamed run (a new store): time its commits too
+            def timed_stream(txn: Any, *args: Any) -> None:
+                self.marks["embed_start"] = time.perf_counter() - self.t0
+                stream(TimedSink(txn, self), *args)
+
+            files.stream_into = timed_stream
         return files
 
     def hash_files(self, paths: Any) -> Any:
@@ -92,8 +126,14 @@ class Timed:
 
 
 class TimedSink:
+    """The write transaction, with every add/adopt timestamped (anything else is
+    the transaction's own: shard_dtype, store, record_skipped...)."""
+
     def __init__(self, txn: Any, timed: Timed) -> None:
         self.txn, self.timed = txn, timed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.txn, name)
 
     def _mark(self, rows: int) -> None:
         self.timed.commits.append((time.perf_counter() - self.timed.t0, rows))
@@ -130,6 +170,7 @@ def run_once(engine: str, folder: Path, args: argparse.Namespace) -> dict[str, A
     store = Path(tempfile.mkdtemp(prefix=f"bench-{engine}-"))
     load = os.getloadavg()[0]
     timed = Timed(make)
+    rss = PeakRss()
     try:
         summary = sync_folder(folder, store, model=args.model, options=options, executor=timed, descriptor=descriptor)
     finally:
@@ -137,6 +178,7 @@ def run_once(engine: str, folder: Path, args: argparse.Namespace) -> dict[str, A
         if close is not None:
             close()
         shutil.rmtree(store, ignore_errors=True)
+        peak_mib = rss.stop()
     total = time.perf_counter() - timed.t0
     # A local run's sink calls are model batches; a shard is committed when one fills.
     first = next(t for t, _ in _shards(timed.commits, args.shard_size))
@@ -145,7 +187,7 @@ def run_once(engine: str, folder: Path, args: argparse.Namespace) -> dict[str, A
     parts = [rows for rows, _ in getattr(timed.inner, "parts", [])]
     shape = {"parts": len(parts), "short_parts": sum(r < args.shard_size for r in parts[:-1])} if parts else {}
     return {"engine": engine, "load_1min": round(load, 2), "images": summary.embedded,
-            "first_commit_s": round(first, 2), "total_s": round(total, 2), **shape,
+            "first_commit_s": round(first, 2), "total_s": round(total, 2), "driver_peak_rss_mib": peak_mib, **shape,
             **{f"{k}_s": round(v, 2) for k, v in timed.marks.items()}}
 
 

@@ -200,6 +200,65 @@ def test_ray_extraction_equals_local_extraction_and_resyncs_incrementally(ray_cl
 
 
 @needs_ray
+def test_a_new_store_streams_from_listing_to_commits_with_no_file_list_on_the_driver(ray_cluster, tmp_path,
+                                                                                     tiny_embedder):
+    """A new store's run was planned on the driver: every file listed into one
+    list, hashed in tasks the driver fed, then sent to Ray Data as one items table
+    (the driver's memory grew with the files to embed). Now it is one streaming Ray
+    Data job (listing, stat and hashing on the workers); the driver's executor is
+    never handed the files, and the result is the local engine's, stat cache included."""
+    from cbir_cli.pipeline.ray_executor import RayExecutor, RayOptions
+
+    root = write_tree(tmp_path / "tree", 30)
+    hour_ago = time.time() - 3600  # settled files: their stamps are worth caching
+    for path in root.rglob("*.*"):
+        if path.is_file():
+            os.utime(path, (hour_ago, hour_ago))
+    handed: list[tuple[str, int]] = []
+    listings: list = []
+
+    class Spy(RayExecutor):
+        def list_images(self, root):
+            listings.append(super().list_images(root))
+            return listings[-1]
+
+        def hash_files(self, paths):
+            handed.append(("hash_files", len(paths)))
+            yield from super().hash_files(paths)
+
+        def embed(self, items, *args):
+            handed.append(("embed", len(items)))
+            return super().embed(items, *args)
+
+    options = ExtractOptions(workers=0, batch_size=3, shard_size=8)
+    local_skips: list[tuple[str, str]] = []
+    ray_skips: list[tuple[str, str]] = []
+    sync_folder(root, tmp_path / "local", embedder=tiny_embedder, options=options,
+                on_skip=lambda p, r: local_skips.append((p, r)))
+    with Spy(options, RayOptions("auto")) as executor:
+        summary = sync_folder(root, tmp_path / "ray", embedder=tiny_embedder, executor=executor, options=options,
+                              on_skip=lambda p, r: ray_skips.append((p, r)))
+    assert handed == []  # no list of files went through the driver
+    assert getattr(listings[0], "materialised", True) is False
+    assert (summary.files, summary.embedded, summary.added, summary.skipped) == (31, 30, 30, 1)
+    assert ray_skips == local_skips
+    a, b = FeatureStore.open(tmp_path / "local"), FeatureStore.open(tmp_path / "ray")
+    assert [(r.id, r.path, r.sha256) for r in a.live_rows()] == [(r.id, r.path, r.sha256) for r in b.live_rows()]
+    assert np.array_equal(a.load_vectors(), b.load_vectors())
+    assert b.manifest["skipped"] == a.manifest["skipped"]
+    # Whole shards, whatever each folder held (the bad file leaves a hole in one).
+    assert sum(rows for rows, _ in executor.parts) == 30 and len(executor.parts) == 4
+    assert check_index(tmp_path / "ray").ok and not (tmp_path / "ray" / "staging").exists()
+
+    # The workers' stamps made the stat cache: an unchanged re-run hashes nothing.
+    handed.clear()
+    with Spy(options, RayOptions("auto")) as executor:
+        again = sync_folder(root, tmp_path / "ray", embedder=tiny_embedder, executor=executor, options=options)
+    assert (again.unchanged, again.embedded, again.removed) == (30, 0, 0)
+    assert handed == [("hash_files", 0)]
+
+
+@needs_ray
 def test_ray_workers_write_float16_parts_into_a_float16_store(ray_cluster, image_folder, tmp_path, tiny_embedder):
     """Workers write parts in the store's shard dtype (the driver adopts them
     unread; a float32 part would be refused as damaged)."""
@@ -279,9 +338,12 @@ def test_with_a_private_instance_an_empty_folder_fails_before_ray_starts(tmp_pat
 
     monkeypatch.setattr(module, "connect", no_ray)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty tree" / "a" / "b").mkdir(parents=True)  # a streamed listing would find that out on Ray
     with module.RayExecutor(ExtractOptions(workers=0), module.RayOptions("local")) as executor:
         with pytest.raises(CbirError, match="empty: no image files found"):
             executor.list_images(tmp_path / "empty")
+        with pytest.raises(CbirError, match="empty tree: no image files found"):
+            executor.list_images(tmp_path / "empty tree")
         with pytest.raises(CbirError, match="missing: folder does not exist"):
             executor.list_images(tmp_path / "missing")
 

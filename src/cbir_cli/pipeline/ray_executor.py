@@ -2,10 +2,14 @@
 work spread over a Ray cluster (an optional extra; see :mod:`.ray_session`).
 What runs where:
 
-* listing: one Ray task per top-level sub-folder, each stat'ing its files on the
-  worker (the driver only concatenates; its stat cache reads those stamps:
-  :class:`~.ray_tasks.ListedStamps`). With a private local instance the folder is
-  listed before Ray starts (an empty folder fails at once); an object-store URL
+* a new store (a first run, a rebuild): one streaming Ray Data job from listing to
+  staged shards (:mod:`.ray_stream`): the driver lists only the top folder's
+  sub-folders and holds no list of the files, only the batch in flight;
+* a store with rows: listing as one Ray task per top-level sub-folder, each
+  stat'ing its files on the worker (the driver only concatenates; its stat cache
+  reads those stamps: :class:`~.ray_tasks.ListedStamps`). With a private local
+  instance the top folder is read before Ray starts (an empty folder fails at
+  once); an object-store URL
   (``s3://...``) is listed through its :class:`~cbir_cli.imageio.fsspec_source.FsspecSource`
   (its listing carries the ETags), and every node reads the objects itself;
 * hashing: plain Ray tasks over chunks of :data:`HASH_CHUNK` keys (measured far
@@ -49,10 +53,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CbirError
-from ..imageio.files import ImageList, list_images, listing_error
+from ..imageio.files import ImageList, iter_image_files, list_images, listing_error
 from ..imageio.sources import is_object_uri
 from .executor import EmbedRequest, FailureCallback, StagingSink, VectorSink
 from .options import DEVICE_DECODE_LIBRARIES, ExtractOptions
@@ -68,7 +72,20 @@ from .ray_session import (
     require_ray,
     starts_private_instance,
 )
-from .ray_tasks import ListedStamps, decode_batch, hash_chunk, list_below, list_top
+from .ray_stream import StreamedListing, StreamedRows, raise_fatal, stream_new_store
+from .ray_tasks import (
+    ListedStamps,
+    decode_batch,
+    hash_and_decode,
+    hash_chunk,
+    list_below,
+    list_top,
+    list_unit,
+    listing_units,
+)
+
+if TYPE_CHECKING:
+    from ..store.transaction import WriteTransaction
 
 HASH_CHUNK = 128
 # Hash tasks in flight at once (the driver need not hold 400k futures for 50M files).
@@ -137,6 +154,25 @@ class RayExecutor:
             # stat, no folder a worker must mount (every node reads the objects).
             return list_images(root)
         if self._owns_session is None and starts_private_instance(self.ray_options.address):
+            # The workers would be on this machine anyway: read the top folder before
+            # Ray starts, so a missing or empty folder is reported at once (a tree of
+            # empty folders too: walked up to its first image, not listed).
+            error, units = listing_units(str(root))
+            if error is None and next(iter_image_files(units[0]["folder"]), None) is None:
+                list_images(root)  # no image: its one-line error (or the folders it could not read)
+        else:
+            ray = self._connect()
+            with ray_errors():
+                error, units = ray.get(ray.remote(num_cpus=DECODE_CPUS)(listing_units).remote(str(root)))
+        if error is not None:
+            raise CbirError(error)
+        location = Path(root).expanduser()
+        return StreamedListing(location, units, lambda: self._list_all(location),  # type: ignore[return-value]
+                               lambda *run: stream_new_store(self._embed_stream(run[0]), *run))
+
+    def _list_all(self, root: Path) -> list[Path]:
+        """The whole listing, for a store with rows to compare it with."""
+        if self._owns_session is None and starts_private_instance(self.ray_options.address):
             # The workers would be on this machine anyway: list before Ray starts,
             # so a missing or empty folder is reported at once.
             return list_images(root)
@@ -187,31 +223,48 @@ class RayExecutor:
         staging_sink: StagingSink = sink  # type: ignore[assignment]
         self._connect()
         plan = model_plan(request)
+
+        def failures(out: dict[str, Any]) -> None:
+            for i, reason in zip(out["i"], out["reason"]):
+                if reason:
+                    on_failure(int(i), str(reason))
+
+        return self._run(lambda folder: self.pipeline(items, plan, folder, staging_sink.shard_dtype),
+                         staging_sink, failures, len(items), f"embedding ({request.model}) on ray")
+
+    def _embed_stream(self, listing: StreamedListing) -> Any:
+        def run(txn: WriteTransaction, request: EmbedRequest, rows: StreamedRows) -> int:
+            self._connect()
+            plan = model_plan(request)
+            return self._run(lambda folder: self.streamed_pipeline(listing.units, plan, folder, txn.shard_dtype),
+                             txn, rows, None, f"listing + embedding ({request.model}) on ray")
+
+        return run
+
+    def _run(self, job: Any, sink: StagingSink, on_rows: Any, total: int | None, desc: str) -> int:
+        """Iterate the Ray Data job ``job(staging folder)``: adopt (and commit) each
+        part as it arrives, in order; hand each batch's rows to ``on_rows``."""
         embedded = 0
         adopted: set[str] = set()
-        bar = self._bar(len(items), f"embedding ({request.model}) on ray", "img")
+        bar = self._bar(total, desc, "img")
         try:
-            with staging_sink.staging() as folder, ray_errors(), contextlib.ExitStack() as stack:
-                job = self.pipeline(items, plan, folder, staging_sink.shard_dtype)
-                batches = job.iter_batches(batch_size=None, batch_format="numpy")
+            with _staging(sink) as folder, ray_errors(), contextlib.ExitStack() as stack:
+                batches = job(folder).iter_batches(batch_size=None, batch_format="numpy")
                 # Closed on any exit (Ctrl-C, SIGTERM, an error): Ray Data's streaming executor
                 # stops before ray.shutdown(), instead of a thread of it touching a worker
                 # that is gone (Ray then ends the process with exit 1 and our message unsaid).
                 stack.callback(lambda: getattr(batches, "close", lambda: None)())
                 for out in batches:
-                    if len(out["fatal"]) and out["fatal"][0]:
-                        raise CbirError(str(out["fatal"][0]), str(out["remedy"][0]) or None)
-                    for i, reason in zip(out["i"], out["reason"]):
-                        if reason:
-                            on_failure(int(i), str(reason))
+                    raise_fatal(out)
                     for name, node in dict(zip(out["part"], out["node"])).items():
                         if name and name not in adopted:
                             adopted.add(name)
-                            rows = staging_sink.adopt(folder, str(name))
+                            rows = sink.adopt(folder, str(name))
                             self.parts.append((rows, str(node)))
                             embedded += rows
+                    on_rows(out)
                     if bar is not None:
-                        bar.update(len(out["i"]))
+                        bar.update(len(out["reason"]))
         finally:
             if bar is not None:
                 bar.close()
@@ -224,12 +277,7 @@ class RayExecutor:
         import pyarrow as pa
         import ray.data
 
-        resources = cluster_resources()
-        actors, actor_resources = self._actors(resources)
-        # Parts reach the driver in the plan's order, so rows get the ids a local run
-        # gives them and a killed run has committed a prefix of the plan.
-        with quiet_warnings():
-            ray.data.DataContext.get_current().execution_options.preserve_order = True
+        _preserve_order()
         # Blocks of exactly one shard, decoded in batches that divide it: the actor's
         # bundles are then whole shards (see the module docstring).
         shard = self.options.shard_size
@@ -239,8 +287,35 @@ class RayExecutor:
             "sha256": pa.array([sha for _, sha, _ in items[s:s + shard]], pa.string()),
             "size": pa.array([size for _, _, size in items[s:s + shard]], pa.int64()),
         })) for s in range(0, len(items), shard)]
-        ds = ray.data.from_arrow_refs(blocks)
         decode = partial(decode_batch, preprocess=plan.preprocess, draft_size=plan.draft_size, layout=plan.layout)
+        return self._embed_stages(ray.data.from_arrow_refs(blocks), decode, plan, folder, shard_dtype)
+
+    def streamed_pipeline(self, units: list[dict[str, Any]], plan: ModelPlan, folder: Path,
+                          shard_dtype: str) -> Any:
+        """A new store's whole run as one Ray Data job (see :mod:`.ray_stream`):
+        listing units -> list + stat -> blocks of one shard -> hash + decode -> model."""
+        from functools import partial
+
+        import ray.data
+
+        from ..store.verdicts import RACY_SECONDS
+
+        _preserve_order()
+        with quiet_warnings():
+            ds = ray.data.from_items(units, override_num_blocks=len(units))
+            ds = ds.flat_map(list_unit, num_cpus=DECODE_CPUS)
+            # Whole shards again, whatever each folder held (see _embed_stages).
+            ds = ds.repartition(target_num_rows_per_block=self.options.shard_size, strict=True)
+        decode = partial(hash_and_decode, preprocess=plan.preprocess, draft_size=plan.draft_size, layout=plan.layout,
+                         racy_ns=int(RACY_SECONDS * 1e9))
+        return self._embed_stages(ds, decode, plan, folder, shard_dtype)
+
+    def _embed_stages(self, ds: Any, decode: Any, plan: ModelPlan, folder: Path, shard_dtype: str) -> Any:
+        """Decode in CPU tasks, then the model actor pool, over blocks of one shard."""
+        import ray.data
+
+        actors, actor_resources = self._actors(cluster_resources())
+        shard = self.options.shard_size
         with quiet_warnings():
             ds = ds.map_batches(decode, batch_size=math.gcd(shard, self.options.batch_size), batch_format="numpy",
                                 num_cpus=DECODE_CPUS)
@@ -270,10 +345,36 @@ class RayExecutor:
         # One per node by default: spread them, or Ray may pack them onto one node.
         return actors, {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
 
-    def _bar(self, total: int, desc: str, unit: str, leave: bool = True) -> Any:
+    def _bar(self, total: int | None, desc: str, unit: str, leave: bool = True) -> Any:
         if not self.options.progress:
             return None
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit, leave=leave)
 
+
+def _preserve_order() -> None:
+    """Parts reach the driver in the listing's order, so rows get the ids a local run
+    gives them and a killed run has committed a prefix of it. Set before the dataset
+    is made: a dataset keeps the context it was made with."""
+    import ray.data
+
+    with quiet_warnings():
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+
+@contextlib.contextmanager
+def _staging(sink: StagingSink) -> Any:
+    """The sink's staging folder. A run that stops (Ctrl-C, SIGTERM, an error) may
+    leave an actor finishing a part after the folder was emptied, so removing it
+    fails (directory not empty): that folder is then a leftover, collected by the
+    next commit, and the run's own error is what is raised."""
+    staging = sink.staging()
+    folder = staging.__enter__()
+    try:
+        yield folder
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            staging.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    staging.__exit__(None, None, None)

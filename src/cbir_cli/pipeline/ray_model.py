@@ -25,6 +25,9 @@ from .ray_tasks import PixelLayout, unreachable
 if TYPE_CHECKING:
     import numpy as np
 
+# What the driver reads of each row besides the part: "i" (an item's index) in a
+# run over items, the rest in a streamed run (see .ray_stream).
+STREAMED_COLUMNS = ("i", "path", "sha256", "size", "mtime_ns", "etag", "kind", "cacheable")
 # Where an actor keeps the weights it was sent (node-local, per content).
 WEIGHTS_DIR = "cbir-ray-weights"
 
@@ -161,11 +164,12 @@ class EmbedAndStage:
 
         from ..store.validity import INVALID_VECTOR, invalid_rows
 
-        n = len(batch["i"])
-        out = {"i": batch["i"], "reason": np.array(batch["reason"], dtype=object),  # a copy: inputs are read-only
+        n = len(batch["reason"])
+        out = {"reason": np.array(batch["reason"], dtype=object),  # a copy: inputs are read-only
                "part": np.full(n, "", dtype=object), "rows": np.zeros(n, dtype=np.int64),
                "node": np.full(n, self.node, dtype=object),
-               "fatal": np.full(n, "", dtype=object), "remedy": np.full(n, "", dtype=object)}
+               "fatal": np.full(n, "", dtype=object), "remedy": np.full(n, "", dtype=object),
+               **{key: batch[key] for key in STREAMED_COLUMNS if key in batch}}
         try:
             if self.error is not None:
                 raise self.error

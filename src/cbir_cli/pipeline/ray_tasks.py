@@ -1,11 +1,13 @@
 """What the Ray executor runs on the workers before the model: listing (with each
 file's stamp, so the driver never stats a file), content hashing, and decoding +
-preprocessing into Ray Data rows. Plain functions: Ray ships them to any node,
-which needs only the package (see :mod:`.ray_executor`)."""
+preprocessing into Ray Data rows (for a new store, listing and hashing are stages
+of the same streaming Ray Data job: :func:`list_unit`, :func:`hash_and_decode`).
+Plain functions: Ray ships them to any node, which needs only the package (see :mod:`.ray_executor`)."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -58,6 +60,59 @@ def list_top(root: str) -> tuple[str | None, list[SourceEntry], list[str], list[
 def list_below(folder: str) -> Listing:
     unreadable: list[tuple[str, str]] = []
     return _entries(iter_image_files(folder, unreadable)), unreadable
+
+
+# A streamed listing's row of an unreadable folder (its reason in "reason"): reported
+# as a folder that could not be listed, never as a file.
+FOLDER_ROW = "folder"
+
+
+def listing_units(root: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(error, units) of a streamed listing of ``root``: its own images, then each
+    sub-folder's, in :func:`~cbir_cli.imageio.files.iter_image_files`' order. Only the
+    top folder's names are read here (no file is stat'ed); an unreadable or empty
+    top folder is the error (an empty tree below it shows only when it is listed)."""
+    from ..imageio.files import listing_error
+
+    try:
+        folder = image_folder(root).resolve()
+        names = sorted(os.listdir(folder))
+    except CbirError as exc:
+        return exc.message, []
+    except OSError as exc:
+        error = listing_error(image_folder(root), [], [(str(image_folder(root).resolve()), _reason(exc))])
+        return (error.message if error else str(exc)), []
+    below = [str(folder / n) for n in names if (folder / n).is_dir() and not (folder / n).is_symlink()]
+    if not below and not any(is_image_name(n) and not (folder / n).is_dir() for n in names):
+        error = listing_error(image_folder(root), [], [])
+        return (error.message if error else None), []
+    return None, [{"folder": str(folder), "deep": False}] + [{"folder": f, "deep": True} for f in below]
+
+
+def _reason(exc: OSError) -> str:
+    from ..imageio.decode import oserror_reason
+
+    return oserror_reason(exc)
+
+
+def list_unit(unit: dict[str, Any]) -> list[dict[str, Any]]:
+    """(A ``flat_map`` stage.) The image rows of one unit of :func:`listing_units`,
+    each stat'ed here (path as bytes, stamp), plus a :data:`FOLDER_ROW` row per
+    sub-folder that could not be listed."""
+    folder, unreadable = unit["folder"], []
+    paths: Iterator[Any] = iter([])
+    if unit["deep"]:
+        paths = iter_image_files(folder, unreadable)
+    else:
+        try:
+            paths = iter([os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                          if is_image_name(n) and not os.path.isdir(os.path.join(folder, n))])
+        except OSError as exc:
+            unreadable.append((folder, _reason(exc)))
+    rows = [{"path": os.fsencode(e.uri), "size": e.size, "mtime_ns": e.mtime_ns, "etag": e.etag, "kind": "",
+             "reason": ""} for e in _entries(paths)]
+    return rows + [{"path": os.fsencode(f), "size": 0, "mtime_ns": 0, "etag": "", "kind": FOLDER_ROW, "reason": r}
+                   for f, r in unreadable]
 
 
 def hash_chunk(paths: list[str]) -> list[HashResult]:
@@ -147,9 +202,12 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: Any, draft_size: int 
     images = ImageFolderDataset(paths, preprocess, draft_size)
     pixels = np.empty(len(paths), dtype=object)
     shapes = np.zeros((len(paths), layout.parts * layout.ndim), dtype=np.int64)
-    reasons = np.full(len(paths), "", dtype=object)
+    reasons = np.array(batch["reason"], dtype=object) if "reason" in batch else np.full(len(paths), "", object)
     fatal = np.full(len(paths), "", dtype=object)
     for j in range(len(paths)):
+        if reasons[j]:  # already known not to be readable (a streamed run's listing or hashing)
+            pixels[j] = np.zeros(0, dtype=layout.dtype)
+            continue
         _, result = images[j]
         if isinstance(result, str):
             reasons[j] = result
@@ -158,5 +216,40 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: Any, draft_size: int 
                 fatal[:] = unreachable(os.path.dirname(paths[j]), "the images' folder")
         else:
             pixels[j], shapes[j] = layout.pack(result)
-    return {"i": batch["i"], "path": batch["path"], "sha256": batch["sha256"], "size": batch["size"],
-            "pixels": pixels, "shapes": shapes, "reason": reasons, "fatal": fatal}
+    passed = {key: value for key, value in batch.items() if key not in ("pixels", "shapes", "reason", "fatal")}
+    return {**passed, "pixels": pixels, "shapes": shapes, "reason": reasons, "fatal": fatal}
+
+
+def hash_and_decode(batch: dict[str, np.ndarray], preprocess: Any, draft_size: int | None,
+                    layout: PixelLayout, racy_ns: int) -> dict[str, np.ndarray]:
+    """(A streamed run's stage.) Hash each listed file here, then decode it as
+    :func:`decode_batch` does; a file that cannot be hashed keeps its row with the
+    reason (a named pipe is refused here, before a reader could block on it). Adds
+    ``cacheable``: whether the listing's stamp still describes what was hashed (same
+    size, modified more than ``racy_ns`` before hashing began: the stat cache's rule)."""
+    import numpy as np
+
+    started = time.time_ns()
+    n = len(batch["path"])
+    sha = np.full(n, "", dtype=object)
+    size = np.array(batch["size"], dtype=np.int64)
+    hash_reason = np.array(batch["reason"], dtype=object)
+    fatal = ""
+    for j in range(n):
+        if batch["kind"][j] and not os.path.isdir(os.fsdecode(batch["path"][j])):
+            fatal = unreachable(os.fsdecode(batch["path"][j]), "the images' folder")
+        if batch["kind"][j] or hash_reason[j]:
+            continue
+        result = hash_one(os.fsdecode(batch["path"][j]))
+        if result.sha256 is None:
+            hash_reason[j] = result.error or "unreadable"
+            if not os.path.isdir(os.path.dirname(result.path)):  # as in decode_batch: a node without the mount
+                fatal = unreachable(os.path.dirname(result.path), "the images' folder")
+        else:
+            sha[j], size[j] = result.sha256, result.size
+    cacheable = (sha != "") & (size == batch["size"]) & (batch["mtime_ns"] < started - racy_ns)
+    out = decode_batch({**batch, "sha256": sha, "size": size, "cacheable": cacheable, "reason": hash_reason},
+                       preprocess, draft_size, layout)
+    if fatal:
+        out["fatal"][:] = fatal
+    return out

@@ -116,6 +116,15 @@ def sync_files(txn: WriteTransaction, root: Path | str | None, files: Sequence[P
         skipped.add(path)
         skip(path, reason)
 
+    stream = getattr(files, "stream_into", None)
+    if stream is not None and holds_nothing(txn.store):
+        # A listing the executor streams (the Ray engine's: .ray_stream) into a store
+        # with nothing to compare: listing, hashing and embedding are one job on its
+        # workers, and no list of the files is built here.
+        stream(txn, request, summary, skip_one)
+        for path, reason in txn.rejected:
+            skip_one(path, reason)
+        return
     # Unchanged (size, mtime, ctime, inode) -> the hash recorded last time; only
     # new or touched files are read and hashed (see .statcache).
     stat_cache = StatCache.load(txn.root, trusted=not txn.rebuild)
@@ -200,7 +209,7 @@ def _sync_folder(root: str | os.PathLike[str], index_dir: Path, model: ModelSett
             on_notice(f"warning: cannot read folder {display_path(folder)} ({reason}); "
                       "what was indexed from it is kept")
     root_path = location if isinstance(location, str) else location.resolve()
-    summary = ExtractSummary(files=len(files))
+    summary = ExtractSummary()
 
     def skip(path: str, reason: str) -> None:
         summary.skipped += 1
@@ -241,6 +250,11 @@ def _sync_folder(root: str | os.PathLike[str], index_dir: Path, model: ModelSett
         if request.weights is not None:
             store.manifest["weights_path"] = str(Path(request.weights).expanduser().absolute())
         sync_files(txn, root_path, files, request, executor, summary, skip)
+        summary.files = len(files)  # a streamed listing is counted as it goes
+        for folder, reason in getattr(files, "streamed_unreadable", []):
+            if on_notice:
+                on_notice(f"warning: cannot read folder {display_path(folder)} ({reason}); "
+                          "what was indexed from it is kept")
         txn.commit()
         if int8_model is not None and store.committed:
             prune_int8_models(index_dir, int8_model or None)
