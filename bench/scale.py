@@ -373,6 +373,20 @@ def print_table(sizes: list[int], per_size: dict[int, dict[str, Any]], dim: int)
     return ratios
 
 
+def table_rows(sizes: list[int], per_size: dict[int, dict[str, Any]]) -> list[dict[str, str]]:
+    """The printed table as rows (column -> text) for the docs (:mod:`bench.tables`)."""
+    rows = []
+    for label, step, key, unit in FIGURES:
+        row = {"figure": f"{label} ({unit})"}
+        cells = [value(per_size[n], step, key) for n in sizes]
+        for n, c in zip(sizes, cells):
+            row[f"{n:,}"] = "-" if c is None else f"{c:.3f}" if c < 100 else f"{c:,.0f}"
+        if len(sizes) >= 2 and cells[-2] and cells[-1]:
+            row["growth"] = f"{cells[-1] / cells[-2]:.2f}x" + (" [x dim]" if label in DIM_BOUND else "")
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000,10000000", help="comma list of collection sizes (rows)")
@@ -422,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     ratios = print_table(sizes, per_size, args.dim)
-    out = write_result("scale", {str(n): r for n, r in per_size.items()}, out=args.out,
+    figures: dict[str, Any] = {str(n): r for n, r in per_size.items()}
+    out = write_result("scale", {**figures, "table": table_rows(sizes, per_size)}, out=args.out,
                        extra={"load_start": load_start, "dim": args.dim, "sizes": sizes,
                               "growth_ratio_last_two": ratios})
     print(f"written {out}")
