@@ -16,10 +16,12 @@ shapes there are (fewer = bigger batches), and the model's images per second.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import REPO, write_result
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,6 +64,7 @@ def main() -> None:
             vectors[step].append(embedder.embed(batch))
             seconds[step] += time.perf_counter() - began
     options = EvaluationOptions()
+    table = []
     print("| long side rounded to | distinct input shapes | model img/s | R@1 | mAP | MAP@R |")
     print("|---|---|---|---|---|---|")
     for step in steps:
@@ -69,6 +72,10 @@ def main() -> None:
         metrics = score_rankings(collection.labels, rank_all_vs_all(matrix, len(collection) - 1), options)
         print(f"| {step} px | {len(shapes[step])} | {len(collection) / seconds[step]:.1f} | "
               f"{metrics['recall@1']:.4f} | {metrics['map']:.4f} | {metrics['map@r']:.4f} |")
+        table.append({"long side rounded to": f"{step} px", "distinct input shapes": len(shapes[step]),
+                      "model img/s": round(len(collection) / seconds[step], 1), "R@1": f"{metrics['recall@1']:.4f}",
+                      "mAP": f"{metrics['map']:.4f}", "MAP@R": f"{metrics['map@r']:.4f}"})
+    print(f"written {write_result('bucketing', {'table': table}, extra={'dataset': collection.describe()})}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
 from bench.extract import decode_core_ms, model_only_rate, premade_batches
-from bench.harness import SHARED
+from bench.harness import SHARED, write_result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch_size}; alone: model {model_ms:.2f}, decode {decode_ms:.2f} core-ms/img "
           f"(load {os.getloadavg()[0]:.1f})")
     scratch = Path(tempfile.mkdtemp(prefix="cbir-split-"))
+    table = []
     try:
         for run in range(args.repeat):
             store = scratch / f"store-{run}"
@@ -137,9 +138,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, ms in sorted(per_image.items(), key=lambda kv: -kv[1]):
                 if ms >= 0.005:
                     print(f"  main process: {name:19s} {ms:6.2f}")
+            table.append({"run": run + 1, "img/s": round(n / wall, 1), "core-ms/img in all": round(total, 2),
+                          "model thread + ORT pool": round(model, 2), "model alone": round(model_ms, 2),
+                          "decoding workers": round(workers_ms, 2), "decode alone": round(decode_ms, 2),
+                          "main process, other threads": round(sum(per_image.values()), 2)})
             shutil.rmtree(store, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    out = write_result("cpu_split", {"table": table},
+                       extra={"model": args.model, "precision": args.precision, "images": len(files),
+                              "workers": args.workers, "batch_size": args.batch_size})
+    print(f"written {out}")
     return 0
 
 

@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import write_result
 
 THRESHOLD = 0.9
 
@@ -131,7 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     for n, kind, built, seconds, complete, groups, found, total, extra in rows:
         print(f"| {n:,} | {kind} | {built:.1f} | {seconds:.1f} | {complete:,}/{groups:,} | "
               f"{found / max(1, total):.4f} | {extra} |")
-    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS {peak:.0f} MiB")
+    table = [{"n": n, "index": kind, "build s": round(built, 1), "dedup s": round(seconds, 1),
+              "planted groups found whole": f"{complete:,}/{groups:,}",
+              "planted pairs found": f"{found / max(1, total):.4f}", "extra pairs": extra}
+             for n, kind, built, seconds, complete, groups, found, total, extra in rows]
+    out = write_result("dedup", {"table": table, "peak_rss_mib": peak},
+                       extra={"threshold": args.threshold, "dim": args.dim, "dup_fraction": args.dup_fraction})
+    print(f"written {out}")
     return 0
 
 

@@ -33,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import REPO, write_result
+
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "oxford17flowers"
 COMPARE = (0.80, 0.85, 0.90, 0.95)
 
@@ -110,19 +112,29 @@ def main(argv: list[str] | None = None) -> int:
           "linked)")
     print("\nrecall per distortion at that threshold (copy linked to its original):")
     kinds = np.asarray([q.kind for q in data.queries])
+    per_distortion = {}
     for kind in DISTORTIONS:
         mine = to_original[kinds == kind]
+        per_distortion[kind] = float(np.mean(mine >= best.threshold))
         print(f"  {kind:<12} {np.mean(mine >= best.threshold):.3f}   (median score {np.median(mine):.3f})")
     print("\nother thresholds:")
+    table = [{"threshold": f"{best.threshold:g} (best F1)", "precision": f"{best.precision:.4f}",
+              "recall": f"{best.recall:.4f}", "F1": f"{best.f1:.4f}", "distinct pairs linked": best.false_pairs}]
     for t in COMPARE:
         s = score_threshold(positive, negative_sorted, t)
         print(f"  {t:.2f}  precision {s.precision:.4f}  recall {s.recall:.4f}  F1 {s.f1:.4f}  "
               f"({s.false_pairs:,} distinct pairs linked)")
+        table.append({"threshold": f"{t:.2f}", "precision": f"{s.precision:.4f}", "recall": f"{s.recall:.4f}",
+                      "F1": f"{s.f1:.4f}", "distinct pairs linked": s.false_pairs})
     name = collection.root.name
     print(f"\nMEASURED_THRESHOLDS entry:\n    ({model!r}, {descriptor!r}): MeasuredThreshold(\n"
           f"        {best.threshold:g}, {best.precision:.3f}, {best.recall:.3f}, {best.f1:.3f}, "
           f"\"{name} copies, {args.copies} originals x {len(DISTORTIONS)} distortions\"),")
     print(f"\n{time.perf_counter() - started:.1f} s ({embedded_at - started:.1f} s features)")
+    out = write_result("dedup_threshold", {"table": table, "recall_per_distortion": per_distortion},
+                       extra={"model": model, "precision": precision, "descriptor": descriptor, "images": n,
+                              "copies": args.copies, "seed": args.seed})
+    print(f"written {out}")
     return 0
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import REPO, write_result
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,8 +90,16 @@ def main() -> None:
         b = best[name]
         print(f"| {name} | {b['preprocess']:.1f} | {b['model']:.1f} | {b['pipeline']:.1f} |")
     legacy, default = (best[n] for n in descriptors)
-    print(f"default / legacy: model {default['model'] / legacy['model']:.2f}x, "
-          f"cbir index {default['pipeline'] / legacy['pipeline']:.2f}x")
+    note = (f"default / legacy: model {default['model'] / legacy['model']:.2f}x, "
+            f"cbir index {default['pipeline'] / legacy['pipeline']:.2f}x")
+    print(note)
+    table = [{"descriptor": name, "decode + preprocess img/s": round(best[name]["preprocess"], 1),
+              "model img/s": round(best[name]["model"], 1), "cbir index img/s": round(best[name]["pipeline"], 1)}
+             for name in descriptors]
+    out = write_result("descriptor_cost", {"table": table, "note": note},
+                       extra={"images": len(picked), "dataset": args.root.name, "model": args.model,
+                              "workers": args.workers, "repeat": args.repeat})
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
-from bench.harness import SHARED, peak_rss_mib
+from bench.harness import SHARED, peak_rss_mib, write_result
 
 DEFAULT_DATA = SHARED / "oxford17flowers"
 
@@ -344,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         base = best.get("torch")
         if base:
             print("model-only speed-up vs torch: " + ", ".join(f"{rt} x{v / base:.2f}" for rt, v in best.items()))
+    table = [row.table_cells(on_cpu) for row in rows]
+    out = write_result("extract", {"table": table, "notes": extra,
+                                   "peak_rss_mib": {"main": self_mib, "largest_child": child_mib}},
+                       extra={"model": args.model, "images": n_images, "batch_size": args.batch_size,
+                              "threads": args.threads, "cores": cores})
+    print(f"written {out}")
     return 0
 
 
@@ -395,6 +401,18 @@ class Row:
             text += (f" {'decode core-ms':>14s} {'model core-ms':>13s} {'pipe core-ms':>12s} {'ideal img/s':>11s} "
                      f"{'pipe/ideal':>10s} {'at share':>8s}")
         return text
+
+    def table_cells(self, on_cpu: bool) -> dict[str, object]:
+        """The row for the result file (the docs' table): :meth:`table_line`'s columns."""
+        cells: dict[str, object] = {"runtime": self.runtime, "decode": self.decode, "workers": self.workers,
+                                    "model img/s": round(self.model_rate, 1), "pipeline img/s": round(self.rate, 1),
+                                    "ratio": round(self.rate / self.model_rate, 2)}
+        if on_cpu:
+            cells.update({"decode core-ms": round(self.decode_ms, 2), "model core-ms": round(self.model_ms, 2),
+                          "pipeline core-ms": round(self.pipeline_ms, 2), "ideal img/s": round(self.ideal, 1),
+                          "pipeline / ideal": round(self.rate / self.ideal, 2),
+                          "at share": round(self.rate / self.ideal_at_share, 2)})
+        return cells
 
     def table_line(self, on_cpu: bool) -> str:
         text = (f"{self.runtime:8s} {self.decode:10s} {self.workers:>7d} {self.model_rate:12.1f} {self.rate:15.1f} "

@@ -3,8 +3,10 @@ description of the machine and library versions, and the result file.
 
 Each bench ends with :func:`write_result`, which writes
 ``bench/results/<name>-<timestamp>.json`` holding ``machine``, ``load``,
-``versions``, ``command`` and ``figures``, so a figure quoted in the docs names the
-run (and the machine, load and versions) that printed it.
+``versions``, ``command``, ``date`` and ``figures``, so a figure quoted in the docs names
+the run (and the machine, load and versions) that printed it. A bench whose figures
+hold a ``"table"`` (a list of rows, each a dict of column -> value, as the bench
+prints it) gets a markdown table in the docs from :mod:`bench.tables`.
 
 Run a bench as ``python -m bench.<name>`` from the repository root. ``python
 bench/<name>.py`` also works: a script run by path has no package and only
@@ -113,7 +115,9 @@ def write_result(name: str, figures: Any, command: str | None = None, *, out: Pa
 
     Args:
         name: the bench's name (the file is ``<name>-<timestamp>.json``).
-        figures: what the run measured (anything ``json`` can write).
+        figures: what the run measured (anything ``json`` can write); a dict with a
+            ``"table"`` (a list of dicts: column -> value) is rendered into the docs by
+            :mod:`bench.tables`.
         command: the command line; default, this process's (:func:`command_line`).
         out: write here instead of ``bench/results/``.
         extra: more top-level fields (a bench's settings), next to the standard ones.
@@ -122,8 +126,9 @@ def write_result(name: str, figures: Any, command: str | None = None, *, out: Pa
         The path written.
     """
     path = out or RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    record = {"name": name, "command": command or command_line(), "machine": machine(),
-              "load": load_average(), "versions": versions(), **(extra or {}), "figures": figures}
+    record = {"name": name, "command": command or command_line(), "date": time.strftime("%Y-%m-%d"),
+              "machine": machine(), "load": load_average(), "versions": versions(), **(extra or {}),
+              "figures": figures}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     return path

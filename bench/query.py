@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
-from bench.harness import SHARED, percentiles_ms
+from bench.harness import SHARED, percentiles_ms, write_result
 
 DIM = 2048
 K = 10
@@ -357,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
     for line in million:
         print(line)
+    table = [{"n": n, "index": label, "build s": round(build_s, 1), "index MiB": round(mib, 1),
+              "RSS +MiB": round(rss), "p50 ms": round(p50, 2), "p95 ms": round(p95, 2),
+              "batched ms/query": round(batch_ms, 2), "recall@10": f"{recall:.3f}"}
+             for n, label, build_s, mib, rss, p50, p95, batch_ms, recall in rows]
+    out = write_result("query", {"table": table, "real_index": lines, "million": million},
+                       extra={"queries": args.queries, "k": K, "dim": DIM})
+    print(f"written {out}")
     return 0
 
 

@@ -13,8 +13,12 @@ warm-up of each.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             run(path)
             timings[name].append(time.perf_counter() - started)
+    table = []
     for name, values in timings.items():
         ms = 1000 * np.array(values)
         print(f"{name:<7} p50 {np.percentile(ms, 50):7.1f} ms   p90 {np.percentile(ms, 90):7.1f} ms   "
               f"({len(ms)} queries, k={args.k})")
+        table.append({"query": name, "p50 ms": round(float(np.percentile(ms, 50)), 1),
+                      "p90 ms": round(float(np.percentile(ms, 90)), 1), "queries": len(ms)})
+    print(f"written {write_result('query_verify', {'table': table}, extra={'k': args.k})}")
     return 0
 
 

@@ -39,12 +39,15 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import REPO, write_result
+
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "oxford17flowers"
 
 
@@ -209,6 +212,13 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['first_commit_s']:12.1f} {row['total_s']:14.1f} {ratio:>6}")
     if len(pairs) > 1:
         print("* = median over the repeats (each column on its own)")
+    rows = [{**row, "ratio (steady)": f"{row['steady_img_s'] / local['steady_img_s']:.2f}" if row is ray else ""}
+            for local, ray in pairs for row in (local, ray)]
+    out = write_result("ray_engine", {"table": rows},
+                       extra={"sizes": [n1, n2], "model": args.model, "batch_size": args.batch_size,
+                              "shard_size": args.shard_size, "precision": args.precision,
+                              "descriptor": args.descriptor})
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
-from bench.harness import percentiles_ms
+from bench.harness import percentiles_ms, write_result
 from bench.query import DIM, K, synthetic_vectors
 
 
@@ -113,6 +113,11 @@ def main() -> int:
     for n, kind, dba_s, p50, p95, r50, r95, ratio, agree in rows:
         print(f"| {n:,} | {kind} | {dba_s:.0f} | {p50:.2f} / {p95:.2f} | {r50:.2f} / {r95:.2f} | {ratio:.2f}x "
               f"| {agree:.3f} |")
+    table = [{"n": n, "index": kind, "DBA build s": round(dba_s), "plain p50 / p95 ms": f"{p50:.2f} / {p95:.2f}",
+              "re-ranked p50 / p95 ms": f"{r50:.2f} / {r95:.2f}", "ratio (p50)": f"{ratio:.2f}x",
+              "top-10 agreement with flat": f"{agree:.3f}"}
+             for n, kind, dba_s, p50, p95, r50, r95, ratio, agree in rows]
+    print(f"written {write_result('rerank', {'table': table}, extra={'queries': args.queries, 'k': K, 'dim': DIM})}")
     return 0
 
 

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CBIR_SHARED", REPO.parent / "shared")) / "datasets"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import SHARED, write_result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.model}, {len(pixels)} images of {args.data.name}, batch {args.batch_size}, {args.threads} threads, "
           f"int8 calibrated on {len(calibration.images)} images ({int8.model_path.name})")
     print(f"{'runtime':42s} {'img/s':>8s} {'core-ms/img':>12s} {'cos min':>8s} {'cos mean':>9s}")
+    table = []
     for name, run in runners.items():
         vectors = np.concatenate([run(b) for b in batches])
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -130,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         rate = max(r for r, _ in results[name])
         core_ms = min(c for _, c in results[name])
         print(f"{name:42s} {rate:8.1f} {core_ms:12.2f} {cosine.min():8.4f} {cosine.mean():9.4f}")
+        table.append({"runtime": name, "img/s": round(rate, 1), "core-ms/img": round(core_ms, 2),
+                      "cos min": f"{cosine.min():.4f}", "cos mean": f"{cosine.mean():.4f}"})
+    out = write_result("runtimes", {"table": table},
+                       extra={"model": args.model, "images": len(pixels), "dataset": args.data.name,
+                              "batch_size": args.batch_size, "threads": args.threads, "descriptor": args.descriptor})
+    print(f"written {out}")
     return 0
 
 

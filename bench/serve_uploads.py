@@ -65,12 +65,18 @@ def status_of(pid: int) -> dict[str, int]:
     return fields
 
 
+BOUNDARY = "cbirbench"
+
+
+def multipart_body(data: bytes, name: str) -> bytes:
+    """The search form with ``data`` as its ``image`` file."""
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
 def post(url: str, data: bytes, name: str) -> tuple[int, str]:
-    boundary = "cbirbench"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(url + "api/search", data=body,
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    request = urllib.request.Request(url + "api/search", data=multipart_body(data, name),
+                                     headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             return response.status, "ok"

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
-from bench.harness import SHARED
+from bench.harness import SHARED, write_result
 
 DEFAULT_DATASETS = ("oxford17flowers", "ukbench_mini")
 TOP = 10
@@ -152,6 +152,7 @@ def print_table(name: str, rows: list[tuple[str, str, str]]) -> None:
 def main() -> None:
     args = parse_args()
     work_root = args.work or Path(tempfile.mkdtemp(prefix="cbir-shard-dtype-"))
+    tables = {}
     try:
         for text in args.datasets.split(","):
             dataset = Path(text).expanduser()
@@ -159,10 +160,15 @@ def main() -> None:
                 sys.exit(f"error: {dataset}: no such dataset folder (set CBIR_SHARED or pass --datasets)")
             work = work_root / dataset.name
             shutil.rmtree(work, ignore_errors=True)
-            print_table(dataset.name, compare(dataset, work, args))
+            rows = compare(dataset, work, args)
+            print_table(dataset.name, rows)
+            tables[dataset.name] = rows
     finally:
         if args.work is None:
             shutil.rmtree(work_root, ignore_errors=True)
+    table = [{"figure": f"{name}: {label}", "float32": a, "float16": b}
+             for name, rows in tables.items() for label, a, b in rows]
+    print(f"written {write_result('shard_dtype', {'table': table})}")
 
 
 if __name__ == "__main__":

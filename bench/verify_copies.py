@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
           f"inliers/matches >= {MIN_INLIER_RATIO} and median residual <= {MAX_RESIDUAL_PX} px")
     print(f"{'pairs':<22}{'n':>5}{'verified':>10}{'min inl':>9}{'p10 inl':>9}{'median':>8}{'max inl':>9}"
           f"{'max ratio':>11}{'resid min/med/max':>18}")
+    table = []
     for name, counts in [*positives.items(), *negatives.items()]:
         inl = np.array([c[0] for c in counts])
         ratio = np.array([c[0] / c[1] if c[1] else 0.0 for c in counts])
@@ -110,8 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<22}{len(counts):>5}{np.mean(verified(counts)):>10.3f}{inl.min():>9}"
               f"{np.percentile(inl, 10):>9.0f}{np.median(inl):>8.0f}{inl.max():>9}{ratio.max():>11.2f}"
               f"{corr.min():>8.2f}/{np.median(corr):.2f}/{corr.max():.2f}")
+        table.append({"pairs": name, "n": len(counts), "verified": f"{np.mean(verified(counts)):.3f}",
+                      "median inliers": float(np.median(inl)), "max inlier ratio": f"{ratio.max():.2f}"})
     print(f"extraction {1000 * np.median(extract_seconds):.1f} ms/picture (median), "
           f"verification {1000 * np.median(pair_seconds):.1f} ms/pair (median, one core)")
+    out = write_result("verify_copies", {"table": table, "extract_ms": 1000 * float(np.median(extract_seconds)),
+                                         "pair_ms": 1000 * float(np.median(pair_seconds))},
+                       extra={"detector": args.detector, "copies": args.copies, "seed": args.seed})
+    print(f"written {out}")
     if args.json:
         args.json.write_text(json.dumps({"detector": args.detector, "positives": positives,
                                          "negatives": negatives,

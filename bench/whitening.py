@@ -20,9 +20,12 @@ this takes seconds after an evaluation of the same folder.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import REPO, write_result
+
 VARIANTS = [("none", None), ("PCA-whitening", (1.0, 0.0, None)), ("shrink s=1", (1.0, 1.0, None)),
             ("shrink s=10", (1.0, 10.0, None)), ("power beta=0.5, s=1", (0.5, 1.0, None)),
             ("PCA to 256 (no whitening)", (0.0, 0.0, 256))]
@@ -77,6 +80,8 @@ def main() -> None:
     plain = Variant(rerank=NO_RERANKING, dba=NO_DBA)
     reranked = Variant()
 
+    table = []
+
     def scores(x, y):
         out = []
         for variant in (plain, reranked):
@@ -90,8 +95,15 @@ def main() -> None:
     for name, params in VARIANTS:
         own = vectors if params is None else learn(vectors, *params)(vectors)
         other = vectors[held_out] if params is None else learn(vectors[~held_out], *params)(vectors[held_out])
-        print(f"| {name} | {' | '.join(scores(own, labels))} | {' | '.join(scores(other, labels[held_out]))} |")
-    print("cells: R@1 / mAP / MAP@R, all-vs-all; 'other classes': evaluated on the held-out half of the classes")
+        cells = [*scores(own, labels), *scores(other, labels[held_out])]
+        print(f"| {name} | {' | '.join(cells)} |")
+        table.append(dict(zip(("whitening", "learned on itself: plain", "itself: re-ranked",
+                               "learned on other classes: plain", "other classes: re-ranked"), (name, *cells))))
+    note = "cells: R@1 / mAP / MAP@R, all-vs-all; 'other classes': evaluated on the held-out half of the classes"
+    print(note)
+    out = write_result("whitening", {"table": table, "note": note},
+                       extra={"dataset": collection.describe(), "features": source.label})
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from bench import harness
 
 # The benches that import from bench/ (the harness or a sibling bench); their --help
 # needs no optional extra (the heavy imports are inside functions).
-CONVERTED = ("cpu_split", "dedup_peers", "extract", "milvus_backend", "query", "rerank", "scale", "serve_concurrency",
-             "serve_servers", "shard_dtype")
+CONVERTED = ("bucketing", "cpu_split", "dedup", "dedup_peers", "dedup_threshold", "descriptor_cost", "extract",
+             "milvus_backend", "query", "query_verify", "ray_engine", "rerank", "rerun", "runtimes", "scale",
+             "serve_concurrency", "serve_servers", "shard_dtype", "tables", "verify_copies", "whitening")
 
 
 def test_write_result_writes_the_fields(tmp_path: Path) -> None:

@@ -53,14 +53,35 @@ class Registry(Generic[T]):
         return tuple(dict.fromkeys([*self._builtins, *self._registered, *self._entry_points()]))
 
     def register(self, name: str, obj: T) -> T:
-        """Add ``obj`` under ``name`` in this process (what an entry point does for every process)."""
+        """Add ``obj`` under ``name`` in this process (what an entry point does for every process).
+
+        Args:
+            name: the name users type (``--backend NAME``, ``--model NAME:...``).
+            obj: the object to register (a backend type, a model family, an executor type).
+
+        Returns:
+            ``obj``, so that ``register`` can be used as a decorator's body.
+
+        Raises:
+            ValueError: ``name`` is already registered.
+        """
         if name in self._builtins or name in self._registered:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._registered[name] = obj
         return obj
 
     def get(self, name: str) -> T:
-        """The object registered as ``name``, loaded on first use."""
+        """The object registered as ``name``, loaded on first use.
+
+        Args:
+            name: a name of :meth:`names`.
+
+        Returns:
+            The registered object (an entry point's target, imported now if not yet).
+
+        Raises:
+            CbirError: no such name, or its plugin fails to import (one line naming it).
+        """
         if name in self._registered:
             return self._registered[name]
         if name not in self._loaded:

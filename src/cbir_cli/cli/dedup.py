@@ -3,57 +3,39 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..search.dedup_verify import FLOOR as DEFAULT_FLOOR
-from .common import IndexDirOpt, JsonOpt, cli_errors, command, printable, stderr, stdout
+from .common import IndexDirOpt, cli_errors, command, printable, stderr, stdout
+from .option_groups import DedupOutputOptions, MoveOptions, VerifyOptions, grouped
 
 PROGRESS_FROM = 5000  # images; a smaller index is compared in seconds
 
 
 @command("dedup")
+@grouped
 def dedup_cmd(
     index_dir: IndexDirOpt = None,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", metavar="SCORE", min=0.0, max=1.0, show_default=False,
         help="Cosine similarity at or above which two images are near-duplicates (default: the threshold measured "
              "best for the index's model, see the README).")] = None,
-    as_json: JsonOpt = False,
-    as_csv: Annotated[bool, typer.Option("--csv", help="Print one CSV row per image of each group.")] = False,
-    report: Annotated[Optional[Path], typer.Option("--report", metavar="DIR",
-        help="Write an HTML page (index.html) and "
-                                                   "groups.png of the groups, with thumbnails and scores, into "
-                                                   "this folder.", show_default=False)] = None,
-    move_to: Annotated[Optional[Path], typer.Option("--move-to", metavar="DIR",
-        help="Move all but the best image of each group "
-                                                    "below this folder (outside the indexed one), keeping their "
-                                                    "paths relative to the indexed folder, and drop them from the "
-                                                    "index. Lists what it would do unless --yes. Nothing is ever "
-                                                    "deleted.", show_default=False)] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="With --move-to: really move.")] = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Also link pairs below the threshold (each "
-                                         "image's nearest, down to --floor) that local features and geometry "
-                                         "verify as the same picture: greyscale copies, crops. Reads the files of "
-                                         "the candidate pairs.")] = True,
-    floor: Annotated[float, typer.Option("--floor", min=0.0, max=1.0, help="With --verify: the lowest cosine "
-                                         "similarity of a pair worth verifying.")] = DEFAULT_FLOOR,
+    *,
+    output: DedupOutputOptions,
+    move: MoveOptions,
+    pair_checks: VerifyOptions,
 ) -> None:
     """Find groups of near-duplicate images in the index; optionally move the duplicates aside.
 
     Each group is sorted best first (the largest picture, then the largest file), with every image's
     score to the best."""
     with cli_errors():
-        from ..errors import CbirError
         from ..search.dedup import check_threshold, default_threshold
         from ..search.searcher import Searcher
 
-        if as_json and as_csv:
-            raise CbirError("choose one of --json and --csv")
-        if yes and move_to is None:
-            raise CbirError("--yes confirms --move-to DIR; nothing to confirm")
+        output.check()
+        move.check()
         searcher = Searcher.open(index_dir)
         if threshold is None:
             choice = default_threshold(searcher.store.fingerprint)
@@ -61,32 +43,29 @@ def dedup_cmd(
                 stderr().print(f"note: {choice.note}", markup=False)
             threshold = choice.threshold
         check_threshold(threshold)
-        from ..search.dedup_verify import DedupVerification
-
-        verification = DedupVerification(floor) if verify else None
-        result = _find(searcher, threshold, verification, progress=not (as_json or as_csv))
+        result = _find(searcher, threshold, pair_checks.settings(), progress=output.as_text)
         plan = None
-        if move_to is not None:
+        if move.move_to is not None:
             from ..pipeline.dedup_moves import apply_moves, plan_moves
 
-            plan = plan_moves(searcher, result, move_to)
-            if yes:
+            plan = plan_moves(searcher, result, move.move_to)
+            if move.yes:
                 apply_moves(plan, searcher.store.root)
-        if report is not None:
+        if output.report is not None:
             from ..search.gallery import write_dedup_report
 
-            stderr().print(f"wrote {write_dedup_report(report, result)}", markup=False)
-        if as_json:
+            stderr().print(f"wrote {write_dedup_report(output.report, result)}", markup=False)
+        if output.as_json:
             payload = result.as_dict()
             if plan is not None:
-                payload["move"] = {**plan.as_dict(), "dry_run": not yes}
+                payload["move"] = {**plan.as_dict(), "dry_run": not move.yes}
             typer.echo(json.dumps(payload, indent=2))
-        elif as_csv:
+        elif output.as_csv:
             _print_csv(result, plan)
         else:
             _print_groups(result)
-        if plan is not None and not as_json:
-            _print_moves(plan, yes)
+        if plan is not None and not output.as_json:
+            _print_moves(plan, move.yes)
 
 
 def _find(searcher, threshold: float, verification, progress: bool):

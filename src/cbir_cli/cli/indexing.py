@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -38,6 +38,9 @@ from .option_groups import (
     grouped,
 )
 from .scaling import RebuildBackendOpt
+
+if TYPE_CHECKING:
+    from ..pipeline.run_plan import RunPlan
 
 
 @command("index")
@@ -112,7 +115,11 @@ def print_plan(target: Path, settings, options, index, engine: str, rebuild: boo
     from ..pipeline.run_plan import plan_run
 
     EXECUTOR_TYPES.get(engine)  # an unknown engine fails as the run would
-    plan = plan_run(target, settings, options, index, engine=engine, rebuild=rebuild)
+    show_plan(plan_run(target, settings, options, index, engine=engine, rebuild=rebuild), as_json)
+
+
+def show_plan(plan: RunPlan, as_json: bool) -> None:
+    """A run plan on stdout: JSON, or one aligned line per choice (``--dry-run``)."""
     for line in plan.notices:
         notice(line)
     shown = plan.as_dict()

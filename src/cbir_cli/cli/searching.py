@@ -265,13 +265,21 @@ def serve_cmd(
     runtime: RuntimeOpt = AUTO_RUNTIME,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001,
                                                  help="Largest accepted upload, in MB.")] = 20.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the run plan the server would open the index "
+                                          "by (index folder, model, device, runtime, precision, descriptor, "
+                                          "backend) and stop: no model is loaded, nothing is served.")] = False,
     *,
     rerank: RerankOptions,
 ) -> None:
     """Serve the search web page and JSON API over an index (model loaded once at start-up)."""
     with cli_errors():
-        from ..serve.app import create_app, is_loopback, make_http_server, server_url
+        from ..serve.app import create_app, is_loopback, make_http_server, serve_plan, server_url
 
+        if dry_run:
+            from .indexing import show_plan
+
+            show_plan(serve_plan(index_dir, device.value, runtime.value), as_json=False)
+            return
         app_ = create_app(index_dir=index_dir, device=device.value, max_upload_mb=max_upload_mb,
                           runtime=runtime.value, rerank=rerank.settings())
         server = make_http_server(app_, host, port)

@@ -35,6 +35,11 @@ Weights = str | os.PathLike[str] | None
 
 @runtime_checkable
 class ModelFamily(Protocol):
+    """A kind of model (CNNs, CLIP, a plugin's): it lists its models and builds an
+    :class:`~cbir_cli.models.protocol.Embedder` from a model's name. Register one
+    under the ``cbir_cli.models`` entry-point group; its models are then named
+    ``FAMILY:MODEL`` (see Extending)."""
+
     #: The family's name, the part before ``:`` in its models' names.
     name: str
     #: One line for ``cbir models``.
@@ -45,8 +50,17 @@ class ModelFamily(Protocol):
         ...
 
     def config(self, model: str) -> ModelConfig:
-        """``model``'s config (its name within the family); a CbirError naming the
-        choices for an unknown one."""
+        """``model``'s config.
+
+        Args:
+            model: the name within the family (after ``FAMILY:``).
+
+        Returns:
+            Its name, dim, input size and description (what ``cbir models`` shows).
+
+        Raises:
+            CbirError: an unknown model, naming the choices.
+        """
         ...
 
     def weights_status(self, model: str) -> str:
@@ -60,17 +74,50 @@ class ModelFamily(Protocol):
         ``descriptor``: how a CNN pools its feature map (None: the model's default),
         ignored by a family without one (the CLI refuses descriptor options for its
         models). ``calibration``: int8 (None: fp32); a family without an int8 path
-        refuses it with a CbirError."""
+        refuses it with a CbirError.
+
+        Args:
+            model: the name within the family.
+            weights: a weights file, or None for the family's own.
+            device: ``auto``, ``cpu`` or ``cuda``.
+            runtime: ``auto``, ``torch`` or ``onnx``.
+            descriptor: pooling settings, or None.
+            calibration: int8 calibration images, or None.
+
+        Returns:
+            The embedder.
+
+        Raises:
+            CbirError: anything it cannot do here, in one line.
+        """
         ...
 
     def fingerprint(self, model: str, weights: Weights, descriptor: DescriptorSettings | None,
                     calibration: Calibration | None) -> dict[str, Any]:
-        """What :meth:`load`'s embedder would record, without building it."""
+        """What :meth:`load`'s embedder would record, without building it.
+
+        Args:
+            model: the name within the family.
+            weights: a weights file, or None.
+            descriptor: pooling settings, or None.
+            calibration: int8 calibration, or None.
+
+        Returns:
+            The fingerprint (JSON-serialisable; stored in the index's manifest).
+        """
         ...
 
     def fingerprint_problems(self, fingerprint: dict[str, Any], weights_path: str | None, where: Any) -> list[str]:
-        """Why this family could no longer make the vectors ``fingerprint`` records
-        (one line each, naming ``where``); empty when it can."""
+        """Why this family could no longer make the vectors ``fingerprint`` records.
+
+        Args:
+            fingerprint: an index's recorded fingerprint.
+            weights_path: the weights file it names, if any.
+            where: what to name in each line (the index folder).
+
+        Returns:
+            One line per problem; empty when the family can make those vectors.
+        """
         ...
 
 
@@ -102,7 +149,11 @@ def full_name(family: str, model: str) -> str:
 
 
 def list_models() -> list[ModelConfig]:
-    """Every model of every family."""
+    """Every model of every family.
+
+    Returns:
+        The models' configs, the built-in families' first (``cbir models`` shows them).
+    """
     return [config for _, config, _ in model_table()]
 
 

@@ -77,7 +77,23 @@ def load_embedder(name: str, weights: str | os.PathLike[str] | None = None, devi
     for the device). Every runtime gives the same fingerprint and interchangeable
     vectors. ``descriptor``: pooling, input and scales (default: the model's).
     ``calibration``: the int8 model calibrated on these images (ONNX Runtime on the
-    CPU only; see :mod:`.quantize`)."""
+    CPU only; see :mod:`.quantize`).
+
+    Args:
+        name: the model's registered name (``cbir models`` lists them).
+        weights: a weights file instead of the installed official ones.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        runtime: ``torch``, ``onnx`` or ``auto``.
+        descriptor: pooling, input and scales; None: the model's default.
+        calibration: images to calibrate an int8 model on; None: fp32.
+
+    Returns:
+        The embedder, ready to ``embed`` preprocessed batches.
+
+    Raises:
+        CbirError: unknown model, device or runtime, missing weights, or a runtime
+            this device or model cannot use.
+    """
     from .descriptors import DESCRIPTORS, descriptor_embedder
 
     if name in DESCRIPTORS:

@@ -196,6 +196,16 @@ class OnnxEmbedder(EmbedderBase):
             return onnx_embedder
         return cls(embedder.config, embedder.weights_id, path, threads)
 
+    def with_threads(self, threads: int) -> OnnxEmbedder:
+        """The same model in a session of its own with ``threads`` intra-op threads
+        (a server runs one 1-thread session per core for concurrent queries: see
+        :mod:`cbir_cli.serve.embedding`)."""
+        import copy
+
+        sibling = copy.copy(self)
+        sibling.threads, sibling.session = threads, _session(self.model_path, threads)
+        return sibling
+
     @property
     def precision(self) -> str:
         return "fp32" if self.calibration is None else "int8"

@@ -38,11 +38,22 @@ class Embedder(Protocol):
     def fingerprint(self) -> dict[str, Any]:
         """What a store records to refuse vectors of another model: at least
         ``model``, ``weights``, ``dim`` and ``preprocessing`` (and ``descriptor``
-        unless it is the legacy one)."""
+        unless it is the legacy one).
+
+        Returns:
+            A JSON-serialisable dict; equal fingerprints mean interchangeable vectors.
+        """
         ...
 
     def embed(self, batch: Any) -> np.ndarray:
-        """A stacked batch of ``preprocess`` outputs -> float32 (n, dim), rows L2-normalised."""
+        """Embed a batch of preprocessed images.
+
+        Args:
+            batch: ``preprocess`` outputs, stacked (one input shape) or a list.
+
+        Returns:
+            float32 (n, dim), rows L2-normalised.
+        """
         ...
 
 

@@ -117,7 +117,15 @@ class ExecutorType(Protocol):
     def open(self, options: ExtractOptions, settings: Mapping[str, Any]) -> AbstractContextManager[Executor | None]:
         """An executor for a run with ``options``, held open for the run (None: the
         library's default, this machine). ``settings``: the engine's own options as
-        the CLI gathered them (``address``, ``actors``); one it does not know is ignored."""
+        the CLI gathered them (``address``, ``actors``); one it does not know is ignored.
+
+        Args:
+            options: batch size, workers, device, runtime... of the run.
+            settings: the engine's own options (``address``, ``actors``).
+
+        Returns:
+            A context manager giving the executor, closed when the run ends.
+        """
         ...
 
 

@@ -313,12 +313,17 @@ def index_folder(root: str | os.PathLike[str], index_dir: str | os.PathLike[str]
         index_dir: the index folder (default: ``$CBIR_INDEX``, else the per-user one).
         model: a model name, or :class:`~cbir_cli.resolve.ModelSettings` (model,
             weights, descriptor) as one object; default: the index's, else the default.
-        weights, descriptor: see :func:`sync_folder` (when ``model`` is a name).
+        weights: a weights file (when ``model`` is a name); see :func:`sync_folder`.
         options: how embedding runs (:class:`~.options.ExtractOptions`).
         index: backend, index type, DBA, rebuild_backend
             (:class:`~.options.IndexSettings`); default: the index's, else Faiss, auto, on.
         index_type: shorthand for ``IndexSettings(index_type=...)``.
-        rebuild, embedder, executor, on_skip, on_notice: see :func:`sync_folder`.
+        descriptor: pooling, input and scales (when ``model`` is a name); see :func:`sync_folder`.
+        rebuild: embed everything again into a new index; see :func:`sync_folder`.
+        embedder: an already loaded model instead of ``model``.
+        executor: where the work runs (default: this machine).
+        on_skip: called with each unreadable file and the reason.
+        on_notice: called with each one-line notice of the run.
 
     Returns:
         What the run did (:class:`~.options.ExtractSummary`).

@@ -57,11 +57,32 @@ class BackendType(Protocol):
                store: FeatureStore) -> BackendSpec:
         """What a writer records for ``requested`` (this type's name): its defaults
         filled in from ``recorded`` (the store's record, when of this type) and the
-        store; a CbirError for what it cannot use, before any work."""
+        store; a CbirError for what it cannot use, before any work.
+
+        Args:
+            requested: the user's ``--backend``, ``--backend-uri``, ``--backend-collection``.
+            recorded: what the index records, or None (a new index).
+            index_type: ``--index-type``, or None.
+            store: the index's feature store.
+
+        Returns:
+            The spec to record in the manifest and open.
+
+        Raises:
+            CbirError: options this backend cannot use.
+        """
         ...
 
     def open(self, spec: BackendSpec, root: Path) -> SearchBackend:
-        """The backend ``spec`` describes for the index folder ``root``, not loaded."""
+        """The backend ``spec`` describes for the index folder ``root``, not loaded.
+
+        Args:
+            spec: what the manifest records (name, uri, collection).
+            root: the index folder.
+
+        Returns:
+            The backend; the caller then calls ``load``, ``build`` or ``refresh``.
+        """
         ...
 
 

@@ -74,7 +74,14 @@ class CheckReport:
 
 
 def check_index(index_dir: str | os.PathLike[str]) -> CheckReport:
-    """Verify the store at ``index_dir``; never raises for damage, reports it."""
+    """Verify the store at ``index_dir``; never raises for damage, reports it.
+
+    Args:
+        index_dir: the index folder (``cbir index``'s output).
+
+    Returns:
+        What was checked and every problem found (``ok`` when there is none).
+    """
     root = Path(index_dir).expanduser()
     report = CheckReport(index=str(root))
     manifest_path = root / MANIFEST

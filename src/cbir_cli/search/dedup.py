@@ -294,7 +294,18 @@ def find_duplicates(searcher: Searcher, threshold: float, on_progress: ProgressC
     """The groups of near-duplicate images of the index ``searcher`` has open (see
     the module docstring); with ``verification``, also the pairs between its floor
     and ``threshold`` that :mod:`.dedup_verify` verifies as the same picture.
-    Nothing is changed."""
+    Nothing is changed.
+
+    Args:
+        searcher: the open index.
+        threshold: cosine similarity at or above which two images are linked.
+        on_progress: called with (images compared, images in all) as the work goes.
+        chunk: stored vectors searched per batch.
+        verification: the second look below ``threshold`` (None: none).
+
+    Returns:
+        The groups, each best image first, with counts, bytes and notes.
+    """
     import numpy as np
 
     started = time.perf_counter()

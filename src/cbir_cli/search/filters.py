@@ -54,7 +54,19 @@ class ResultFilter:
              base: str | os.PathLike[str] | None = None) -> ResultFilter:
         """Validated. ``under``: ``~`` expanded; absolute, it is normalised like stored
         paths; relative, it is kept so and read from the indexed folder at search time
-        (``base``: read it from this folder now instead)."""
+        (``base``: read it from this folder now instead).
+
+        Args:
+            under: only results below this folder; None or blank: anywhere.
+            min_score: only results scoring at least this cosine similarity.
+            base: resolve a relative ``under`` from this folder now.
+
+        Returns:
+            The filter.
+
+        Raises:
+            CbirError: a minimum score outside [-1, 1].
+        """
         if min_score is not None and not -1.0 <= float(min_score) <= 1.0:
             raise CbirError(f"the minimum score is a cosine similarity in [-1, 1] (got {min_score:g})")
         folder = None
@@ -70,17 +82,34 @@ class ResultFilter:
 
     @property
     def active(self) -> bool:
+        """Whether it filters anything."""
         return self.under is not None or self.min_score is not None
 
     def folder_in(self, indexed_folder: str) -> str | None:
-        """``under`` as an absolute folder, a relative one read from ``indexed_folder``."""
+        """``under`` as an absolute folder.
+
+        Args:
+            indexed_folder: the folder a relative ``under`` is read from.
+
+        Returns:
+            The folder, or None (no folder filter).
+        """
         if self.under is None or os.path.isabs(self.under):
             return self.under
         return normalise_path(os.path.join(indexed_folder, self.under)).rstrip(os.sep) or os.sep
 
     def allowed_ids(self, rows: Sequence[Row]) -> np.ndarray | None:
-        """Sorted ids of the rows below ``under`` (None: no folder filter). Raises
-        :class:`CbirError` when no row lies below it."""
+        """Sorted ids of the rows below ``under``.
+
+        Args:
+            rows: the index's rows.
+
+        Returns:
+            int64 ids, sorted; None when there is no folder filter.
+
+        Raises:
+            CbirError: no row lies below ``under``.
+        """
         import numpy as np
 
         if self.under is None:

@@ -99,6 +99,20 @@ class Searcher:
         Milvus); ``rerank``: re-rank its results with these settings (alpha-QE, DBA;
         :mod:`.rerank`). The library's default is None, the plain ranking by cosine;
         ``cbir query`` and ``cbir serve`` pass :class:`~.rerank.RerankSettings()`.
+
+        Args:
+            index_dir: the index folder; None: ``$CBIR_INDEX``, else the user data dir.
+            device: where the model runs on first use (``auto``, ``cpu``, ``cuda``).
+            embedder: the model, already loaded.
+            runtime: the model's runtime on first use (``auto``, ``torch``, ``onnx``).
+            backend: the search backend to load or build.
+            rerank: re-ranking settings; None: plain cosine ranking.
+
+        Returns:
+            The searcher over the last committed state.
+
+        Raises:
+            CbirError: no index there, or one this installation cannot open (named).
         """
         root = resolve_index_dir(index_dir)
         attempts = 3
@@ -143,10 +157,12 @@ class Searcher:
 
     @property
     def count(self) -> int:
+        """Images in the index."""
         return len(self.rows)
 
     @property
     def index_type(self) -> str:
+        """The search index's type (flat, hnsw, ivfpq, or a plugin backend's)."""
         return self.backend.index_type
 
     @property
@@ -157,9 +173,11 @@ class Searcher:
 
     @property
     def model_name(self) -> str:
+        """The model the index was built with."""
         return str(self.store.fingerprint["model"])
 
     def info(self) -> dict[str, Any]:
+        """The index folder, image count, model, weights, dim and index type (``cbir status``)."""
         fp = self.store.fingerprint
         return {"index": str(self.store.root), "count": self.count, "model": fp["model"],
                 "weights": fp["weights"], "dim": fp["dim"], "index_type": self.index_type}
@@ -167,6 +185,7 @@ class Searcher:
     # -- lookup ------------------------------------------------------------
 
     def row(self, image_id: int) -> Row:
+        """The stored row (id, path, content hash...) of ``image_id``; a CbirError for an unknown id."""
         try:
             return self.rows[self.rows.position(image_id)]
         except KeyError:
@@ -184,6 +203,7 @@ class Searcher:
         return common_folder_of(os.path.join(r, "") for r in self.roots) or os.sep
 
     def path_of(self, image_id: int) -> Path:
+        """The indexed file of ``image_id``; a CbirError for an unknown id."""
         return Path(self.row(image_id).path)
 
     # -- search ------------------------------------------------------------
@@ -216,8 +236,17 @@ class Searcher:
 
     def search_vectors(self, queries: np.ndarray, k: int = 5,
                        result_filter: ResultFilter | None = None) -> list[list[Hit]]:
-        """Top-k hits per query vector; ``result_filter``: only results below a
-        folder and/or at or above a score, still k of them when k qualify."""
+        """Top-k hits per query vector.
+
+        Args:
+            queries: float32 (nq, dim), unit rows (as the index's model makes them).
+            k: hits per query, 1 to the maximum (a CbirError outside).
+            result_filter: only results below a folder and/or at or above a score,
+                still k of them when k qualify.
+
+        Returns:
+            One list of hits per query, best first.
+        """
         k = self._check_k(k)
         if result_filter is not None and result_filter.active:
             allowed = self._allowed_ids(result_filter)
@@ -235,15 +264,37 @@ class Searcher:
 
     def search_images(self, images: Sequence[PILImage.Image], k: int = 5, box: Box | None = None,
                       result_filter: ResultFilter | None = None) -> list[list[Hit]]:
-        """Embed decoded images and search; ``box``: search with that region of each
-        (pixels of the image as given, or fractions)."""
+        """Embed decoded images and search.
+
+        Args:
+            images: decoded RGB images.
+            k: hits per image.
+            box: search with that region of each (pixels of the image as given, or fractions).
+            result_filter: as :meth:`search_vectors`.
+
+        Returns:
+            One list of hits per image, best first.
+        """
         if box is not None:
             images = [box.crop(image) for image in images]
         return self.search_vectors(embed_images(self.embedder, images), k, result_filter)
 
     def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 5, box: Box | None = None,
                      result_filter: ResultFilter | None = None) -> list[list[Hit]]:
-        """Embed image files and search. An unreadable file raises ImageError naming it."""
+        """Embed image files and search.
+
+        Args:
+            paths: image files.
+            k: hits per file.
+            box: as :meth:`search_images`.
+            result_filter: as :meth:`search_vectors`.
+
+        Returns:
+            One list of hits per file, best first.
+
+        Raises:
+            ImageError: an unreadable file, named.
+        """
         # A region is cut from the full-size picture: a reduced (draft) JPEG decode
         # would shift pixel coordinates and leave a small region too few pixels.
         draft = None if box is not None else self.embedder.config.draft_size
@@ -253,7 +304,20 @@ class Searcher:
     def search_ids(self, image_ids: Sequence[int], k: int = 5, box: Box | None = None,
                    result_filter: ResultFilter | None = None) -> list[list[Hit]]:
         """Use indexed images as queries: their stored vectors (no model needed), or
-        with a ``box``, that region of their files (embedded)."""
+        with a ``box``, that region of their files (embedded).
+
+        Args:
+            image_ids: ids of indexed images.
+            k: hits per id.
+            box: as :meth:`search_images`.
+            result_filter: as :meth:`search_vectors`.
+
+        Returns:
+            One list of hits per id, best first (each image finds itself first).
+
+        Raises:
+            CbirError: an unknown id, named.
+        """
         import numpy as np
 
         rows = [self.row(image_id) for image_id in image_ids]  # unknown id -> CbirError naming it
@@ -262,7 +326,17 @@ class Searcher:
         return self.search_vectors(self.backend.vectors(np.asarray(image_ids, dtype=np.int64)), k, result_filter)
 
     def id_of_path(self, path: str | os.PathLike[str]) -> int:
-        """The id of an indexed file, by its path (any spelling of it)."""
+        """The id of an indexed file, by its path (any spelling of it).
+
+        Args:
+            path: the file's path, relative or absolute.
+
+        Returns:
+            Its id.
+
+        Raises:
+            CbirError: the file is not in the index.
+        """
         key = normalise_path(path)
         for row in self.rows:
             if row.path == key:
