@@ -208,7 +208,9 @@ class RowCatalog:
                                    ((_key(r.path), r.id, r.sha256, r.size, name, i) for i, r in enumerate(rows)))
 
     def invalidate(self) -> None:
-        self._stale = True
+        """The shard list was changed in memory (a repair dropped shards): rebuilt
+        from it at the next lookup (the log knows nothing of that change)."""
+        self._stale, self._found_stamp = True, None
 
     def committed(self, manifest: dict[str, Any]) -> None:
         """The store just committed ``manifest``: commit the catalog's changes with
