@@ -283,7 +283,7 @@ def update_rounds(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any
     import statistics
 
     rounds = []
-    for round_ in range(max(1, args.updates)):
+    for round_ in range(args.first_round, args.first_round + max(1, args.updates)):
         args.round = round_
         rounds.append(in_subprocess("update", root, n, args, args.timeout))
     args.round = 0
@@ -400,6 +400,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--updates", type=int, default=5, help="update rounds per size (each adds and removes "
                    "other images); the table shows their median, the result file each round: costs paid "
                    "once in a while (a checkpoint, a merge of index segments) show as the spread")
+    p.add_argument("--only", help="comma list of steps to run again on the stores kept by an earlier --keep "
+                   "run (same --keep, no generate): e.g. 'update,reopen' on a quieter machine")
+    p.add_argument("--first-round", type=int, default=0, help="with --only update: the first update round's "
+                   "number (rounds add and remove other images than earlier rounds did)")
     p.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -413,12 +417,18 @@ def main(argv: list[str] | None = None) -> None:
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="cbir-bench-scale-"))
     load_start = load_average()
     per_size: dict[int, dict[str, Any]] = {}
+    only = [s for s in (args.only or "").split(",") if s]
+    if only and (not args.keep or any(s not in STEPS or s == "generate" for s in only)):
+        p.error("--only takes steps other than generate, with the --keep folder of an earlier run")
     try:
         for n in sizes:
             root = scratch / f"store-{n}"
-            shutil.rmtree(root, ignore_errors=True)
+            if not only:
+                shutil.rmtree(root, ignore_errors=True)
+            elif not (root / "manifest.json").exists():
+                p.error(f"{root}: no store kept there (run once with --keep {scratch})")
             results: dict[str, Any] = {}
-            for step in STEPS:
+            for step in (only or STEPS):
                 print(f"[{time.strftime('%H:%M:%S')}] {n:,} rows: {step}", file=sys.stderr, flush=True)
                 if step == "update":
                     results[step] = update_rounds(root, n, args)
