@@ -27,7 +27,10 @@ own, in this order (each step sees the previous one's state):
                builds on), ``embed_plan`` with a fake executor (random unit
                vectors: no model), the removals, the commit, then the search-index
                upkeep (``refresh_backend``; DBA off: see --dba)
-  reopen       ``Searcher.open`` + one query after the update
+               -- ``--updates`` rounds (5), each adding and removing other images, in
+               its own process; the table shows the median and the slowest round
+               (what is paid once in a while: a checkpoint, a merge of index segments)
+  reopen       ``Searcher.open`` + one query after the updates
 
 and the bytes on disk. Prints a table and, per figure, the growth ratio between
 the two largest sizes (1M -> 10M with the defaults): 10x rows would be 10x
@@ -184,7 +187,7 @@ class FakeExecutor:
         return len(items)
 
 
-def step_update(root: Path, n: int, dim: int, dba: bool) -> dict[str, Any]:
+def step_update(root: Path, n: int, dim: int, dba: bool, round_: int = 0) -> dict[str, Any]:
     from cbir_cli.pipeline.executor import EmbedRequest
     from cbir_cli.pipeline.options import ExtractSummary
     from cbir_cli.pipeline.plan import Plan
@@ -193,9 +196,9 @@ def step_update(root: Path, n: int, dim: int, dba: bool) -> dict[str, Any]:
     from cbir_cli.search.dba import DbaSettings
     from cbir_cli.store.transaction import write_transaction
 
-    first = 3 * n
+    first = 3 * n + round_ * CHURN  # each round adds new paths and removes others
     todo = [(fake_path(first + i), fake_sha(first + i), 40_000) for i in range(CHURN)]
-    removed = [fake_path(i) for i in range(0, n, max(1, n // CHURN))][:CHURN]
+    removed = [fake_path(i) for i in range(round_, n, max(1, n // CHURN))][:CHURN]
     plan = Plan(todo, set(), removed, n - CHURN, [], [])
     summary = ExtractSummary()
     times: dict[str, float] = {}
@@ -249,7 +252,7 @@ def run_step(args: argparse.Namespace) -> None:
     elif args.step == "commit":
         figures = step_commit(root, n, dim)
     else:
-        figures = step_update(root, n, dim, args.dba)
+        figures = step_update(root, n, dim, args.dba, args.round)
     figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(figures))
 
@@ -260,7 +263,8 @@ def run_step(args: argparse.Namespace) -> None:
 
 def in_subprocess(step: str, root: Path, n: int, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--step", step, "--root", str(root), "--rows", str(n), "--dim", str(args.dim),
-           "--shard-rows", str(args.shard_rows)] + (["--dba"] if args.dba else [])
+           "--shard-rows", str(args.shard_rows), "--round", str(getattr(args, "round", 0) or 0)] + \
+        (["--dba"] if args.dba else [])
     t = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -271,6 +275,24 @@ def in_subprocess(step: str, root: Path, n: int, args: argparse.Namespace, timeo
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     figures["process_s"] = time.perf_counter() - t
     return figures
+
+
+def update_rounds(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``--updates`` update steps, each in its own process: the median of each
+    figure, and every round's figures under ``rounds``."""
+    import statistics
+
+    rounds = []
+    for round_ in range(args.first_round, args.first_round + max(1, args.updates)):
+        args.round = round_
+        rounds.append(in_subprocess("update", root, n, args, args.timeout))
+    args.round = 0
+    done = [r for r in rounds if "error" not in r]
+    if not done:
+        return rounds[0]
+    keys = [k for k, v in done[0].items() if isinstance(v, (int, float))]
+    return {**{k: statistics.median(r[k] for r in done) for k in keys},
+            "update_s_max": max(r["update_s"] for r in done), "rounds": rounds}
 
 
 # (label, step, key, unit): the figures printed and compared across sizes.
@@ -294,7 +316,8 @@ FIGURES = [
     ("update: embed_plan + removals", "update", "write_s", "s"),
     ("update: commit", "update", "commit_s", "s"),
     ("update: index upkeep", "update", "index_upkeep_s", "s"),
-    ("update: +1,000/-1,000 total", "update", "update_s", "s"),
+    ("update: +1,000/-1,000 total (median)", "update", "update_s", "s"),
+    ("update: +1,000/-1,000 total (slowest)", "update", "update_s_max", "s"),
     ("update: peak RSS", "update", "peak_rss_mib", "MiB"),
     ("reopen Searcher", "reopen", "open_s", "s"),
     ("reopen: one query", "reopen", "query_s", "s"),
@@ -350,6 +373,20 @@ def print_table(sizes: list[int], per_size: dict[int, dict[str, Any]], dim: int)
     return ratios
 
 
+def table_rows(sizes: list[int], per_size: dict[int, dict[str, Any]]) -> list[dict[str, str]]:
+    """The printed table as rows (column -> text) for the docs (:mod:`bench.tables`)."""
+    rows = []
+    for label, step, key, unit in FIGURES:
+        row = {"figure": f"{label} ({unit})"}
+        cells = [value(per_size[n], step, key) for n in sizes]
+        for n, c in zip(sizes, cells):
+            row[f"{n:,}"] = "-" if c is None else f"{c:.3f}" if c < 100 else f"{c:,.0f}"
+        if len(sizes) >= 2 and cells[-2] and cells[-1]:
+            row["growth"] = f"{cells[-1] / cells[-2]:.2f}x" + (" [x dim]" if label in DIM_BOUND else "")
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000,10000000", help="comma list of collection sizes (rows)")
@@ -360,7 +397,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", type=Path, help="write the stores here and keep them (default: a temp folder, removed)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per step before it is given up")
     p.add_argument("--out", type=Path, help="result JSON (default: bench/results/scale-<time>.json)")
+    p.add_argument("--updates", type=int, default=5, help="update rounds per size (each adds and removes "
+                   "other images); the table shows their median, the result file each round: costs paid "
+                   "once in a while (a checkpoint, a merge of index segments) show as the spread")
+    p.add_argument("--only", help="comma list of steps to run again on the stores kept by an earlier --keep "
+                   "run (same --keep, no generate): e.g. 'update,reopen' on a quieter machine")
+    p.add_argument("--first-round", type=int, default=0, help="with --only update: the first update round's "
+                   "number (rounds add and remove other images than earlier rounds did)")
     p.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
+    p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -372,13 +417,22 @@ def main(argv: list[str] | None = None) -> None:
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="cbir-bench-scale-"))
     load_start = load_average()
     per_size: dict[int, dict[str, Any]] = {}
+    only = [s for s in (args.only or "").split(",") if s]
+    if only and (not args.keep or any(s not in STEPS or s == "generate" for s in only)):
+        p.error("--only takes steps other than generate, with the --keep folder of an earlier run")
     try:
         for n in sizes:
             root = scratch / f"store-{n}"
-            shutil.rmtree(root, ignore_errors=True)
+            if not only:
+                shutil.rmtree(root, ignore_errors=True)
+            elif not (root / "manifest.json").exists():
+                p.error(f"{root}: no store kept there (run once with --keep {scratch})")
             results: dict[str, Any] = {}
-            for step in STEPS:
+            for step in (only or STEPS):
                 print(f"[{time.strftime('%H:%M:%S')}] {n:,} rows: {step}", file=sys.stderr, flush=True)
+                if step == "update":
+                    results[step] = update_rounds(root, n, args)
+                    continue
                 results[step] = in_subprocess(step, root, n, args, args.timeout)
                 if step == "generate" and "error" in results[step]:
                     break
@@ -392,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     ratios = print_table(sizes, per_size, args.dim)
-    out = write_result("scale", {str(n): r for n, r in per_size.items()}, out=args.out,
+    figures: dict[str, Any] = {str(n): r for n, r in per_size.items()}
+    out = write_result("scale", {**figures, "table": table_rows(sizes, per_size)}, out=args.out,
                        extra={"load_start": load_start, "dim": args.dim, "sizes": sizes,
                               "growth_ratio_last_two": ratios})
     print(f"written {out}")

@@ -147,6 +147,34 @@ def test_a_transaction_ends_with_a_complete_checkpoint(tmp_path):
     assert manifest["count"] == 5 and len(manifest["shards"]) == 5 and log_files(root) == []
 
 
+def test_a_large_stores_run_ends_with_a_checkpoint_only_once_the_log_is_as_large(tmp_path, monkeypatch):
+    """Rewriting a 10M-row manifest (~3 MB) at the end of every run made a run cost
+    O(collection) (bench/scale.py); past CHECKPOINT_SMALL_BYTES a run checkpoints
+    once the log since the last checkpoint is as large as the manifest."""
+    from cbir_cli.store import committing
+
+    root = tmp_path / "idx"
+    with write_transaction(root, shard_size=1) as txn:
+        txn.begin(FINGERPRINT)
+        txn.add(np.eye(4, dtype=np.float32)[:1], [("/first.jpg", "a" * 64, 1)])
+    monkeypatch.setattr(committing, "CHECKPOINT_SMALL_BYTES", 0)
+    size = (root / "manifest.json").stat().st_size
+    runs = 0
+    while log_files(root) or runs == 0:
+        checkpoint = (root / "manifest.json").read_bytes()
+        with write_transaction(root, shard_size=1) as txn:
+            txn.begin(FINGERPRINT)
+            txn.add(np.eye(4, dtype=np.float32)[[runs % 4]], [(f"/run{runs}.jpg", "b" * 64, 1)])
+        runs += 1
+        logged = sum((root / LOG_DIR / name).stat().st_size for name in log_files(root))
+        if log_files(root):  # no checkpoint: the log is still smaller than the manifest
+            assert (root / "manifest.json").read_bytes() == checkpoint and logged < size
+        assert FeatureStore.open(root).count == 1 + runs  # the state is whole either way
+        assert runs < 50
+    assert runs > 1  # some runs ended without one
+    assert json.loads((root / "manifest.json").read_text())["count"] == 1 + runs and problems(root) == []
+
+
 def test_an_old_format_store_opens_and_is_migrated_by_its_first_commit(store):
     manifest = json.loads((store.root / "manifest.json").read_text())
     manifest["format"] = 1  # as every store made before the log

@@ -29,7 +29,7 @@ OPTIONS = ExtractOptions(workers=0, batch_size=2, shard_size=2)
 N_IMAGES = 3
 CASES = 200
 SEED = 10
-FILES = ["manifest.json", "store.json", "shards/shard-000001.npy", "shards/shard-000001.rows.json",
+FILES = ["manifest.json", ".manifest-checked", "store.json", "shards/shard-000001.npy", "shards/shard-000001.rows.json",
          "shards/shard-000002.npy", "shards/shard-000002.rows.json", "index/index.json", "index/index.faiss",
          "index/dba.json", "index/dba.npy", "index/dba-neighbours.npy"]  # DBA: re-ranking's vectors
 WRONG_VALUES = ["x", [], {}, None, 1.5, -1, True, 2**70, "../../etc/passwd", [1, "a"], {"a": None}]

@@ -92,7 +92,7 @@ def test_incremental_refresh_verifies_only_the_new_shards(tmp_path, monkeypatch)
 
     monkeypatch.setattr(vectors_module, "verify_shard_file", counting_verify)
     monkeypatch.setattr(FeatureStore, "read_shard", counting_read)
-    churn(store, 0, 500, 11, seed=5)
+    churn(store, 0, 250, 20, seed=5)  # below the segments' share (MERGE_FRACTION): no rebuild
     verified.clear()
     assert FaissBackend().refresh(store, "ivfpq")
     assert verified == [store.manifest["shards"][-1]["name"]]
@@ -188,3 +188,94 @@ def test_a_reranking_refresh_reads_no_rows_file_for_its_live_ids(tmp_path, monke
     assert set(reads) <= {store.manifest["shards"][-1]["name"]}  # the new shard's own rows, for its ids
     live = np.array([r.id for r in store.live_rows()])
     assert np.array_equal(backend._live_ids(store), live)
+
+
+def test_an_ivf_upkeep_writes_a_segment_and_never_reads_or_rewrites_the_base(tmp_path, monkeypatch):
+    """At 10M x 32-d the base file is 154 MB: reading and rewriting it per run made
+    the +1,000/-1,000 upkeep grow 8x from 1M to 10M rows (bench/scale.py)."""
+    store = store_of_vectors(tmp_path / "store", structured(3000, 1))
+    FaissBackend().refresh(store, "ivfpq")
+    base = Path(index_paths(store)[0])
+    before = base.stat()
+    reads: list[int] = []
+    real = saved_index_module.read_saved_index
+    monkeypatch.setattr(saved_index_module, "read_saved_index", lambda *a, **k: reads.append(1) or real(*a, **k))
+    churn(store, 0, 200, 17, seed=6)
+    assert FaissBackend().refresh(store, "ivfpq")
+    after = base.stat()
+    assert reads == [] and (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    meta = read_index_meta(store)
+    last = store.manifest["shards"][-1]
+    assert [len(meta["segments"]), meta["segments"][0][2]] == [1, last["rows"] - len(last["removed"])]
+    assert meta["count"] - meta["tombstones"] == store.count
+    # Loaded (base + segment merged) it answers as one index with every vector added.
+    loaded = FaissBackend()
+    assert loaded.load(FeatureStore.open(store.root))
+    oracle = _oracle(store)
+    queries = structured(60, 11)
+    assert loaded.count == store.count
+    assert recall(loaded, oracle, queries) >= 0.9
+    new_ids = {int(r.id) for r in store.shard_rows(store.manifest["shards"][-1])}
+    hits = set(loaded.search(structured(200, 6)[:50], 1)[1].ravel().tolist())
+    assert hits & new_ids  # the segment's rows are found (the queries are the new vectors)
+
+
+def test_segments_merge_by_size_tier_and_the_index_is_built_whole_past_its_share(tmp_path):
+    from cbir_cli.search.index_segments import MERGE_FRACTION
+
+    store = store_of_vectors(tmp_path / "store", structured(4000, 1))
+    FaissBackend().refresh(store, "ivfpq")
+    folder = Path(index_paths(store)[0]).parent
+    # Rows per run -> segment rows after it: a smaller one stays apart, a same-tier one merges.
+    for round_, (added, expected) in enumerate([(100, [100]), (30, [100, 30]), (10, [100, 30, 10]),
+                                                (40, [180])]):
+        churn(store, 1000 * round_, added, 0, seed=20 + round_)
+        FaissBackend().refresh(store, "ivfpq")
+        segments = read_index_meta(store)["segments"]
+        assert [e[2] for e in segments] == expected
+        assert sorted(p.name for p in folder.glob("segment-*.faiss")) == sorted(e[0] for e in segments)
+        loaded = FaissBackend()
+        assert loaded.load(FeatureStore.open(store.root))
+        assert loaded.count == store.count
+        assert recall(loaded, _oracle(store), structured(40, 9)) >= 0.9
+    # Past MERGE_FRACTION of the base's rows in segments: built whole, with the
+    # training it has (retrained only past RETRAIN_GROWTH).
+    churn(store, 9000, int(MERGE_FRACTION * 4000), 0, seed=30)
+    FaissBackend().refresh(store, "ivfpq")
+    meta = read_index_meta(store)
+    assert meta["segments"] == [] and meta["trained_count"] == 4000
+    assert meta["count"] == store.count and meta["tombstones"] == 0
+    assert not list(folder.glob("segment-*.faiss"))
+    loaded = FaissBackend()
+    assert loaded.load(FeatureStore.open(store.root))
+    assert recall(loaded, _oracle(store), structured(40, 9)) >= 0.9
+
+
+def test_a_damaged_segment_is_never_served_and_the_next_writer_rebuilds(tmp_path):
+    from cbir_cli.errors import CorruptStoreError
+
+    store = store_of_vectors(tmp_path / "store", structured(3000, 1))
+    FaissBackend().refresh(store, "ivfpq")
+    churn(store, 0, 200, 0, seed=6)
+    FaissBackend().refresh(store, "ivfpq")
+    segment = Path(index_paths(store)[0]).parent / read_index_meta(store)["segments"][0][0]
+    data = bytearray(segment.read_bytes())
+    data[-20] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match="segment-"):
+        FaissBackend().load(FeatureStore.open(store.root))
+    churn(store, 1000, 100, 0, seed=7)
+    backend = FaissBackend()
+    assert backend.refresh(store, "ivfpq")
+    assert read_index_meta(store)["segments"] == [] and not segment.exists()
+    assert backend.count == store.count
+
+
+@pytest.mark.parametrize("bad", [["../../etc/passwd", "0" * 64, 1, []], ["segment-1.faiss", "0" * 64, -1, []],
+                                 ["segment-1.faiss", 5, 1, []], ["/tmp/segment-1.faiss", "0" * 64, 1, []],
+                                 ["segment-1.faiss", "0" * 64, 1], ["segment-1.faiss", "0" * 64, 1, [7]]])
+def test_a_meta_naming_a_segment_outside_the_index_is_damaged(bad):
+    meta = {"generation": 1, "count": 1, "index_type": "ivfpq", "sha256": "0" * 64, "dim": 4,
+            "segments": [bad]}
+    assert saved_index_module.meta_problem(meta)
+    assert not saved_index_module.meta_problem({**meta, "segments": [["segment-1.faiss", "0" * 64, 1, ["a"]]]})

@@ -162,6 +162,27 @@ def test_the_server_follows_the_index_and_health_shows_the_generation(served, ti
     assert get(f"{server.url}api/search?id={removed}")[0] == 404
 
 
+def test_the_server_follows_a_commit_that_wrote_no_checkpoint(served, tiny_embedder, monkeypatch):
+    """A large store's run ends with log entries only (no manifest.json rewrite:
+    store.committing._checkpoint_worthwhile); the server watched manifest.json alone
+    and kept serving the old state."""
+    from cbir_cli.store import committing
+
+    server, folder, index_dir = served
+    monkeypatch.setattr(committing, "CHECKPOINT_SMALL_BYTES", 0)
+    before = json.loads(get(server.url + "api/health")[2])
+    checkpoint = (index_dir / "manifest.json").read_bytes()
+    make_image(31).save(folder / "newer.jpg", quality=90)
+    index_folder(folder, index_dir, embedder=tiny_embedder, options=OPTIONS)
+    assert (index_dir / "manifest.json").read_bytes() == checkpoint  # the log holds the commit
+    deadline = time.monotonic() + 30
+    while (health := json.loads(get(server.url + "api/health")[2]))["generation"] == before["generation"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+    assert health["count"] == before["count"] + 1
+    assert "newer.jpg" in ids_by_name(server)
+
+
 def test_16_clients_while_the_index_changes_see_no_error_and_no_removed_id(served, tiny_embedder):
     """The reload load test: uploads and id searches from 16 threads while images are
     added and removed twice; every answer is 200 (or 404 for an id removed

@@ -90,10 +90,20 @@ class FaissBackend(BackendBase):
         self.id_labels = False
         self.tombstones = 0  # entries of removed rows the index still holds (see .index_upkeep)
         self._rows: Any = None  # the store's RowTable, while the index is its
+        # A store whose saved index was brought up to date without reading it (a new
+        # segment: .index_upkeep): loaded from there when first used.
+        self._unread: FeatureStore | None = None
 
     @property
     def count(self) -> int:
+        self._load_unread()
         return 0 if self.index is None else int(self.index.ntotal) - self.tombstones
+
+    def _load_unread(self) -> None:
+        if self._unread is not None and self.index is None:
+            store, self._unread = self._unread, None
+            if not self.load(store):
+                raise CorruptStoreError(f"{store.root}: the saved search index changed while in use")
 
     def build(self, store: FeatureStore, index_type: str, persist: bool = True) -> None:
         if persist:
@@ -127,6 +137,9 @@ class FaissBackend(BackendBase):
                 updated = None
             if updated is not None:
                 index, id_labels, tombstones = updated
+                if index is None:  # not read: the work was what changed, not the collection
+                    self.index, self._rows, self._unread = None, None, store
+                    return True
                 first_ids = first_ids_of(read_index_meta(store) or {})
                 self._use(store, index, resolve_index_type(index_type, store.count), id_labels, tombstones, first_ids)
                 return True
@@ -146,6 +159,7 @@ class FaissBackend(BackendBase):
     def _use(self, store: FeatureStore, index: faiss.Index, kind: str, id_labels: bool = False,
              tombstones: int = 0, first_ids: dict[str, int] | None = None) -> None:
         # Kept: the Searcher shares this table (row_table's cache holds it weakly).
+        self._unread = None
         self._rows = row_table(store, first_ids)
         ids = self._rows.ids
         if len(ids) != index.ntotal - tombstones:
@@ -157,6 +171,7 @@ class FaissBackend(BackendBase):
         self.exact = ShardVectors(store) if needs_rerank(index) else None
 
     def _require(self) -> faiss.Index:
+        self._load_unread()
         if self.index is None:
             raise RuntimeError("build() or load() the backend first")
         return self.index
@@ -164,8 +179,9 @@ class FaissBackend(BackendBase):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import numpy as np
 
+        index = self._require()
         positions_of = label_positions(self.ids) if self.id_labels else None
-        scores, positions = search_index(self._require(), queries, k, self.exact, positions_of)
+        scores, positions = search_index(index, queries, k, self.exact, positions_of)
         return scores, np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
@@ -174,6 +190,7 @@ class FaissBackend(BackendBase):
         import numpy as np
 
         ids = np.asarray(ids, dtype=np.int64)
+        self._load_unread()
         found = np.searchsorted(self.ids, ids)
         bad = (found >= len(self.ids)) | (self.ids[np.minimum(found, len(self.ids) - 1)] != ids) \
             if len(self.ids) else np.ones(len(ids), dtype=bool)
@@ -196,6 +213,7 @@ class FaissBackend(BackendBase):
         import faiss
         import numpy as np
 
+        self._load_unread()
         if self.index is None:
             dim = np.asarray(vectors).shape[-1]
             self.index, self.index_type = faiss.IndexFlatIP(int(dim)), "flat (in memory)"

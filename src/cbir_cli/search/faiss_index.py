@@ -87,6 +87,9 @@ def needs_rerank(index: faiss.Index) -> bool:
     scores must be re-ranked with the exact vectors."""
     import faiss
 
+    downcast = faiss.downcast_index(index)
+    if isinstance(downcast, faiss.IndexShards):  # a saved IVF index with its segments (.index_segments)
+        index = downcast.at(0)
     try:
         faiss.extract_index_ivf(index)
     except RuntimeError:

@@ -17,6 +17,10 @@ removed since (tombstoned, or in shards dropped) and the shards added since
 * added shards are read in full, each verified against its checksum as it is read
   (only these: ``cbir check`` still verifies everything), and their live rows are
   added to the trained index;
+* an IVF index saved with its template (every one saved since) is not read at
+  all: the added rows go into a new segment file and removed rows become
+  tombstones, counted, never looked up (:mod:`.index_segments`); the work is
+  what changed, until a merge of the segments into the base is due;
 * an IVF index is retrained (rebuilt) once the collection has grown past
   :data:`RETRAIN_GROWTH` times the count it was trained at: its centroids and codes
   were fitted to a sample that no longer represents it (and ``ivf_lists`` would
@@ -33,8 +37,18 @@ from typing import TYPE_CHECKING, Any
 
 from ..store.feature_store import FeatureStore
 from ..store.shard_format import to_float32
+from ..store.vectors import ShardVectors, row_table
 from .faiss_index import add_rows, resolve_index_type
-from .saved_index import read_saved_index, save_index
+from .index_segments import new_segment, rebuild_due, tail_to_merge, write_segment
+from .saved_index import (
+    INDEX_META,
+    index_paths,
+    read_saved_index,
+    save_index,
+    save_segments,
+    saved_index_intact,
+    store_coverage,
+)
 
 if TYPE_CHECKING:
     import faiss
@@ -97,11 +111,78 @@ def _read_new_shard(store: FeatureStore, shard: dict[str, Any]) -> tuple[np.ndar
     return to_float32(vectors[live]), first_id + live, first_id
 
 
+def _coverage_entry(shard: dict[str, Any], first_id: int, id_labels: bool) -> list[Any]:
+    # An index labelled by ids needs no removed rows: a removed row's id is no live
+    # row's, so searches skip it wherever it is (and the list would grow with the store).
+    return [shard["name"], int(shard["rows"]), int(first_id),
+            [] if id_labels else sorted(int(r) for r in shard["removed"])]
+
+
+def _append_segment(store: FeatureStore, meta: dict[str, Any], index_type: str,
+                    trained: int) -> tuple[faiss.Index | None, bool, int] | None:
+    """An IVF index labelled by ids, with a template: the added shards' rows go into
+    a new segment (merged with the trailing ones of its size tier:
+    :mod:`.index_segments`), removed rows become tombstones, and nothing of the base
+    is read. Costs what changed; None when the index is to be built whole again."""
+    import numpy as np
+
+    added = _added_shards(meta, store)
+    # Each file is hashed once per change of it (a stat otherwise): a damaged base,
+    # segment or template is rebuilt, never built on.
+    if added is None or not saved_index_intact(store, meta):
+        return None
+    by_name = {shard["name"]: shard for shard in store.manifest["shards"]}
+    segments = list(meta["segments"])
+    base_rows = int(meta["count"]) - sum(entry[2] for entry in segments)
+    names = [shard["name"] for shard in added]
+    if added:
+        tail = tail_to_merge(segments, sum(s["rows"] - len(s["removed"]) for s in added))
+        names = [n for entry in segments[len(segments) - tail:] for n in entry[3] if n in by_name] + names
+        segments = segments[:len(segments) - tail]
+    parts = [_read_new_shard(store, by_name[name]) for name in names]
+    if any(part is None for part in parts):
+        return None
+    rows = sum(len(part[0]) for part in parts)  # type: ignore[index]
+    entries = base_rows + sum(entry[2] for entry in segments) + rows
+    tombstones = entries - store.count
+    if tombstones < 0:
+        return None  # rows came back: not something a store does
+    if tombstones > MAX_TOMBSTONES * entries or rebuild_due(base_rows, [*segments, [None, None, rows]]):
+        return _compact(store, meta, index_type, trained)
+    coverage = [entry for entry in meta["coverage"] if entry[0] in by_name]
+    coverage += [_coverage_entry(shard, part[2], True) for shard, part in zip(added, parts[-len(added):])]  # type: ignore[index]
+    if names:
+        folder = index_paths(store)[0].parent
+        segment = new_segment(folder, meta["template"], INDEX_META)
+        # One add: each add to a fast-scan IVF index costs O(lists) besides its rows.
+        vectors = np.concatenate([part[0] for part in parts])  # type: ignore[index]
+        add_rows(segment, vectors, np.arange(len(vectors)), np.concatenate([part[1] for part in parts]),  # type: ignore[index]
+                 chunk=max(1, len(vectors)))
+        segments.append(write_segment(folder, segment, store.generation, names))
+    save_segments(store, meta, segments, coverage, tombstones)
+    return None, True, tombstones
+
+
+def _compact(store: FeatureStore, meta: dict[str, Any], index_type: str,
+             trained: int) -> tuple[faiss.Index, bool, int]:
+    """The index built whole from the store's live rows with the training it has
+    (its template: no k-means), saved without segments or tombstones."""
+    import numpy as np
+
+    index = new_segment(index_paths(store)[0].parent, meta["template"], INDEX_META)
+    vectors = ShardVectors(store, verified=True)
+    add_rows(index, vectors, np.arange(len(vectors)), row_table(store).ids)
+    coverage = [[name, rows, first_id, []] for name, rows, first_id, _ in store_coverage(store)]
+    save_index(store, index, index_type, coverage, trained, True, 0)
+    return index, True, 0
+
+
 def update_saved_index(store: FeatureStore, meta: dict[str, Any],
-                       index_type: str) -> tuple[faiss.Index, bool, int] | None:
+                       index_type: str) -> tuple[faiss.Index | None, bool, int] | None:
     """The saved index (described by ``meta``, of ``index_type``) brought up to
     ``store``'s live rows and saved, with whether its labels are row ids and its
-    tombstones; None when it must be rebuilt instead (see the module docstring)."""
+    tombstones; None when it must be rebuilt instead (see the module docstring).
+    The index is None when it was not read (a new segment: :func:`_append_segment`)."""
     import faiss
     import numpy as np
 
@@ -114,6 +195,8 @@ def update_saved_index(store: FeatureStore, meta: dict[str, Any],
     trained = int(meta.get("trained_count", meta["count"]))
     if id_labels and store.count > RETRAIN_GROWTH * trained:
         return None
+    if id_labels and "template" in meta and "segments" in meta:
+        return _append_segment(store, meta, index_type, trained)
     by_name = {s["name"]: s for s in store.manifest["shards"]}
     removed = _removed_since(meta, by_name)
     added = _added_shards(meta, store)
@@ -134,7 +217,7 @@ def update_saved_index(store: FeatureStore, meta: dict[str, Any],
     for shard, part in zip(added, new):
         vectors, row_ids, first_id = part  # type: ignore[misc]
         add_rows(index, vectors, np.arange(len(vectors)), row_ids if id_labels else None)
-        coverage.append([shard["name"], int(shard["rows"]), int(first_id), sorted(int(r) for r in shard["removed"])])
+        coverage.append(_coverage_entry(shard, first_id, False))
     if index.ntotal - tombstones != store.count or tombstones > MAX_TOMBSTONES * index.ntotal:
         return None
     save_index(store, index, index_type, coverage, trained, id_labels, tombstones)

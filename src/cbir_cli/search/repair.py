@@ -75,6 +75,7 @@ def repair_index(index_dir: str | os.PathLike[str]) -> RepairReport:
             report.repairs.append(lowered)
         leftovers = [p for p in store.leftover_files() if p.parent.name != LOG_DIR]
         store.checkpoint()
+        store.collect_garbage()  # leftovers go even when nothing else changed
         if leftovers:
             report.repairs.append(f"deleted {len(leftovers)} leftover file(s) of interrupted runs")
         if store.count and refresh_backend(store, None):

@@ -237,9 +237,11 @@ class RerankingBackend:
     def _augment(self, store: FeatureStore, settings: DbaSettings, persist: bool,
                  previous: Augmentation | None = None) -> None:
         if not settings.enabled:
+            import numpy as np
+
             self.augmentation = None
-            if persist:
-                save_augmentation(store, augment(self.inner, self._live_ids(store)[:0], settings), None)
+            if persist:  # a record that there is none (no live ids needed: 10M rows, 80 MB)
+                save_augmentation(store, augment(self.inner, np.zeros(0, dtype=np.int64), settings), None)
             return
         if persist:
             allocate, made = file_allocator(store)
@@ -270,6 +272,9 @@ class RerankingBackend:
                 return rebuilt
         except CbirError:
             pass  # damaged: made again below
+        if not settings.enabled:  # nothing to compute: the index need not be read
+            self._augment(store, settings, persist=True)
+            return True
         if not self.inner.load(store):
             self.inner.build(store, index_type or "auto")
         try:

@@ -11,7 +11,10 @@ building it again (:mod:`.index_upkeep`):
   rows have consecutive ids from ``first_id``);
 * ``trained_count``: how many vectors an IVF index was trained on;
 * ``tombstones``: how many of an IVF index's entries are removed rows (their ids
-  are no live row's: searches skip them).
+  are no live row's: searches skip them);
+* ``template`` and ``segments`` (an IVF index): its trained, empty copy and the
+  segments added since the file was last written whole, merged in as it is read
+  (:mod:`.index_segments`); ``sha256`` is the base file's, ``count`` counts all.
 
 Older metas lack them; such an index is rebuilt once by its next writer.
 """
@@ -28,6 +31,7 @@ from ..store.manifest import INDEX_DIR, is_int
 from ..store.vectors import ShardVectors, row_table
 from ..store.verdicts import file_stamp, verify_file
 from .faiss_index import INDEX_TYPES, build_index, factory_string, needs_rerank, resolve_index_type
+from .index_segments import remove_unnamed, save_template, segment_entry_ok, with_segments
 
 if TYPE_CHECKING:
     import faiss
@@ -37,7 +41,8 @@ INDEX_FILE = "index.faiss"
 INDEX_META = "index.json"
 INDEX_META_KEYS = {"generation": int, "count": int, "index_type": str, "sha256": str, "dim": int}
 # Written since incremental upkeep (absent in older metas: such an index is rebuilt once).
-OPTIONAL_INDEX_META_KEYS = {"trained_count": int, "tombstones": int, "labels": str, "coverage": list}
+OPTIONAL_INDEX_META_KEYS = {"trained_count": int, "tombstones": int, "labels": str, "coverage": list,
+                            "segments": list, "template": list}
 
 
 def _coverage_ok(coverage: list[Any]) -> bool:
@@ -59,6 +64,10 @@ def meta_problem(meta: Any) -> bool:
         if key in meta and (not isinstance(value, kind) or isinstance(value, bool) or
                             (kind is int and value < 0)):
             return True
+    if "segments" in meta and not all(segment_entry_ok(e) and len(e) == 4 for e in meta["segments"]):
+        return True
+    if "template" in meta and not (segment_entry_ok(meta["template"]) and len(meta["template"]) == 2):
+        return True
     return "coverage" in meta and not _coverage_ok(meta["coverage"])
 
 
@@ -84,24 +93,39 @@ def store_coverage(store: FeatureStore) -> list[list[Any]]:
 
 def save_index(store: FeatureStore, index: faiss.Index, index_type: str, coverage: list[list[Any]] | None = None,
                trained_count: int | None = None, id_labels: bool = False, tombstones: int = 0) -> None:
-    """Save ``index`` as current for ``store``'s generation; ``coverage`` (default:
-    every shard, see :func:`store_coverage`) and ``trained_count`` describe it for
-    the next writer's upkeep."""
+    """Save ``index`` whole (a new base, no segments) as current for ``store``'s
+    generation; ``coverage`` (default: every shard, see :func:`store_coverage`) and
+    ``trained_count`` describe it for the next writer's upkeep. An index labelled
+    with ids also gets its template, which later upkeeps encode segments with."""
     import faiss
 
     data = faiss.serialize_index(index).tobytes()
     index_file, meta_file = index_paths(store)
     index_file.parent.mkdir(parents=True, exist_ok=True)
-    # Index first, then its meta: a meta always describes a complete index file.
+    # Index (and template) first, then the meta: a meta always describes complete files.
     atomic_write_bytes(index_file, data)
-    atomic_write_json(
-        meta_file,
-        {"generation": store.generation, "count": int(index.ntotal), "index_type": index_type,
-         "factory": factory_string(index_type, int(index.ntotal), store.dim),
-         "sha256": bytes_sha256(data), "dim": store.dim, "labels": "ids" if id_labels else "positions",
-         "trained_count": int(trained_count if trained_count is not None else index.ntotal), "tombstones": tombstones,
-         "coverage": coverage if coverage is not None else store_coverage(store)},
-    )
+    meta = {"generation": store.generation, "count": int(index.ntotal), "index_type": index_type,
+            "factory": factory_string(index_type, int(index.ntotal), store.dim),
+            "sha256": bytes_sha256(data), "dim": store.dim, "labels": "ids" if id_labels else "positions",
+            "trained_count": int(trained_count if trained_count is not None else index.ntotal),
+            "tombstones": tombstones, "coverage": coverage if coverage is not None else store_coverage(store)}
+    if id_labels:
+        meta |= {"template": save_template(index_file.parent, index, store.generation), "segments": []}
+    atomic_write_json(meta_file, meta)
+    remove_unnamed(index_file.parent, meta)
+
+
+def save_segments(store: FeatureStore, meta: dict[str, Any], segments: list[list[Any]], coverage: list[list[Any]],
+                  tombstones: int) -> dict[str, Any]:
+    """Make ``segments`` (the files written) the saved index's, now current for
+    ``store``'s generation with ``coverage`` and ``tombstones``; segment files no
+    longer named are deleted. Returns the new meta."""
+    base_rows = int(meta["count"]) - sum(entry[2] for entry in meta.get("segments", []))
+    new = {**meta, "generation": store.generation, "count": base_rows + sum(entry[2] for entry in segments),
+           "tombstones": tombstones, "coverage": coverage, "segments": segments}
+    atomic_write_json(index_paths(store)[1], new)
+    remove_unnamed(index_paths(store)[0].parent, new)
+    return new
 
 
 def read_index_meta(store: FeatureStore) -> dict[str, Any] | None:
@@ -117,16 +141,21 @@ def read_index_meta(store: FeatureStore) -> dict[str, Any] | None:
 
 
 def saved_index_intact(store: FeatureStore, meta: dict[str, Any]) -> bool:
-    """Whether the saved index file still has the checksum its meta recorded."""
+    """Whether the saved index file, its segments and template still have the
+    checksums its meta recorded."""
     index_file, meta_file = index_paths(store)
+    named = [(index_file.name, meta["sha256"])] + [(e[0], e[1]) for e in meta.get("segments", [])]
+    if "template" in meta:
+        named.append((meta["template"][0], meta["template"][1]))
     try:
-        return bool(verify_file(index_file, meta["sha256"], meta_file.name))
+        return all(verify_file(index_file.parent / name, sha, meta_file.name) for name, sha in named)
     except CorruptStoreError:
         return False
 
 
 def read_saved_index(store: FeatureStore, meta: dict[str, Any], rehash: bool = False) -> faiss.Index:
-    """The saved index file, checked against ``meta``'s checksum (a damaged one raises).
+    """The saved index file, checked against ``meta``'s checksum (a damaged one raises),
+    searched together with its segments (:mod:`.index_segments`).
     The checksum is verified once per change of the file
     (:func:`~cbir_cli.store.verdicts.verify_file`); ``rehash`` (``cbir check``): now."""
     import faiss
@@ -142,7 +171,8 @@ def read_saved_index(store: FeatureStore, meta: dict[str, Any], rehash: bool = F
         raise CorruptStoreError(f"{index_file}: checksum mismatch (damaged, or {meta_file.name} is)")
     if verified is not None and file_stamp(index_file) != verified:  # replaced between the check and the read
         raise CorruptStoreError(f"{index_file}: changed while it was read")
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    return with_segments(index, index_file.parent, meta.get("segments", []), meta_file.name, rehash)
 
 
 def load_saved(store: FeatureStore,

@@ -1,5 +1,6 @@
-"""A running server follows its index: when a writer commits (the manifest's
-generation changes), the next request that notices opens the new state and swaps
+"""A running server follows its index: when a writer commits (the committed
+state's generation changes: a new log entry, or a new checkpoint,
+:mod:`cbir_cli.store.commit_log`), the next request that notices opens the new state and swaps
 it in with one assignment. Requests already running keep the searcher they
 started with (rows, search index and vectors consistent with each other), so no
 request fails or mixes two states during a swap; until the new state is open,
@@ -18,23 +19,30 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CbirError
 from ..search.dba import DBA_META
 from ..search.faiss_backend import INDEX_META
-from ..store.manifest import INDEX_DIR, MANIFEST, read_manifest
+from ..store.commit_log import LOG_DIR, read_state
+from ..store.manifest import INDEX_DIR, MANIFEST
 
 if TYPE_CHECKING:
     from ..search.searcher import Searcher
 
-CHECK_INTERVAL = 0.5  # seconds between looks at the manifest (a stat)
+CHECK_INTERVAL = 0.5  # seconds between looks at the manifest and the log folder (two stats)
 # A writer commits, then saves the new search index: wait this long for it before
 # building one in memory from the shards.
 SAVED_INDEX_GRACE = 10.0
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
     try:
         info = os.stat(path)
     except OSError:
         return None
     return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def _stamp(root: Path) -> tuple[object, ...]:
+    """What changes when a writer commits: the checkpoint is replaced, or an entry
+    is linked into the log folder (which changes the folder's mtime)."""
+    return _file_stamp(root / MANIFEST), _file_stamp(root / LOG_DIR)
 
 
 def _read_json(path: Path) -> Any:
@@ -51,7 +59,7 @@ class LiveSearcher:
         self._current = searcher
         self.root = Path(searcher.store.root)
         self.device, self.runtime = device, runtime
-        self._stamp = _stamp(self.root / MANIFEST)
+        self._stamp = _stamp(self.root)
         self._next_check = 0.0
         self._pending_since: float | None = None
         self._reloading = threading.Lock()
@@ -67,7 +75,7 @@ class LiveSearcher:
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + CHECK_INTERVAL
-            stamp = _stamp(self.root / MANIFEST)
+            stamp = _stamp(self.root)
             if stamp != self._stamp and self._reloading.acquire(blocking=False):
                 try:
                     self._reload(stamp, now)
@@ -75,11 +83,11 @@ class LiveSearcher:
                     self._reloading.release()
         return self._current
 
-    def _reload(self, stamp: tuple[int, int, int] | None, now: float) -> None:
+    def _reload(self, stamp: tuple[object, ...], now: float) -> None:
         from ..search.searcher import Searcher
 
         try:
-            manifest = read_manifest(self.root)
+            manifest = read_state(self.root)[0]
         except CbirError:
             return  # missing or mid-repair: keep serving, look again
         old = self._current

@@ -23,10 +23,11 @@ replay: it and everything after it were never committed (they are leftovers, and
 ``cbir check`` reports them). Entries at or below the checkpoint are stale and
 ignored (a checkpoint deletes them, a crash may leave them).
 
-Checkpoints: every :data:`CHECKPOINT_EVERY` commits and at the end of every
-writer's run (:meth:`FeatureStore.checkpoint`), so the amortised cost per commit is
-O(state / CHECKPOINT_EVERY) and a finished run leaves ``manifest.json`` complete
-(a server watching it reloads then, as before). ``manifest.json`` written this way
+Checkpoints: every :data:`CHECKPOINT_EVERY` commits, and at the end of a writer's
+run (:meth:`FeatureStore.checkpoint`) when the manifest is small or the log since
+the last checkpoint has grown as large as it; so a run's cost is what it changed
+(amortised) and a reader replays at most a checkpoint's worth of log. A server
+follows both files (:mod:`cbir_cli.serve.live`). ``manifest.json`` written this way
 says ``"format": 2``: a cbir that predates the log would read the checkpoint alone
 and miss (or, writing, contradict) the log, so it refuses with one line instead of
 serving or corrupting a partial state. Format 1 stores open and are migrated by

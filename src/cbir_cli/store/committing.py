@@ -5,15 +5,28 @@ garbage collection."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..fsutil import atomic_write_bytes, json_bytes
-from .commit_log import CHECKPOINT_EVERY, Changes, leftover_entries, log_generations, prune, top_keys, write_entry
+from .commit_log import (
+    CHECKPOINT_EVERY,
+    Changes,
+    entry_path,
+    leftover_entries,
+    log_generations,
+    prune,
+    top_keys,
+    write_entry,
+)
 from .garbage import collect_garbage, leftover_files
-from .manifest import FORMAT_VERSION, MANIFEST, library_versions, write_identity
+from .manifest import FORMAT_VERSION, MANIFEST, library_versions, remember_checked, write_identity
+
+# A run's end always writes a checkpoint this small (~10 ms); see _checkpoint_worthwhile.
+CHECKPOINT_SMALL_BYTES = 1 << 20
 
 if TYPE_CHECKING:
     from .live_paths import LivePaths
@@ -167,24 +180,47 @@ class Committing:
         return True
 
     def checkpoint(self) -> bool:
-        """Commit what changed, then make ``manifest.json`` hold the whole state (a
-        writer does at the end of its run) and delete what the state does not name:
+        """Commit what changed, then (a writer does at the end of its run) make
+        ``manifest.json`` hold the whole state where that is worth its cost
+        (:meth:`_checkpoint_worthwhile`) and delete what the state does not name:
         the log entries the checkpoint holds and the store's leftovers. Returns
         whether anything was written."""
         wrote = self.commit()
-        if self.committed and (self.checkpoint_generation != self.generation
-                               or self.manifest["format"] != FORMAT_VERSION):
-            self._write_checkpoint()
+        due = self.manifest["format"] != FORMAT_VERSION or (
+            self.checkpoint_generation != self.generation and self._checkpoint_worthwhile())
+        if self.committed and due:
+            self._write_checkpoint()  # which collects the garbage
             return True
-        if self.committed:
-            self.collect_garbage()  # leftovers of a killed run go even if nothing changed
+        # No listing of the shards folder otherwise: a writer's start collected a
+        # killed run's leftovers already (O(shards): 20k names at 10M rows).
         return wrote
+
+    def _checkpoint_worthwhile(self) -> bool:
+        """Whether a run's end should write the checkpoint: always for a small
+        manifest (:data:`CHECKPOINT_SMALL_BYTES`: a bounded cost), else once the log
+        since the last one is as large as it -- so the bytes written for checkpoints
+        are at most those written to the log, and a run costs what it changed
+        (a 10M-row manifest is ~3 MB: rewriting it per run was O(collection))."""
+        try:
+            size = os.stat(self.root / MANIFEST).st_size
+        except OSError:
+            return True
+        if size <= CHECKPOINT_SMALL_BYTES:
+            return True
+        logged = 0
+        for generation in range(self.checkpoint_generation + 1, self.generation + 1):
+            try:
+                logged += os.stat(entry_path(self.root, generation)).st_size
+            except OSError:
+                return True
+        return logged >= size
 
     def _write_checkpoint(self) -> None:
         self.manifest = {**self.manifest, "format": FORMAT_VERSION, "versions": library_versions()}
         self.root.mkdir(parents=True, exist_ok=True)
         data = json_bytes(self.manifest)
         atomic_write_bytes(self.root / MANIFEST, data)
+        remember_checked(self.root, data)  # well-formed: made from a checked state
         self.last_commit_bytes = len(data)
         write_identity(self.root, self.manifest)
         self.checkpoint_generation = self.generation

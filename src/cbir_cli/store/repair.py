@@ -4,6 +4,7 @@ lost manifest from the shards, their rows files and ``store.json``."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from .feature_store import FeatureStore
 from .manifest import FORMAT_VERSION, MANIFEST, SHARDS_DIR, library_versions, read_identity, shard_files
 from .shard_format import MANIFEST_KEY, shard_dtype_of
 from .validity import invalid_rows
-from .verdicts import VerdictRecord, file_stamp
+from .verdicts import VerdictRecord, file_stamp, stamp_of
 
 # What a writer's start verified of each shard file (derived, best effort: :class:`.verdicts.VerdictRecord`).
 SHARD_VERDICTS = "shards-verified.json"
@@ -33,13 +34,29 @@ def drop_damaged_shards(store: FeatureStore, rehash: bool = False) -> list[str]:
     writer's start costs a ``stat`` per shard file, not a read of every vector
     (51 GB at 10M x 1280 float32). Any write to a file changes its stamp, so a
     damaged or swapped shard is still found; silent bit rot is ``cbir check``'s
-    (and ``rehash``'s, which ``cbir check --repair`` passes) to find."""
+    (and ``rehash``'s, which ``cbir check --repair`` passes) to find.
+
+    Past :data:`SWEEP_SHARDS` shards, even the stats are spread over runs: a run
+    stats every shard with no verdict yet (new ones: hashed) and one slice of the
+    others, about SWEEP_SHARDS of them, a different slice each generation; so a
+    writer's start costs what was added, and a damaged file in a 10M-row store is
+    found within ~10 runs (or at once by ``cbir check``, and when it is read)."""
     import numpy as np
 
     notes: list[str] = []
     kept: list[dict[str, Any]] = []
     record = VerdictRecord(store.root / SHARD_VERDICTS)
-    for shard in store.manifest["shards"]:
+    folder = os.fspath(store.shards_dir)
+    shards = store.manifest["shards"]
+    # Which slice of the verified shards this run stats (see the docstring).
+    slices = max(1, -(-len(shards) // SWEEP_SHARDS))
+    phase = store.generation % slices
+    for i, shard in enumerate(shards):
+        name = f"{SHARDS_DIR}/{shard['name']}"  # (no generator per shard: 10k of them at 10M rows)
+        unswept = i % slices != phase and record.knows(name + ".npy") and record.knows(name + ".rows.json")
+        if not rehash and (unswept or _verified_as_it_is(folder, shard, record)):
+            kept.append(shard)
+            continue
         live = shard["rows"] - len(shard["removed"])
         problems = store.shard_file_problems(shard)
         vectors = None
@@ -47,10 +64,6 @@ def drop_damaged_shards(store: FeatureStore, rehash: bool = False) -> list[str]:
             files = store.shard_paths(shard)
             try:
                 stamps = [file_stamp(path) for path in files]
-                if not rehash and all(record.holds(path, stamp, shard.get(key)) for path, stamp, key in
-                                      zip(files, stamps, ("sha256", "rows_sha256"))):
-                    kept.append(shard)
-                    continue
                 store.shard_rows(shard, cache=False)  # verified, not kept (10M rows: GBs)
                 vectors = store.read_shard(shard, mmap=False)
             except CorruptStoreError as exc:
@@ -72,8 +85,32 @@ def drop_damaged_shards(store: FeatureStore, rehash: bool = False) -> list[str]:
         kept.append(shard)
     if notes:
         store.set_shards(kept)
-    record.save({f"{SHARDS_DIR}/{path.name}" for shard in kept for path in store.shard_paths(shard)})
+    record.save({f"{SHARDS_DIR}/{shard['name']}{suffix}" for shard in kept for suffix, _, _ in SHARD_FILES})
     return notes
+
+
+# Shards a writer's start stats per run in a large store (drop_damaged_shards).
+SWEEP_SHARDS = 1024
+# A shard's two files: suffix, the manifest keys of their size and checksum.
+SHARD_FILES = ((".npy", "bytes", "sha256"), (".rows.json", "rows_bytes", "rows_sha256"))
+
+
+def _verified_as_it_is(folder: str, shard: dict[str, Any], record: VerdictRecord) -> bool:
+    """Whether both files of ``shard`` have the sizes the manifest records and the
+    stamps they had when verified (:class:`~.verdicts.VerdictRecord`): one ``stat``
+    each and no Path objects, as a writer's start runs this for every shard (10M
+    rows: ~20k files). Anything else goes the slow way, which says what is wrong."""
+    for suffix, size_key, sha_key in SHARD_FILES:
+        name = shard["name"] + suffix
+        try:
+            st = os.stat(os.path.join(folder, name))
+        except OSError:
+            return False
+        if size_key in shard and st.st_size != shard[size_key]:
+            return False
+        if not record.holds_key(f"{SHARDS_DIR}/{name}", stamp_of(st), shard.get(sha_key)):
+            return False
+    return True
 
 
 @dataclass

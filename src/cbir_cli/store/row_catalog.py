@@ -6,8 +6,10 @@ stored vector) without reading every rows file of the store.
 shard, row) of every live row, indexed by sha256. Derived, never the source of
 truth (like the stat cache): it is stamped with the state it reflects (the store's
 ``created`` time and generation); a catalog that is missing, unreadable or stamped
-with any other state is rebuilt from the rows files at first use -- once, O(rows),
-after which each writer keeps it in step: its changes go into one SQLite
+with any other state is brought up to date at first use: from the commit log when
+it holds every commit since the catalog's generation (O(what changed): a crash
+between the store's commit and the catalog's leaves it one commit behind), else
+rebuilt from the rows files -- once, O(rows); after that each writer keeps it in step: its changes go into one SQLite
 transaction that is committed, with the new stamp, right after the store's own
 commit (so a crash between the two leaves a stale stamp, never a wrong catalog).
 WAL journal, ``synchronous=NORMAL``: an interrupted catalog commit rolls back.
@@ -19,6 +21,7 @@ stores that have no committed state to catalog (a new store, a rebuild's success
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -33,6 +36,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rows (path BLOB PRIMARY KEY, id INTEGER NOT NULL, sha256 TEXT NOT NULL,
                                  size INTEGER NOT NULL, shard TEXT NOT NULL, row INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rows_by_sha ON rows (sha256);
+CREATE INDEX IF NOT EXISTS rows_by_shard ON rows (shard, row);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -66,8 +70,10 @@ class RowCatalog:
         self._conn.executescript(_SCHEMA)
         found = self._conn.execute("SELECT value FROM meta WHERE key = 'stamp'").fetchone()
         self._stale = found is None or found[0] != stamp
+        self._found_stamp, self._stamp = (found[0] if found else None), stamp
         self._conn.execute("BEGIN")
         self.rebuilt = False  # whether this object rebuilt it (tests, the bench)
+        self.caught_up = False  # whether it was brought up to date from the log
 
     @classmethod
     def attach(cls, root: Path, manifest: dict[str, Any]) -> RowCatalog | None:
@@ -97,6 +103,9 @@ class RowCatalog:
     def _fresh(self, shards: Sequence[Shard], shard_rows: Callable[[Shard], list[Row]]) -> None:
         if not self._stale:
             return
+        if self._catch_up(shards, shard_rows):
+            self._stale, self.caught_up = False, True
+            return
         self._conn.execute("DELETE FROM rows")
         self._conn.execute("DELETE FROM meta")
         for shard in shards:
@@ -106,6 +115,52 @@ class RowCatalog:
                                    ((_key(r.path), r.id, r.sha256, r.size, name, i)
                                     for i, r in enumerate(shard_rows(shard)) if i not in removed))
         self._stale, self.rebuilt = False, True
+
+    def _catch_up(self, shards: Sequence[Shard], shard_rows: Callable[[Shard], list[Row]]) -> bool:
+        """Apply the log entries after the catalog's generation (the module
+        docstring); False, with nothing changed, when the log lacks any of them."""
+        from .commit_log import entry_path
+
+        if self._found_stamp is None:
+            return False
+        created, _, generation = self._found_stamp.rpartition(":")
+        want_created, _, want = self._stamp.rpartition(":")
+        if created != want_created or not generation.isdigit() or not want.isdigit() or int(generation) > int(want):
+            return False
+        entries = []
+        for g in range(int(generation) + 1, int(want) + 1):
+            try:
+                entry = json.loads(entry_path(self.path.parent, g).read_bytes())
+            except (OSError, ValueError):
+                return False  # held by a checkpoint now (or never readable): rebuild
+            if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list) or \
+                    not isinstance(entry.get("dropped"), list):
+                return False
+            entries.append(entry)
+        current = {shard["name"]: shard for shard in shards}
+        added: dict[str, Shard] = {}
+        for entry in entries:
+            for name in entry["dropped"]:
+                self._conn.execute("DELETE FROM rows WHERE shard = ?", (name,))
+                added.pop(name, None)
+            for shard in entry["shards"]:
+                name = shard["name"]
+                known = name not in added and self._conn.execute(
+                    "SELECT 1 FROM rows WHERE shard = ? LIMIT 1", (name,)).fetchone() is not None
+                if known:  # new tombstones in a shard the catalog holds
+                    self._conn.executemany("DELETE FROM rows WHERE shard = ? AND row = ?",
+                                           ((name, int(r)) for r in shard["removed"]))
+                else:
+                    added[name] = shard
+        for name in added:
+            shard = current.get(name)
+            if shard is None:
+                continue  # dropped since
+            removed = set(shard["removed"])
+            self._conn.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?, ?)",
+                                   ((_key(r.path), r.id, r.sha256, r.size, name, i)
+                                    for i, r in enumerate(shard_rows(shard)) if i not in removed))
+        return True
 
     def rows_of(self, shards: Sequence[Shard], shard_rows: Callable[[Shard], list[Row]],
                 paths: Iterable[str]) -> dict[str, set[int]]:
@@ -153,7 +208,9 @@ class RowCatalog:
                                    ((_key(r.path), r.id, r.sha256, r.size, name, i) for i, r in enumerate(rows)))
 
     def invalidate(self) -> None:
-        self._stale = True
+        """The shard list was changed in memory (a repair dropped shards): rebuilt
+        from it at the next lookup (the log knows nothing of that change)."""
+        self._stale, self._found_stamp = True, None
 
     def committed(self, manifest: dict[str, Any]) -> None:
         """The store just committed ``manifest``: commit the catalog's changes with

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import CorruptStoreError
-from ..fsutil import atomic_write_json, file_sha256
+from ..fsutil import atomic_write_bytes, atomic_write_json, file_sha256
 
 VERDICTS = "verified.json"
 FORMAT = 1
@@ -94,37 +94,89 @@ class VerdictRecord:
     checking every shard of a store at its start (:func:`.repair.drop_damaged_shards`)
     hashes only the shards whose files changed since they were last verified, so a
     run costs one ``stat`` per shard file, not a read of every vector. Keys are
-    paths relative to the record's folder; the rules are the module docstring's."""
+    paths relative to the record's folder; the rules are the module docstring's.
+
+    The record is a journal, one line per verdict (``key size mtime_ns ctime_ns
+    inode sha256``; a later line wins), so a run appends what it verified instead
+    of rewriting ~20k entries (10M rows); it is rewritten with the live entries
+    only once it holds twice as many lines as those. A record in the older JSON
+    format is read and rewritten as a journal."""
 
     def __init__(self, record: Path) -> None:
         self.record = record
-        self._entries = _entries(record)
-        self._changed = False
+        self._entries: dict[str, list[object]] = {}
+        self._lines = 0
+        self._rewrite = False
+        self._new: dict[str, list[object]] = {}
+        self._raw: dict[str, str] = {}
         self._started_ns = time.time_ns()
+        try:
+            data = record.read_bytes().decode("ascii")
+        except (OSError, ValueError):
+            return
+        if data.startswith("{"):  # the JSON record of earlier versions
+            try:
+                loaded = json.loads(data)
+                if isinstance(loaded, dict) and loaded.get("format") == FORMAT and \
+                        isinstance(loaded.get("files"), dict):
+                    self._entries = dict(loaded["files"])
+            except ValueError:
+                pass
+            self._rewrite = True
+            return
+        lines = data.splitlines()
+        self._lines = len(lines)
+        # Parsed when looked up (a large store's start looks up one slice of them).
+        # A torn last line (a crash while appending) has fewer fields: skipped, so
+        # the verdict before it stands.
+        self._raw = dict(line.split(" ", 1) for line in lines if line.count(" ") == 5)
 
     def _key(self, path: Path) -> str:
         return path.relative_to(self.record.parent).as_posix()
 
+    def knows(self, key: str) -> bool:
+        """Whether there is a verdict for the path ``key`` (relative to the record's
+        folder), whatever its stamp."""
+        return key in self._entries or key in self._raw
+
+    def _entry(self, key: str) -> list[object] | None:
+        if key not in self._entries and key in self._raw:
+            fields = self._raw[key].split(" ")
+            if len(fields) == 5 and all(f.isdigit() for f in fields[:4]):  # a torn last line is skipped
+                self._entries[key] = [int(f) for f in fields[:4]] + [fields[4]]
+        return self._entries.get(key)
+
     def holds(self, path: Path, stamp: Stamp, sha256: str | None) -> bool:
         """Whether ``path`` was verified to have ``sha256`` when its stamp was ``stamp``."""
-        known = self._entries.get(self._key(path))
+        return self.holds_key(self._key(path), stamp, sha256)
+
+    def holds_key(self, key: str, stamp: Stamp, sha256: str | None) -> bool:
+        """:meth:`holds` by the path relative to the record's folder (a writer's start
+        checks every shard with it: no Path objects per file)."""
+        known = self._entry(key)
         return (sha256 is not None and isinstance(known, list) and len(known) == 5
                 and tuple(known[:4]) == stamp and known[4] == sha256)
 
     def remember(self, path: Path, stamp: Stamp, sha256: str) -> None:
         """``path`` (stamped ``stamp`` before it was read) was just verified to hold
         ``sha256``; kept only when it was settled before this record was opened."""
-        if max(stamp[1], stamp[2]) < self._started_ns - int(RACY_SECONDS * 1e9):
-            self._entries[self._key(path)] = [*stamp, sha256]
-            self._changed = True
+        if max(stamp[1], stamp[2]) < self._started_ns - int(RACY_SECONDS * 1e9) and " " not in self._key(path):
+            self._entries[self._key(path)] = self._new[self._key(path)] = [*stamp, sha256]
 
     def save(self, keep: set[str]) -> None:
-        """Write the record with the entries of ``keep`` (relative paths) only, if
-        anything changed; best effort (a read-only store is verified again next time)."""
-        entries = {k: v for k, v in self._entries.items() if k in keep}
-        if not self._changed and entries.keys() == self._entries.keys():
-            return
+        """Record what was verified (best effort: a read-only store is verified again
+        next time); entries not in ``keep`` (relative paths) are dropped when the
+        journal is rewritten."""
         try:
-            atomic_write_json(self.record, {"format": FORMAT, "files": entries})
+            if self._rewrite or self._lines + len(self._new) > 2 * len(keep) + 64:
+                live = {k: v for k in keep if (v := self._entry(k)) is not None and " " not in k}
+                atomic_write_bytes(self.record, _journal(live))
+            elif self._new:
+                with open(self.record, "ab") as fh:  # a torn line is skipped when read
+                    fh.write(_journal(self._new))
         except OSError:
             pass
+
+
+def _journal(entries: dict[str, list[object]]) -> bytes:
+    return "".join(f"{key} {' '.join(str(v) for v in value)}\n" for key, value in entries.items()).encode("ascii")
