@@ -17,10 +17,14 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import write_result
 
 
 def make_tree(root: Path, n: int) -> None:
@@ -69,6 +73,9 @@ def main() -> None:
         grow = (rows[-1]["driver_python_peak_mib"] - rows[0]["driver_python_peak_mib"]) / (
             (rows[-1]["files"] - rows[0]["files"]) / 1000)
         print(f"driver peak growth: {grow:.3f} MiB per 1,000 files")
+    growth = grow if len(rows) > 1 else None
+    out = write_result("ray_driver_memory", {"table": rows, "growth_mib_per_1000_files": growth})
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import write_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
 
 SERVERS = ("waitress", "gunicorn", "werkzeug")
 
@@ -236,6 +239,14 @@ def main() -> None:
         print(f"| {kind} | {idle['answered']}/{idle['sent']}, {idle['p50_ms']:.1f} | {attack['answered']} / "
               f"{attack['sent']} | {attack['p50_ms']:.1f} | {attack['p95_ms']:.1f} | "
               f"{attack['attack_open_at_end']} of {args.slow + args.idle} | {r['peak_rss_mb']:.0f} |")
+    out = write_result("serve_servers", {"table": [
+        {"server": kind, "idle answered": f"{r['idle']['answered']}/{r['idle']['sent']}",
+         "idle p50 ms": round(r["idle"]["p50_ms"], 1),
+         "attack answered": f"{r['attack']['answered']} / {r['attack']['sent']}",
+         "attack p50 ms": round(r["attack"]["p50_ms"], 1), "attack p95 ms": round(r["attack"]["p95_ms"], 1),
+         "attack connections open at end": r["attack"]["attack_open_at_end"], "peak RSS MB": round(r["peak_rss_mb"])}
+        for kind, r in rows]})
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

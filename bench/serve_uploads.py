@@ -31,6 +31,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import write_result
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -156,6 +159,12 @@ def main() -> None:
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
     print(f"probe (health / id search every 100 ms during the uploads): {len(latencies)} / {sent[0]} answered, "
           f"p50 {1000 * statistics.median(latencies):.0f} ms, p95 {1000 * p95:.0f} ms")
+    out = write_result("serve_uploads", {"table": [{
+        "upload": f"{args.side}x{args.side} 16-bit grey PNG", "concurrent x rounds": f"{args.uploads} x {args.rounds}",
+        "server RSS before MB": before, "peak MB": peak, "answers": answers,
+        "probe answered": f"{len(latencies)} / {sent[0]}", "probe p50 ms": round(1000 * statistics.median(latencies)),
+        "probe p95 ms": round(1000 * p95)}]}, extra={"model": args.model})
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
+from bench.harness import write_result
 
 
 def main() -> None:
@@ -41,6 +45,7 @@ def main() -> None:
         shards = args.rows // args.shard_rows
         tenth = max(1, shards // 10)
         started = last = time.perf_counter()
+        table: list[dict[str, object]] = []
         print(f"{shards} shards of {args.shard_rows} rows")
         for k in range(shards):
             v = rng.normal(size=(args.shard_rows, 4)).astype(np.float32)
@@ -56,6 +61,8 @@ def main() -> None:
                 per_shard = (now - last) * 1000 / tenth
                 print(f"  {(k + 1) * args.shard_rows:>9,} rows stored: {per_shard:6.1f} ms per shard, "
                       f"last commit wrote {written:,} bytes", flush=True)
+                table.append({"rows stored": f"{(k + 1) * args.shard_rows:,}", "ms per shard": round(per_shard, 1),
+                              "last commit wrote (bytes)": written})
                 last = now
         print(f"written in {time.perf_counter() - started:.1f} s")
         for _ in range(2):
@@ -64,6 +71,7 @@ def main() -> None:
             rows = reopened.live_rows()
             print(f"open + read {len(rows):,} rows: {time.perf_counter() - t:.2f} s")
         catalog_figures(scratch / "idx", shards)
+        print(f"written {write_result('store_scaling', {'table': table}, extra={'shard_rows': args.shard_rows})}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
