@@ -51,3 +51,29 @@ def test_a_non_integer_image_id_is_refused(tmp_path):
     write_sop(tmp_path, "1 1 1 a.jpg\nx2 1 1 b.jpg\n")
     with pytest.raises(CbirError, match=r"line 3: image_id must be an integer \(got 'x2'\)"):
         load_sop(tmp_path)
+
+
+def test_one_dataset_written_two_ways_shares_one_feature_cache(tmp_path, monkeypatch):
+    """``../shared/x`` and ``/work/shared/x`` got two caches: the copies protocol
+    embedded the gallery and calibrated int8 again for the same photos."""
+    from cbir_cli.evaluate.datasets import load_folder
+    from cbir_cli.evaluate.features import dataset_cache_key
+
+    root = tmp_path / "data" / "flowers"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(2):
+            make_image(i).save(root / label / f"{i}.jpg")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    keys = {dataset_cache_key(load_folder(spelling)) for spelling in
+            (root, "../data/flowers", tmp_path / "link" / "flowers", f"{tmp_path}/data/./flowers")}
+    assert len(keys) == 1
+    other = tmp_path / "data" / "other"
+    other.mkdir()
+    for label in ("a", "b"):
+        (other / label).mkdir()
+        make_image(5).save(other / label / "0.jpg")
+        make_image(6).save(other / label / "1.jpg")
+    assert dataset_cache_key(load_folder(other)) not in keys

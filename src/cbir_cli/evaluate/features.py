@@ -43,10 +43,12 @@ NotifyCallback = Callable[[str], None]
 
 
 def dataset_cache_key(collection: LabelledCollection) -> str:
-    """``<layout>-<folder name>-<hash of the absolute root>``: readable and unique.
+    """``<layout>-<folder name>-<hash of the real root>``: readable and unique.
     Split and limit are not part of it: a store holds vectors per file, so every
-    subset of a dataset shares the same stores."""
-    digest = hashlib.sha256(os.fsencode(collection.root)).hexdigest()[:10]
+    subset of a dataset shares the same stores. The real path (``..`` and links
+    resolved): ``../shared/x`` and ``/work/shared/x`` are one dataset, not two caches
+    embedded and calibrated twice."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(collection.root))).hexdigest()[:10]
     return f"{collection.kind}-{collection.root.name}-{digest}"
 
 
