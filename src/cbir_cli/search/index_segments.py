@@ -68,21 +68,22 @@ def _write(folder: Path, name: str, index: faiss.Index) -> list[Any]:
     return [name, bytes_sha256(data)]
 
 
-def _read(folder: Path, entry: list[Any], described_by: str, rehash: bool = False) -> faiss.Index:
-    """The file an entry names, checked against its checksum (once per change of the
-    file: :func:`~cbir_cli.store.verdicts.verify_file`; ``rehash``: now)."""
+def read_index_file(path: Path, sha256: str, described_by: str, rehash: bool = False) -> faiss.Index:
+    """A saved Faiss file (the base, a segment, the template), checked against the
+    ``sha256`` its meta ``described_by`` records: once per change of the file
+    (:func:`~cbir_cli.store.verdicts.verify_file`), ``rehash`` (``cbir check``): now.
+    A damaged or unreadable one raises :class:`CorruptStoreError`: never served."""
     import faiss
     import numpy as np
 
-    path = folder / entry[0]
-    stamp = None if rehash else verify_file(path, entry[1], described_by)
+    stamp = None if rehash else verify_file(path, sha256, described_by)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise CorruptStoreError(f"{path}: unreadable ({exc.strerror or exc})") from None
-    if stamp is None and bytes_sha256(data) != entry[1]:
+    if stamp is None and bytes_sha256(data) != sha256:
         raise CorruptStoreError(f"{path}: checksum mismatch (damaged, or {described_by} is)")
-    if stamp is not None and file_stamp(path) != stamp:
+    if stamp is not None and file_stamp(path) != stamp:  # replaced between the check and the read
         raise CorruptStoreError(f"{path}: changed while it was read")
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
@@ -99,7 +100,7 @@ def save_template(folder: Path, index: faiss.Index, generation: int) -> list[Any
 
 def new_segment(folder: Path, template_entry: list[Any], described_by: str) -> faiss.Index:
     """An empty index trained as the base was (read from its template)."""
-    template = _read(folder, template_entry, described_by)
+    template = read_index_file(folder / template_entry[0], template_entry[1], described_by)
     if template.ntotal:
         raise CorruptStoreError(f"{folder / template_entry[0]}: a template holds no vectors")
     return template
@@ -120,7 +121,7 @@ def with_segments(base: faiss.Index, folder: Path, segments: list[list[Any]], de
     together = faiss.IndexShards(base.d, False, False)  # labels are row ids: kept as they are
     together.add_shard(base)  # faiss's Python wrapper keeps a reference to each
     for entry in segments:
-        segment = _read(folder, entry, described_by, rehash)
+        segment = read_index_file(folder / entry[0], entry[1], described_by, rehash)
         if segment.ntotal != entry[2] or segment.d != base.d:
             raise CorruptStoreError(f"{folder / entry[0]}: holds {segment.ntotal} vectors of dim {segment.d}, "
                                     f"{described_by} says {entry[2]} of dim {base.d}")

@@ -29,9 +29,9 @@ from ..fsutil import atomic_write_bytes, atomic_write_json, bytes_sha256, read_j
 from ..store.feature_store import FeatureStore
 from ..store.manifest import INDEX_DIR, is_int
 from ..store.vectors import ShardVectors, row_table
-from ..store.verdicts import file_stamp, verify_file
+from ..store.verdicts import verify_file
 from .faiss_index import INDEX_TYPES, build_index, factory_string, needs_rerank, resolve_index_type
-from .index_segments import remove_unnamed, save_template, segment_entry_ok, with_segments
+from .index_segments import read_index_file, remove_unnamed, save_template, segment_entry_ok, with_segments
 
 if TYPE_CHECKING:
     import faiss
@@ -158,20 +158,8 @@ def read_saved_index(store: FeatureStore, meta: dict[str, Any], rehash: bool = F
     searched together with its segments (:mod:`.index_segments`).
     The checksum is verified once per change of the file
     (:func:`~cbir_cli.store.verdicts.verify_file`); ``rehash`` (``cbir check``): now."""
-    import faiss
-    import numpy as np
-
     index_file, meta_file = index_paths(store)
-    verified = None if rehash else verify_file(index_file, str(meta.get("sha256")), meta_file.name)
-    try:
-        data = index_file.read_bytes()
-    except OSError as exc:
-        raise CorruptStoreError(f"{index_file}: unreadable ({exc})") from None
-    if verified is None and bytes_sha256(data) != meta.get("sha256"):
-        raise CorruptStoreError(f"{index_file}: checksum mismatch (damaged, or {meta_file.name} is)")
-    if verified is not None and file_stamp(index_file) != verified:  # replaced between the check and the read
-        raise CorruptStoreError(f"{index_file}: changed while it was read")
-    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    index = read_index_file(index_file, str(meta.get("sha256")), meta_file.name, rehash)
     return with_segments(index, index_file.parent, meta.get("segments", []), meta_file.name, rehash)
 
 

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+# A shard's two files: name suffix, and the manifest keys of their size and checksum.
+SHARD_FILES = ((".npy", "bytes", "sha256"), (".rows.json", "rows_bytes", "rows_sha256"))
+
 class FeatureStore(Committing):
     """Read and append to a store directory. Not thread-safe; writers hold a lock
     (see :mod:`.transaction`)."""
@@ -223,7 +226,7 @@ class FeatureStore(Committing):
         folder = os.fspath(self.shards_dir)
         problems = []
         for shard in self.manifest["shards"]:
-            for suffix, size_key in ((".npy", "bytes"), (".rows.json", "rows_bytes")):
+            for suffix, size_key, _ in SHARD_FILES:
                 try:
                     size = os.stat(os.path.join(folder, shard["name"] + suffix)).st_size
                 except OSError:

@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import CorruptStoreError
 from ..fsutil import atomic_write_json, bytes_sha256
 from .commit_log import log_generations, prune
-from .feature_store import FeatureStore
+from .feature_store import SHARD_FILES, FeatureStore
 from .manifest import FORMAT_VERSION, MANIFEST, SHARDS_DIR, library_versions, read_identity, shard_files
 from .shard_format import MANIFEST_KEY, shard_dtype_of
 from .validity import invalid_rows
@@ -91,8 +91,6 @@ def drop_damaged_shards(store: FeatureStore, rehash: bool = False) -> list[str]:
 
 # Shards a writer's start stats per run in a large store (drop_damaged_shards).
 SWEEP_SHARDS = 1024
-# A shard's two files: suffix, the manifest keys of their size and checksum.
-SHARD_FILES = ((".npy", "bytes", "sha256"), (".rows.json", "rows_bytes", "rows_sha256"))
 
 
 def _verified_as_it_is(folder: str, shard: dict[str, Any], record: VerdictRecord) -> bool:
