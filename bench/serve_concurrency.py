@@ -34,20 +34,16 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
 from bench.harness import load_average, write_result
-from bench.serve_uploads import BOUNDARY, bomb_png, multipart_body, post, serving, status_of
-
-REPO = Path(__file__).resolve().parents[1]
+from bench.serve_uploads import BOUNDARY, bomb_png, multipart_body, post, server_arguments, serving, status_of
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=Path, default=REPO.parent / "shared" / "datasets" / "ukbench_mini")
-    p.add_argument("--model", default="mobilenet_v2")
+    server_arguments(p)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
     p.add_argument("--rounds", type=int, default=2, help="1-client / N-client phase pairs")
     p.add_argument("--bombs", type=int, default=8, help="worst-case uploads sent during the last phase")
-    p.add_argument("--side", type=int, default=9400, help="the bomb PNG's width and height")
     p.add_argument("--out", type=Path, help="the result file (default: bench/results/serve_concurrency-<time>.json)")
     return p.parse_args()
 

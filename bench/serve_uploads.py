@@ -32,18 +32,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`: see bench/harness.py
-from bench.harness import write_result
+from bench.harness import SHARED, write_result
 
-REPO = Path(__file__).resolve().parents[1]
+
+def server_arguments(p: argparse.ArgumentParser) -> None:
+    """What the serve benches share: the folder indexed and served, its model, and
+    the side of the worst-case PNG upload (bench.serve_concurrency uses them too)."""
+    p.add_argument("--images", type=Path, default=SHARED / "ukbench_mini")
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--side", type=int, default=9400, help="the bomb PNG's width and height")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=Path, default=REPO.parent / "shared" / "datasets" / "ukbench_mini")
-    p.add_argument("--model", default="mobilenet_v2")
+    server_arguments(p)
     p.add_argument("--uploads", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="waves of concurrent uploads")
-    p.add_argument("--side", type=int, default=9400, help="the PNG's width and height")
     return p.parse_args()
 
 
